@@ -1,0 +1,39 @@
+"""vigil's wire contract: every message and every stream, defined once.
+
+Messages are msgspec Structs encoded as JSON so `nats sub` and `nats stream view` stay readable;
+each carries the headers `Vigil-Type` and `Vigil-Version`.
+"""
+
+from proto.messages import (
+    Alert,
+    Box,
+    DeadLetter,
+    Detections,
+    EventClosed,
+    FileUploaded,
+    LabelSummary,
+    Message,
+    decode,
+    encode,
+    headers_for,
+)
+from proto.topology import CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, subject
+
+__all__ = [
+    "Alert",
+    "Box",
+    "CONSUMERS",
+    "ConsumerSpec",
+    "DeadLetter",
+    "Detections",
+    "EventClosed",
+    "FileUploaded",
+    "LabelSummary",
+    "Message",
+    "STREAMS",
+    "StreamSpec",
+    "decode",
+    "encode",
+    "headers_for",
+    "subject",
+]

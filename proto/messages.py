@@ -1,0 +1,127 @@
+"""Message types. Evolution rules: new fields get defaults, a tag is never reused, and a
+breaking change bumps VERSION (consumers reject versions they do not know)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+VERSION = 1
+TYPE_HEADER = "Vigil-Type"
+VERSION_HEADER = "Vigil-Version"
+
+
+class _Msg(msgspec.Struct, tag=True, kw_only=True, forbid_unknown_fields=False):
+    """Base: `tag=True` writes {"type": "<ClassName>"} into the JSON so a bare payload names itself."""
+
+
+class FileUploaded(_Msg, kw_only=True):
+    """A camera file that has settled on disk and passed the magic-byte check."""
+
+    file_id: str  # deterministic: sha256(camera, path, content sha256), so re-publishing dedupes
+    camera: str
+    path: str  # relative to the media root, POSIX separators
+    size: int
+    mtime: float  # seconds since the epoch; the detection's time for event grouping
+    sha256: str
+    kind: Literal["image", "clip"]
+    published_at: float = 0.0  # when the watcher saw it settle; the start of end-to-end latency
+
+
+class Box(msgspec.Struct, array_like=True):
+    """One detection box in source-image pixels. array_like keeps the JSON compact: never reorder."""
+
+    label: str
+    score: float
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+class Detections(_Msg, kw_only=True):
+    """The detector's result for one file (zero boxes is a valid result)."""
+
+    file_id: str
+    camera: str
+    path: str
+    captured_at: float  # the file's mtime
+    width: int
+    height: int
+    model: str
+    inference_ms: float
+    boxes: list[Box] = []
+    published_at: float = 0.0  # copied from FileUploaded, for end-to-end latency
+
+
+class LabelSummary(msgspec.Struct, kw_only=True):
+    count: int
+    max_score: float
+
+
+class EventClosed(_Msg, kw_only=True):
+    """A group of detections on one camera, closed by idle time or by the max window."""
+
+    event_id: str
+    camera: str
+    started_at: float
+    ended_at: float
+    file_ids: list[str]
+    labels: dict[str, LabelSummary]
+    best_file_id: str
+    close_reason: Literal["idle", "max_window"]
+
+
+class Alert(_Msg, kw_only=True):
+    alert_id: str
+    camera: str
+    kind: str  # e.g. "person"
+    severity: Literal["info", "warning", "critical"] = "warning"
+    message: str
+    created_at: float
+    file_id: str | None = None
+    event_id: str | None = None
+    score: float | None = None
+
+
+class DeadLetter(_Msg, kw_only=True):
+    """A message a stage gave up on, with enough to understand and replay it."""
+
+    stage: str
+    reason: str
+    original_subject: str
+    original_payload: str  # the original bytes, decoded as UTF-8 with replacement (our payloads are JSON)
+    original_headers: dict[str, str] = {}
+    deliveries: int = 1
+    camera: str | None = None
+    file_id: str | None = None
+    failed_at: float = 0.0
+
+
+Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def headers_for(msg: Message, msg_id: str | None = None) -> dict[str, str]:
+    """The headers every vigil message carries; `msg_id` becomes JetStream's Nats-Msg-Id for dedupe."""
+    headers = {TYPE_HEADER: type(msg).__name__, VERSION_HEADER: str(VERSION)}
+    if msg_id is not None:
+        headers["Nats-Msg-Id"] = msg_id
+    return headers
+
+
+def decode(data: bytes, headers: dict[str, str] | None = None) -> Message:
+    """Decode any vigil message; raises msgspec.ValidationError/DecodeError on bad payloads and
+    ValueError on a version this code does not know."""
+    if headers:
+        version = headers.get(VERSION_HEADER)
+        if version is not None and version != str(VERSION):
+            raise ValueError(f"unsupported {VERSION_HEADER} {version!r} (this build speaks {VERSION})")
+    return _decoder.decode(data)

@@ -1,0 +1,148 @@
+"""Streams and durable consumers, declared as data and applied idempotently at every service start
+(services/runtime/bus.py: provision). Every service applies all of it, so a consumer always exists
+before its stream receives anything (interest/work-queue streams drop messages nobody is bound to)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+MiB = 1024 * 1024
+DAY = 86400.0
+
+
+class StreamSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    description: str
+    subjects: tuple[str, ...]
+    retention: Literal["limits", "interest", "workqueue"]
+    max_age: float  # seconds
+    max_bytes: int
+    duplicate_window: float = 120.0
+    discard: Literal["old", "new"] = "new"
+    max_msg_size: int = 1 * MiB
+
+
+class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
+    stream: str
+    durable: str
+    description: str
+    filter_subject: str
+    ack_wait: float  # seconds; with backoff set the server uses backoff[0] for the first redelivery
+    max_deliver: int
+    max_ack_pending: int
+    backoff: tuple[float, ...] = ()
+
+
+def subject(kind: str, camera: str) -> str:
+    """`vigil.<kind>.<camera>`: subjects carry the camera so `nats sub 'vigil.*.front_door'` works."""
+    return f"vigil.{kind}.{camera}"
+
+
+def dlq_subject(stage: str, camera: str | None) -> str:
+    return f"vigil.dlq.{stage}.{camera or '_'}"
+
+
+# discard="new": a full stream refuses the publish (the publisher retries with backoff) instead of
+# silently dropping the oldest unprocessed work.
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(
+        name="UPLOADS",
+        description="Settled camera files awaiting detection (vigil.uploads.<camera>); work queue of the detectors",
+        subjects=("vigil.uploads.*",),
+        retention="workqueue",
+        max_age=7 * DAY,
+        max_bytes=1024 * MiB,
+    ),
+    StreamSpec(
+        name="DETECTIONS",
+        description="Detector results per file (vigil.detections.<camera>); kept until aggregator and recorder ack",
+        subjects=("vigil.detections.*",),
+        retention="interest",
+        max_age=7 * DAY,
+        max_bytes=2048 * MiB,
+    ),
+    StreamSpec(
+        name="EVENTS",
+        description="Closed events: detections grouped per camera (vigil.events.<camera>)",
+        subjects=("vigil.events.*",),
+        retention="interest",
+        max_age=7 * DAY,
+        max_bytes=512 * MiB,
+    ),
+    StreamSpec(
+        name="ALERTS",
+        description="Alerts from the pipeline and from health checks (vigil.alerts.<camera|system>)",
+        subjects=("vigil.alerts.*",),
+        retention="interest",
+        max_age=30 * DAY,
+        max_bytes=256 * MiB,
+    ),
+    StreamSpec(
+        name="DLQ",
+        description="Dead letters: messages a stage gave up on, with stage, reason and original payload (vigil.dlq.<stage>.<camera>)",
+        subjects=("vigil.dlq.>",),
+        retention="limits",
+        max_age=30 * DAY,
+        max_bytes=512 * MiB,
+        discard="old",  # a flood of bad input must never block the pipeline
+        max_msg_size=4 * MiB,
+    ),
+)
+
+CONSUMERS: tuple[ConsumerSpec, ...] = (
+    ConsumerSpec(
+        stream="UPLOADS",
+        durable="detector",
+        description="Shared by every detector process; in_progress() keeps long batches alive",
+        filter_subject="vigil.uploads.*",
+        ack_wait=15.0,
+        max_deliver=5,
+        max_ack_pending=512,
+        backoff=(15.0, 30.0, 60.0, 120.0),
+    ),
+    ConsumerSpec(
+        stream="DETECTIONS",
+        durable="aggregator",
+        description="Groups detections into events; acks once the open event's state is durable in KV",
+        filter_subject="vigil.detections.*",
+        ack_wait=15.0,
+        max_deliver=10,
+        max_ack_pending=4096,
+    ),
+    ConsumerSpec(
+        stream="DETECTIONS",
+        durable="recorder-detections",
+        description="Writes detections to PostgreSQL; acks after commit",
+        filter_subject="vigil.detections.*",
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=4096,
+    ),
+    ConsumerSpec(
+        stream="EVENTS",
+        durable="recorder-events",
+        description="Writes events to PostgreSQL; acks after commit",
+        filter_subject="vigil.events.*",
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=1024,
+    ),
+    ConsumerSpec(
+        stream="ALERTS",
+        durable="recorder-alerts",
+        description="Writes alerts to PostgreSQL; acks after commit",
+        filter_subject="vigil.alerts.*",
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=1024,
+    ),
+)
+
+# Key-value buckets (JetStream KV) for state that must survive a crash.
+AGGREGATOR_STATE_BUCKET = "vigil_aggregator"
+
+
+def consumer(durable: str) -> ConsumerSpec:
+    return next(c for c in CONSUMERS if c.durable == durable)

@@ -1,0 +1,1 @@
+"""vigil's services: one module per process, each with one `async def run(config, lifecycle)`."""

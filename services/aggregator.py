@@ -1,0 +1,99 @@
+"""aggregator: Detections -> EventClosed (+ Alert on the fast path).
+
+Crash safety: per batch, closed events and alerts are published (PubAck awaited), then the state of
+every touched camera is written to a JetStream KV bucket, and only then are the detections acked.
+After a `kill -9` the state is reloaded, redelivered detections are recognised by file id, and a
+re-published event carries the same deterministic id as `Nats-Msg-Id`, so it lands exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from proto import Detections, subject
+from proto.topology import AGGREGATOR_STATE_BUCKET
+from services.events import CameraState, EventGrouper
+from services.runtime import bus
+from services.runtime.config import Config
+from services.runtime.service import Runtime
+
+STAGE = "aggregator"
+_state_decoder = msgspec.json.Decoder(CameraState)
+
+
+class Aggregator:
+    def __init__(self, rt: Runtime, config: Config, kv) -> None:
+        cfg = config.aggregator
+        self.rt = rt
+        self.kv = kv
+        self.grouper = EventGrouper(cfg.idle_seconds, cfg.max_seconds, cfg.alert_label, cfg.alert_score)
+        self.lock = asyncio.Lock()  # the batch handler and the idle timer both change the grouper
+
+    async def load_state(self) -> None:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return
+        for key in keys:
+            entry = await self.kv.get(key)
+            if entry.value:
+                self.grouper.cameras[key] = _state_decoder.decode(entry.value)
+        self.rt.log.info("state loaded", cameras=len(self.grouper.cameras), open_events=sum(1 for s in self.grouper.cameras.values() if s.open))
+
+    async def emit(self, closed, alerts, cameras: set[str]) -> None:
+        """Publish results and persist the touched cameras' state, in that order."""
+        await asyncio.gather(
+            *(bus.publish(self.rt, subject("events", e.camera), e, msg_id=e.event_id) for e in closed),
+            *(bus.publish(self.rt, subject("alerts", a.camera), a, msg_id=a.alert_id) for a in alerts),
+        )
+        for camera in cameras:
+            value = msgspec.json.encode(self.grouper.cameras[camera])
+            await bus.retry(self.rt, f"kv put {camera}", lambda: self.kv.put(camera, value))
+        self.rt.count("events", len(closed))
+        self.rt.count("alerts", len(alerts))
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        async with self.lock:
+            closed, alerts, cameras, good = [], [], set(), []
+            now = time.time()
+            for msg in msgs:
+                det = bus.decode_or_none(msg, Detections)
+                if det is None:
+                    await bus.dead_letter(self.rt, STAGE, msg, "payload is not a valid Detections")
+                    continue
+                c, a = self.grouper.add(det, now)
+                closed += c
+                alerts += a
+                if det.boxes:
+                    cameras.add(det.camera)
+                good.append(msg)
+            await self.emit(closed, alerts, cameras)
+            await asyncio.gather(*(m.ack() for m in good))
+            self.rt.count("grouped", len(good))
+
+    async def idle_loop(self) -> None:
+        while not self.rt.stopping.is_set():
+            async with self.lock:
+                closed = self.grouper.due(time.time())
+                if closed:
+                    await self.emit(closed, [], {e.camera for e in closed})
+            self.rt.beat("idle-timer")
+            try:
+                await asyncio.wait_for(self.rt.stopping.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def run(config: Config) -> None:
+    async with Runtime.start("aggregator", config) as rt:
+        aggregator = Aggregator(rt, config, await rt.js.key_value(AGGREGATOR_STATE_BUCKET))
+        await aggregator.load_state()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(bus.consume(rt, "aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0))
+            tg.create_task(aggregator.idle_loop())
+

@@ -1,0 +1,200 @@
+"""recorder: Detections, EventClosed and Alert -> PostgreSQL.
+
+Each consumer writes a fetched batch in one transaction (idempotent: ON CONFLICT on the message ids)
+and acks only after COMMIT. While PostgreSQL is away nothing is acked: the batch is held (with
+in_progress() so it is not redelivered elsewhere), the backlog waits in JetStream, and writing resumes
+when the database returns. A row the database rejects is isolated and dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from importlib import resources
+
+import msgspec
+import psycopg
+from nats.aio.msg import Msg
+
+from proto import Alert, Detections, EventClosed
+from services.runtime import bus
+from services.runtime.config import Config
+from services.runtime.service import Runtime
+
+STAGE = "recorder"
+_MIGRATION_LOCK = 0x76696731  # "vig1": one migrator at a time
+
+
+async def migrate(conn: psycopg.AsyncConnection, log) -> None:
+    """Apply services/recorder_schema/NNN_*.sql in order, each once, under an advisory lock."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r[0] for r in await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()}
+        files = sorted(f for f in resources.files("services.recorder_schema").iterdir() if f.name.endswith(".sql"))
+        for f in files:
+            version = int(f.name.split("_", 1)[0])
+            if version not in done:
+                await conn.execute(f.read_text())
+                await conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, f.name))
+                log.info("schema migrated", version=version, name=f.name)
+
+
+async def write_detections(cur: psycopg.AsyncCursor, items: list[Detections]) -> None:
+    await cur.executemany(
+        "INSERT INTO detections (file_id, camera, path, captured_at, published_at, width, height, model,"
+        " inference_ms, box_count, labels, boxes) VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s),"
+        " %s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (file_id) DO NOTHING",
+        [
+            (d.file_id, d.camera, d.path, d.captured_at, d.published_at or None, d.width, d.height, d.model,
+             d.inference_ms, len(d.boxes), sorted({b.label for b in d.boxes}), msgspec.json.encode(d.boxes).decode())
+            for d in items
+        ],
+    )
+
+
+async def write_events(cur: psycopg.AsyncCursor, items: list[EventClosed]) -> None:
+    await cur.executemany(
+        "INSERT INTO events (event_id, camera, started_at, ended_at, detection_count, labels, best_file_id,"
+        " close_reason) VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s::jsonb, %s, %s)"
+        " ON CONFLICT (event_id) DO NOTHING",
+        [
+            (e.event_id, e.camera, e.started_at, e.ended_at, len(e.file_ids), msgspec.json.encode(e.labels).decode(),
+             e.best_file_id, e.close_reason)
+            for e in items
+        ],
+    )
+    await cur.executemany(
+        "INSERT INTO event_detections (file_id, event_id) VALUES (%s, %s) ON CONFLICT (file_id) DO NOTHING",
+        [(fid, e.event_id) for e in items for fid in e.file_ids],
+    )
+
+
+async def write_alerts(cur: psycopg.AsyncCursor, items: list[Alert]) -> None:
+    await cur.executemany(
+        "INSERT INTO alerts (alert_id, camera, kind, severity, message, created_at, file_id, event_id, score)"
+        " VALUES (%s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, %s) ON CONFLICT (alert_id) DO NOTHING",
+        [(a.alert_id, a.camera, a.kind, a.severity, a.message, a.created_at, a.file_id, a.event_id, a.score) for a in items],
+    )
+
+
+Writer = Callable[[psycopg.AsyncCursor, list], Awaitable[None]]
+
+
+class TableWriter:
+    """One consumer -> one connection -> one table family."""
+
+    def __init__(self, rt: Runtime, dsn: str, durable: str, kind: type, write: Writer) -> None:
+        self.rt, self.dsn, self.durable, self.kind, self.write = rt, dsn, durable, kind, write
+        self.conn: psycopg.AsyncConnection | None = None
+
+    async def connection(self) -> psycopg.AsyncConnection:
+        if self.conn is None or self.conn.closed:
+            self.conn = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+        return self.conn
+
+    async def commit(self, items: list) -> None:
+        conn = await self.connection()
+        async with conn.transaction(), conn.cursor() as cur:
+            await self.write(cur, items)
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        batch: list[tuple[Msg, msgspec.Struct]] = []
+        for msg in msgs:
+            item = bus.decode_or_none(msg, self.kind)
+            if item is None:
+                await bus.dead_letter(self.rt, STAGE, msg, f"payload is not a valid {self.kind.__name__}")
+            else:
+                batch.append((msg, item))
+        if not batch:
+            return
+        delay = 0.5
+        while True:
+            try:
+                await self.commit([item for _, item in batch])
+                break
+            except psycopg.OperationalError as exc:
+                # The database is away. Hold the batch, keep it ours, and try again.
+                self.rt.log.warning("database unavailable, holding batch", consumer=self.durable, held=len(batch), error=str(exc).strip()[:200])
+                await self._reset()
+                if self.rt.stopping.is_set():
+                    await asyncio.gather(*(m.nak() for m, _ in batch), return_exceptions=True)
+                    return
+                self.rt.keepalive()
+                await asyncio.gather(*(m.in_progress() for m, _ in batch), return_exceptions=True)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.rt.stopping.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+            except psycopg.Error:
+                await self._reset()
+                batch = await self._isolate(batch)
+                if not batch:
+                    return
+        await asyncio.gather(*(m.ack() for m, _ in batch))
+        self.rt.count(self.durable.removeprefix("recorder-"), len(batch))
+
+    async def _isolate(self, batch):
+        """A row was refused: write one at a time and dead-letter the ones the database rejects.
+        Returns what is left to retry if the database went away meanwhile."""
+        good = []
+        try:
+            for i, (msg, item) in enumerate(batch):
+                try:
+                    await self.commit([item])
+                    good.append(msg)
+                except psycopg.OperationalError:
+                    return batch[i:]
+                except psycopg.Error as exc:
+                    await self._reset()
+                    await bus.dead_letter(self.rt, STAGE, msg, f"database rejected row: {str(exc).strip()[:300]}",
+                                          camera=getattr(item, "camera", None), file_id=getattr(item, "file_id", None))
+            return []
+        finally:
+            await asyncio.gather(*(m.ack() for m in good))
+
+    async def _reset(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                await self.conn.close()
+        self.conn = None
+
+    async def close(self) -> None:
+        await self._reset()
+
+
+async def wait_for_database(rt: Runtime, dsn: str) -> None:
+    """Connect and migrate, retrying while PostgreSQL is not up yet."""
+    delay = 0.5
+    while not rt.stopping.is_set():
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=5) as conn:
+                await migrate(conn, rt.log)
+            return
+        except psycopg.OperationalError as exc:
+            rt.log.warning("database not reachable yet, retrying", error=str(exc).strip()[:200])
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(rt.stopping.wait(), timeout=delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def run(config: Config) -> None:
+    cfg = config.recorder
+    async with Runtime.start("recorder", config) as rt:
+        await wait_for_database(rt, config.database.dsn)
+        writers = [
+            TableWriter(rt, config.database.dsn, "recorder-detections", Detections, write_detections),
+            TableWriter(rt, config.database.dsn, "recorder-events", EventClosed, write_events),
+            TableWriter(rt, config.database.dsn, "recorder-alerts", Alert, write_alerts),
+        ]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for w in writers:
+                    tg.create_task(bus.consume(rt, w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout))
+        finally:
+            for w in writers:
+                await w.close()
+

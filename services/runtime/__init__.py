@@ -1,0 +1,1 @@
+"""The runtime every service shares the same way: config, logging, bus, sd_notify, lifecycle."""

@@ -1,0 +1,166 @@
+"""The lifecycle every service shares: signals, bus, READY, progress-gated watchdog, bounded drain.
+
+    async def run(config: Config) -> None:
+        async with Runtime.start("detector", config) as rt:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(detect_loop(rt, config))
+
+Loops check `rt.stopping` between batches and finish or nak what they hold. If they have not
+returned `drain_seconds` after the first SIGTERM/SIGINT, the service task is cancelled (unacked
+messages are redelivered after their ack_wait); a second signal cancels at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import nats
+import structlog
+import uvloop
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from services.runtime import bus
+from services.runtime.config import Config, ConfigError, load_config
+from services.runtime.logs import configure_logging
+from services.runtime.notify import Notifier
+
+EX_CONFIG = 78  # sysexits.h; the systemd units set RestartPreventExitStatus=78 so a bad config does not crash-loop
+
+
+class Runtime:
+    """Per-process context handed to a service's loops: bus handles, stop event, counters, liveness."""
+
+    def __init__(self, service: str, config: Config, log: structlog.stdlib.BoundLogger) -> None:
+        self.service = service
+        self.config = config
+        self.log = log
+        self.stopping = asyncio.Event()
+        self.counters: dict[str, int] = {}
+        self.status_extra = ""
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.notifier = Notifier()
+        self._beats: dict[str, float] = {}
+        self._main_task: asyncio.Task | None = None
+        self._force_handle: asyncio.TimerHandle | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(cls, service: str, config: Config) -> AsyncIterator["Runtime"]:
+        log = structlog.get_logger(service=service)
+        rt = cls(service, config, log)
+        rt._main_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, rt.request_stop, sig)
+        try:
+            rt.nc = await bus.connect(rt)
+            if rt.nc is None:  # stop requested before the bus was reachable
+                yield rt
+                return
+            rt.js = rt.nc.jetstream(timeout=config.nats.publish_timeout)
+            await bus.provision(rt.js, log)
+            async with asyncio.TaskGroup() as tg:
+                watchdog = tg.create_task(rt._watchdog_loop())
+                rt.notifier.ready(rt.status_line())
+                log.info("ready", pid=os.getpid())
+                try:
+                    yield rt
+                finally:
+                    watchdog.cancel()
+        finally:
+            rt.notifier.stopping()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            if rt._force_handle:
+                rt._force_handle.cancel()
+            await rt._close_bus()
+            rt.notifier.close()
+            log.info("stopped", **rt.counters)
+
+    def request_stop(self, sig: int | None = None) -> None:
+        """Signal handler: the first signal starts a bounded drain, the second cuts it short."""
+        if self.stopping.is_set():
+            self.log.warning("second signal: stopping now")
+            self._force_stop()
+            return
+        self.log.info("stopping", signal=signal.Signals(sig).name if sig else None, drain_seconds=self.config.drain_seconds)
+        self.notifier.stopping()
+        self.stopping.set()
+        self._force_handle = asyncio.get_running_loop().call_later(self.config.drain_seconds, self._force_stop)
+
+    def _force_stop(self) -> None:
+        if self._main_task and not self._main_task.done():
+            self.log.warning("drain bound reached: cancelling in-flight work (it will be redelivered)", in_flight=self.counters.get("in_flight", 0))
+            self._main_task.cancel()
+
+    async def _close_bus(self) -> None:
+        if self.nc is None or self.nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=5)
+        except (asyncio.TimeoutError, nats.errors.Error, asyncio.CancelledError):
+            await self.nc.close()
+
+    # ---- liveness and status ---------------------------------------------------------------
+    def beat(self, loop_name: str) -> None:
+        """Called by a work loop after each iteration (a batch handled, or an idle fetch timeout)."""
+        self._beats[loop_name] = time.monotonic()
+
+    def keepalive(self) -> None:
+        """Refresh every loop's beat while legitimately waiting (server away, database down)."""
+        now = time.monotonic()
+        for name in self._beats:
+            self._beats[name] = now
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def status_line(self) -> str:
+        parts = [f"{k.replace('_', ' ')} {v}" for k, v in self.counters.items()]
+        if self.status_extra:
+            parts.append(self.status_extra)
+        return ", ".join(parts) or "running"
+
+    def alive(self, now: float, window: float) -> bool:
+        """True when every registered work loop has beaten within `window` seconds."""
+        return all(now - t <= window for t in self._beats.values())
+
+    async def _watchdog_loop(self) -> None:
+        # WATCHDOG=1 only while every work loop makes progress: a hung inference or a wedged
+        # fetch stops the pings and systemd restarts the service. STATUS is refreshed alongside.
+        period = self.notifier.watchdog_period
+        tick = min(period / 3, 2.0) if period else 2.0
+        while True:
+            if period is not None and self.alive(time.monotonic(), period / 2):
+                self.notifier.watchdog()
+            self.notifier.status(self.status_line())
+            await asyncio.sleep(tick)
+
+
+def main(service: str, run: Callable[[Config], Awaitable[None]], argv: list[str] | None = None) -> int:
+    """Process entry point shared by every service: load config once, log, run on uvloop."""
+    argv = sys.argv[1:] if argv is None else argv
+    config_path = argv[0] if argv else None
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"vigil-{service}: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    log = configure_logging(service, config.log_format, config.log_level)
+    try:
+        uvloop.run(run(config))
+    except asyncio.CancelledError:
+        pass  # forced after the drain bound; already logged
+    except ConfigError as exc:  # a service may validate more at start (e.g. the models dir)
+        log.error("config error", error=str(exc))
+        return EX_CONFIG
+    return 0

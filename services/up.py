@@ -1,0 +1,164 @@
+"""`vigil up`: the whole pipeline on one machine with nothing but Python installed.
+
+Starts the embedded nats-server and PostgreSQL with their state under --home, writes a config file,
+starts every service as its own process (restarting one that dies, as systemd would), prints where
+to drop images and how to look at results. Ctrl-C drains the services, then stops the servers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.cli import SERVICES
+from services.runtime.service import EX_CONFIG
+from services.stack import NatsServer, Postgres, die_with_parent
+
+DEMO_CAMERAS = ("front_door", "backyard")
+
+
+def write_config(home: Path, nats: NatsServer, pg: Postgres, models_dir: Path, model: str) -> Path:
+    path = home / "vigil.toml"
+    path.write_text(
+        "# Written by `vigil up`; every option is described in services/runtime/config.py\n"
+        f'media_root = "{home / "media"}"\n'
+        f'state_dir = "{home / "state"}"\n'
+        'log_format = "json"\n'
+        "drain_seconds = 10.0\n\n"
+        f'[nats]\nservers = ["{nats.url}"]\n\n'
+        f'[database]\ndsn = "{pg.dsn()}"\n\n'
+        f'[detector]\nmodel = "{model}"\nmodels_dir = "{models_dir}"\n\n'
+        "[aggregator]\nidle_seconds = 30.0\nmax_seconds = 90.0\n"
+    )
+    return path
+
+
+class Supervisor:
+    """Runs each service as a child process and restarts it if it dies (not while stopping)."""
+
+    def __init__(self, config: Path, logs: Path) -> None:
+        self.config, self.logs = config, logs
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts: dict[str, int] = {}
+
+    def spawn(self, name: str) -> None:
+        log = open(self.logs / f"{name}.log", "ab")
+        # Own session: Ctrl-C reaches only us, and we send each service exactly one SIGTERM, so it
+        # drains instead of taking the terminal's SIGINT as a second "stop now" signal.
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", name, str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+        )
+
+    def check(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() == EX_CONFIG:
+                log = (self.logs / f"{name}.log").read_text().strip().splitlines()
+                raise SystemExit(f"{name} refused its configuration: {log[-1] if log else '?'}")
+            if proc.poll() is not None:
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                print(f"  {name} exited with {proc.returncode}; restarting (see {self.logs / (name + '.log')})", flush=True)
+                time.sleep(min(self.restarts[name], 5))
+                self.spawn(name)
+
+    def stop(self, timeout: float) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, proc in self.procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"  {name} did not drain in time: killed", flush=True)
+                proc.kill()
+                proc.wait()
+
+
+def summary(dsn: str) -> str:
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as conn:
+            det, boxes = conn.execute("SELECT count(*), coalesce(sum(box_count), 0) FROM detections").fetchone()
+            events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+            last = conn.execute(
+                "SELECT camera, path, labels FROM detections ORDER BY recorded_at DESC LIMIT 1"
+            ).fetchone()
+    except psycopg.Error:
+        return "waiting for the database schema..."
+    tail = f"; latest {last[0]}/{Path(last[1]).name}: {', '.join(last[2]) or 'nothing'}" if last else ""
+    return f"{det} files detected ({boxes} boxes), {events} events{tail}"
+
+
+def up(args) -> int:
+    home = Path(args.home).resolve()
+    for sub in ("media", "state", "logs", "nats", "pg"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    for cam in DEMO_CAMERAS:
+        (home / "media" / cam).mkdir(exist_ok=True)
+    models_dir = Path(args.models_dir or os.environ.get("VIGIL_MODELS_DIR") or home / "models").resolve()
+    model = "yolox-nano" if (models_dir / "yolox_nano.onnx").is_file() else "none"
+
+    # Ctrl-C goes to the whole foreground process group; we want the servers to outlive the services,
+    # so they run in their own sessions and we stop everything in order ourselves.
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    print(f"vigil: starting NATS and PostgreSQL in {home}", flush=True)
+    nats = NatsServer(home / "nats", port=args.nats_port, log_file=home / "logs" / "nats-server.log").start()
+    pg = Postgres(home / "pg", port=args.pg_port, log_file=home / "logs" / "postgres.log").start()
+    config = write_config(home, nats, pg, models_dir, model)
+    sup = Supervisor(config, home / "logs")
+    try:
+        for name in SERVICES:
+            sup.spawn(name)
+        print(
+            f"""
+vigil is running ({', '.join(SERVICES)}), model: {model}
+  drop images into   {home / 'media' / DEMO_CAMERAS[0]}/   or   {home / 'media' / DEMO_CAMERAS[1]}/
+                     (any new folder under {home / 'media'} is a new camera)
+  results            {pg.bindir() / 'psql'} {pg.dsn()} -c 'SELECT camera, path, labels FROM detections'
+  the bus            nats --server {nats.url} stream ls   |   nats --server {nats.url} sub 'vigil.>'
+  logs               {home / 'logs'}/<service>.log
+  config             {config}
+Ctrl-C stops everything (services drain first, then the servers).""",
+            flush=True,
+        )
+        if model == "none":
+            print(
+                f"\n  NOTE: no yolox_nano.onnx in {models_dir}: the detector runs with model 'none' (zero boxes).\n"
+                "  Put the model there or pass --models-dir / set VIGIL_MODELS_DIR (see README).",
+                flush=True,
+            )
+        last = ""
+        next_summary = time.monotonic() + 5
+        while not stopping:
+            time.sleep(0.5)
+            if stopping:
+                break
+            sup.check()
+            if time.monotonic() >= next_summary:
+                line = summary(pg.dsn())
+                if line != last:
+                    print(f"  [{time.strftime('%H:%M:%S')}] {line}", flush=True)
+                    last = line
+                next_summary = time.monotonic() + 5
+    finally:
+        print("\nvigil: stopping services (draining)...", flush=True)
+        sup.stop(timeout=15)
+        print("vigil: stopping PostgreSQL and NATS...", flush=True)
+        pg.stop()
+        nats.stop()
+        print("vigil: stopped.", flush=True)
+    return 0

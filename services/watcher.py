@@ -1,0 +1,199 @@
+"""watcher: publish FileUploaded for every camera file once it has settled on disk.
+
+Layout: <media_root>/<camera>/<any sub-folders>/<file>. New camera folders are picked up live
+(recursive inotify through watchfiles); a scan at start and every `rescan_seconds` catches files
+that landed while the watcher was down or that an inotify overflow hid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import watchfiles
+
+from proto import FileUploaded, subject
+from services.runtime import bus
+from services.runtime.config import Config, ConfigError
+from services.runtime.service import Runtime
+from services.watcher_files import Ledger, NotRegularFile, Settler, camera_id, file_id, hash_file, is_candidate, sniff_kind
+
+
+class Rejected(NamedTuple):
+    """A settled file that is not a camera image/clip: logged once and remembered in the ledger."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    reason: str
+
+
+class Watcher:
+    def __init__(self, rt: Runtime, config: Config) -> None:
+        self.rt = rt
+        self.cfg = config.watcher
+        self.root = Path(config.media_root).resolve()
+        self.extensions = {e.lower() for e in self.cfg.image_extensions + self.cfg.clip_extensions}
+        self.settler = Settler(self.cfg.settle_seconds)
+        self.ledger = Ledger(Path(config.state_dir) / "watcher" / "ledger.sqlite3")
+        self.wakeup = asyncio.Event()
+
+    # ---- discovering files --------------------------------------------------------------
+    def observe(self, path: str) -> None:
+        """Stat a path that may be a new or changed camera file and track it until it settles."""
+        try:
+            rel = Path(path).relative_to(self.root)
+        except ValueError:
+            return
+        if not is_candidate(rel, self.extensions):
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self.settler.forget(path)
+            return
+        if not os.path.isfile(path) or os.path.islink(path):
+            return  # symlinks, FIFOs, sockets, directories named like images: never read
+        if self.ledger.known(str(rel), st.st_size, st.st_mtime_ns):
+            return
+        self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())
+        self.wakeup.set()
+
+    def list_files(self) -> list[str]:
+        """Walk the media root (in a thread) without following symlinks."""
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            found.extend(os.path.join(dirpath, name) for name in filenames)
+        return found
+
+    async def scan(self) -> int:
+        paths = await asyncio.to_thread(self.list_files)
+        for i, path in enumerate(paths):
+            self.observe(path)
+            if i % 1000 == 999:
+                await asyncio.sleep(0)  # keep the loop responsive on a huge backlog
+        return len(paths)
+
+    async def watch_loop(self) -> None:
+        async for changes in watchfiles.awatch(
+            self.root,
+            stop_event=self.rt.stopping,
+            recursive=True,
+            force_polling=self.cfg.force_polling,
+            yield_on_timeout=True,
+            rust_timeout=1000,
+            debounce=50,
+            step=20,
+            ignore_permission_denied=True,
+        ):
+            for change, path in changes:
+                if change != watchfiles.Change.deleted:
+                    self.observe(path)
+                else:
+                    self.settler.forget(path)
+            self.rt.beat("watch")
+
+    async def rescan_loop(self) -> None:
+        while not self.rt.stopping.is_set():
+            started = time.monotonic()
+            n = await self.scan()
+            self.rt.log.info("scan done", files=n, pending=len(self.settler), seconds=round(time.monotonic() - started, 3))
+            try:
+                await asyncio.wait_for(self.rt.stopping.wait(), timeout=self.cfg.rescan_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    # ---- publishing settled files -------------------------------------------------------
+    async def settle_loop(self) -> None:
+        tick = max(min(self.cfg.settle_seconds / 4, 0.5), 0.02)
+        while not self.rt.stopping.is_set():
+            for path in self.settler.paths():  # re-stat: a growing upload resets its clock
+                try:
+                    st = os.lstat(path)
+                    self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())
+                except FileNotFoundError:
+                    self.settler.forget(path)
+            ready = self.settler.settled(time.monotonic())
+            for i in range(0, len(ready), self.cfg.publish_batch):
+                await self.publish_batch(ready[i : i + self.cfg.publish_batch])
+            self.rt.counters["pending"] = len(self.settler)
+            self.rt.beat("settle")
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout=tick)
+                await asyncio.sleep(tick)  # let a burst of events accumulate into one batch
+            except asyncio.TimeoutError:
+                pass
+
+    async def publish_batch(self, ready: list[tuple[str, int, int]]) -> None:
+        prepared = await asyncio.to_thread(lambda: [self.prepare(*r) for r in ready])
+        now = time.time()
+        rows, sends = [], []
+        for item in prepared:
+            if item is None:
+                continue
+            if isinstance(item, Rejected):
+                rows.append((item.path, item.size, item.mtime_ns, "", f"rejected: {item.reason}", now))
+                continue
+            msg, size, mtime_ns = item
+            sends.append(bus.publish(self.rt, subject("uploads", msg.camera), msg, msg_id=f"upload-{msg.file_id}"))
+            rows.append((msg.path, size, mtime_ns, msg.file_id, "published", now))
+        await asyncio.gather(*sends)
+        self.ledger.mark(rows)  # only after every PubAck
+        self.rt.count("published", len(sends))
+
+    def prepare(self, path: str, size: int, mtime_ns: int):
+        """Hash and sniff a settled file: (FileUploaded, size, mtime_ns), Rejected, or None (changed/vanished)."""
+        rel = str(Path(path).relative_to(self.root).as_posix())
+        try:
+            digest, head, size2, mtime2 = hash_file(path)
+        except FileNotFoundError:
+            return None
+        except NotRegularFile:
+            return None
+        except PermissionError as exc:
+            self.rt.log.warning("file not readable, skipped", path=rel, error=str(exc))
+            return Rejected(rel, size, mtime_ns, "permission denied")
+        if (size2, mtime2) != (size, mtime_ns):  # still being written after all
+            self.settler.observe(path, size2, mtime2, time.monotonic())
+            return None
+        kind = sniff_kind(head)
+        if kind is None:
+            self.rt.log.warning("not an image or clip (magic bytes), skipped", path=rel, size=size)
+            self.rt.count("rejected")
+            return Rejected(rel, size, mtime_ns, "unrecognised content")
+        camera = camera_id(Path(rel).parts[0])
+        return (
+            FileUploaded(
+                file_id=file_id(camera, rel, digest),
+                camera=camera,
+                path=rel,
+                size=size,
+                mtime=mtime_ns / 1e9,
+                sha256=digest,
+                kind=kind,
+                published_at=time.time(),
+            ),
+            size,
+            mtime_ns,
+        )
+
+
+async def run(config: Config) -> None:
+    root = Path(config.media_root)
+    if not root.is_dir():
+        raise ConfigError(f"config error: media_root {root} is not a directory")
+    async with Runtime.start("watcher", config) as rt:
+        watcher = Watcher(rt, config)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(watcher.watch_loop())
+                tg.create_task(watcher.rescan_loop())
+                tg.create_task(watcher.settle_loop())
+        finally:
+            watcher.ledger.close()
+

@@ -1,0 +1,136 @@
+"""The watcher's pure logic: what counts as a camera file, when it has settled, and its identity."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sqlite3
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+# Magic bytes of the formats the detector can read; the extension alone is never trusted.
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
+_CAMERA_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sniff_kind(head: bytes) -> str | None:
+    """'image', 'clip' or None from the first 16 bytes of a file."""
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if head[4:8] == b"ftyp" or head.startswith(b"\x1a\x45\xdf\xa3") or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
+        return "clip"
+    return None
+
+
+def camera_id(folder: str) -> str:
+    """A camera folder name as a NATS subject token (dots, spaces and wildcards would break subjects)."""
+    return _CAMERA_UNSAFE.sub("_", folder) or "_"
+
+
+def file_id(camera: str, rel_path: str, sha256: str) -> str:
+    """Deterministic id: the same file re-published (after a crash, a rescan) dedupes downstream."""
+    return hashlib.sha256(f"{camera}\0{rel_path}\0{sha256}".encode()).hexdigest()[:32]
+
+
+def is_candidate(rel: Path, extensions: set[str]) -> bool:
+    """A file worth watching: inside a camera folder, not hidden/temporary, with a known extension."""
+    parts = rel.parts
+    return (
+        len(parts) >= 2
+        and not any(p.startswith(".") for p in parts)
+        and rel.suffix.lower() in extensions
+    )
+
+
+@dataclass
+class _Pending:
+    size: int
+    mtime_ns: int
+    since: float
+
+
+class Settler:
+    """Tracks files until their size and mtime have stayed the same for `settle_seconds`.
+
+    A slow FTP upload keeps changing size/mtime, so it is never read half-written.
+    """
+
+    def __init__(self, settle_seconds: float) -> None:
+        self.settle_seconds = settle_seconds
+        self._pending: dict[str, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def observe(self, path: str, size: int, mtime_ns: int, now: float) -> None:
+        seen = self._pending.get(path)
+        if seen is None or (seen.size, seen.mtime_ns) != (size, mtime_ns):
+            self._pending[path] = _Pending(size, mtime_ns, now)
+
+    def forget(self, path: str) -> None:
+        self._pending.pop(path, None)
+
+    def paths(self) -> list[str]:
+        return list(self._pending)
+
+    def settled(self, now: float) -> list[tuple[str, int, int]]:
+        """Paths whose (size, mtime) were unchanged for settle_seconds; they leave the pending set."""
+        done = [(p, v.size, v.mtime_ns) for p, v in self._pending.items() if now - v.since >= self.settle_seconds]
+        for p, _, _ in done:
+            del self._pending[p]
+        return done
+
+
+class Ledger:
+    """Durable record of what was published (SQLite in the state dir).
+
+    JetStream's duplicate window is 2 minutes; this marker makes "never published twice" hold across
+    restarts of any length. A row is written only after the PubAck, so a crash in between at worst
+    re-publishes with the same Nats-Msg-Id / file_id, which downstream dedupes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS published (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
+            " file_id TEXT, status TEXT, at REAL)"
+        )
+
+    def known(self, path: str, size: int, mtime_ns: int) -> bool:
+        row = self._db.execute("SELECT size, mtime_ns FROM published WHERE path = ?", (path,)).fetchone()
+        return row is not None and (row[0], row[1]) == (size, mtime_ns)
+
+    def mark(self, rows: list[tuple[str, int, int, str, str, float]]) -> None:
+        """rows: (path, size, mtime_ns, file_id, status, at); status is 'published' or 'rejected: why'."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def hash_file(path: str) -> tuple[str, bytes, int, int]:
+    """sha256, first 16 bytes, and the (size, mtime_ns) read *after* hashing, so a change is noticed.
+
+    Never follows a symlink (O_NOFOLLOW) and never blocks on a FIFO (O_NONBLOCK); raises
+    NotRegularFile for anything but a plain file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(path)
+        head = f.read(16)
+        f.seek(0)
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+        st = os.fstat(fd)
+    return digest, head, st.st_size, st.st_mtime_ns
+
+
+class NotRegularFile(OSError):
+    pass
