@@ -1,0 +1,25 @@
+# vigil developer recipes. Run them through ./dev, which makes .venv first.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+export PATH := justfile_directory() / ".venv/bin:" + env_var("PATH")
+# The detector's model folder; CI and this workplace use ../shared/models.
+export VIGIL_MODELS_DIR := env_var_or_default("VIGIL_MODELS_DIR", justfile_directory() / "../shared/models")
+
+# list the recipes
+default:
+    @just --list
+
+# run the whole pipeline on the embedded NATS + PostgreSQL (Ctrl-C stops it)
+up *ARGS:
+    vigil up {{ARGS}}
+
+# the whole test suite: unit tests, then integration tests against real servers and processes
+test *ARGS:
+    python -m pytest -q -rs {{ARGS}}
+
+# unit tests only (no servers)
+unit *ARGS:
+    python -m pytest -q tests/unit {{ARGS}}
+
+# benchmarks: files/s and latency end to end with the `none` model, raw fetch+ack, peak RSS
+bench *ARGS:
+    python -m tests.bench.pipeline {{ARGS}}

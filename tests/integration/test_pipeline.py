@@ -1,0 +1,95 @@
+"""End to end: real nats-server, real PostgreSQL, real files, every service a real process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.support import consumer_states, drop, photo_bytes, query, wait_until
+
+ALL = ("watcher", "detector", "aggregator", "recorder")
+
+
+def drained(nats_url):
+    return all(v == (0, 0) for v in consumer_states(nats_url).values())
+
+
+def test_photos_become_detections_events_and_alerts(make_stack, media, database, nats_server, models_dir):
+    """Four real photos in two cameras: one row each, the right labels, events per camera, all acked."""
+    stack = make_stack(model="yolox-nano", models=models_dir, aggregator={"idle_seconds": 3.0, "max_seconds": 20.0})
+    stack.start(*ALL)
+    stack.wait_ready(*ALL)
+    t0 = time.time() - 100  # detection times are the files' mtimes
+    drop(media / "front_door" / "astronaut.jpg", photo_bytes("astronaut"), t0)
+    drop(media / "front_door" / "camera.jpg", photo_bytes("camera"), t0 + 1)
+    drop(media / "backyard" / "chelsea.jpg", photo_bytes("chelsea"), t0)
+    wait_until(lambda: query(database, "SELECT 1 FROM detections WHERE path = 'backyard/chelsea.jpg'"), what="chelsea recorded")
+    drop(media / "backyard" / "coffee.jpg", photo_bytes("coffee"), t0 + 10)  # 10 s later: beyond idle (3 s)
+
+    wait_until(lambda: len(query(database, "SELECT event_id FROM events")) == 3, timeout=60, what="3 events")
+    rows = {r[0]: r[1] for r in query(database, "SELECT path, labels FROM detections")}
+    assert set(rows) == {"front_door/astronaut.jpg", "front_door/camera.jpg", "backyard/chelsea.jpg", "backyard/coffee.jpg"}
+    assert "person" in rows["front_door/astronaut.jpg"]
+    assert "person" in rows["front_door/camera.jpg"]
+    assert "cat" in rows["backyard/chelsea.jpg"]
+    assert "cup" in rows["backyard/coffee.jpg"]
+
+    boxes = query(database, "SELECT boxes, width, height FROM detections WHERE path = 'front_door/astronaut.jpg'")[0]
+    person = [b for b in boxes[0] if b[0] == "person"][0]
+    assert person[1] >= 0.85 and 0 <= person[2] < person[4] <= boxes[1] and 0 <= person[3] < person[5] <= boxes[2]
+
+    events = query(database, "SELECT camera, detection_count, extract(epoch from started_at), extract(epoch from ended_at)"
+                             " FROM events ORDER BY camera, started_at")
+    assert [(e[0], e[1]) for e in events] == [("backyard", 1), ("backyard", 1), ("front_door", 2)]
+    front = events[2]
+    assert abs(float(front[2]) - t0) < 0.01 and abs(float(front[3]) - (t0 + 1)) < 0.01
+    # every detection belongs to exactly one event
+    assert query(database, "SELECT count(*), count(DISTINCT file_id) FROM event_detections")[0] == (4, 4)
+    alerts = query(database, "SELECT camera, kind FROM alerts")
+    assert alerts == [("front_door", "person")]
+    wait_until(lambda: drained(nats_server.url), timeout=10, what="every consumer drained (nothing unacked)")
+    codes = stack.stop_all()
+    assert codes == {name: 0 for name in ALL}, codes
+
+
+def test_file_dropped_while_watcher_down_is_processed_once(make_stack, media, database, nats_server):
+    """Files that land while the watcher is stopped are found at start; restarts never re-publish."""
+    stack = make_stack(model="none")
+    stack.start(*ALL)
+    stack.wait_ready(*ALL)
+    drop(media / "front_door" / "a.jpg", photo_bytes("coffee", scale=0.25))
+    wait_until(lambda: query(database, "SELECT 1 FROM detections WHERE path = 'front_door/a.jpg'"), what="a.jpg")
+    assert stack.stop("watcher") == 0
+
+    drop(media / "backyard" / "b.jpg", photo_bytes("chelsea", scale=0.25))
+    (media / "new_camera").mkdir()
+    drop(media / "new_camera" / "c.jpg", photo_bytes("camera", scale=0.25))
+    stack.start("watcher")
+    wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 3, what="b and c after restart")
+    assert stack.stop("watcher") == 0
+    stack.start("watcher")  # a third start with nothing new must publish nothing
+    stack.wait_ready("watcher")
+    wait_until(lambda: stack.log("watcher").count('"scan done"') >= 3, what="third scan")
+    drop(media / "new_camera" / "d.jpg", photo_bytes("astronaut", scale=0.25))
+    wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 4, what="d.jpg")
+    assert stack.stop("watcher") == 0
+
+    published = [line for line in stack.log("watcher").splitlines() if '"event": "stopped"' in line]
+    counts = [json.loads(line).get("published", 0) for line in published]
+    assert counts == [1, 2, 1], published  # a, then b + c, then only d: nothing re-published
+    assert query(database, "SELECT camera FROM detections WHERE path = 'new_camera/c.jpg'") == [("new_camera",)]
+    assert upload_sequence(nats_server.url) == 4  # exactly four FileUploaded ever stored
+
+
+def upload_sequence(url: str) -> int:
+    import asyncio
+
+    import nats
+
+    async def go():
+        nc = await nats.connect(url)
+        info = await nc.jetstream().stream_info("UPLOADS")
+        await nc.close()
+        return info.state.last_seq
+
+    return asyncio.run(go())

@@ -1,0 +1,185 @@
+"""Helpers shared by integration tests and benchmarks: real servers, real service processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def find_models_dir() -> Path | None:
+    for candidate in (os.environ.get("VIGIL_MODELS_DIR"), REPO.parent / "shared" / "models"):
+        if candidate and (Path(candidate) / "yolox_nano.onnx").is_file():
+            return Path(candidate).resolve()
+    return None
+
+
+def photo_bytes(name: str, quality: int = 92, scale: float = 1.0) -> bytes:
+    """One of scikit-image's bundled photos (astronaut, camera, chelsea, coffee) as JPEG bytes."""
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if scale != 1.0:
+        image = cv2.resize(image, None, fx=scale, fy=scale)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return data.tobytes()
+
+
+def drop(path: Path, data: bytes, mtime: float | None = None) -> Path:
+    """Place a file the way a careful uploader does: write hidden, set mtime, rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp")  # hidden while being written: the watcher ignores it
+    tmp.write_bytes(data)
+    if mtime is not None:
+        os.utime(tmp, (mtime, mtime))
+    os.replace(tmp, path)
+    return path
+
+
+def write_config(path: Path, *, media: Path, state: Path, nats_url: str, dsn: str, model: str, models_dir: Path | None, **sections) -> Path:
+    """A TOML config for test services; `sections` override per-section values, e.g. aggregator={...}."""
+    base = {
+        "watcher": {"settle_seconds": 0.5, "rescan_seconds": 30.0},
+        "detector": {"model": model, "models_dir": str(models_dir or "/nonexistent"), "batch_size": 8, "fetch_timeout": 0.5},
+        "aggregator": {"idle_seconds": 3.0, "max_seconds": 20.0},
+        "recorder": {"fetch_timeout": 0.2},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = [
+        f'media_root = "{media}"', f'state_dir = "{state}"', 'log_format = "json"', 'log_level = "debug"', "drain_seconds = 5.0",
+        f'[nats]\nservers = ["{nats_url}"]\nreconnect_wait = 0.2', f'[database]\ndsn = "{dsn}"',
+    ]
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for k, v in values.items():
+            lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Services:
+    """Starts vigil services as real subprocesses (`vigil run NAME CONFIG`), as systemd would."""
+
+    def __init__(self, config: Path, logs: Path, env: dict[str, str] | None = None) -> None:
+        self.config, self.logs = config, logs
+        self.env = {**os.environ, **(env or {})}
+        self.procs: dict[str, subprocess.Popen] = {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, *names: str) -> None:
+        for name in names:
+            log = open(self.logs / f"{name}.log", "ab")
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", "run", name, str(self.config)],
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+            )
+
+    def wait_ready(self, *names: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while '"event": "ready"' not in self.log(name):
+                if self.procs[name].poll() is not None:
+                    raise AssertionError(f"{name} exited with {self.procs[name].returncode}:\n{self.log(name)[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{name} not ready within {timeout}s:\n{self.log(name)[-3000:]}")
+                time.sleep(0.05)
+
+    def log(self, name: str) -> str:
+        path = self.logs / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, name: str, timeout: float = 20.0) -> int:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def stop_all(self) -> dict[str, int]:
+        codes = {}
+        for name in list(self.procs):
+            try:
+                codes[name] = self.stop(name)
+            except subprocess.TimeoutExpired:
+                self.procs.get(name) and self.procs[name].kill()
+                codes[name] = -9
+        return codes
+
+
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
+def query(dsn: str, sql: str, *params):
+    try:
+        with psycopg.connect(dsn, connect_timeout=3) as conn:
+            return conn.execute(sql, params).fetchall()
+    except psycopg.errors.UndefinedTable:
+        return []
+
+
+def consumer_states(nats_url: str) -> dict[str, tuple[int, int]]:
+    """{durable: (num_pending, num_ack_pending)} for every vigil consumer."""
+    import nats
+
+    from proto.topology import CONSUMERS
+
+    async def go():
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        out = {}
+        for c in CONSUMERS:
+            info = await js.consumer_info(c.stream, c.durable)
+            out[c.durable] = (info.num_pending, info.num_ack_pending)
+        await nc.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def stream_messages(nats_url: str, stream: str) -> list:
+    """Every message currently stored in `stream`, decoded (for DLQ assertions)."""
+    import nats
+
+    import proto
+
+    async def go():
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                raw = await js.get_msg(stream, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            out.append(proto.decode(raw.data, raw.headers))
+        await nc.close()
+        return out
+
+    return asyncio.run(go())

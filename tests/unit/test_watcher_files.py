@@ -1,0 +1,79 @@
+"""The watcher's pure logic: file kinds, settling, identity, the durable ledger."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from services.watcher_files import Ledger, NotRegularFile, Settler, camera_id, file_id, hash_file, is_candidate, sniff_kind
+
+
+@pytest.mark.parametrize(
+    "head, kind",
+    [
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "image"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "image"),
+        (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image"),
+        (b"\x00\x00\x00\x18ftypmp42", "clip"),
+        (b"\x1a\x45\xdf\xa3\x01\x00", "clip"),
+        (b"RIFF\x00\x00\x00\x00AVI LIST", "clip"),
+        (b"GIF89a", None),
+        (b"hello world, not an image", None),
+        (b"", None),
+    ],
+)
+def test_sniff_kind(head, kind):
+    assert sniff_kind(head) == kind
+
+
+def test_settles_only_after_quiet_period():
+    s = Settler(2.0)
+    s.observe("f", 10, 1, now=0.0)
+    s.observe("f", 20, 2, now=1.5)  # still growing: clock restarts
+    assert s.settled(now=3.0) == []
+    s.observe("f", 20, 2, now=3.0)  # unchanged: clock keeps running
+    assert s.settled(now=3.6) == [("f", 20, 2)]
+    assert len(s) == 0
+
+
+def test_camera_id_is_a_subject_token():
+    assert camera_id("front door.v2") == "front_door_v2"
+    assert camera_id("garage-1") == "garage-1"
+    assert camera_id("*>") == "__"
+
+
+def test_file_id_is_deterministic_and_distinct():
+    assert file_id("c", "c/a.jpg", "ab") == file_id("c", "c/a.jpg", "ab")
+    assert file_id("c", "c/a.jpg", "ab") != file_id("c", "c/b.jpg", "ab")
+
+
+def test_candidates():
+    ext = {".jpg"}
+    assert is_candidate(Path("cam/2026/a.jpg"), ext)
+    assert not is_candidate(Path("a.jpg"), ext)  # not inside a camera folder
+    assert not is_candidate(Path("cam/.a.jpg.part"), ext)
+    assert not is_candidate(Path("cam/a.txt"), ext)
+
+
+def test_ledger_survives_reopen(tmp_path):
+    """The durable marker outlives the process: a restart does not re-publish."""
+    db = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(db)
+    ledger.mark([("cam/a.jpg", 10, 5, "id", "published", 0.0)])
+    ledger.close()
+    ledger = Ledger(db)
+    assert ledger.known("cam/a.jpg", 10, 5)
+    assert not ledger.known("cam/a.jpg", 11, 5)  # same name, new content: publish again
+
+
+def test_hash_file_refuses_symlink_and_fifo(tmp_path):
+    target = tmp_path / "t.jpg"
+    target.write_bytes(b"\xff\xd8\xff" + b"x" * 10)
+    (tmp_path / "link.jpg").symlink_to(target)
+    with pytest.raises(OSError):
+        hash_file(str(tmp_path / "link.jpg"))
+    os.mkfifo(tmp_path / "fifo.jpg")
+    with pytest.raises(NotRegularFile):
+        hash_file(str(tmp_path / "fifo.jpg"))
+    digest, head, size, _ = hash_file(str(target))
+    assert head.startswith(b"\xff\xd8\xff") and size == 13 and len(digest) == 64
