@@ -173,7 +173,7 @@ def stream_messages(nats_url: str, stream: str) -> list:
         js = nc.jetstream()
         info = await js.stream_info(stream)
         out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1 if info.state.messages else 1):
             try:
                 raw = await js.get_msg(stream, seq)
             except nats.js.errors.NotFoundError:
