@@ -47,9 +47,10 @@ class Aggregator:
 
     async def emit(self, closed, alerts, cameras: set[str]) -> None:
         """Publish results and persist the touched cameras' state, in that order."""
-        await asyncio.gather(
-            *(bus.publish(self.rt, subject("events", e.camera), e, msg_id=e.event_id) for e in closed),
-            *(bus.publish(self.rt, subject("alerts", a.camera), a, msg_id=a.alert_id) for a in alerts),
+        await bus.publish_many(
+            self.rt,
+            [(subject("events", e.camera), e, e.event_id) for e in closed]
+            + [(subject("alerts", a.camera), a, a.alert_id) for a in alerts],
         )
         for camera in cameras:
             value = msgspec.json.encode(self.grouper.cameras[camera])

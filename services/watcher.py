@@ -140,9 +140,9 @@ class Watcher:
                 rows.append((item.path, item.size, item.mtime_ns, "", f"rejected: {item.reason}", now))
                 continue
             msg, size, mtime_ns = item
-            sends.append(bus.publish(self.rt, subject("uploads", msg.camera), msg, msg_id=f"upload-{msg.file_id}"))
+            sends.append((subject("uploads", msg.camera), msg, f"upload-{msg.file_id}"))
             rows.append((msg.path, size, mtime_ns, msg.file_id, "published", now))
-        await asyncio.gather(*sends)
+        await bus.publish_many(self.rt, sends)
         self.ledger.mark(rows)  # only after every PubAck
         self.rt.count("published", len(sends))
 

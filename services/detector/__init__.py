@@ -25,6 +25,7 @@ from services.runtime.config import Config
 from services.runtime.service import Runtime
 
 STAGE = "detector"
+DECODE_THREADS = 2  # cv2.imdecode releases the GIL: two threads overlap decoding with the event loop
 
 
 class Detector:
@@ -33,7 +34,7 @@ class Detector:
         self.cfg = config.detector
         self.root = Path(config.media_root)
         self.backend = backend
-        self.decoders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        self.decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
         # One inference thread: a hung inference stalls this loop, which stops the watchdog pings.
         self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
 
@@ -43,10 +44,35 @@ class Detector:
             return decode_clip_frame(self.root, up.path)
         return decode_image(read_media(self.root, up.path, self.cfg.max_file_bytes))
 
-    def infer(self, frame):
-        started = time.perf_counter()
-        boxes = self.backend.detect(frame)
-        return boxes, (time.perf_counter() - started) * 1000
+    def load_many(self, ups: list[FileUploaded]) -> list:
+        """Decode a slice of the batch in one thread hop; failures are returned, not raised."""
+        out = []
+        for up in ups:
+            try:
+                out.append(self.load(up))
+            except Exception as exc:  # noqa: BLE001 - sorted per file by handle_batch
+                out.append(exc)
+        return out
+
+    def infer_many(self, frames: list) -> list[tuple[list, float]]:
+        """Run the backend over every frame of the batch in the inference thread."""
+        results = []
+        for frame in frames:
+            started = time.perf_counter()
+            boxes = self.backend.detect(frame)
+            results.append((boxes, (time.perf_counter() - started) * 1000))
+        return results
+
+    async def decode_batch(self, ups: list[FileUploaded]) -> list:
+        """Split the batch over the decoder threads (one hop per thread, not per file)."""
+        loop = asyncio.get_running_loop()
+        n = self.decoders._max_workers
+        chunks = [ups[i::n] for i in range(n)]
+        parts = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.load_many, c) for c in chunks if c))
+        frames: list = [None] * len(ups)
+        for i, part in enumerate(parts):
+            frames[i::n] = part
+        return frames
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         loop = asyncio.get_running_loop()
@@ -59,28 +85,26 @@ class Detector:
                     await bus.dead_letter(self.rt, STAGE, msg, "payload is not a valid FileUploaded")
                 else:
                     work.append((msg, up))
-            frames = await asyncio.gather(
-                *(loop.run_in_executor(self.decoders, self.load, up) for _, up in work), return_exceptions=True
-            )
-            results = []
+            frames = await self.decode_batch([up for _, up in work])
+            ready = []
             for (msg, up), frame in zip(work, frames):
                 if isinstance(frame, Undecodable):
                     await bus.dead_letter(self.rt, STAGE, msg, str(frame), camera=up.camera, file_id=up.file_id)
-                    continue
-                if isinstance(frame, BaseException):
+                elif isinstance(frame, BaseException):
                     self.rt.log.error("decode failed unexpectedly, will retry", file=up.path, error=repr(frame))
                     await msg.nak(delay=5)
-                    continue
-                boxes, ms = await loop.run_in_executor(self.inference, self.infer, frame)
+                else:
+                    ready.append((msg, up, frame))
+            inferred = await loop.run_in_executor(self.inference, self.infer_many, [f for _, _, f in ready])
+            results = []
+            for (msg, up, frame), (boxes, ms) in zip(ready, inferred):
                 h, w = frame.shape[:2]
                 det = Detections(
                     file_id=up.file_id, camera=up.camera, path=up.path, captured_at=up.mtime, width=w, height=h,
                     model=self.backend.model, inference_ms=round(ms, 2), boxes=boxes, published_at=up.published_at,
                 )
                 results.append((msg, det))
-            await asyncio.gather(
-                *(bus.publish(self.rt, subject("detections", d.camera), d, msg_id=f"det-{d.file_id}") for _, d in results)
-            )
+            await bus.publish_many(self.rt, [(subject("detections", d.camera), d, f"det-{d.file_id}") for _, d in results])
             # Ack only after every Detections message is durable in its stream.
             await asyncio.gather(*(msg.ack() for msg, _ in results))
             self.rt.count("detected", len(results))
