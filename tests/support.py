@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import psycopg
 
+from services.stack import die_with_parent
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -84,7 +86,7 @@ class Services:
             log = open(self.logs / f"{name}.log", "ab")
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", "services.cli", "run", name, str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, preexec_fn=die_with_parent,
             )
 
     def wait_ready(self, *names: str, timeout: float = 30.0) -> None:

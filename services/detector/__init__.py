@@ -117,7 +117,7 @@ class Detector:
         while True:
             await asyncio.sleep(interval)
             for msg in msgs:
-                if not msg._ackd:
+                if not msg._ackd:  # nats-py keeps this private flag; in_progress() after ack is an error
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
 

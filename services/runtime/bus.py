@@ -223,9 +223,9 @@ async def consume(
             sub = await _drop(sub)
             await asyncio.sleep(1.0)
             continue
-        rt.counters["in_flight"] = len(msgs)
+        rt.in_flight[durable] = len(msgs)
         await handle_batch(msgs)
-        rt.counters["in_flight"] = 0
+        rt.in_flight[durable] = 0
         rt.beat(durable)
     await _drop(sub)
 

@@ -34,6 +34,10 @@ from services.runtime.notify import Notifier
 EX_CONFIG = 78  # sysexits.h; the systemd units set RestartPreventExitStatus=78 so a bad config does not crash-loop
 
 
+class StoppedBeforeReady(Exception):
+    """A stop signal arrived while still waiting for NATS: nothing to drain, exit 0."""
+
+
 class Runtime:
     """Per-process context handed to a service's loops: bus handles, stop event, counters, liveness."""
 
@@ -43,6 +47,7 @@ class Runtime:
         self.log = log
         self.stopping = asyncio.Event()
         self.counters: dict[str, int] = {}
+        self.in_flight: dict[str, int] = {}  # per consumer: messages held right now
         self.status_extra = ""
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -63,9 +68,8 @@ class Runtime:
             loop.add_signal_handler(sig, rt.request_stop, sig)
         try:
             rt.nc = await bus.connect(rt)
-            if rt.nc is None:  # stop requested before the bus was reachable
-                yield rt
-                return
+            if rt.nc is None:
+                raise StoppedBeforeReady
             rt.js = rt.nc.jetstream(timeout=config.nats.publish_timeout)
             await bus.provision(rt.js, log)
             async with asyncio.TaskGroup() as tg:
@@ -99,7 +103,7 @@ class Runtime:
 
     def _force_stop(self) -> None:
         if self._main_task and not self._main_task.done():
-            self.log.warning("drain bound reached: cancelling in-flight work (it will be redelivered)", in_flight=self.counters.get("in_flight", 0))
+            self.log.warning("drain bound reached: cancelling in-flight work (it will be redelivered)", in_flight=sum(self.in_flight.values()))
             self._main_task.cancel()
 
     async def _close_bus(self) -> None:
@@ -126,6 +130,8 @@ class Runtime:
 
     def status_line(self) -> str:
         parts = [f"{k.replace('_', ' ')} {v}" for k, v in self.counters.items()]
+        if self.in_flight:
+            parts.append(f"in flight {sum(self.in_flight.values())}")
         if self.status_extra:
             parts.append(self.status_extra)
         return ", ".join(parts) or "running"
@@ -158,8 +164,8 @@ def main(service: str, run: Callable[[Config], Awaitable[None]], argv: list[str]
     log = configure_logging(service, config.log_format, config.log_level)
     try:
         uvloop.run(run(config))
-    except asyncio.CancelledError:
-        pass  # forced after the drain bound; already logged
+    except (asyncio.CancelledError, StoppedBeforeReady):
+        pass  # forced after the drain bound (already logged), or stopped before the bus came up
     except ConfigError as exc:  # a service may validate more at start (e.g. the models dir)
         log.error("config error", error=str(exc))
         return EX_CONFIG
