@@ -41,18 +41,25 @@ class Box(msgspec.Struct, array_like=True):
 
 
 class Detections(_Msg, kw_only=True):
-    """The detector's result for one file (zero boxes is a valid result)."""
+    """The detector's result for one image or one sampled frame of a clip (zero boxes is a result)."""
 
     file_id: str
     camera: str
     path: str
-    captured_at: float  # the file's mtime
+    captured_at: float  # image: the file's mtime; clip frame: clip start + offset_s
     width: int
     height: int
     model: str
     inference_ms: float
     boxes: list[Box] = []
     published_at: float = 0.0  # copied from FileUploaded, for end-to-end latency
+    frame: int | None = None  # index of the sampled frame within a clip; None for an image
+    offset_s: float = 0.0  # the frame's time from the start of the clip
+
+    @property
+    def key(self) -> str:
+        """Unique per detection: the file id, plus the frame index for a clip."""
+        return self.file_id if self.frame is None else f"{self.file_id}:{self.frame}"
 
 
 class LabelSummary(msgspec.Struct, kw_only=True):
@@ -67,7 +74,7 @@ class EventClosed(_Msg, kw_only=True):
     camera: str
     started_at: float
     ended_at: float
-    file_ids: list[str]
+    file_ids: list[str]  # detection keys (Detections.key): a file id, or "file_id:frame" for clip frames
     labels: dict[str, LabelSummary]
     best_file_id: str
     close_reason: Literal["idle", "max_window"]

@@ -53,7 +53,8 @@ class EventGrouper:
             return [], []
         state = self.cameras.setdefault(det.camera, CameraState())
         ev = state.open
-        if det.file_id in state.last_closed_ids or (ev is not None and det.file_id in ev.file_ids):
+        key = det.key
+        if key in state.last_closed_ids or (ev is not None and key in ev.file_ids):
             return [], []  # a redelivery after a crash: already counted
         closed: list[EventClosed] = []
         t = det.captured_at
@@ -62,10 +63,10 @@ class EventGrouper:
             ev = None
         if ev is None:
             ev = state.open = OpenEvent(
-                event_id=event_id(det.camera, det.file_id), camera=det.camera, started_at=t, last_at=t,
+                event_id=event_id(det.camera, key), camera=det.camera, started_at=t, last_at=t,
                 last_arrival=arrival, file_ids=[], labels={}, best_file_id=det.file_id, best_score=-1.0,
             )
-        ev.file_ids.append(det.file_id)
+        ev.file_ids.append(key)
         ev.started_at = min(ev.started_at, t)
         ev.last_at = max(ev.last_at, t)
         ev.last_arrival = arrival
@@ -78,7 +79,7 @@ class EventGrouper:
                 summary.count += 1
                 summary.max_score = max(summary.max_score, box.score)
             if box.score > ev.best_score:
-                ev.best_score, ev.best_file_id = box.score, det.file_id
+                ev.best_score, ev.best_file_id = box.score, key
             if box.label == self.alert_label and box.score >= self.alert_score and not ev.alerted:
                 ev.alerted = True
                 alerts.append(

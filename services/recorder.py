@@ -46,12 +46,13 @@ async def migrate(conn: psycopg.AsyncConnection, log) -> None:
 
 async def write_detections(cur: psycopg.AsyncCursor, items: list[Detections]) -> None:
     await cur.executemany(
-        "INSERT INTO detections (file_id, camera, path, captured_at, published_at, width, height, model,"
-        " inference_ms, box_count, labels, boxes) VALUES (%s, %s, %s, to_timestamp(%s), to_timestamp(%s),"
-        " %s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (file_id) DO NOTHING",
+        "INSERT INTO detections (detection_id, file_id, frame, offset_s, camera, path, captured_at, published_at,"
+        " width, height, model, inference_ms, box_count, labels, boxes) VALUES (%s, %s, %s, %s, %s, %s,"
+        " to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (detection_id) DO NOTHING",
         [
-            (d.file_id, d.camera, d.path, d.captured_at, d.published_at or None, d.width, d.height, d.model,
-             d.inference_ms, len(d.boxes), sorted({b.label for b in d.boxes}), msgspec.json.encode(d.boxes).decode())
+            (d.key, d.file_id, d.frame, d.offset_s, d.camera, d.path, d.captured_at, d.published_at or None, d.width,
+             d.height, d.model, d.inference_ms, len(d.boxes), sorted({b.label for b in d.boxes}),
+             msgspec.json.encode(d.boxes).decode())
             for d in items
         ],
     )
@@ -69,7 +70,7 @@ async def write_events(cur: psycopg.AsyncCursor, items: list[EventClosed]) -> No
         ],
     )
     await cur.executemany(
-        "INSERT INTO event_detections (file_id, event_id) VALUES (%s, %s) ON CONFLICT (file_id) DO NOTHING",
+        "INSERT INTO event_detections (detection_id, event_id) VALUES (%s, %s) ON CONFLICT (detection_id) DO NOTHING",
         [(fid, e.event_id) for e in items for fid in e.file_ids],
     )
 

@@ -1,8 +1,12 @@
 """detector: FileUploaded -> Detections. A durable pull consumer shared by any number of detectors.
 
-Per batch: decode files in a thread pool, infer in one worker thread (the event loop stays live and
-keeps `in_progress()` flowing for long batches), publish Detections, await every PubAck, then ack.
-A file that can never be processed is dead-lettered with its reason and term()ed.
+Two stages joined by a one-slot queue, so decoding the next batch overlaps inference of this one:
+  prepare: fetch up to `batch_size` messages (or what arrived within `batch_wait_ms`), read, decode and
+           letterbox them in the decoder threads (clips: sample frames at `clip_fps`);
+  infer:   run the backend in the single inference thread, decode boxes, publish Detections, await
+           every PubAck, then ack.
+A file that can never be processed is dead-lettered with its reason and term()ed. Messages held by
+either stage get in_progress() so a long clip or a slow CPU is not redelivered elsewhere.
 """
 
 from __future__ import annotations
@@ -12,129 +16,286 @@ import contextlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats.errors
 from nats.aio.msg import Msg
 
-from proto import Detections, FileUploaded, subject
+from proto import Alert, Box, Detections, FileUploaded, subject
 from proto.topology import consumer
-from services.detector.backends import Backend, load_backend
-from services.detector.media import Undecodable, decode_clip_frame, decode_image, read_media
+from services.detector import decoders
+from services.detector.backends import Backend, OnnxRuntimeBackend, gpu_factory
+from services.detector.decoders import Letterboxed
+from services.detector.fallback import FallbackBackend
+from services.detector.media import Undecodable, decode_image, read_media, sample_clip
+from services.detector.model import ModelInfo, find_model, inspect_model
 from services.runtime import bus
-from services.runtime.config import Config
+from services.runtime.config import Config, DetectorConfig
 from services.runtime.service import Runtime
 
 STAGE = "detector"
-DECODE_THREADS = 2  # cv2.imdecode releases the GIL: two threads overlap decoding with the event loop
+
+
+@dataclass
+class Unit:
+    """One fetched message and the frames it became (one for an image, several for a clip)."""
+
+    msg: Msg
+    up: FileUploaded
+    frames: list[tuple[Letterboxed, int | None, float]] = field(default_factory=list)  # (frame, index, offset)
+    start: float = 0.0  # capture time of frame 0 (clip: mtime - duration)
+    error: BaseException | None = None
+
+
+class Engine:
+    """The model plus the backend that runs it (or nothing, for model "none")."""
+
+    def __init__(self, cfg: DetectorConfig, cache_dir: Path, on_change) -> None:
+        self.cfg = cfg
+        self.info: ModelInfo | None = None
+        self.backend: Backend | None = None
+        if cfg.model == "none":
+            return
+        path = find_model(cfg)  # refuses to start without a model, naming the fix
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cfg.threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.info = info = inspect_model(path, cfg, session)
+        make_cpu = lambda: OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"], session=session)  # noqa: E731
+        make_gpu = gpu_factory(cfg, info, cache_dir)
+        if make_gpu is None:
+            self.backend = make_cpu()
+        else:
+            self.backend = FallbackBackend(
+                make_gpu, make_cpu, max_errors=cfg.gpu_max_errors, retry=cfg.gpu_retry_seconds,
+                retry_max=cfg.gpu_retry_max_seconds, on_change=on_change,
+            )
+
+    @property
+    def name(self) -> str:
+        return self.backend.name if self.backend else "none"
+
+    @property
+    def model(self) -> str:
+        return self.info.name if self.info else "none"
+
+    @property
+    def size(self) -> int:
+        return self.info.size if self.info else 0
+
+    def prepare(self, image) -> Letterboxed:
+        if self.info is None:
+            return Letterboxed(image[:1, :1], 1.0, 0, 0, image.shape[1], image.shape[0])
+        return decoders.letterbox(image, self.info.size, self.info.family)
+
+    def run(self, frames: list[Letterboxed]) -> list[tuple[list[Box], float]]:
+        """Inference thread: boxes and per-frame milliseconds, in chunks of batch_size."""
+        if self.backend is None or self.info is None:
+            return [([], 0.0)] * len(frames)
+        info, out = self.info, []
+        for i in range(0, len(frames), self.cfg.batch_size):
+            chunk = frames[i : i + self.cfg.batch_size]
+            started = time.perf_counter()
+            raw = self.backend.infer(decoders.to_tensor(chunk, info.family))
+            ms = (time.perf_counter() - started) * 1000 / len(chunk)
+            for frame, row in zip(chunk, raw):
+                boxes = decoders.decode(row, info.family, info.size, frame, self.cfg.score_threshold, self.cfg.nms_iou, info.labels)
+                out.append((boxes, ms))
+        return out
+
+
+def keep_for_camera(boxes: list[Box], camera: str, cfg: DetectorConfig) -> list[Box]:
+    """Per-camera label list and minimum score per label."""
+    rule = cfg.cameras.get(camera)
+    if rule is None:
+        return boxes
+    return [
+        b for b in boxes
+        if (rule.labels is None or b.label in rule.labels) and b.score >= rule.min_score.get(b.label, cfg.score_threshold)
+    ]
 
 
 class Detector:
-    def __init__(self, rt: Runtime, config: Config, backend: Backend) -> None:
+    def __init__(self, rt: Runtime, config: Config, engine: Engine) -> None:
         self.rt = rt
         self.cfg = config.detector
         self.root = Path(config.media_root)
-        self.backend = backend
-        self.decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
-        # One inference thread: a hung inference stalls this loop, which stops the watchdog pings.
+        self.engine = engine
+        self.decoders = ThreadPoolExecutor(max_workers=self.cfg.decode_threads, thread_name_prefix="decode")
+        # One inference thread: a hung inference stalls the infer loop, which stops the watchdog pings.
         self.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self.queue: asyncio.Queue[list[Unit] | None] = asyncio.Queue(maxsize=1)
+        self.held: dict[int, Msg] = {}  # every message either stage holds (by id: Msg is unhashable)
 
-    def load(self, up: FileUploaded):
-        """Read and decode one file (decoder thread); returns a BGR frame or raises Undecodable."""
-        if up.kind == "clip":
-            return decode_clip_frame(self.root, up.path)
-        return decode_image(read_media(self.root, up.path, self.cfg.max_file_bytes))
-
-    def load_many(self, ups: list[FileUploaded]) -> list:
-        """Decode a slice of the batch in one thread hop; failures are returned, not raised."""
-        out = []
-        for up in ups:
-            try:
-                out.append(self.load(up))
-            except Exception as exc:  # noqa: BLE001 - sorted per file by handle_batch
-                out.append(exc)
-        return out
-
-    def infer_many(self, frames: list) -> list[tuple[list, float]]:
-        """Run the backend over every frame of the batch in the inference thread."""
-        results = []
-        for frame in frames:
-            started = time.perf_counter()
-            boxes = self.backend.detect(frame)
-            results.append((boxes, (time.perf_counter() - started) * 1000))
-        return results
-
-    async def decode_batch(self, ups: list[FileUploaded]) -> list:
-        """Split the batch over the decoder threads (one hop per thread, not per file)."""
-        loop = asyncio.get_running_loop()
-        n = self.decoders._max_workers
-        chunks = [ups[i::n] for i in range(n)]
-        parts = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.load_many, c) for c in chunks if c))
-        frames: list = [None] * len(ups)
-        for i, part in enumerate(parts):
-            frames[i::n] = part
-        return frames
-
-    async def handle_batch(self, msgs: list[Msg]) -> None:
-        loop = asyncio.get_running_loop()
-        keepalive = asyncio.create_task(self._keep_in_progress(msgs))
+    # ---- stage 1: fetch + decode ----------------------------------------------------------
+    def load(self, up: FileUploaded, msg: Msg) -> Unit:
+        """Decoder thread: read, decode and letterbox one file's frames; errors land in unit.error."""
+        unit = Unit(msg, up, start=up.mtime)
         try:
-            work: list[tuple[Msg, FileUploaded]] = []
-            for msg in msgs:
-                up = bus.decode_or_none(msg, FileUploaded)
-                if up is None:
-                    await bus.dead_letter(self.rt, STAGE, msg, "payload is not a valid FileUploaded")
-                else:
-                    work.append((msg, up))
-            frames = await self.decode_batch([up for _, up in work])
-            ready = []
-            for (msg, up), frame in zip(work, frames):
-                if isinstance(frame, Undecodable):
-                    await bus.dead_letter(self.rt, STAGE, msg, str(frame), camera=up.camera, file_id=up.file_id)
-                elif isinstance(frame, BaseException):
-                    self.rt.log.error("decode failed unexpectedly, will retry", file=up.path, error=repr(frame))
-                    await msg.nak(delay=5)
-                else:
-                    ready.append((msg, up, frame))
-            inferred = await loop.run_in_executor(self.inference, self.infer_many, [f for _, _, f in ready])
-            results = []
-            for (msg, up, frame), (boxes, ms) in zip(ready, inferred):
-                h, w = frame.shape[:2]
-                det = Detections(
-                    file_id=up.file_id, camera=up.camera, path=up.path, captured_at=up.mtime, width=w, height=h,
-                    model=self.backend.model, inference_ms=round(ms, 2), boxes=boxes, published_at=up.published_at,
-                )
-                results.append((msg, det))
-            await bus.publish_many(self.rt, [(subject("detections", d.camera), d, f"det-{d.file_id}") for _, d in results])
-            # Ack only after every Detections message is durable in its stream.
-            await asyncio.gather(*(msg.ack() for msg, _ in results))
-            self.rt.count("detected", len(results))
-        finally:
-            keepalive.cancel()
+            if up.kind == "clip":
+                frames, duration = sample_clip(self.root, up.path, self.cfg.clip_fps, self.cfg.clip_max_frames)
+                unit.start = up.mtime - duration  # a clip's mtime is when recording ended
+                unit.frames = [(self._letterbox(img, img.shape[1], img.shape[0]), idx, off) for idx, off, img in frames]
+            else:
+                image, w, h = decode_image(read_media(self.root, up.path, self.cfg.max_file_bytes), self.engine.size)
+                unit.frames = [(self._letterbox(image, w, h), None, 0.0)]
+        except Exception as exc:  # noqa: BLE001 - sorted per file by the caller
+            unit.error = exc
+        return unit
 
-    async def _keep_in_progress(self, msgs: list[Msg]) -> None:
-        """Tell the server we are still working, so a slow batch is not redelivered to another detector."""
+    def _letterbox(self, image, width: int, height: int) -> Letterboxed:
+        lb = self.engine.prepare(image)
+        if (width, height) == (image.shape[1], image.shape[0]):
+            return lb
+        scale = image.shape[1] / width  # decoded at reduced size: map boxes back to the source pixels
+        return Letterboxed(lb.pixels, lb.ratio * scale, lb.pad_x, lb.pad_y, width, height)
+
+    async def collect(self, sub) -> list[Msg]:
+        """Up to batch_size messages, waiting at most batch_wait_ms after the first arrived."""
+        msgs = await sub.fetch(self.cfg.batch_size, timeout=self.cfg.fetch_timeout)
+        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
+        while len(msgs) < self.cfg.batch_size and (left := deadline - time.monotonic()) > 0.002:
+            try:
+                msgs += await sub.fetch(self.cfg.batch_size - len(msgs), timeout=left)
+            except nats.errors.TimeoutError:
+                break
+        return msgs
+
+    async def prepare_loop(self) -> None:
+        spec = consumer("detector")
+        loop = asyncio.get_running_loop()
+        sub = None
+        try:
+            while not self.rt.stopping.is_set():
+                try:
+                    sub = sub or await self.rt.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+                    msgs = await self.collect(sub)
+                except nats.errors.TimeoutError:
+                    self.rt.beat("prepare")
+                    continue
+                except bus.TRANSIENT as exc:
+                    self.rt.log.warning("fetch failed, resubscribing", error=repr(exc))
+                    sub = None
+                    self.rt.beat("prepare")
+                    await asyncio.sleep(1.0)
+                    continue
+                self.held.update((id(m), m) for m in msgs)
+                units = []
+                for msg in msgs:
+                    up = bus.decode_or_none(msg, FileUploaded)
+                    if up is None:
+                        await self.dead_letter(msg, "payload is not a valid FileUploaded")
+                    else:
+                        units.append((up, msg))
+                units = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.load, up, msg) for up, msg in units))
+                await self.queue.put(units)  # waits while the previous batch is still inferring
+                self.rt.beat("prepare")
+        finally:
+            await self.queue.put(None)
+            with contextlib.suppress(Exception):
+                sub and await sub.unsubscribe()
+
+    # ---- stage 2: infer + publish + ack ----------------------------------------------------
+    async def infer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                units = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                self.rt.beat("infer")  # idle with nothing to do
+                continue
+            if units is None:
+                return
+            good = []
+            for unit in units:
+                if unit.error is None:
+                    good.append(unit)
+                elif isinstance(unit.error, Undecodable):
+                    await self.dead_letter(unit.msg, str(unit.error), unit.up)
+                else:
+                    self.rt.log.error("decode failed unexpectedly, will retry", file=unit.up.path, error=repr(unit.error))
+                    await unit.msg.nak(delay=5)
+                    self.held.pop(id(unit.msg), None)
+            frames = [f for u in good for f, _, _ in u.frames]
+            results = iter(await loop.run_in_executor(self.inference, self.engine.run, frames))
+            self.rt.status_extra = f"backend {self.engine.name}, model {self.engine.model}"
+            out = []
+            for unit in good:
+                up = unit.up
+                for frame, index, offset in unit.frames:
+                    boxes, ms = next(results)
+                    out.append(Detections(
+                        file_id=up.file_id, camera=up.camera, path=up.path, captured_at=round(unit.start + offset, 3),
+                        width=frame.width, height=frame.height, model=self.engine.model, inference_ms=round(ms, 2),
+                        boxes=keep_for_camera(boxes, up.camera, self.cfg), published_at=up.published_at,
+                        frame=index, offset_s=offset,
+                    ))
+            await bus.publish_many(self.rt, [(subject("detections", d.camera), d, f"det-{d.key}") for d in out])
+            # Ack only after every Detections message is durable in its stream.
+            await asyncio.gather(*(u.msg.ack() for u in good))
+            for u in good:
+                self.held.pop(id(u.msg), None)
+            self.rt.count("detected", len(good))
+            self.rt.count("frames", len(frames))
+            self.rt.beat("infer")
+
+    async def dead_letter(self, msg: Msg, reason: str, up: FileUploaded | None = None) -> None:
+        await bus.dead_letter(self.rt, STAGE, msg, reason, camera=up.camera if up else None, file_id=up.file_id if up else None)
+        self.held.pop(id(msg), None)
+
+    async def keep_in_progress(self) -> None:
+        """Tell the server we are still working on what we hold, so it is not redelivered elsewhere."""
         interval = consumer("detector").ack_wait / 3
         while True:
             await asyncio.sleep(interval)
-            for msg in msgs:
+            for msg in list(self.held.values()):
                 if not msg._ackd:  # nats-py keeps this private flag; in_progress() after ack is an error
                     with contextlib.suppress(Exception):
                         await msg.in_progress()
+
+    def backend_changed(self, state: str, reason: str | None) -> None:
+        """Called from the inference thread when the GPU is dropped or restored."""
+        self.rt.loop.call_soon_threadsafe(lambda: self.rt.spawn(self.announce(state, reason)))
+
+    async def announce(self, state: str, reason: str | None) -> None:
+        now = time.time()
+        if state == "degraded":
+            self.rt.log.error("GPU backend failed: running on the CPU", reason=reason)
+            alert = Alert(alert_id=f"detector-{os.getpid()}-fallback-{int(now)}", camera="system", kind="detector_cpu_fallback",
+                          severity="critical", message=f"detector on {os.uname().nodename} fell back to the CPU: {reason}", created_at=now)
+        else:
+            self.rt.log.info("GPU backend restored")
+            alert = Alert(alert_id=f"detector-{os.getpid()}-restored-{int(now)}", camera="system", kind="detector_gpu_restored",
+                          severity="info", message=f"detector on {os.uname().nodename} is back on the GPU", created_at=now)
+        self.rt.status_extra = f"backend {self.engine.name}, model {self.engine.model}"
+        await bus.publish(self.rt, subject("alerts", "system"), alert, msg_id=alert.alert_id)
 
 
 async def run(config: Config) -> None:
     # OpenCV's own guard against decompression bombs, read on first decode.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(config.detector.max_pixels)
-    backend = load_backend(config.detector)  # refuses to start without a model, naming the fix
+    cache_dir = Path(config.detector.engine_cache_dir or Path(config.state_dir) / "engines")
+    pending: list = []
+    engine = Engine(config.detector, cache_dir, on_change=lambda *a: pending.append(a))
     async with Runtime.start("detector", config) as rt:
-        rt.status_extra = f"backend {backend.name}, model {backend.model}"
-        detector = Detector(rt, config, backend)
+        detector = Detector(rt, config, engine)
+        if isinstance(engine.backend, FallbackBackend):
+            engine.backend.on_change = detector.backend_changed
+        for state, reason in pending:  # a GPU that failed during start-up is reported once the bus is up
+            await detector.announce(state, reason)
+        rt.status_extra = f"backend {engine.name}, model {engine.model}"
+        rt.log.info("detector started", backend=engine.name, model=engine.model,
+                    family=engine.info.family if engine.info else None, input=engine.size)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(
-                    bus.consume(rt, "detector", detector.handle_batch, config.detector.batch_size, config.detector.fetch_timeout)
-                )
+                keepalive = tg.create_task(detector.keep_in_progress())
+                tg.create_task(detector.prepare_loop())
+                await detector.infer_loop()
+                keepalive.cancel()
         finally:
             detector.decoders.shutdown(wait=False, cancel_futures=True)
             detector.inference.shutdown(wait=False, cancel_futures=True)
-

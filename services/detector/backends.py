@@ -1,71 +1,117 @@
-"""Inference backends behind one small interface: `detect(image) -> list[Box]`, called from a worker thread."""
+"""Inference backends behind one small interface, called from the detector's inference thread:
+
+    backend.infer(batch: float32 NCHW) -> first model output, one row per image
+    backend.name -> "onnxruntime:cpu", "onnxruntime:cuda:0", "tensorrt:cuda:0:fp16", ...
+
+GPU code is imported lazily, so a machine without CUDA or TensorRT never loads it.
+"""
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
+import importlib
+import importlib.util
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
-from proto import Box
-from services.detector import yolox
-from services.runtime.config import ConfigError, DetectorConfig
-
-YOLOX_NANO = "yolox_nano.onnx"
+from services.detector.model import ModelInfo
+from services.runtime.config import DetectorConfig
 
 
 class Backend(Protocol):
     name: str
-    model: str
 
-    def detect(self, image: np.ndarray) -> list[Box]: ...
-
-
-class NoneBackend:
-    """No inference: every file gets zero boxes. For measuring the pipeline's own overhead."""
-
-    name = "none"
-    model = "none"
-
-    def detect(self, image: np.ndarray) -> list[Box]:
-        return []
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-class OnnxYolox:
-    """YOLOX-Nano on ONNX Runtime's CPU provider."""
+class OnnxRuntimeBackend:
+    """onnxruntime with the given execution providers (TensorRT EP, CUDA EP, CPU)."""
 
-    name = "onnxruntime-cpu"
+    def __init__(self, info: ModelInfo, cfg: DetectorConfig, providers: list, session=None) -> None:
+        import onnxruntime as ort
 
-    def __init__(self, model_path: Path, cfg: DetectorConfig) -> None:
-        import onnxruntime as ort  # lazy: the `none` model needs no runtime
+        if session is None:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = cfg.threads
+            options.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(info.path), options, providers=providers)
+        used = session.get_providers()
+        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if wanted != "CPUExecutionProvider" and used[0] != wanted:
+            raise RuntimeError(f"{wanted} requested but onnxruntime chose {used}")
+        self.session = session
+        self.info = info
+        self.name = "onnxruntime:cpu" if used[0] == "CPUExecutionProvider" else f"onnxruntime:{used[0].removesuffix('ExecutionProvider').lower()}:{cfg.device}"
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = cfg.threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.size = int(inp.shape[2]) if isinstance(inp.shape[2], int) else 416
-        self.cfg = cfg
-        self.model = f"yolox-nano@{hashlib.sha256(model_path.read_bytes()).hexdigest()[:12]}"
-
-    def detect(self, image: np.ndarray) -> list[Box]:
-        blob, ratio = yolox.letterbox(image, self.size)
-        (raw,) = self.session.run(None, {self.input_name: blob[None]})
-        h, w = image.shape[:2]
-        return yolox.decode(raw[0], self.size, ratio, w, h, self.cfg.score_threshold, self.cfg.nms_iou)
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        if self.info.fixed_batch == 1 and len(batch) > 1:  # a batch-1 export: one image per run
+            return np.concatenate([self.session.run(None, {self.info.input_name: batch[i : i + 1]})[0] for i in range(len(batch))])
+        return self.session.run(None, {self.info.input_name: batch})[0]
 
 
-def load_backend(cfg: DetectorConfig) -> Backend:
-    """Build the configured backend, or stop the service at start with a message that says what to do."""
-    if cfg.model == "none":
-        return NoneBackend()
-    model_path = Path(cfg.models_dir) / YOLOX_NANO
-    if not model_path.is_file():
-        raise ConfigError(
-            f"config error: detector.model is {cfg.model!r} but {model_path} does not exist. "
-            f"Put {YOLOX_NANO} into detector.models_dir (VIGIL_DETECTOR__MODELS_DIR), "
-            f"or set detector.model = \"none\" to run without inference"
-        )
-    return OnnxYolox(model_path, cfg)
+def cpu_backend(info: ModelInfo, cfg: DetectorConfig) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"])
+
+
+def cuda_backend(info: ModelInfo, cfg: DetectorConfig) -> OnnxRuntimeBackend:
+    """onnxruntime on the GPU: its TensorRT EP when present, else its CUDA EP."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chain: list = []
+    if "TensorrtExecutionProvider" in available:
+        chain.append(("TensorrtExecutionProvider", {"device_id": cfg.device, "trt_fp16_enable": cfg.precision == "fp16"}))
+    if "CUDAExecutionProvider" in available:
+        chain.append(("CUDAExecutionProvider", {"device_id": cfg.device}))
+    if not chain:
+        raise RuntimeError(f"onnxruntime has no GPU execution provider here (available: {available})")
+    return OnnxRuntimeBackend(info, cfg, chain + ["CPUExecutionProvider"])
+
+
+def tensorrt_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend:
+    from services.detector.trt import TensorRTBackend  # lazy: imports tensorrt and cuda-python
+
+    return TensorRTBackend(info, cfg, cache_dir)
+
+
+def plugin_backend(spec: str, info: ModelInfo, cfg: DetectorConfig) -> Backend:
+    """`plugin:package.module:Class` - a backend class taking (info, cfg), e.g. for other accelerators."""
+    _, module, cls = spec.split(":")
+    return getattr(importlib.import_module(module), cls)(info, cfg)
+
+
+def gpu_factory(cfg: DetectorConfig, info: ModelInfo, cache_dir) -> Callable[[], Backend] | None:
+    """What to try on the accelerator for this config, or None for CPU only."""
+    if cfg.backend == "cpu":
+        return None
+    if cfg.backend == "tensorrt":
+        return lambda: tensorrt_backend(info, cfg, cache_dir)
+    if cfg.backend == "cuda":
+        return lambda: cuda_backend(info, cfg)
+    if cfg.backend.startswith("plugin:"):
+        return lambda: plugin_backend(cfg.backend, info, cfg)
+    # auto: a machine with no accelerator stack at all is a CPU machine, not a degraded GPU one
+    if not gpu_stack_present():
+        return None
+    return lambda: _best_gpu(info, cfg, cache_dir)
+
+
+def gpu_stack_present() -> bool:
+    import onnxruntime as ort
+
+    return importlib.util.find_spec("tensorrt") is not None or "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _best_gpu(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend:
+    errors = []
+    if importlib.util.find_spec("tensorrt") is not None:
+        try:
+            return tensorrt_backend(info, cfg, cache_dir)
+        except Exception as exc:  # noqa: BLE001 - reported with the next candidate's error
+            errors.append(f"tensorrt: {exc}")
+    try:
+        return cuda_backend(info, cfg)
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"onnxruntime-gpu: {exc}")
+    raise RuntimeError("; ".join(errors))

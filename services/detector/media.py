@@ -1,9 +1,10 @@
-"""Reading camera files safely and turning them into BGR frames."""
+"""Reading camera files safely and turning them into frames."""
 
 from __future__ import annotations
 
 import os
 import stat
+import struct
 from pathlib import Path
 
 import cv2
@@ -14,11 +15,15 @@ class Undecodable(Exception):
     """The file can never be processed (corrupt, not an image, outside the root): dead-letter it."""
 
 
-def read_media(root: Path, rel_path: str, max_bytes: int) -> bytes:
-    """Read a file under `root` without following symlinks or leaving the root."""
+def safe_path(root: Path, rel_path: str) -> Path:
     if rel_path.startswith("/") or ".." in Path(rel_path).parts:
         raise Undecodable(f"path {rel_path!r} escapes the media root")
-    path = root / rel_path
+    return root / rel_path
+
+
+def read_media(root: Path, rel_path: str, max_bytes: int) -> bytes:
+    """Read a file under `root` without following symlinks or leaving the root."""
+    path = safe_path(root, rel_path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -34,34 +39,79 @@ def read_media(root: Path, rel_path: str, max_bytes: int) -> bytes:
         return f.read()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode image bytes to BGR; OpenCV refuses more than OPENCV_IO_MAX_IMAGE_PIXELS (set from config)."""
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's SOF marker without decoding, or None."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+        i += 2 + length
+    return None
+
+
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+def decode_image(data: bytes, target: int = 0) -> tuple[np.ndarray, int, int]:
+    """Decode to BGR; returns (image, source width, source height).
+
+    A JPEG much larger than the model input (`target`) is decoded at 1/2, 1/4 or 1/8 scale by
+    libjpeg itself, which is several times cheaper than decoding in full and resizing. OpenCV refuses
+    more than OPENCV_IO_MAX_IMAGE_PIXELS (set from detector.max_pixels) before allocating.
+    """
     if not data:
         raise Undecodable("empty file")
+    flag, size = cv2.IMREAD_COLOR, jpeg_size(data) if target else None
+    if size:
+        for factor, reduced in _REDUCED:
+            if max(size) / factor >= target:
+                flag = reduced
+                break
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     except cv2.error as exc:
         raise Undecodable(f"image decoder error: {str(exc).strip().splitlines()[-1][:200]}") from None
     if image is None or image.size == 0:
         raise Undecodable("image could not be decoded (corrupt or truncated)")
-    return image
+    if size and flag != cv2.IMREAD_COLOR:
+        return image, size[0], size[1]
+    return image, image.shape[1], image.shape[0]
 
 
-def decode_clip_frame(root: Path, rel_path: str) -> np.ndarray:
-    """The middle frame of a clip (one frame per clip until the clip issue samples more)."""
-    path = root / rel_path
+def sample_clip(root: Path, rel_path: str, fps: float, max_frames: int) -> tuple[list[tuple[int, float, np.ndarray]], float]:
+    """Frames of a clip at about `fps` per second, at most `max_frames`: ([(index, offset s, BGR)], duration s)."""
+    path = safe_path(root, rel_path)
     if path.is_symlink():
         raise Undecodable("clip is a symlink")
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
             raise Undecodable("clip could not be opened")
-        frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        if frames > 2:
-            cap.set(cv2.CAP_PROP_POS_FRAMES, frames // 2)
-        ok, frame = cap.read()
-        if not ok or frame is None:
+        native = cap.get(cv2.CAP_PROP_FPS)
+        native = native if native and 0 < native < 1000 else 25.0
+        step = max(1, int(round(native / fps)))
+        frames, index = [], 0
+        while len(frames) < max_frames:
+            if not cap.grab():  # grab() skips decoding the frames we do not sample
+                break
+            if index % step == 0:
+                ok, frame = cap.retrieve()
+                if ok and frame is not None:
+                    frames.append((index, round(index / native, 3), frame))
+            index += 1
+        if not frames:
             raise Undecodable("clip has no decodable frame")
-        return frame
+        total = cap.get(cv2.CAP_PROP_FRAME_COUNT) or index
+        return frames, float(total) / native
     finally:
         cap.release()

@@ -51,19 +51,45 @@ class WatcherConfig(_Section):
     publish_batch: int = 256
 
 
+class CameraFilter(_Section):
+    """Per-camera detector settings: which labels to keep and the minimum score per label."""
+
+    labels: list[str] | None = None  # None keeps every label
+    min_score: dict[str, float] = msgspec.field(default_factory=dict)
+
+
 class DetectorConfig(_Section):
-    # "yolox-nano" (ONNX Runtime on the CPU) or "none" (no inference: measures pipeline overhead).
-    model: Literal["yolox-nano", "none"] = "yolox-nano"
+    # A model file name in models_dir ("yolox_nano.onnx"), a catalog name ("yolox-nano"),
+    # or "none" (no inference, zero boxes: measures the pipeline's own overhead).
+    model: str = "yolox-nano"
     models_dir: str = "/var/lib/vigil/models"
-    batch_size: int = 16
+    # "auto" picks the best available: tensorrt, then onnxruntime on CUDA, then the CPU.
+    # "tensorrt", "cuda" (onnxruntime CUDA/TensorRT EP), "cpu", or "plugin:module:Class".
+    backend: str = "auto"
+    device: int = 0  # GPU index (vigil-detector@0 ...)
+    precision: Literal["fp16", "fp32"] = "fp16"
+    # "auto" reads the family from the model's output shape.
+    family: Literal["auto", "yolox", "yolov8", "end2end"] = "auto"
+    labels_file: str | None = None  # one label per line; default: model metadata, else COCO
+    batch_size: int = 16  # infer up to this many frames at once...
+    batch_wait_ms: float = 20.0  # ...or whatever arrived within this long after the first
     fetch_timeout: float = 1.0
-    threads: int = 2
+    decode_threads: int = 2
+    threads: int = 2  # onnxruntime intra-op threads on the CPU
     score_threshold: float = 0.30
     nms_iou: float = 0.45
     # Images larger than this many pixels are refused (decompression bombs).
     max_pixels: int = 50_000_000
     # Files above this size are dead-lettered unread.
     max_file_bytes: int = 256 * 1024 * 1024
+    clip_fps: float = 2.0  # frames sampled per second of video
+    clip_max_frames: int = 120
+    # GPU -> CPU fallback: consecutive device errors before switching, then retry the GPU with backoff.
+    gpu_max_errors: int = 3
+    gpu_retry_seconds: float = 60.0
+    gpu_retry_max_seconds: float = 1800.0
+    engine_cache_dir: str | None = None  # default: <state_dir>/engines
+    cameras: dict[str, CameraFilter] = msgspec.field(default_factory=dict)
 
 
 class AggregatorConfig(_Section):
@@ -172,6 +198,13 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: aggregator.max_seconds must be >= aggregator.idle_seconds > 0")
     if config.detector.batch_size < 1:
         raise ConfigError("config error: detector.batch_size must be >= 1")
+    if config.detector.decode_threads < 1:
+        raise ConfigError("config error: detector.decode_threads must be >= 1")
+    if config.detector.clip_fps <= 0 or config.detector.clip_max_frames < 1:
+        raise ConfigError("config error: detector.clip_fps must be > 0 and detector.clip_max_frames >= 1")
+    backend = config.detector.backend
+    if backend not in ("auto", "tensorrt", "cuda", "cpu") and not (backend.startswith("plugin:") and backend.count(":") == 2):
+        raise ConfigError(f"config error: detector.backend {backend!r} is not auto, tensorrt, cuda, cpu or plugin:module:Class")
     if config.watcher.settle_seconds < 0:
         raise ConfigError("config error: watcher.settle_seconds must be >= 0")
     if not config.nats.servers:

@@ -54,6 +54,8 @@ class Runtime:
         self.notifier = Notifier()
         self._beats: dict[str, float] = {}
         self._main_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._force_handle: asyncio.TimerHandle | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -63,7 +65,7 @@ class Runtime:
         log = structlog.get_logger(service=service)
         rt = cls(service, config, log)
         rt._main_task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
+        loop = rt.loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, rt.request_stop, sig)
         try:
@@ -113,6 +115,19 @@ class Runtime:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
         except (asyncio.TimeoutError, nats.errors.Error, asyncio.CancelledError):
             await self.nc.close()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run a fire-and-forget coroutine (e.g. an alert from another thread); errors are logged."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.log.error("background task failed", error=repr(t.exception()))
+
+        task.add_done_callback(done)
+        return task
 
     # ---- liveness and status ---------------------------------------------------------------
     def beat(self, loop_name: str) -> None:

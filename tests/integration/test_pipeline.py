@@ -44,7 +44,7 @@ def test_photos_become_detections_events_and_alerts(make_stack, media, database,
     front = events[2]
     assert abs(float(front[2]) - t0) < 0.01 and abs(float(front[3]) - (t0 + 1)) < 0.01
     # every detection belongs to exactly one event
-    assert query(database, "SELECT count(*), count(DISTINCT file_id) FROM event_detections")[0] == (4, 4)
+    assert query(database, "SELECT count(*), count(DISTINCT detection_id) FROM event_detections")[0] == (4, 4)
     alerts = query(database, "SELECT camera, kind FROM alerts")
     assert alerts == [("front_door", "person")]
     wait_until(lambda: drained(nats_server.url), timeout=10, what="every consumer drained (nothing unacked)")

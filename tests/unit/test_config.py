@@ -28,7 +28,7 @@ def test_file_values_are_read(tmp_path):
     "text, field",
     [
         ('[watcher]\nsettle_seconds = "soon"\n', "$.watcher.settle_seconds"),
-        ('[detector]\nmodel = "yolo-huge"\n', "$.detector.model"),
+        ('[detector]\nprecision = "fp8"\n', "$.detector.precision"),
         ('[detector]\nbatch_size = 1.5\n', "$.detector.batch_size"),
         ('[watcher]\nsettle_secs = 2\n', "settle_secs"),
         ('[nats]\nservers = "nats://x"\n', "$.nats.servers"),
