@@ -2,6 +2,7 @@
 
     vigil run SERVICE [CONFIG]   run one service in the foreground (what the systemd units call)
     vigil up [--home DIR]        the embedded default: NATS + PostgreSQL + every service, Ctrl-C stops
+    vigil models pull NAME       download a model into the models dir, checking size and sha256
 """
 
 from __future__ import annotations
@@ -24,15 +25,54 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--models-dir", default=None, help="folder with yolox_nano.onnx (default $VIGIL_MODELS_DIR, else HOME/models)")
     p_up.add_argument("--nats-port", type=int, default=4222)
     p_up.add_argument("--pg-port", type=int, default=5433)
+    p_models = sub.add_parser("models", help="install detector models (explicit; nothing downloads at run time)")
+    models_sub = p_models.add_subparsers(dest="models_command", required=True)
+    p_pull = models_sub.add_parser("pull", help="download a catalog model, verify size and sha256, install it")
+    p_pull.add_argument("name", help="catalog name, e.g. yolox-nano")
+    p_pull.add_argument("--models-dir", default=None, help="default: detector.models_dir from the config")
+    p_pull.add_argument("--config", default=None)
+    p_pull.add_argument("--url", default=None, help="download from this address instead (a local mirror); size and sha256 are still checked")
+    models_sub.add_parser("list", help="list the catalog")
     args = parser.parse_args(argv)
 
     if args.command == "run":
         return _run_service(args.service, args.config)
+    if args.command == "models":
+        return _models(args)
     if args.command == "up":
         from services.up import up
 
         return up(args)
     return 2
+
+
+def _models(args) -> int:
+    from pathlib import Path
+
+    from services.detector.catalog import CATALOG, PullError, pull
+    from services.runtime.config import ConfigError, load_config
+
+    if args.models_command == "list":
+        for entry in CATALOG.values():
+            print(f"{entry.name:12} {entry.file:18} {entry.size:>10} bytes  sha256 {entry.sha256}  {entry.licence}")
+        return 0
+    entry = CATALOG.get(args.name)
+    if entry is None:
+        print(f"vigil models pull: unknown model {args.name!r}; known: {', '.join(CATALOG)}", file=sys.stderr)
+        return 2
+    try:
+        models_dir = Path(args.models_dir or load_config(args.config).detector.models_dir)
+    except ConfigError as exc:
+        print(f"vigil models pull: {exc}", file=sys.stderr)
+        return 78
+    print(f"downloading {entry.name} from {args.url or entry.url}", flush=True)
+    try:
+        path = pull(entry, models_dir, url=args.url)
+    except PullError as exc:
+        print(f"vigil models pull: {entry.name}: {exc}; nothing was installed", file=sys.stderr)
+        return 1
+    print(f"installed {path} ({entry.size} bytes, sha256 verified)")
+    return 0
 
 
 def _run_service(name: str, config: str | None) -> int:

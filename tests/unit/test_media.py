@@ -1,0 +1,54 @@
+"""Reading and decoding camera files: reduced JPEG decode, per-camera filters."""
+
+import cv2
+import numpy as np
+import pytest
+
+from proto import Box
+from services.detector import keep_for_camera
+from services.detector.media import Undecodable, decode_image, jpeg_size, read_media
+from services.runtime.config import CameraFilter, DetectorConfig
+
+
+def jpeg(w, h):
+    return cv2.imencode(".jpg", np.full((h, w, 3), 128, np.uint8))[1].tobytes()
+
+
+def test_jpeg_size_from_header():
+    assert jpeg_size(jpeg(1920, 1080)) == (1920, 1080)
+    assert jpeg_size(b"\x89PNG") is None
+
+
+def test_large_jpeg_is_decoded_reduced_but_reports_source_size():
+    image, w, h = decode_image(jpeg(1920, 1080), target=416)
+    assert (w, h) == (1920, 1080)
+    assert image.shape[1] == 480  # 1/4 scale: still >= 416 on the long side
+
+
+def test_small_jpeg_is_decoded_in_full():
+    image, w, h = decode_image(jpeg(320, 240), target=416)
+    assert image.shape[:2] == (240, 320) and (w, h) == (320, 240)
+
+
+@pytest.mark.parametrize("data", [b"", b"\xff\xd8\xff\xe0" + b"\x00" * 40, b"random bytes"])
+def test_corrupt_images_are_undecodable(data):
+    with pytest.raises(Undecodable):
+        decode_image(data)
+
+
+def test_reading_refuses_escapes_symlinks_and_oversize(tmp_path):
+    (tmp_path / "cam").mkdir()
+    (tmp_path / "cam" / "a.jpg").write_bytes(b"x" * 100)
+    (tmp_path / "cam" / "link.jpg").symlink_to(tmp_path / "cam" / "a.jpg")
+    assert read_media(tmp_path, "cam/a.jpg", 1000) == b"x" * 100
+    for rel, limit, reason in [("cam/../../etc/passwd", 1000, "escapes"), ("cam/link.jpg", 1000, "cannot open"),
+                               ("cam/a.jpg", 10, "limit"), ("cam/gone.jpg", 1000, "vanished")]:
+        with pytest.raises(Undecodable, match=reason):
+            read_media(tmp_path, rel, limit)
+
+
+def test_per_camera_labels_and_min_scores():
+    cfg = DetectorConfig(score_threshold=0.3, cameras={"drive": CameraFilter(labels=["person", "car"], min_score={"car": 0.6})})
+    boxes = [Box("person", 0.4, 0, 0, 1, 1), Box("car", 0.5, 0, 0, 1, 1), Box("car", 0.7, 0, 0, 1, 1), Box("cat", 0.9, 0, 0, 1, 1)]
+    assert [(b.label, b.score) for b in keep_for_camera(boxes, "drive", cfg)] == [("person", 0.4), ("car", 0.7)]
+    assert keep_for_camera(boxes, "other", cfg) == boxes
