@@ -23,3 +23,7 @@ unit *ARGS:
 # benchmarks: files/s and latency end to end with the `none` model, raw fetch+ack, peak RSS
 bench *ARGS:
     python -m tests.bench.pipeline {{ARGS}}
+
+# detector benchmark: service images/s on the real model vs a raw onnxruntime loop; batch size, decode threads
+bench-detector *ARGS:
+    python -m tests.bench.detector {{ARGS}}

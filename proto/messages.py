@@ -3,11 +3,14 @@ breaking change bumps VERSION (consumers reject versions they do not know)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 VERSION = 1
+# A camera id is a NATS subject token: vigil.<kind>.<camera>. Anything else is refused at decode.
+Camera = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
 TYPE_HEADER = "Vigil-Type"
 VERSION_HEADER = "Vigil-Version"
 
@@ -20,7 +23,7 @@ class FileUploaded(_Msg, kw_only=True):
     """A camera file that has settled on disk and passed the magic-byte check."""
 
     file_id: str  # deterministic: sha256(camera, path, content sha256), so re-publishing dedupes
-    camera: str
+    camera: Camera
     path: str  # relative to the media root, POSIX separators
     size: int
     mtime: float  # seconds since the epoch; the detection's time for event grouping
@@ -44,7 +47,7 @@ class Detections(_Msg, kw_only=True):
     """The detector's result for one image or one sampled frame of a clip (zero boxes is a result)."""
 
     file_id: str
-    camera: str
+    camera: Camera
     path: str
     captured_at: float  # image: the file's mtime; clip frame: clip start + offset_s
     width: int
@@ -71,7 +74,7 @@ class EventClosed(_Msg, kw_only=True):
     """A group of detections on one camera, closed by idle time or by the max window."""
 
     event_id: str
-    camera: str
+    camera: Camera
     started_at: float
     ended_at: float
     file_ids: list[str]  # detection keys (Detections.key): a file id, or "file_id:frame" for clip frames
@@ -82,7 +85,7 @@ class EventClosed(_Msg, kw_only=True):
 
 class Alert(_Msg, kw_only=True):
     alert_id: str
-    camera: str
+    camera: Camera
     kind: str  # e.g. "person"
     severity: Literal["info", "warning", "critical"] = "warning"
     message: str
@@ -98,10 +101,13 @@ class DeadLetter(_Msg, kw_only=True):
     stage: str
     reason: str
     original_subject: str
-    original_payload: str  # the original bytes, decoded as UTF-8 with replacement (our payloads are JSON)
+    original_payload: str  # the original bytes as UTF-8 (replacement chars), cut at MAX_DEAD_LETTER_PAYLOAD
     original_headers: dict[str, str] = {}
+    original_size: int = 0  # bytes of the original payload; larger than what is kept when it was cut
+    original_stream: str | None = None
+    original_sequence: int | None = None
     deliveries: int = 1
-    camera: str | None = None
+    camera: str | None = None  # free text here: the camera of a refused message may itself be invalid
     file_id: str | None = None
     failed_at: float = 0.0
 

@@ -83,6 +83,14 @@ async def write_alerts(cur: psycopg.AsyncCursor, items: list[Alert]) -> None:
     )
 
 
+def is_bad_row(exc: psycopg.Error) -> bool:
+    """Only data (SQLSTATE class 22) and integrity (23) errors are about the row itself. Everything
+    else - connection lost, read-only standby, missing privilege - is the database's state, and a
+    batch must wait for it rather than be dead-lettered."""
+    state = getattr(exc, "sqlstate", None) or ""
+    return state[:2] in ("22", "23")
+
+
 Writer = Callable[[psycopg.AsyncCursor, list], Awaitable[None]]
 
 
@@ -118,8 +126,15 @@ class TableWriter:
             try:
                 await self.commit([item for _, item in batch])
                 break
-            except psycopg.OperationalError as exc:
-                # The database is away. Hold the batch, keep it ours, and try again.
+            except psycopg.Error as exc:
+                if is_bad_row(exc):
+                    await self._reset()
+                    batch = await self._isolate(batch)
+                    if not batch:
+                        return
+                    continue
+                # The database is away, read-only after a failover, or refusing us: hold the batch,
+                # keep it ours, and try again. Nothing is acked and nothing is dropped.
                 self.rt.log.warning("database unavailable, holding batch", consumer=self.durable, held=len(batch), error=str(exc).strip()[:200])
                 await self._reset()
                 if self.rt.stopping.is_set():
@@ -130,12 +145,8 @@ class TableWriter:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.rt.stopping.wait(), timeout=delay)
                 delay = min(delay * 2, 5.0)
-            except psycopg.Error:
-                await self._reset()
-                batch = await self._isolate(batch)
-                if not batch:
-                    return
-        await asyncio.gather(*(m.ack() for m, _ in batch))
+        # A lost ack only means a harmless redelivery (the writes are idempotent): never crash on it.
+        await asyncio.gather(*(m.ack() for m, _ in batch), return_exceptions=True)
         self.rt.count(self.durable.removeprefix("recorder-"), len(batch))
 
     async def _isolate(self, batch):
@@ -147,15 +158,15 @@ class TableWriter:
                 try:
                     await self.commit([item])
                     good.append(msg)
-                except psycopg.OperationalError:
-                    return batch[i:]
                 except psycopg.Error as exc:
+                    if not is_bad_row(exc):
+                        return batch[i:]  # the database itself is the problem: retry normally
                     await self._reset()
                     await bus.dead_letter(self.rt, STAGE, msg, f"database rejected row: {str(exc).strip()[:300]}",
                                           camera=getattr(item, "camera", None), file_id=getattr(item, "file_id", None))
             return []
         finally:
-            await asyncio.gather(*(m.ack() for m in good))
+            await asyncio.gather(*(m.ack() for m in good), return_exceptions=True)
 
     async def _reset(self) -> None:
         if self.conn is not None:
@@ -194,7 +205,7 @@ async def run(config: Config) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 for w in writers:
-                    tg.create_task(bus.consume(rt, w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout))
+                    tg.create_task(bus.consume(rt, w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout, stage=STAGE))
         finally:
             for w in writers:
                 await w.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -52,10 +53,13 @@ class Watcher:
             return
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
+            # Never through a symlink, at any level: a linked directory inside a camera folder
+            # would otherwise let the pipeline read files from anywhere on the machine.
+            inside = os.path.realpath(path) == os.path.join(self.root, rel)
+        except OSError:  # vanished, unsearchable directory, stale network handle: nothing to read now
             self.settler.forget(path)
             return
-        if not os.path.isfile(path) or os.path.islink(path):
+        if not inside or not stat.S_ISREG(st.st_mode):
             return  # symlinks, FIFOs, sockets, directories named like images: never read
         if self.ledger.known(str(rel), st.st_size, st.st_mtime_ns):
             return
@@ -79,6 +83,7 @@ class Watcher:
         return len(paths)
 
     async def watch_loop(self) -> None:
+        self.rt.beat("watch")
         async for changes in watchfiles.awatch(
             self.root,
             stop_event=self.rt.stopping,
@@ -109,13 +114,14 @@ class Watcher:
 
     # ---- publishing settled files -------------------------------------------------------
     async def settle_loop(self) -> None:
+        self.rt.beat("settle")
         tick = max(min(self.cfg.settle_seconds / 4, 0.5), 0.02)
         while not self.rt.stopping.is_set():
             for path in self.settler.paths():  # re-stat: a growing upload resets its clock
                 try:
                     st = os.lstat(path)
                     self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())
-                except FileNotFoundError:
+                except OSError:
                     self.settler.forget(path)
             ready = self.settler.settled(time.monotonic())
             for i in range(0, len(ready), self.cfg.publish_batch):
@@ -151,13 +157,16 @@ class Watcher:
         rel = str(Path(path).relative_to(self.root).as_posix())
         try:
             digest, head, size2, mtime2 = hash_file(path)
-        except FileNotFoundError:
-            return None
-        except NotRegularFile:
+        except (FileNotFoundError, NotRegularFile):
             return None
         except PermissionError as exc:
             self.rt.log.warning("file not readable, skipped", path=rel, error=str(exc))
+            self.rt.count("rejected")
             return Rejected(rel, size, mtime_ns, "permission denied")
+        except OSError as exc:  # swapped for a symlink (ELOOP), I/O error, stale NFS handle...
+            self.rt.log.warning("file could not be read, skipped until it changes", path=rel, error=str(exc))
+            self.rt.count("rejected")
+            return Rejected(rel, size, mtime_ns, f"unreadable: {exc.strerror or exc}")
         if (size2, mtime2) != (size, mtime_ns):  # still being written after all
             self.settler.observe(path, size2, mtime2, time.monotonic())
             return None

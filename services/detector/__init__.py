@@ -137,7 +137,7 @@ class Detector:
         unit = Unit(msg, up, start=up.mtime)
         try:
             if up.kind == "clip":
-                frames, duration = sample_clip(self.root, up.path, self.cfg.clip_fps, self.cfg.clip_max_frames)
+                frames, duration = sample_clip(self.root, up.path, self.cfg.clip_fps, self.cfg.clip_max_frames, self.cfg.max_file_bytes)
                 unit.start = up.mtime - duration  # a clip's mtime is when recording ended
                 unit.frames = [(self._letterbox(img, img.shape[1], img.shape[0]), idx, off) for idx, off, img in frames]
             else:

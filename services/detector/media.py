@@ -15,27 +15,44 @@ class Undecodable(Exception):
     """The file can never be processed (corrupt, not an image, outside the root): dead-letter it."""
 
 
-def safe_path(root: Path, rel_path: str) -> Path:
-    if rel_path.startswith("/") or ".." in Path(rel_path).parts:
+def open_under(root: Path, rel_path: str) -> int:
+    """Open `rel_path` below `root` one component at a time, refusing a symlink at any level.
+
+    O_NOFOLLOW on the last component alone would still follow a linked directory; walking with
+    dir_fd makes "never leave the media root" hold whatever the names. Returns a file descriptor.
+    """
+    parts = Path(rel_path).parts
+    if not parts or rel_path.startswith("/") or ".." in parts:
         raise Undecodable(f"path {rel_path!r} escapes the media root")
-    return root / rel_path
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, flags | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        return os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+    except FileNotFoundError:
+        raise Undecodable("file vanished before it could be read") from None
+    except OSError as exc:
+        raise Undecodable(f"cannot open file: {exc.strerror} (symlinks are never followed)") from None
+    finally:
+        os.close(fd)
+
+
+def _check_regular(fd: int, max_bytes: int) -> None:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise Undecodable("not a regular file")
+    if st.st_size > max_bytes:
+        raise Undecodable(f"file is {st.st_size} bytes, above the {max_bytes}-byte limit")
 
 
 def read_media(root: Path, rel_path: str, max_bytes: int) -> bytes:
     """Read a file under `root` without following symlinks or leaving the root."""
-    path = safe_path(root, rel_path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise Undecodable("file vanished before it could be read") from None
-    except OSError as exc:
-        raise Undecodable(f"cannot open file: {exc.strerror}") from None
+    fd = open_under(root, rel_path)
     with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise Undecodable("not a regular file")
-        if st.st_size > max_bytes:
-            raise Undecodable(f"file is {st.st_size} bytes, above the {max_bytes}-byte limit")
+        _check_regular(fd, max_bytes)
         return f.read()
 
 
@@ -88,13 +105,14 @@ def decode_image(data: bytes, target: int = 0) -> tuple[np.ndarray, int, int]:
     return image, image.shape[1], image.shape[0]
 
 
-def sample_clip(root: Path, rel_path: str, fps: float, max_frames: int) -> tuple[list[tuple[int, float, np.ndarray]], float]:
+def sample_clip(root: Path, rel_path: str, fps: float, max_frames: int, max_bytes: int) -> tuple[list[tuple[int, float, np.ndarray]], float]:
     """Frames of a clip at about `fps` per second, at most `max_frames`: ([(index, offset s, BGR)], duration s)."""
-    path = safe_path(root, rel_path)
-    if path.is_symlink():
-        raise Undecodable("clip is a symlink")
-    cap = cv2.VideoCapture(str(path))
+    fd = open_under(root, rel_path)
+    # OpenCV opens a path; handing it our already-checked descriptor leaves no window to swap the file.
+    cap = None
     try:
+        _check_regular(fd, max_bytes)
+        cap = cv2.VideoCapture(f"/proc/self/fd/{fd}")
         if not cap.isOpened():
             raise Undecodable("clip could not be opened")
         native = cap.get(cv2.CAP_PROP_FPS)
@@ -114,4 +132,6 @@ def sample_clip(root: Path, rel_path: str, fps: float, max_frames: int) -> tuple
         total = cap.get(cv2.CAP_PROP_FRAME_COUNT) or index
         return frames, float(total) / native
     finally:
-        cap.release()
+        if cap is not None:
+            cap.release()
+        os.close(fd)

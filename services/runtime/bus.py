@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 import proto
-from proto.messages import DeadLetter
+from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter
 from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
@@ -27,6 +27,17 @@ T = TypeVar("T")
 
 # Errors worth retrying: the server is away, slow, or refusing for now (e.g. a full stream).
 TRANSIENT = (nats.errors.Error, asyncio.TimeoutError, OSError)
+# ...except these, which no retry can fix: retrying them would wedge a stage on one message.
+PERMANENT = (nats.errors.MaxPayloadError, nats.errors.BadSubjectError, nats.errors.InvalidCallbackTypeError)
+JS_MESSAGE_TOO_LARGE = 10054  # JetStream: "message size exceeds maximum allowed"
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, PERMANENT):
+        return False
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == JS_MESSAGE_TOO_LARGE:
+        return False
+    return isinstance(exc, TRANSIENT)
 
 
 async def connect(rt: "Runtime") -> nats.NATS | None:
@@ -141,22 +152,27 @@ async def publish_many(rt: "Runtime", items: list[tuple[str, proto.Message, str 
     """
     if not items:
         return
-    try:
-        futures = [
-            await rt.js.publish_async(subj, proto.encode(msg), headers=proto.headers_for(msg, msg_id))
-            for subj, msg, msg_id in items
-        ]
-        await asyncio.wait_for(asyncio.gather(*futures), timeout=rt.config.nats.publish_timeout)
-        return
-    except TRANSIENT as exc:
-        rt.log.warning("batch publish failed, retrying one by one", messages=len(items), error=repr(exc))
+    futures: list[asyncio.Future] = []
+    if rt.nc.is_connected:  # while disconnected, go straight to the patient path below
+        try:
+            for subj, msg, msg_id in items:
+                futures.append(await rt.js.publish_async(
+                    subj, proto.encode(msg), headers=proto.headers_for(msg, msg_id), wait_stall=rt.config.nats.publish_timeout
+                ))
+            await asyncio.wait_for(asyncio.gather(*futures), timeout=rt.config.nats.publish_timeout)
+            return
+        except TRANSIENT as exc:
+            rt.log.warning("batch publish failed, retrying one by one", messages=len(items), error=repr(exc))
+        finally:
+            for future in futures:  # release nats-py's in-flight slots of anything left pending
+                future.cancel()
     for subj, msg, msg_id in items:
         await publish(rt, subj, msg, msg_id)
 
 
 async def retry(rt: "Runtime", what: str, call: Callable[[], Awaitable[T]]) -> T:
     """Await `call()` until it succeeds, backing off on transient NATS/network errors."""
-    async for attempt in stamina.retry_context(on=TRANSIENT, attempts=None, timeout=None, wait_initial=0.1, wait_max=5.0):
+    async for attempt in stamina.retry_context(on=is_transient, attempts=None, timeout=None, wait_initial=0.1, wait_max=5.0):
         with attempt:
             if attempt.num > 1:
                 rt.log.warning("retrying", what=what, attempt=attempt.num)
@@ -167,26 +183,53 @@ async def retry(rt: "Runtime", what: str, call: Callable[[], Awaitable[T]]) -> T
 
 async def dead_letter(rt: "Runtime", stage: str, msg: Msg, reason: str, camera: str | None = None, file_id: str | None = None) -> None:
     """Record why `msg` cannot be processed in the DLQ stream, then term() it so it is never redelivered."""
-    deliveries = msg.metadata.num_delivered if msg.reply else 1
+    meta = msg.metadata if msg.reply else None
+    payload = msg.data[:MAX_DEAD_LETTER_PAYLOAD].decode("utf-8", "replace")
     letter = DeadLetter(
         stage=stage,
-        reason=reason,
+        reason=reason[:2000],
         original_subject=msg.subject,
-        original_payload=msg.data.decode("utf-8", "replace"),
-        original_headers={k: str(v) for k, v in (msg.headers or {}).items()},
-        deliveries=deliveries,
+        original_payload=payload[:MAX_DEAD_LETTER_PAYLOAD],
+        original_headers={k: str(v)[:1000] for k, v in list((msg.headers or {}).items())[:32]},
+        original_size=len(msg.data),
+        original_stream=meta.stream if meta else None,
+        original_sequence=meta.sequence.stream if meta else None,
+        deliveries=meta.num_delivered if meta else 1,
         camera=camera,
         file_id=file_id,
         failed_at=time.time(),
     )
-    seq = msg.metadata.sequence.stream if msg.reply else 0
-    await publish(rt, dlq_subject(stage, camera), letter, msg_id=f"dlq-{stage}-{seq}-{file_id or ''}")
+    # One id per (stream, sequence, consumer): a redelivered poison message is recorded once.
+    msg_id = f"dlq-{meta.stream}-{meta.sequence.stream}-{meta.consumer}" if meta else None
+    await publish(rt, dlq_subject(stage, camera), letter, msg_id=msg_id)
     await msg.term()
     rt.count("dead_lettered")
-    rt.log.warning("dead-lettered", stage=stage, reason=reason, camera=camera, file_id=file_id, subject=msg.subject)
+    rt.log.warning("dead-lettered", stage=stage, reason=reason[:300], camera=camera, file_id=file_id, subject=msg.subject)
+
+
+def last_delivery(msg: Msg, durable: str) -> bool:
+    """True when this is the consumer's final attempt: a failure now must dead-letter, not nak."""
+    spec = next(c for c in CONSUMERS if c.durable == durable)
+    return bool(msg.reply) and msg.metadata.num_delivered >= spec.max_deliver
+
+
+async def give_up_or_retry(rt: "Runtime", stage: str, durable: str, msgs: list[Msg], error: BaseException, delay: float = 5.0) -> None:
+    """A batch failed for a reason that may pass: nak it for a later retry, dead-lettering the messages
+    that have used up their deliveries, so nothing vanishes silently at max_deliver."""
+    for msg in msgs:
+        if msg._ackd:  # nats-py's private flag: already acked, naked or termed
+            continue
+        try:
+            if last_delivery(msg, durable):
+                await dead_letter(rt, stage, msg, f"gave up after {msg.metadata.num_delivered} deliveries: {error!r}"[:500])
+            else:
+                await msg.nak(delay=delay)
+        except TRANSIENT as exc:  # the server is away: the message comes back after ack_wait anyway
+            rt.log.warning("could not nak", error=repr(exc))
 
 
 def decode_or_none(msg: Msg, expected: type) -> msgspec.Struct | None:
+    """The message as `expected`, or None for anything undecodable or invalid (e.g. a bad camera id)."""
     try:
         value = proto.decode(msg.data, msg.headers)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
@@ -200,15 +243,20 @@ async def consume(
     handle_batch: Callable[[list[Msg]], Awaitable[None]],
     batch: int,
     timeout: float = 1.0,
+    stage: str | None = None,
 ) -> None:
     """Fetch batches from a durable pull consumer until stop is requested.
 
     `handle_batch` owns every message it gets: ack after the result is durable, nak(delay) on a
     transient failure, term() + dead letter on bad data. An empty fetch is the idle case, not an error.
-    A broken subscription (server restart, nats.py #504) is recreated.
+    A broken subscription (server restart, nats.py #504) is recreated; a consumer that vanished
+    (deleted by hand, store reset) is provisioned again. A batch whose handler raises a transient
+    error is nak'ed for a later retry instead of taking the service down.
     """
     spec = next(c for c in CONSUMERS if c.durable == durable)
     sub = None
+    idle = 0
+    rt.beat(durable)  # registered from the start: a hang in the very first batch must stop the watchdog
     while not rt.stopping.is_set():
         try:
             if sub is None:
@@ -216,6 +264,9 @@ async def consume(
             msgs = await sub.fetch(batch, timeout=timeout)
         except nats.errors.TimeoutError:
             rt.beat(durable)
+            idle += 1
+            if idle % 30 == 0:
+                sub = await _check_consumer(rt, spec, sub)
             continue
         except TRANSIENT as exc:
             rt.log.warning("fetch failed, resubscribing", consumer=durable, error=repr(exc))
@@ -223,11 +274,33 @@ async def consume(
             sub = await _drop(sub)
             await asyncio.sleep(1.0)
             continue
+        if not msgs:  # nats-py returns [] on a 404/409 status, e.g. when the consumer is gone
+            idle += 1
+            sub = await _check_consumer(rt, spec, sub)
+            continue
+        idle = 0
         rt.in_flight[durable] = len(msgs)
-        await handle_batch(msgs)
+        try:
+            await handle_batch(msgs)
+        except TRANSIENT as exc:
+            rt.log.error("batch failed, will retry", consumer=durable, messages=len(msgs), error=repr(exc))
+            await give_up_or_retry(rt, stage or durable, durable, msgs, exc)
         rt.in_flight[durable] = 0
         rt.beat(durable)
     await _drop(sub)
+
+
+async def _check_consumer(rt: "Runtime", spec: ConsumerSpec, sub):
+    """Re-provision if our durable consumer no longer exists on the server."""
+    try:
+        await rt.js.consumer_info(spec.stream, spec.durable)
+        return sub
+    except nats.js.errors.NotFoundError:
+        rt.log.error("consumer missing on the server: provisioning again", consumer=spec.durable)
+        await provision(rt.js, rt.log)
+        return await _drop(sub)
+    except TRANSIENT:
+        return sub
 
 
 async def _drop(sub) -> None:

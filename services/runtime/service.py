@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import signal
 import sys
@@ -30,6 +31,8 @@ from services.runtime import bus
 from services.runtime.config import Config, ConfigError, load_config
 from services.runtime.logs import configure_logging
 from services.runtime.notify import Notifier
+
+_current_loop: contextvars.ContextVar[str | None] = contextvars.ContextVar("vigil_loop", default=None)
 
 EX_CONFIG = 78  # sysexits.h; the systemd units set RestartPreventExitStatus=78 so a bad config does not crash-loop
 
@@ -84,11 +87,11 @@ class Runtime:
                     watchdog.cancel()
         finally:
             rt.notifier.stopping()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
             if rt._force_handle:
                 rt._force_handle.cancel()
             await rt._close_bus()
+            for sig in (signal.SIGTERM, signal.SIGINT):  # only now: a second signal during the drain still counts
+                loop.remove_signal_handler(sig)
             rt.notifier.close()
             log.info("stopped", **rt.counters)
 
@@ -132,13 +135,15 @@ class Runtime:
     # ---- liveness and status ---------------------------------------------------------------
     def beat(self, loop_name: str) -> None:
         """Called by a work loop after each iteration (a batch handled, or an idle fetch timeout)."""
+        _current_loop.set(loop_name)
         self._beats[loop_name] = time.monotonic()
 
     def keepalive(self) -> None:
-        """Refresh every loop's beat while legitimately waiting (server away, database down)."""
-        now = time.monotonic()
-        for name in self._beats:
-            self._beats[name] = now
+        """The calling loop is legitimately waiting (server away, database down): that is not a hang.
+        Refreshes only that loop, so a hung sibling still stops the watchdog."""
+        name = _current_loop.get()
+        if name is not None:
+            self._beats[name] = time.monotonic()
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -179,8 +184,14 @@ def main(service: str, run: Callable[[Config], Awaitable[None]], argv: list[str]
     log = configure_logging(service, config.log_format, config.log_level)
     try:
         uvloop.run(run(config))
-    except (asyncio.CancelledError, StoppedBeforeReady):
-        pass  # forced after the drain bound (already logged), or stopped before the bus came up
+    except asyncio.CancelledError:
+        # Forced after the drain bound (already logged). A worker thread may still be stuck (a hung
+        # inference, a dead network mount); the interpreter would wait for it at exit, so do not.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    except StoppedBeforeReady:
+        pass
     except ConfigError as exc:  # a service may validate more at start (e.g. the models dir)
         log.error("config error", error=str(exc))
         return EX_CONFIG

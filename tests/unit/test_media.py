@@ -41,7 +41,12 @@ def test_reading_refuses_escapes_symlinks_and_oversize(tmp_path):
     (tmp_path / "cam" / "a.jpg").write_bytes(b"x" * 100)
     (tmp_path / "cam" / "link.jpg").symlink_to(tmp_path / "cam" / "a.jpg")
     assert read_media(tmp_path, "cam/a.jpg", 1000) == b"x" * 100
+    outside = tmp_path.parent / (tmp_path.name + "-outside")
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(b"s")
+    (tmp_path / "cam" / "linkdir").symlink_to(outside)  # a linked directory is refused too
     for rel, limit, reason in [("cam/../../etc/passwd", 1000, "escapes"), ("cam/link.jpg", 1000, "cannot open"),
+                               ("cam/linkdir/secret.jpg", 1000, "cannot open"), ("/etc/passwd", 1000, "escapes"),
                                ("cam/a.jpg", 10, "limit"), ("cam/gone.jpg", 1000, "vanished")]:
         with pytest.raises(Undecodable, match=reason):
             read_media(tmp_path, rel, limit)
