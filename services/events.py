@@ -28,8 +28,12 @@ class OpenEvent(msgspec.Struct, kw_only=True):
     alerted: bool = False
 
 
+RECENT_CLOSED_KEYS = 2000  # per camera: enough to recognise any redelivery after a crash
+
+
 class CameraState(msgspec.Struct, kw_only=True):
-    """What the aggregator keeps per camera in KV: the open event and the last closed event's files."""
+    """What the aggregator keeps per camera in KV: the open event and the detection keys of recently
+    closed events (a redelivered detection of a closed event must not join the next one)."""
 
     open: OpenEvent | None = None
     last_closed_ids: list[str] = []
@@ -54,7 +58,7 @@ class EventGrouper:
         state = self.cameras.setdefault(det.camera, CameraState())
         ev = state.open
         key = det.key
-        if key in state.last_closed_ids or (ev is not None and key in ev.file_ids):
+        if (ev is not None and key in ev.file_ids) or key in state.last_closed_ids:
             return [], []  # a redelivery after a crash: already counted
         closed: list[EventClosed] = []
         t = det.captured_at
@@ -104,7 +108,7 @@ class EventGrouper:
         ev = state.open
         assert ev is not None
         state.open = None
-        state.last_closed_ids = list(ev.file_ids)
+        state.last_closed_ids = (state.last_closed_ids + ev.file_ids)[-RECENT_CLOSED_KEYS:]
         return EventClosed(
             event_id=ev.event_id, camera=ev.camera, started_at=ev.started_at, ended_at=ev.last_at,
             file_ids=list(ev.file_ids), labels=ev.labels, best_file_id=ev.best_file_id, close_reason=reason,

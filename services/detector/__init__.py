@@ -169,6 +169,7 @@ class Detector:
         spec = consumer("detector")
         loop = asyncio.get_running_loop()
         sub = None
+        self.rt.beat("prepare")
         try:
             while not self.rt.stopping.is_set():
                 try:
@@ -202,6 +203,7 @@ class Detector:
     # ---- stage 2: infer + publish + ack ----------------------------------------------------
     async def infer_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        self.rt.beat("infer")
         while True:
             try:
                 units = await asyncio.wait_for(self.queue.get(), timeout=1.0)
@@ -218,10 +220,18 @@ class Detector:
                     await self.dead_letter(unit.msg, str(unit.error), unit.up)
                 else:
                     self.rt.log.error("decode failed unexpectedly, will retry", file=unit.up.path, error=repr(unit.error))
-                    await unit.msg.nak(delay=5)
+                    await bus.give_up_or_retry(self.rt, STAGE, "detector", [unit.msg], unit.error)
                     self.held.pop(id(unit.msg), None)
             frames = [f for u in good for f, _, _ in u.frames]
-            results = iter(await loop.run_in_executor(self.inference, self.engine.run, frames))
+            try:
+                results = iter(await loop.run_in_executor(self.inference, self.engine.run, frames))
+            except Exception as exc:  # noqa: BLE001 - the CPU backend itself failed: retry later, never crash-loop
+                self.rt.log.error("inference failed, batch will be retried", frames=len(frames), error=repr(exc))
+                await bus.give_up_or_retry(self.rt, STAGE, "detector", [u.msg for u in good], exc)
+                for u in good:
+                    self.held.pop(id(u.msg), None)
+                self.rt.beat("infer")
+                continue
             self.rt.status_extra = f"backend {self.engine.name}, model {self.engine.model}"
             out = []
             for unit in good:
@@ -235,8 +245,9 @@ class Detector:
                         frame=index, offset_s=offset,
                     ))
             await bus.publish_many(self.rt, [(subject("detections", d.camera), d, f"det-{d.key}") for d in out])
-            # Ack only after every Detections message is durable in its stream.
-            await asyncio.gather(*(u.msg.ack() for u in good))
+            # Ack only after every Detections message is durable in its stream (a lost ack is a harmless
+            # redelivery: the Detections carry deterministic ids).
+            await asyncio.gather(*(u.msg.ack() for u in good), return_exceptions=True)
             for u in good:
                 self.held.pop(id(u.msg), None)
             self.rt.count("detected", len(good))

@@ -95,3 +95,11 @@ def test_labels_summarised():
     (ev,) = feed(g, [det("z", 500)])[0]
     assert ev.labels["cat"].count == 2 and ev.labels["person"].max_score == 0.95
     assert ev.best_file_id == "a"
+
+
+def test_redelivery_after_several_closed_events_is_still_recognised():
+    """d1's ack was lost; two later events closed before d1 came back: it joins nothing twice."""
+    g = grouper(idle=30)
+    closed, _ = feed(g, [det("d1", 0), det("d2", 100), det("d3", 200), det("d1", 0)])
+    assert [e.file_ids for e in closed] == [["d1"], ["d2"]]
+    assert g.cameras["cam"].open.file_ids == ["d3"] and g.cameras["cam"].open.started_at == 200
