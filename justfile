@@ -20,8 +20,11 @@ test *ARGS:
 unit *ARGS:
     python -m pytest -q tests/unit {{ARGS}}
 
-# benchmarks: files/s and latency end to end with the `none` model, raw fetch+ack, peak RSS
-bench *ARGS:
+# every benchmark: the pipeline (model none) and the detector on the real model
+bench: bench-pipeline bench-detector
+
+# pipeline: files/s and latency end to end with the `none` model, raw fetch+ack, CPU and peak RSS per service
+bench-pipeline *ARGS:
     python -m tests.bench.pipeline {{ARGS}}
 
 # detector benchmark: service images/s on the real model vs a raw onnxruntime loop; batch size, decode threads
