@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run one service in the foreground")
     p_run.add_argument("service", choices=SERVICES)
     p_run.add_argument("config", nargs="?", help="TOML config file (default: $VIGIL_CONFIG, else built-in defaults)")
+    p_run.add_argument("--instance", default=None, help="systemd template instance: cpu or a GPU index (detector)")
     p_up = sub.add_parser("up", help="run everything on the embedded NATS + PostgreSQL")
     p_up.add_argument("--home", default=".vigil", help="folder for state, media and logs (default .vigil)")
     p_up.add_argument("--models-dir", default=None, help="folder with yolox_nano.onnx (default $VIGIL_MODELS_DIR, else HOME/models)")
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "run":
-        return _run_service(args.service, args.config)
+        return _run_service(args.service, args.config, args.instance)
     if args.command == "models":
         return _models(args)
     if args.command == "up":
@@ -75,11 +76,11 @@ def _models(args) -> int:
     return 0
 
 
-def _run_service(name: str, config: str | None) -> int:
+def _run_service(name: str, config: str | None, instance: str | None = None) -> int:
     from services.runtime.service import main as service_main
 
     module = importlib.import_module(f"services.{name}")
-    return service_main(name, module.run, [config] if config else [])
+    return service_main(name, module.run, config, instance)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from proto import Alert, Detections, EventClosed
 from services.runtime import bus
-from services.runtime.config import Config
+from services.runtime.config import Config, database_conninfo
 from services.runtime.service import Runtime
 
 STAGE = "recorder"
@@ -97,13 +97,13 @@ Writer = Callable[[psycopg.AsyncCursor, list], Awaitable[None]]
 class TableWriter:
     """One consumer -> one connection -> one table family."""
 
-    def __init__(self, rt: Runtime, dsn: str, durable: str, kind: type, write: Writer) -> None:
+    def __init__(self, rt: Runtime, dsn: dict, durable: str, kind: type, write: Writer) -> None:
         self.rt, self.dsn, self.durable, self.kind, self.write = rt, dsn, durable, kind, write
         self.conn: psycopg.AsyncConnection | None = None
 
     async def connection(self) -> psycopg.AsyncConnection:
         if self.conn is None or self.conn.closed:
-            self.conn = await psycopg.AsyncConnection.connect(self.dsn, connect_timeout=5)
+            self.conn = await psycopg.AsyncConnection.connect(**self.dsn, connect_timeout=5)
         return self.conn
 
     async def commit(self, items: list) -> None:
@@ -178,12 +178,12 @@ class TableWriter:
         await self._reset()
 
 
-async def wait_for_database(rt: Runtime, dsn: str) -> None:
+async def wait_for_database(rt: Runtime, dsn: dict) -> None:
     """Connect and migrate, retrying while PostgreSQL is not up yet."""
     delay = 0.5
     while not rt.stopping.is_set():
         try:
-            async with await psycopg.AsyncConnection.connect(dsn, connect_timeout=5) as conn:
+            async with await psycopg.AsyncConnection.connect(**dsn, connect_timeout=5) as conn:
                 await migrate(conn, rt.log)
             return
         except psycopg.OperationalError as exc:
@@ -196,11 +196,12 @@ async def wait_for_database(rt: Runtime, dsn: str) -> None:
 async def run(config: Config) -> None:
     cfg = config.recorder
     async with Runtime.start("recorder", config) as rt:
-        await wait_for_database(rt, config.database.dsn)
+        dsn = database_conninfo(config)
+        await wait_for_database(rt, dsn)
         writers = [
-            TableWriter(rt, config.database.dsn, "recorder-detections", Detections, write_detections),
-            TableWriter(rt, config.database.dsn, "recorder-events", EventClosed, write_events),
-            TableWriter(rt, config.database.dsn, "recorder-alerts", Alert, write_alerts),
+            TableWriter(rt, dsn, "recorder-detections", Detections, write_detections),
+            TableWriter(rt, dsn, "recorder-events", EventClosed, write_events),
+            TableWriter(rt, dsn, "recorder-alerts", Alert, write_alerts),
         ]
         try:
             async with asyncio.TaskGroup() as tg:

@@ -121,10 +121,11 @@ class Postgres:
 
     USER = "vigil"
 
-    def __init__(self, data_dir: Path, port: int | None = None, log_file: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, log_file: Path | None = None, password: str | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.log_file = log_file
+        self.password = password  # None: trust auth (development); else scram-sha-256 on TCP
         self.proc: subprocess.Popen | None = None
         self.os_user = None
         if os.geteuid() == 0:
@@ -156,10 +157,21 @@ class Postgres:
             shutil.chown(self.data_dir, self.os_user, self.os_user)
             self.data_dir.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
-            subprocess.run(
-                [str(self.bindir() / "initdb"), "-D", str(self.data_dir), "-U", self.USER, "--auth=trust", "-E", "UTF8", "--no-instructions"],
-                check=True, capture_output=True, user=self.os_user,
-            )
+            auth = ["--auth=trust"]
+            pwfile = None
+            if self.password:
+                pwfile = self.data_dir.parent / f".{self.data_dir.name}.pw"
+                pwfile.write_text(self.password)
+                pwfile.chmod(0o600)
+                auth = ["--auth-local=peer", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
+            try:
+                subprocess.run(
+                    [str(self.bindir() / "initdb"), "-D", str(self.data_dir), "-U", self.USER, *auth, "-E", "UTF8", "--no-instructions"],
+                    check=True, capture_output=True, user=self.os_user,
+                )
+            finally:
+                if pwfile:
+                    pwfile.unlink(missing_ok=True)
 
     def start(self) -> "Postgres":
         self._prepare()
@@ -167,7 +179,7 @@ class Postgres:
         ensure_port_free(self.port, "postgres")
         self.proc = subprocess.Popen(
             [str(self.bindir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port), "-h", "127.0.0.1",
-             "-k", str(self.data_dir), "-c", "max_connections=200", "-c", "shared_buffers=64MB"],
+             "-k", str(self.data_dir), "-c", "max_connections=200", "-c", "shared_buffers=64MB", "-c", "jit=off"],
             stdout=out, stderr=subprocess.STDOUT, user=self.os_user, start_new_session=True, preexec_fn=die_with_parent,
         )
         self._wait_ready()
@@ -182,7 +194,7 @@ class Postgres:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited with {self.proc.returncode} during start (log: {self.log_file})")
             try:
-                psycopg.connect(self.dsn("postgres"), connect_timeout=2).close()
+                psycopg.connect(self.dsn("postgres"), connect_timeout=2, password=self.password).close()
                 return
             except psycopg.OperationalError:
                 if time.monotonic() > deadline:
@@ -192,7 +204,7 @@ class Postgres:
     def _create_database(self, name: str = "vigil") -> None:
         import psycopg
 
-        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+        with psycopg.connect(self.dsn("postgres"), autocommit=True, password=self.password) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
                 conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -205,3 +217,37 @@ class Postgres:
 
     def kill(self) -> None:
         _stop(self.proc, signal.SIGKILL, 5)
+
+
+def postgres_unit_main(argv: list[str] | None = None) -> int:
+    """`vigil-postgres DATA_DIR [--port 5432]`: the bundled PostgreSQL as a systemd Type=notify service.
+
+    initdb on first start (password from the `db-password` credential), READY=1 once connections are
+    accepted, SIGTERM/SIGINT -> PostgreSQL's fast shutdown, exit status 1 if it died on its own.
+    """
+    import argparse
+
+    from services.runtime.config import credential
+    from services.runtime.notify import Notifier
+
+    ap = argparse.ArgumentParser(prog="vigil-postgres")
+    ap.add_argument("data_dir")
+    ap.add_argument("--port", type=int, default=5432)
+    args = ap.parse_args(argv)
+    notifier = Notifier()
+    pg = Postgres(Path(args.data_dir), port=args.port, password=credential("db-password"))
+    stop = {"requested": False}
+
+    def on_signal(signum, frame):
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    pg.start()
+    notifier.ready(f"accepting connections on 127.0.0.1:{args.port}")
+    while not stop["requested"] and pg.proc.poll() is None:
+        time.sleep(0.5)
+    notifier.stopping()
+    died = pg.proc.poll() is not None
+    pg.stop()
+    return 1 if died and not stop["requested"] else 0

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 import proto
+from services.runtime.config import credential
 from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter
 from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
@@ -54,10 +55,13 @@ async def connect(rt: "Runtime") -> nats.NATS | None:
     async def error(exc: Exception) -> None:
         log.warning("nats error", error=repr(exc))
 
+    password = credential(cfg.password_credential)
+    auth = {"user": cfg.user or "vigil", "password": password} if password else {}
     attempt = 0
     while not rt.stopping.is_set():
         try:
             nc = await nats.connect(
+                **auth,
                 servers=cfg.servers,
                 name=f"vigil-{rt.service}",
                 connect_timeout=cfg.connect_timeout,

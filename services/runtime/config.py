@@ -28,6 +28,9 @@ class _Section(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class NatsConfig(_Section):
     servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    user: str | None = None
+    # Name of the systemd credential (LoadCredential=) holding the password; never in this file.
+    password_credential: str = "nats-password"
     connect_timeout: float = 5.0
     # Seconds between reconnect attempts; the client never gives up (max_reconnect_attempts=-1).
     reconnect_wait: float = 1.0
@@ -36,6 +39,8 @@ class NatsConfig(_Section):
 
 class DatabaseConfig(_Section):
     dsn: str = "postgresql://vigil@127.0.0.1:5432/vigil"
+    # Name of the systemd credential holding the password (added to the DSN at connect time).
+    password_credential: str = "db-password"
 
 
 class WatcherConfig(_Section):
@@ -110,7 +115,7 @@ class Config(_Section):
 
     media_root: str = "/srv/vigil/media"
     state_dir: str = "/var/lib/vigil"
-    log_format: Literal["auto", "json", "console"] = "auto"
+    log_format: Literal["auto", "journal", "json", "console"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Graceful drain bound on SIGTERM; systemd's TimeoutStopSec must be longer.
     drain_seconds: float = 10.0
@@ -120,6 +125,26 @@ class Config(_Section):
     detector: DetectorConfig = msgspec.field(default_factory=DetectorConfig)
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
     recorder: RecorderConfig = msgspec.field(default_factory=RecorderConfig)
+
+
+def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret handed over by systemd's LoadCredential= ($CREDENTIALS_DIRECTORY/<name>), or None.
+
+    Secrets never live in the config file, a unit file or the environment."""
+    env = os.environ if environ is None else environ
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    try:
+        return (Path(directory) / name).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def database_conninfo(config: "Config") -> dict[str, Any]:
+    """psycopg connect() arguments: the DSN plus the credential's password, if systemd gave one."""
+    password = credential(config.database.password_credential)
+    return {"conninfo": config.database.dsn, **({"password": password} if password else {})}
 
 
 class ConfigError(Exception):
@@ -165,9 +190,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read the TOML file (if any), apply VIGIL_* overrides, validate. Raises ConfigError naming the field."""
-    environ = os.environ if environ is None else environ
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None,
+                instance: str | None = None) -> Config:
+    """Read the TOML file (if any), apply VIGIL_* overrides, validate. Raises ConfigError naming the field.
+
+    `instance` is a systemd template instance (vigil-detector@cpu, vigil-detector@0): "cpu" pins the
+    detector to the CPU backend, a number selects that GPU.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    if instance == "cpu":
+        environ["VIGIL_DETECTOR__BACKEND"] = "cpu"
+    elif instance is not None:
+        if not instance.isdigit():
+            raise ConfigError(f"config error: instance {instance!r} is neither 'cpu' nor a GPU index")
+        environ["VIGIL_DETECTOR__DEVICE"] = instance
     path = path or environ.get("VIGIL_CONFIG")
     data: dict[str, Any] = {}
     if path:

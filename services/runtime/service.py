@@ -172,12 +172,10 @@ class Runtime:
             await asyncio.sleep(tick)
 
 
-def main(service: str, run: Callable[[Config], Awaitable[None]], argv: list[str] | None = None) -> int:
+def main(service: str, run: Callable[[Config], Awaitable[None]], config_path: str | None = None, instance: str | None = None) -> int:
     """Process entry point shared by every service: load config once, log, run on uvloop."""
-    argv = sys.argv[1:] if argv is None else argv
-    config_path = argv[0] if argv else None
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, instance=instance)
     except ConfigError as exc:
         print(f"vigil-{service}: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -1,0 +1,18 @@
+#!/bin/sh
+# Remove vigil's units and venv. Data (/etc/vigil, /var/lib/vigil: database, JetStream, credentials)
+# is kept unless --purge; camera media is never touched.
+set -eu
+PURGE=no
+[ "${1:-}" = "--purge" ] && PURGE=yes
+[ "$(id -u)" = 0 ] || { echo "uninstall.sh must run as root" >&2; exit 1; }
+systemctl disable -q --now vigil.target 'vigil-*' 2>/dev/null || true
+rm -f /etc/systemd/system/vigil.target /etc/systemd/system/vigil-*.service
+systemctl daemon-reload
+rm -rf /opt/vigil
+if [ "$PURGE" = yes ]; then
+    rm -rf /etc/vigil /var/lib/vigil
+    userdel vigil 2>/dev/null || true
+    echo "vigil removed, with its configuration, database and JetStream store"
+else
+    echo "vigil removed; kept /etc/vigil and /var/lib/vigil (run with --purge to delete them)"
+fi
