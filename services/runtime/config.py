@@ -138,7 +138,9 @@ def credential(name: str, environ: Mapping[str, str] | None = None) -> str | Non
     try:
         return (Path(directory) / name).read_text().strip() or None
     except FileNotFoundError:
-        return None
+        return None  # this unit was not given that credential
+    except PermissionError:
+        raise ConfigError(f"config error: credential {name} in {directory} is not readable by this service") from None
 
 
 def database_conninfo(config: "Config") -> dict[str, Any]:

@@ -59,7 +59,10 @@ class JournalLogger:
         self.identifier = identifier
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
 
-    def msg(self, event_dict) -> None:
+    def msg(self, *args, **event_dict) -> None:
+        """structlog passes the final event dict as keyword arguments (the last processor returns it)."""
+        if args:
+            event_dict.setdefault("event", " ".join(map(str, args)))
         try:
             self.sock.sendto(encode_journal(event_dict, self.identifier), JOURNAL_SOCKET)
         except OSError:

@@ -42,3 +42,21 @@ def test_field_names_are_journal_safe():
     assert journal_field("event_id") == "EVENT_ID"
     assert journal_field("_private-thing") == "PRIVATE_THING"
     assert journal_field("message") == "VIGIL_MESSAGE"
+
+
+def test_structlog_drives_the_journal_logger(tmp_path, monkeypatch):
+    """configure_logging('journal') sends every call, with its keys as fields, to the journal socket."""
+    import structlog
+
+    from services.runtime import logs
+
+    path = tmp_path / "journal.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", str(path))
+    log = logs.configure_logging("watcher", "journal", "info")
+    log.warning("skipped", camera="backyard", path="backyard/x.jpg")
+    fields = parse(server.recv(65536))
+    structlog.reset_defaults()
+    assert fields["SYSLOG_IDENTIFIER"] == "vigil-watcher" and fields["CAMERA"] == "backyard" and fields["PRIORITY"] == "4"
+    assert fields["SERVICE"] == "watcher"
