@@ -7,6 +7,7 @@ PURGE=no
 [ "$(id -u)" = 0 ] || { echo "uninstall.sh must run as root" >&2; exit 1; }
 systemctl disable -q --now vigil.target 'vigil-*' 2>/dev/null || true
 rm -f /etc/systemd/system/vigil.target /etc/systemd/system/vigil-*.service
+rm -rf /etc/systemd/system/vigil.target.wants
 systemctl daemon-reload
 rm -rf /opt/vigil
 if [ "$PURGE" = yes ]; then
