@@ -186,3 +186,30 @@ def test_kill_9_is_restarted_and_loses_nothing(appliance, unit):
                timeout=60, what=f"{unit} restarted")
     appliance.drop("front_door", f"after-kill-{unit}.jpg", photo_bytes("astronaut", scale=0.5, quality=70 + len(unit)))
     wait_until(lambda: appliance.rows() == start_rows + 1, timeout=60, what=f"a file after {unit} was killed")
+
+
+def test_installer_again_upgrades_in_place(appliance):
+    """A second run keeps the config and the credentials, and the pipeline keeps working."""
+    root = appliance.sd.root
+    secret = (root / "etc/vigil/credentials/nats-password").read_text()
+    config = (root / "etc/vigil/vigil.toml").read_text()
+    out = appliance.sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, check=False)  # with restart
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (root / "etc/vigil/credentials/nats-password").read_text() == secret
+    assert (root / "etc/vigil/vigil.toml").read_text() == config and (root / "etc/vigil/vigil.toml.new").exists()
+    for unit in SERVICES:
+        appliance.wait_active(unit)
+    start_rows = appliance.rows()
+    appliance.drop("backyard", "after-upgrade.jpg", photo_bytes("chelsea", scale=0.5))
+    wait_until(lambda: appliance.rows() == start_rows + 1, what="a file after the upgrade")
+
+
+def test_uninstall_keeps_data_unless_purged(appliance):
+    root = appliance.sd.root
+    out = appliance.sd.run(str(REPO / "ops" / "uninstall.sh"), check=False)
+    assert out.returncode == 0, out.stderr
+    assert not (root / "etc/systemd/system/vigil-watcher.service").exists() and not (root / "opt/vigil").exists()
+    assert (root / "etc/vigil/credentials/db-password").exists() and (root / "var/lib/vigil/postgresql").exists()
+    assert appliance.state("vigil-watcher")["ActiveState"] == "inactive"
+    out = appliance.sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False)
+    assert out.returncode == 0 and not (root / "etc/vigil").exists() and not (root / "var/lib/vigil").exists()
