@@ -112,7 +112,26 @@ class DeadLetter(_Msg, kw_only=True):
     failed_at: float = 0.0
 
 
-Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter
+class Heartbeat(_Msg, kw_only=True):
+    """A service instance's latest state, kept in the KV bucket vigil_heartbeats under
+    `<service>.<instance>` (entries expire HEARTBEAT_TTL after the last put)."""
+
+    service: str
+    instance: str
+    host: str
+    pid: int
+    version: str
+    started_at: float
+    sent_at: float
+    state: Literal["ready", "degraded", "stopping", "stopped"]
+    counters: dict[str, int] = {}
+    in_flight: int = 0
+    last_progress: float | None = None  # wall clock of the oldest work loop's latest beat
+    backend: str | None = None  # e.g. "backend onnxruntime:cpu, model yolox_nano@e8af07"
+    last_error: str | None = None
+
+
+Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)

@@ -142,6 +142,10 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
 
 # Key-value buckets (JetStream KV) for state that must survive a crash.
 AGGREGATOR_STATE_BUCKET = "vigil_aggregator"
+# Latest Heartbeat per service instance (`nats kv get vigil_heartbeats detector.host-1234`); an entry
+# expires HEARTBEAT_TTL seconds after its last put, so a crashed instance disappears on its own.
+HEARTBEAT_BUCKET = "vigil_heartbeats"
+HEARTBEAT_TTL = 30.0
 
 
 def consumer(durable: str) -> ConsumerSpec:

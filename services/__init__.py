@@ -1,1 +1,3 @@
-"""vigil's services: one module per process, each with one `async def run(config, lifecycle)`."""
+"""vigil's services: one module per process, each with one `async def run(config)`."""
+
+VERSION = "0.1.0"

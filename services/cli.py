@@ -77,8 +77,13 @@ def _models(args) -> int:
 
 
 def _run_service(name: str, config: str | None, instance: str | None = None) -> int:
+    import os
+    import socket
+
     from services.runtime.service import main as service_main
 
+    # The heartbeat key: <service>.<host>[-<instance>], stable across restarts of the same unit.
+    os.environ.setdefault("VIGIL_INSTANCE", socket.gethostname() + (f"-{instance}" if instance else ""))
     module = importlib.import_module(f"services.{name}")
     return service_main(name, module.run, config, instance)
 

@@ -227,6 +227,7 @@ class Detector:
                 results = iter(await loop.run_in_executor(self.inference, self.engine.run, frames))
             except Exception as exc:  # noqa: BLE001 - the CPU backend itself failed: retry later, never crash-loop
                 self.rt.log.error("inference failed, batch will be retried", frames=len(frames), error=repr(exc))
+                self.rt.note_error(f"inference failed: {exc!r}")
                 await bus.give_up_or_retry(self.rt, STAGE, "detector", [u.msg for u in good], exc)
                 for u in good:
                     self.held.pop(id(u.msg), None)
@@ -276,6 +277,7 @@ class Detector:
         now = time.time()
         if state == "degraded":
             self.rt.log.error("GPU backend failed: running on the CPU", reason=reason)
+            self.rt.note_error(f"GPU backend failed: {reason}")
             alert = Alert(alert_id=f"detector-{os.getpid()}-fallback-{int(now)}", camera="system", kind="detector_cpu_fallback",
                           severity="critical", message=f"detector on {os.uname().nodename} fell back to the CPU: {reason}", created_at=now)
         else:

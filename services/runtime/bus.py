@@ -19,7 +19,7 @@ from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageT
 import proto
 from services.runtime.config import credential
 from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
+from proto.topology import AGGREGATOR_STATE_BUCKET, HEARTBEAT_BUCKET, HEARTBEAT_TTL, CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -128,13 +128,17 @@ async def provision(js: JetStreamContext, log) -> None:
     for cspec in CONSUMERS:
         # CONSUMER.CREATE without an action is create-or-update on nats-server >= 2.10.
         await js.add_consumer(cspec.stream, consumer_config(cspec))
-    try:
-        await js.key_value(AGGREGATOR_STATE_BUCKET)
-    except nats.js.errors.BucketNotFoundError:
+    for bucket, description, ttl in (
+        (AGGREGATOR_STATE_BUCKET, "Open events per camera (aggregator crash safety)", None),
+        (HEARTBEAT_BUCKET, "Latest heartbeat of every vigil service instance", HEARTBEAT_TTL),
+    ):
         try:
-            await js.create_key_value(bucket=AGGREGATOR_STATE_BUCKET, description="Open events per camera (aggregator crash safety)", history=1)
-        except nats.js.errors.BadRequestError:
-            pass  # created concurrently
+            await js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                await js.create_key_value(bucket=bucket, description=description, history=1, ttl=ttl)
+            except nats.js.errors.BadRequestError:
+                pass  # created concurrently
 
 
 async def publish(rt: "Runtime", subject: str, msg: proto.Message, msg_id: str | None) -> None:
@@ -288,6 +292,7 @@ async def consume(
             await handle_batch(msgs)
         except TRANSIENT as exc:
             rt.log.error("batch failed, will retry", consumer=durable, messages=len(msgs), error=repr(exc))
+            rt.note_error(f"{durable}: batch failed: {exc!r}")
             await give_up_or_retry(rt, stage or durable, durable, msgs, exc)
         rt.in_flight[durable] = 0
         rt.beat(durable)

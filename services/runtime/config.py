@@ -119,6 +119,8 @@ class Config(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Graceful drain bound on SIGTERM; systemd's TimeoutStopSec must be longer.
     drain_seconds: float = 10.0
+    # Every this many seconds each service puts its Heartbeat into the vigil_heartbeats KV bucket.
+    heartbeat_seconds: float = 5.0
     nats: NatsConfig = msgspec.field(default_factory=NatsConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     watcher: WatcherConfig = msgspec.field(default_factory=WatcherConfig)
@@ -245,5 +247,7 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config error: detector.backend {backend!r} is not auto, tensorrt, cuda, cpu or plugin:module:Class")
     if config.watcher.settle_seconds < 0:
         raise ConfigError("config error: watcher.settle_seconds must be >= 0")
+    if not 0 < config.heartbeat_seconds <= 10:
+        raise ConfigError("config error: heartbeat_seconds must be in (0, 10] (heartbeats expire after 30 s)")
     if not config.nats.servers:
         raise ConfigError("config error: nats.servers must name at least one server")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import re
+import socket
 import os
 import signal
 import sys
@@ -27,10 +29,19 @@ import uvloop
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+import proto
+from proto import Heartbeat
+from proto.topology import HEARTBEAT_BUCKET
+from services import VERSION
 from services.runtime import bus
 from services.runtime.config import Config, ConfigError, load_config
 from services.runtime.logs import configure_logging
 from services.runtime.notify import Notifier
+
+def _safe_key(text: str) -> str:
+    """A KV key token: letters, digits, '-' and '_' only."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "_"
+
 
 _current_loop: contextvars.ContextVar[str | None] = contextvars.ContextVar("vigil_loop", default=None)
 
@@ -59,6 +70,10 @@ class Runtime:
         self._main_task: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.started_at = time.time()
+        self.instance = _safe_key(os.environ.get("VIGIL_INSTANCE") or socket.gethostname())
+        self.last_error: str | None = None
+        self._heartbeat: asyncio.Task | None = None
         self._force_handle: asyncio.TimerHandle | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -89,6 +104,7 @@ class Runtime:
             rt.notifier.stopping()
             if rt._force_handle:
                 rt._force_handle.cancel()
+            await rt._send_heartbeat("stopped")  # a clean stop, as opposed to an entry that just expires
             await rt._close_bus()
             for sig in (signal.SIGTERM, signal.SIGINT):  # only now: a second signal during the drain still counts
                 loop.remove_signal_handler(sig)
@@ -160,15 +176,44 @@ class Runtime:
         """True when every registered work loop has beaten within `window` seconds."""
         return all(now - t <= window for t in self._beats.values())
 
+    def note_error(self, error: str) -> None:
+        """Remember the latest error for the heartbeat (what `vigil status` shows as last error)."""
+        self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}"[:500]
+
+    async def _send_heartbeat(self, state: str | None = None) -> None:
+        if self.js is None or self.nc is None or not self.nc.is_connected:
+            return
+        beats = list(self._beats.values())
+        oldest = min(beats) if beats else None
+        hb = Heartbeat(
+            service=self.service, instance=self.instance, host=socket.gethostname(), pid=os.getpid(),
+            version=VERSION, started_at=self.started_at, sent_at=time.time(),
+            state=state or ("stopping" if self.stopping.is_set() else "degraded" if "degraded" in self.status_extra else "ready"),
+            counters=dict(self.counters), in_flight=sum(self.in_flight.values()),
+            last_progress=time.time() - (time.monotonic() - oldest) if oldest is not None else None,
+            backend=self.status_extra or None, last_error=self.last_error,
+        )
+        try:
+            kv = await self.js.key_value(HEARTBEAT_BUCKET)
+            await asyncio.wait_for(kv.put(f"{self.service}.{self.instance}", proto.encode(hb)), timeout=2.0)
+        except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+            self.log.debug("heartbeat not sent", error=repr(exc))
+
     async def _watchdog_loop(self) -> None:
         # WATCHDOG=1 only while every work loop makes progress: a hung inference or a wedged
-        # fetch stops the pings and systemd restarts the service. STATUS is refreshed alongside.
+        # fetch stops the pings and systemd restarts the service. STATUS is refreshed alongside,
+        # and every heartbeat_seconds the Heartbeat goes to KV (off this loop, so a slow server
+        # never delays the watchdog).
         period = self.notifier.watchdog_period
-        tick = min(period / 3, 2.0) if period else 2.0
+        tick = min(period / 3, 2.0, self.config.heartbeat_seconds) if period else min(2.0, self.config.heartbeat_seconds)
+        next_heartbeat = 0.0
         while True:
             if period is not None and self.alive(time.monotonic(), period / 2):
                 self.notifier.watchdog()
             self.notifier.status(self.status_line())
+            if time.monotonic() >= next_heartbeat and (self._heartbeat is None or self._heartbeat.done()):
+                self._heartbeat = self.spawn(self._send_heartbeat())
+                next_heartbeat = time.monotonic() + self.config.heartbeat_seconds
             await asyncio.sleep(tick)
 
 

@@ -92,3 +92,39 @@ def test_undecodable_message_is_dead_lettered_not_crash_looped(make_stack, nats_
     assert {letter.original_subject for letter in letters} == {"vigil.uploads.front_door", "vigil.detections.front_door"}
     for name in ("detector", "recorder", "aggregator"):
         assert stack.procs[name].poll() is None, f"{name} died"
+
+
+def read_heartbeats(url: str) -> dict:
+    import proto
+
+    async def go():
+        nc = await nats.connect(url)
+        kv = await nc.jetstream().key_value("vigil_heartbeats")
+        out = {}
+        try:
+            for key in await kv.keys():
+                out[key] = proto.decode((await kv.get(key)).value)
+        except nats.js.errors.NoKeysError:
+            pass
+        await nc.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def test_heartbeats_in_kv_and_a_clean_stop_says_stopped(make_stack, nats_server):
+    """Every service puts a Heartbeat into the vigil_heartbeats bucket; SIGTERM leaves state "stopped"."""
+    import nats.js.errors  # noqa: F401
+
+    stack = make_stack(model="none")
+    stack.config.write_text(stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5"))
+    stack.start("aggregator", "detector")
+    stack.wait_ready("aggregator", "detector")
+    beats = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and len(h) == 2 and h, what="two heartbeats")
+    agg = next(v for k, v in beats.items() if k.startswith("aggregator."))
+    det = next(v for k, v in beats.items() if k.startswith("detector."))
+    assert agg.state == "ready" and agg.pid == stack.procs["aggregator"].pid and time.time() - agg.sent_at < 5
+    assert det.backend and "backend none" in det.backend and det.last_progress and time.time() - det.last_progress < 5
+    assert stack.stop("aggregator") == 0
+    after = read_heartbeats(nats_server.url)
+    assert next(v for k, v in after.items() if k.startswith("aggregator.")).state == "stopped"
