@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -163,9 +164,11 @@ class Postgres:
             auth = ["--auth=trust"]
             pwfile = None
             if self.password:
-                pwfile = self.data_dir.parent / f".{self.data_dir.name}.pw"
-                pwfile.write_text(self.password)
-                pwfile.chmod(0o600)
+                # A private temp file (the unit has PrivateTmp=; the data dir's parent is read-only there)
+                fd, name = tempfile.mkstemp(prefix="vigil-initdb-")
+                pwfile = Path(name)
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.password)
                 if self.os_user:
                     shutil.chown(pwfile, self.os_user)
                 auth = ["--auth-local=peer", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
@@ -248,6 +251,8 @@ def postgres_unit_main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # `systemctl reload`: PostgreSQL re-reads its configuration on SIGHUP; the wrapper must not die of it.
+    signal.signal(signal.SIGHUP, lambda signum, frame: pg.proc and pg.proc.poll() is None and pg.proc.send_signal(signal.SIGHUP))
     pg.start()
     notifier.ready(f"accepting connections on 127.0.0.1:{args.port}")
     while not stop["requested"] and pg.proc.poll() is None:

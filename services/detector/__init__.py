@@ -92,8 +92,9 @@ class Engine:
             return Letterboxed(image[:1, :1], 1.0, 0, 0, image.shape[1], image.shape[0])
         return decoders.letterbox(image, self.info.size, self.info.family)
 
-    def run(self, frames: list[Letterboxed]) -> list[tuple[list[Box], float]]:
-        """Inference thread: boxes and per-frame milliseconds, in chunks of batch_size."""
+    def run(self, frames: list[Letterboxed], progress=lambda: None) -> list[tuple[list[Box], float]]:
+        """Inference thread: boxes and per-frame milliseconds, in chunks of batch_size; `progress` is
+        called after each chunk, so a long clip batch keeps the watchdog fed while a hang does not."""
         if self.backend is None or self.info is None:
             return [([], 0.0)] * len(frames)
         info, out = self.info, []
@@ -105,6 +106,7 @@ class Engine:
             for frame, row in zip(chunk, raw):
                 boxes = decoders.decode(row, info.family, info.size, frame, self.cfg.score_threshold, self.cfg.nms_iou, info.labels)
                 out.append((boxes, ms))
+            progress()
         return out
 
 
@@ -192,13 +194,37 @@ class Detector:
                         await self.dead_letter(msg, "payload is not a valid FileUploaded")
                     else:
                         units.append((up, msg))
-                units = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.load, up, msg) for up, msg in units))
-                await self.queue.put(units)  # waits while the previous batch is still inferring
+                for group in self.frame_budget_groups(units):
+                    decoded = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.load, up, msg) for up, msg in group))
+                    await self.hand_over(decoded)
                 self.rt.beat("prepare")
         finally:
-            await self.queue.put(None)
+            if not asyncio.current_task().cancelling():  # a forced stop must not wait on a full queue
+                await self.queue.put(None)
             with contextlib.suppress(Exception):
                 sub and await sub.unsubscribe()
+
+    def frame_budget_groups(self, units: list[tuple[FileUploaded, Msg]]) -> list[list[tuple[FileUploaded, Msg]]]:
+        """Split a batch so no group decodes more than max(batch_size, clip_max_frames) frames: a batch
+        of clips would otherwise hold gigabytes of frames and run past the watchdog in one go."""
+        budget = max(self.cfg.batch_size, self.cfg.clip_max_frames)
+        groups, current, used = [], [], 0
+        for up, msg in units:
+            cost = self.cfg.clip_max_frames if up.kind == "clip" else 1
+            if current and used + cost > budget:
+                groups.append(current)
+                current, used = [], 0
+            current.append((up, msg))
+            used += cost
+        return groups + ([current] if current else [])
+
+    async def hand_over(self, units: list[Unit]) -> None:
+        """Queue a decoded group for inference, beating while waiting: waiting is not hanging."""
+        while True:
+            try:
+                return await asyncio.wait_for(self.queue.put(units), timeout=1.0)  # a timed-out put inserts nothing
+            except asyncio.TimeoutError:
+                self.rt.beat("prepare")
 
     # ---- stage 2: infer + publish + ack ----------------------------------------------------
     async def infer_loop(self) -> None:
@@ -224,7 +250,8 @@ class Detector:
                     self.held.pop(id(unit.msg), None)
             frames = [f for u in good for f, _, _ in u.frames]
             try:
-                results = iter(await loop.run_in_executor(self.inference, self.engine.run, frames))
+                progress = lambda: loop.call_soon_threadsafe(self.rt.beat, "infer")  # noqa: E731
+                results = iter(await loop.run_in_executor(self.inference, self.engine.run, frames, progress))
             except Exception as exc:  # noqa: BLE001 - the CPU backend itself failed: retry later, never crash-loop
                 self.rt.log.error("inference failed, batch will be retried", frames=len(frames), error=repr(exc))
                 self.rt.note_error(f"inference failed: {exc!r}")

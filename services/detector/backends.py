@@ -45,9 +45,17 @@ class OnnxRuntimeBackend:
         self.name = "onnxruntime:cpu" if used[0] == "CPUExecutionProvider" else f"onnxruntime:{used[0].removesuffix('ExecutionProvider').lower()}:{cfg.device}"
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        if self.info.fixed_batch == 1 and len(batch) > 1:  # a batch-1 export: one image per run
-            return np.concatenate([self.session.run(None, {self.info.input_name: batch[i : i + 1]})[0] for i in range(len(batch))])
-        return self.session.run(None, {self.info.input_name: batch})[0]
+        fixed = self.info.fixed_batch
+        if fixed is None or len(batch) == fixed:
+            return self.session.run(None, {self.info.input_name: batch})[0]
+        # A fixed-batch export: run it `fixed` images at a time, padding the last run with copies.
+        out = []
+        for i in range(0, len(batch), fixed):
+            chunk = batch[i : i + fixed]
+            if len(chunk) < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - len(chunk), axis=0)])
+            out.append(self.session.run(None, {self.info.input_name: chunk})[0][: min(fixed, len(batch) - i)])
+        return np.concatenate(out)
 
 
 def cpu_backend(info: ModelInfo, cfg: DetectorConfig) -> OnnxRuntimeBackend:

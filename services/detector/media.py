@@ -88,7 +88,7 @@ def decode_image(data: bytes, target: int = 0) -> tuple[np.ndarray, int, int]:
     """
     if not data:
         raise Undecodable("empty file")
-    flag, size = cv2.IMREAD_COLOR, jpeg_size(data) if target else None
+    flag, size, factor = cv2.IMREAD_COLOR, jpeg_size(data) if target else None, 1
     if size:
         for factor, reduced in _REDUCED:
             if max(size) / factor >= target:
@@ -101,7 +101,10 @@ def decode_image(data: bytes, target: int = 0) -> tuple[np.ndarray, int, int]:
     if image is None or image.size == 0:
         raise Undecodable("image could not be decoded (corrupt or truncated)")
     if size and flag != cv2.IMREAD_COLOR:
-        return image, size[0], size[1]
+        w, h = size
+        if abs(image.shape[1] * factor - w) > 2 * factor:
+            w, h = h, w  # imdecode applied an EXIF rotation the header size does not know about
+        return image, w, h
     return image, image.shape[1], image.shape[0]
 
 

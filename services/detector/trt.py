@@ -61,6 +61,7 @@ class TensorRTBackend:
             from cuda import cudart
 
         self.trt, self.cudart, self.info = trt, cudart, info
+        self.device = cfg.device
         _check(cudart.cudaSetDevice(cfg.device))
         props = _check(cudart.cudaGetDeviceProperties(cfg.device))
         gpu_name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
@@ -102,7 +103,7 @@ class TensorRTBackend:
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise RuntimeError("TensorRT engine build failed")
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two detectors may build at once
         tmp.write_bytes(bytes(serialized))
         os.replace(tmp, path)  # never leave a half-written engine to be loaded later
 
@@ -116,12 +117,16 @@ class TensorRTBackend:
         return ptr
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        # cudaSetDevice is per host thread, and inference runs in the detector's own thread.
+        _check(self.cudart.cudaSetDevice(self.device))
         lo, _, hi = self.profile
-        if len(batch) > hi or len(batch) < lo:  # outside the profile: run in pieces the engine accepts
-            step = hi if len(batch) > hi else lo
-            return np.concatenate([self.infer(batch[i : i + step]) for i in range(0, len(batch), step)])
+        if len(batch) > hi:  # more than the profile allows: run in pieces the engine accepts
+            return np.concatenate([self.infer(batch[i : i + hi]) for i in range(0, len(batch), hi)])
+        if len(batch) < lo:  # a fixed-batch engine: pad with copies of the last frame, drop their rows
+            pad = np.repeat(batch[-1:], lo - len(batch), axis=0)
+            return self.infer(np.concatenate([batch, pad]))[: len(batch)]
         cudart, n = self.cudart, len(batch)
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        batch = np.ascontiguousarray(batch, dtype=self.trt.nptype(self.engine.get_tensor_dtype(self.info.input_name)))
         self.context.set_input_shape(self.info.input_name, batch.shape)
         inp = self._buffer(self.info.input_name, batch.nbytes)
         self.context.set_tensor_address(self.info.input_name, inp)
@@ -130,7 +135,7 @@ class TensorRTBackend:
         hosts = {}
         for name in self.outputs:
             shape = output_shape(tuple(self.context.get_tensor_shape(name)), n)
-            host = np.empty(shape, dtype=np.float32)
+            host = np.empty(shape, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
             self.context.set_tensor_address(name, self._buffer(name, host.nbytes))
             hosts[name] = host
         if not self.context.execute_async_v3(self.stream):
@@ -138,4 +143,4 @@ class TensorRTBackend:
         for name, host in hosts.items():
             _check(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name][0], host.nbytes, kind.cudaMemcpyDeviceToHost, self.stream))
         _check(cudart.cudaStreamSynchronize(self.stream))
-        return hosts[self.outputs[0]]
+        return hosts[self.outputs[0]].astype(np.float32, copy=False)

@@ -130,3 +130,11 @@ def test_letterbox_families():
     assert top_left.pad_y == 0 and centred.pad_y == (416 - 208) // 2
     assert top_left.pixels[415, 0, 0] == 114 and top_left.pixels[0, 0, 0] == 0
     assert decoders.to_tensor([centred], "yolov8").max() <= 1.0
+
+
+def test_fixed_batch_export_is_padded(tmp_path):
+    """A model exported with a fixed batch of 4, fed 3 frames: padded, and exactly 3 results come back."""
+    raw = np.array([[10, 10, 30, 30, 0.9, 0]], np.float32)
+    path = constant_model(tmp_path / "b4.onnx", raw, batch=4)
+    info, results = run_model(path, [frame_of(64, 64, "end2end")] * 3)
+    assert info.fixed_batch == 4 and len(results) == 3 and all(r[0].label == "person" for r in results)

@@ -57,3 +57,29 @@ def test_per_camera_labels_and_min_scores():
     boxes = [Box("person", 0.4, 0, 0, 1, 1), Box("car", 0.5, 0, 0, 1, 1), Box("car", 0.7, 0, 0, 1, 1), Box("cat", 0.9, 0, 0, 1, 1)]
     assert [(b.label, b.score) for b in keep_for_camera(boxes, "drive", cfg)] == [("person", 0.4), ("car", 0.7)]
     assert keep_for_camera(boxes, "other", cfg) == boxes
+
+
+def test_exif_rotated_jpeg_reports_the_rotated_size():
+    """A portrait photo stored landscape with EXIF Orientation=6: sizes follow the decoded image."""
+    data = bytearray(jpeg(3200, 1600))
+    # APP1 Exif segment with a single Orientation=6 tag (little-endian TIFF), inserted after SOI
+    tiff = b"II*\x00\x08\x00\x00\x00" + b"\x01\x00" + b"\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00" + b"\x00\x00\x00\x00"
+    app1 = b"\xff\xe1" + (len(tiff) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + tiff
+    data[2:2] = app1
+    image, w, h = decode_image(bytes(data), target=416)
+    assert (w, h) == (1600, 3200) and image.shape[0] > image.shape[1]
+
+
+def test_clip_batches_are_split_by_frame_budget():
+    """16 clips in one fetch are decoded a few at a time, so memory and watchdog time stay bounded."""
+    from proto import FileUploaded
+    from services.detector import Detector
+
+    cfg = DetectorConfig(batch_size=16, clip_max_frames=120)
+    det = Detector.__new__(Detector)
+    det.cfg = cfg
+    up = lambda kind, i: (FileUploaded(file_id=str(i), camera="c", path="p", size=1, mtime=0, sha256="s", kind=kind), i)  # noqa: E731
+    units = [up("clip", i) for i in range(3)] + [up("image", i) for i in range(10, 30)]
+    groups = det.frame_budget_groups(units)
+    assert [len(g) for g in groups] == [1, 1, 1, 20]
+    assert sum(len(g) for g in groups) == len(units)
