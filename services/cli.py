@@ -3,6 +3,7 @@
     vigil run SERVICE [CONFIG]   run one service in the foreground (what the systemd units call)
     vigil up [--home DIR]        the embedded default: NATS + PostgreSQL + every service, Ctrl-C stops
     vigil models pull NAME       download a model into the models dir, checking size and sha256
+    vigil status|streams|tail|dlq|events|trace|config check   look at the running system (services/ctl.py)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p_pull.add_argument("--config", default=None)
     p_pull.add_argument("--url", default=None, help="download from this address instead (a local mirror); size and sha256 are still checked")
     models_sub.add_parser("list", help="list the catalog")
+    _operator_commands(sub)
     args = parser.parse_args(argv)
 
     if args.command == "run":
@@ -44,7 +46,37 @@ def main(argv: list[str] | None = None) -> int:
         from services.up import up
 
         return up(args)
-    return 2
+    from services.ctl import run_command
+
+    return run_command(args)
+
+
+def _operator_commands(sub) -> None:
+    """The look-at-it commands (services/ctl.py)."""
+
+    def add(name: str, help: str, json_flag: bool = True):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--config", default=None, help="config file (default: $VIGIL_CONFIG, else /etc/vigil/vigil.toml)")
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+        return p
+
+    add("status", "services, their state and backlogs (from heartbeats)").add_argument("--watch", action="store_true")
+    add("streams", "streams and consumers with limits and lag")
+    p = add("tail", "follow messages, decoded, one line each")
+    p.add_argument("kind", choices=["uploads", "detections", "events", "alerts", "dlq"])
+    p.add_argument("--camera", default=None)
+    p.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    p = add("dlq", "dead letters: list, show SEQ, retry SEQ, purge")
+    p.add_argument("action", choices=["list", "show", "retry", "purge"])
+    p.add_argument("seq", nargs="?", type=int)
+    p = add("events", "closed events from PostgreSQL")
+    p.add_argument("--camera", default=None)
+    p.add_argument("--since", default=None, help="e.g. 30m, 1h, 2d")
+    add("trace", "where one file is: detected, in which event, dead-lettered").add_argument("target", help="a path or a file id")
+    p = sub.add_parser("config", help="configuration tools")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("file", nargs="?", default=None)
 
 
 def _models(args) -> int:

@@ -1,0 +1,315 @@
+"""Operator commands of the `vigil` CLI: look at the running system (and fix dead letters).
+
+    vigil status [--json] [--watch]        heartbeats of every service instance, plus backlogs
+    vigil streams [--json]                 streams and consumers with their limits and lag
+    vigil tail KIND [--camera X] [--count N] [--json]   live messages, decoded, one line each
+    vigil dlq list|show SEQ|retry SEQ|purge [--json]     dead letters; retry re-injects at the stage
+    vigil events [--camera X] [--since 1h] [--json]      closed events from PostgreSQL
+    vigil trace PATH_OR_FILE_ID [--json]   where one file is: detected, in which event, dead-lettered
+    vigil config check [FILE]              validate a config file, naming a bad field
+
+Every command reads the same config as the services (--config, $VIGIL_CONFIG, else
+/etc/vigil/vigil.toml when present) and, run by an administrator, the passwords in
+/etc/vigil/credentials. Tables are drawn with rich; --json prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+import proto
+from proto.topology import CONSUMERS, HEARTBEAT_BUCKET, STREAMS
+from services.runtime.config import Config, ConfigError, credential, database_conninfo, load_config
+
+TAIL_SUBJECTS = {"uploads": "vigil.uploads", "detections": "vigil.detections", "events": "vigil.events",
+                 "alerts": "vigil.alerts", "dlq": "vigil.dlq.*"}
+
+
+def load_operator_config(path: str | None) -> Config:
+    if path is None and not os.environ.get("VIGIL_CONFIG") and Path("/etc/vigil/vigil.toml").is_file():
+        path = "/etc/vigil/vigil.toml"
+    if "CREDENTIALS_DIRECTORY" not in os.environ and os.access("/etc/vigil/credentials", os.R_OK | os.X_OK):
+        os.environ["CREDENTIALS_DIRECTORY"] = "/etc/vigil/credentials"
+    return load_config(path)
+
+
+async def connect(config: Config):
+    import nats
+
+    password = credential(config.nats.password_credential)
+    auth = {"user": config.nats.user or "vigil", "password": password} if password else {}
+    return await nats.connect(servers=config.nats.servers, connect_timeout=config.nats.connect_timeout, max_reconnect_attempts=0, **auth)
+
+
+def to_builtins(value):
+    return msgspec.to_builtins(value)
+
+
+def parse_since(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
+    if not m:
+        raise ValueError(f"--since {text!r}: use e.g. 30m, 1h, 2d")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+# ---- data gathering (each returns plain data; printing is separate) ---------------------------
+async def gather_status(config: Config) -> dict:
+    import nats.js.errors
+
+    nc = await connect(config)
+    js = nc.jetstream()
+    services = []
+    try:
+        kv = await js.key_value(HEARTBEAT_BUCKET)
+        for key in await kv.keys():
+            hb = proto.decode((await kv.get(key)).value)
+            age = time.time() - hb.sent_at
+            state = hb.state if age <= 3 * config.heartbeat_seconds or hb.state == "stopped" else "stale"
+            services.append({**to_builtins(hb), "key": key, "age_s": round(age, 1), "state": state,
+                             "uptime_s": round(time.time() - hb.started_at, 1)})
+    except (nats.js.errors.NoKeysError, nats.js.errors.BucketNotFoundError):
+        pass
+    backlog = {}
+    for c in CONSUMERS:
+        try:
+            info = await js.consumer_info(c.stream, c.durable)
+            backlog[c.durable] = {"pending": info.num_pending, "ack_pending": info.num_ack_pending, "redelivered": info.num_redelivered}
+        except nats.js.errors.NotFoundError:
+            backlog[c.durable] = None
+    await nc.close()
+    return {"services": sorted(services, key=lambda s: s["key"]), "backlog": backlog}
+
+
+async def gather_streams(config: Config) -> list[dict]:
+    nc = await connect(config)
+    js = nc.jetstream()
+    out = []
+    for spec in STREAMS:
+        info = await js.stream_info(spec.name)
+        consumers = []
+        for c in (c for c in CONSUMERS if c.stream == spec.name):
+            ci = await js.consumer_info(c.stream, c.durable)
+            consumers.append({"name": c.durable, "pending": ci.num_pending, "ack_pending": ci.num_ack_pending,
+                              "redelivered": ci.num_redelivered, "max_deliver": c.max_deliver, "ack_wait_s": c.ack_wait})
+        out.append({"name": spec.name, "subjects": list(spec.subjects), "retention": spec.retention, "messages": info.state.messages,
+                    "bytes": info.state.bytes, "max_bytes": spec.max_bytes, "max_age_s": spec.max_age, "consumers": consumers})
+    await nc.close()
+    return out
+
+
+async def dead_letters(js) -> list[tuple[int, proto.DeadLetter]]:
+    import nats.js.errors
+
+    info = await js.stream_info("DLQ")
+    out = []
+    if info.state.messages:
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                raw = await js.get_msg("DLQ", seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            out.append((seq, proto.decode(raw.data, raw.headers)))
+    return out
+
+
+async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
+    nc = await connect(config)
+    js = nc.jetstream()
+    try:
+        letters = await dead_letters(js)
+        if action == "list":
+            return [{"seq": s, "stage": d.stage, "reason": d.reason, "camera": d.camera, "file_id": d.file_id,
+                     "original_subject": d.original_subject, "failed_at": d.failed_at} for s, d in letters]
+        if action == "purge":
+            await js.purge_stream("DLQ")
+            return {"purged": len(letters)}
+        letter = dict(letters).get(seq)
+        if letter is None:
+            raise LookupError(f"no dead letter with sequence {seq}")
+        if action == "show":
+            return {"seq": seq, **to_builtins(letter)}
+        # retry: the original message goes back onto its subject, so the stage that refused it sees it
+        # again. A fresh Nats-Msg-Id bypasses the duplicate window; downstream writes are idempotent.
+        headers = {k: v for k, v in letter.original_headers.items() if not k.startswith("Nats-")}
+        headers["Nats-Msg-Id"] = f"retry-{seq}-{int(time.time())}"
+        ack = await js.publish(letter.original_subject, letter.original_payload.encode(), headers=headers)
+        await js.delete_msg("DLQ", seq)
+        return {"retried": seq, "subject": letter.original_subject, "stream": ack.stream, "seq": ack.seq}
+    finally:
+        await nc.close()
+
+
+def query_events(config: Config, camera: str | None, since: str | None) -> list[dict]:
+    import psycopg
+
+    sql = ("SELECT event_id, camera, extract(epoch from started_at), extract(epoch from ended_at), detection_count, labels,"
+           " close_reason, keep FROM events WHERE (%(camera)s::text IS NULL OR camera = %(camera)s)"
+           " AND (%(since)s::float IS NULL OR started_at >= now() - make_interval(secs => %(since)s)) ORDER BY started_at DESC LIMIT 500")
+    with psycopg.connect(**database_conninfo(config), connect_timeout=5) as conn:
+        rows = conn.execute(sql, {"camera": camera, "since": parse_since(since) if since else None}).fetchall()
+    return [{"event_id": r[0], "camera": r[1], "started_at": float(r[2]), "ended_at": float(r[3]), "detections": r[4],
+             "labels": r[5], "close_reason": r[6], "keep": r[7]} for r in rows]
+
+
+async def trace(config: Config, needle: str) -> dict:
+    import psycopg
+
+    with psycopg.connect(**database_conninfo(config), connect_timeout=5) as conn:
+        rows = conn.execute(
+            "SELECT d.detection_id, d.file_id, d.camera, d.path, d.frame, d.labels, extract(epoch from d.recorded_at), e.event_id"
+            " FROM detections d LEFT JOIN event_detections e ON e.detection_id = d.detection_id"
+            " WHERE d.file_id = %s OR d.path = %s OR d.path LIKE %s ORDER BY d.detection_id", (needle, needle, f"%/{needle}")).fetchall()
+    detections = [{"detection_id": r[0], "file_id": r[1], "camera": r[2], "path": r[3], "frame": r[4], "labels": r[5],
+                   "recorded_at": float(r[6]), "event_id": r[7]} for r in rows]
+    file_ids = {d["file_id"] for d in detections}
+    nc = await connect(config)
+    letters = [{"seq": s, "stage": d.stage, "reason": d.reason} for s, d in await dead_letters(nc.jetstream())
+               if d.file_id in file_ids or d.file_id == needle or needle in d.original_payload]
+    await nc.close()
+    stage = "dead-lettered" if letters and not detections else "recorded" if detections else "not found (not yet uploaded, or in flight)"
+    return {"query": needle, "stage": stage, "detections": detections, "events": sorted({d["event_id"] for d in detections if d["event_id"]}),
+            "dead_letters": letters}
+
+
+async def tail(config: Config, kind: str, camera: str | None, count: int | None, as_json: bool) -> None:
+    nc = await connect(config)
+    base = TAIL_SUBJECTS[kind]
+    subject = base if kind == "dlq" and not camera else f"{base}.{camera}" if camera and kind != "dlq" else (
+        f"vigil.dlq.*.{camera}" if camera else f"{base}.*")
+    seen = 0
+    done = asyncio.Event()
+
+    async def handle(msg):
+        nonlocal seen
+        try:
+            value = proto.decode(msg.data, msg.headers)
+            line = json.dumps(to_builtins(value)) if as_json else f"{msg.subject}  {one_line(value)}"
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            line = json.dumps({"subject": msg.subject, "undecodable": msg.data[:200].decode("utf-8", "replace")}) if as_json else f"{msg.subject}  (undecodable)"
+        print(line, flush=True)
+        seen += 1
+        if count and seen >= count:
+            done.set()
+
+    await nc.subscribe(subject, cb=handle)
+    try:
+        await done.wait()
+    finally:
+        await nc.close()
+
+
+def one_line(value) -> str:
+    match value:
+        case proto.FileUploaded():
+            return f"{value.camera} {value.path} {value.kind} {value.size} B"
+        case proto.Detections():
+            return f"{value.camera} {value.path}" + (f" frame {value.frame}" if value.frame is not None else "") + \
+                f": {', '.join(f'{b.label} {b.score:.2f}' for b in value.boxes) or 'nothing'} ({value.inference_ms} ms)"
+        case proto.EventClosed():
+            return f"{value.camera} {value.event_id} {len(value.file_ids)} detections {sorted(value.labels)} ({value.close_reason})"
+        case proto.Alert():
+            return f"{value.severity} {value.camera} {value.kind}: {value.message}"
+        case proto.DeadLetter():
+            return f"{value.stage} {value.camera or '-'}: {value.reason}"
+    return str(value)
+
+
+# ---- printing -----------------------------------------------------------------------------------
+def table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*("" if v is None else str(v) for v in r))
+    Console().print(t)
+
+
+def print_status(data: dict) -> None:
+    table("services", ["service", "instance", "state", "uptime", "in flight", "counters", "backend", "last error"],
+          [[s["service"], s["instance"], s["state"], f"{s['uptime_s']:.0f}s", s["in_flight"],
+            ", ".join(f"{k} {v}" for k, v in s["counters"].items()), s["backend"], s["last_error"]] for s in data["services"]])
+    table("backlog", ["consumer", "pending", "ack pending", "redelivered"],
+          [[k, *(v.values() if v else ["missing", "", ""])] for k, v in data["backlog"].items()])
+
+
+def run_command(args) -> int:
+    """Entry point for every operator command (argparse namespace from services.cli)."""
+    if args.command == "config":
+        try:
+            load_config(args.file, environ={} if args.file else None)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            return 78
+        print(f"ok: {args.file or os.environ.get('VIGIL_CONFIG') or 'defaults'}")
+        return 0
+    try:
+        config = load_operator_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 78
+    as_json = getattr(args, "json", False)
+    try:
+        if args.command == "status":
+            while True:
+                data = asyncio.run(gather_status(config))
+                if as_json:
+                    print(json.dumps(data))
+                else:
+                    print_status(data)
+                if not args.watch:
+                    return 0
+                time.sleep(2)
+                print("\033[2J\033[H", end="")
+        if args.command == "streams":
+            data = asyncio.run(gather_streams(config))
+            if as_json:
+                print(json.dumps(data))
+            else:
+                table("streams", ["stream", "retention", "messages", "bytes", "max bytes", "consumers (pending/ack pending)"],
+                      [[s["name"], s["retention"], s["messages"], s["bytes"], s["max_bytes"],
+                        ", ".join(f"{c['name']} {c['pending']}/{c['ack_pending']}" for c in s["consumers"])] for s in data])
+            return 0
+        if args.command == "dlq":
+            data = asyncio.run(dlq(config, args.action, args.seq))
+            if as_json or args.action != "list":
+                print(json.dumps(data))
+            else:
+                table("dead letters", ["seq", "stage", "camera", "reason", "subject"],
+                      [[d["seq"], d["stage"], d["camera"], d["reason"], d["original_subject"]] for d in data])
+            return 0
+        if args.command == "events":
+            data = query_events(config, args.camera, args.since)
+            if as_json:
+                print(json.dumps(data))
+            else:
+                table("events", ["event", "camera", "started", "detections", "labels", "closed by"],
+                      [[e["event_id"], e["camera"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["started_at"])),
+                        e["detections"], ", ".join(e["labels"]), e["close_reason"]] for e in data])
+            return 0
+        if args.command == "trace":
+            data = asyncio.run(trace(config, args.target))
+            print(json.dumps(data) if as_json else json.dumps(data, indent=2))
+            return 0
+        if args.command == "tail":
+            asyncio.run(tail(config, args.kind, args.camera, args.count, as_json))
+            return 0
+    except KeyboardInterrupt:
+        return 0
+    except (LookupError, ValueError) as exc:
+        print(f"vigil {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"vigil {args.command}: cannot reach the server: {exc}", file=sys.stderr)
+        return 1
+    return 2
