@@ -131,7 +131,34 @@ class Heartbeat(_Msg, kw_only=True):
     last_error: str | None = None
 
 
-Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat
+class GpuProcess(msgspec.Struct, kw_only=True):
+    pid: int
+    used_mb: int
+    unit: str | None = None  # the systemd unit owning the process, e.g. "vigil-detector@0.service"
+
+
+class GpuSample(_Msg, kw_only=True):
+    """One GPU's readings (gpu-stats, every interval) on vigil.gpu.<host>; latest also in KV vigil_gpu."""
+
+    host: str
+    index: int
+    name: str
+    uuid: str | None = None
+    source: Literal["nvml", "nvidia-smi"]
+    sampled_at: float
+    util_pct: float | None = None
+    mem_used_mb: float | None = None
+    mem_total_mb: float | None = None
+    temp_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    throttle_reasons: list[str] = []
+    processes: list[GpuProcess] = []
+
+
+Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat | GpuSample
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)

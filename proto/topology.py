@@ -80,6 +80,15 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_bytes=256 * MiB,
     ),
     StreamSpec(
+        name="GPU",
+        description="GPU samples from gpu-stats every interval (vigil.gpu.<host>); kept a day, recorded once a minute",
+        subjects=("vigil.gpu.*",),
+        retention="limits",
+        max_age=1 * DAY,
+        max_bytes=256 * MiB,
+        discard="old",  # telemetry: the newest samples matter most
+    ),
+    StreamSpec(
         name="DLQ",
         description="Dead letters: messages a stage gave up on, with stage, reason and original payload (vigil.dlq.<stage>.<camera>)",
         subjects=("vigil.dlq.>",),
@@ -130,6 +139,15 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         max_ack_pending=1024,
     ),
     ConsumerSpec(
+        stream="GPU",
+        durable="recorder-gpu",
+        description="Writes one GPU sample per GPU per minute to PostgreSQL; acks after commit",
+        filter_subject="vigil.gpu.*",
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=1024,
+    ),
+    ConsumerSpec(
         stream="ALERTS",
         durable="recorder-alerts",
         description="Writes alerts to PostgreSQL; acks after commit",
@@ -146,6 +164,9 @@ AGGREGATOR_STATE_BUCKET = "vigil_aggregator"
 # expires HEARTBEAT_TTL seconds after its last put, so a crashed instance disappears on its own.
 HEARTBEAT_BUCKET = "vigil_heartbeats"
 HEARTBEAT_TTL = 30.0
+# Latest GpuSample per GPU, key `<host>.<index>`.
+GPU_BUCKET = "vigil_gpu"
+GPU_TTL = 60.0
 
 
 def consumer(durable: str) -> ConsumerSpec:

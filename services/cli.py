@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-SERVICES = ("watcher", "detector", "aggregator", "recorder")
+SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +116,7 @@ def _run_service(name: str, config: str | None, instance: str | None = None) -> 
 
     # The heartbeat key: <service>.<host>[-<instance>], stable across restarts of the same unit.
     os.environ.setdefault("VIGIL_INSTANCE", socket.gethostname() + (f"-{instance}" if instance else ""))
-    module = importlib.import_module(f"services.{name}")
+    module = importlib.import_module(f"services.{name.replace('-', '_')}")
     return service_main(name, module.run, config, instance)
 
 

@@ -17,7 +17,7 @@ import msgspec
 import psycopg
 from nats.aio.msg import Msg
 
-from proto import Alert, Detections, EventClosed
+from proto import Alert, Detections, EventClosed, GpuSample
 from services.runtime import bus
 from services.runtime.config import Config, database_conninfo
 from services.runtime.service import Runtime
@@ -89,6 +89,19 @@ def is_bad_row(exc: psycopg.Error) -> bool:
     batch must wait for it rather than be dead-lettered."""
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in ("22", "23")
+
+
+async def write_gpu_samples(cur: psycopg.AsyncCursor, items: list[GpuSample]) -> None:
+    """Downsampled to one row per GPU per minute: the first sample of each minute wins."""
+    await cur.executemany(
+        "INSERT INTO gpu_samples (host, gpu_index, minute, name, source, util_pct, mem_used_mb, mem_total_mb, temp_c, power_w,"
+        " power_limit_w, sm_clock_mhz, mem_clock_mhz, throttle_reasons, processes) VALUES (%s, %s,"
+        " date_trunc('minute', to_timestamp(%s)), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+        " ON CONFLICT (host, gpu_index, minute) DO NOTHING",
+        [(g.host, g.index, g.sampled_at, g.name, g.source, g.util_pct, g.mem_used_mb, g.mem_total_mb, g.temp_c, g.power_w,
+          g.power_limit_w, g.sm_clock_mhz, g.mem_clock_mhz, g.throttle_reasons, msgspec.json.encode(g.processes).decode())
+         for g in items],
+    )
 
 
 Writer = Callable[[psycopg.AsyncCursor, list], Awaitable[None]]
@@ -202,6 +215,7 @@ async def run(config: Config) -> None:
             TableWriter(rt, dsn, "recorder-detections", Detections, write_detections),
             TableWriter(rt, dsn, "recorder-events", EventClosed, write_events),
             TableWriter(rt, dsn, "recorder-alerts", Alert, write_alerts),
+            TableWriter(rt, dsn, "recorder-gpu", GpuSample, write_gpu_samples),
         ]
         try:
             async with asyncio.TaskGroup() as tg:

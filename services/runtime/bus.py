@@ -19,7 +19,7 @@ from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageT
 import proto
 from services.runtime.config import credential
 from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter
-from proto.topology import AGGREGATOR_STATE_BUCKET, HEARTBEAT_BUCKET, HEARTBEAT_TTL, CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, GPU_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -131,6 +131,7 @@ async def provision(js: JetStreamContext, log) -> None:
     for bucket, description, ttl in (
         (AGGREGATOR_STATE_BUCKET, "Open events per camera (aggregator crash safety)", None),
         (HEARTBEAT_BUCKET, "Latest heartbeat of every vigil service instance", HEARTBEAT_TTL),
+        (GPU_BUCKET, "Latest GPU sample per GPU (gpu-stats)", GPU_TTL),
     ):
         try:
             await js.key_value(bucket)

@@ -105,6 +105,11 @@ class AggregatorConfig(_Section):
     batch_size: int = 256
 
 
+class GpuStatsConfig(_Section):
+    interval_seconds: float = 5.0
+    nvidia_smi: str = "nvidia-smi"  # used when the NVML library cannot be loaded
+
+
 class RecorderConfig(_Section):
     batch_size: int = 256
     fetch_timeout: float = 0.2
@@ -127,6 +132,7 @@ class Config(_Section):
     detector: DetectorConfig = msgspec.field(default_factory=DetectorConfig)
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
     recorder: RecorderConfig = msgspec.field(default_factory=RecorderConfig)
+    gpu_stats: GpuStatsConfig = msgspec.field(default_factory=GpuStatsConfig)
 
 
 def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -43,7 +43,7 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     assert all(v == {"pending": 0, "ack_pending": 0, "redelivered": v["redelivered"]} for v in status["backlog"].values())
 
     streams = {s["name"]: s for s in vigil(stack.config, "streams")}
-    assert set(streams) == {"UPLOADS", "DETECTIONS", "EVENTS", "ALERTS", "DLQ"}
+    assert set(streams) == {"UPLOADS", "DETECTIONS", "EVENTS", "ALERTS", "GPU", "DLQ"}
     assert [c["name"] for c in streams["DETECTIONS"]["consumers"]] == ["aggregator", "recorder-detections"]
     assert streams["DLQ"]["messages"] == 1
 

@@ -20,7 +20,7 @@ from tests.systemd.harness import BootedSystemd, can_boot
 reason = can_boot()
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"cannot boot systemd here: {reason}")
 
-SERVICES = ("vigil-nats", "vigil-postgresql", "vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu")
+SERVICES = ("vigil-nats", "vigil-postgresql", "vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-gpu-stats")
 MEDIA = "/srv/vigil/media"
 
 
