@@ -195,14 +195,25 @@ class Detector:
                     else:
                         units.append((up, msg))
                 for group in self.frame_budget_groups(units):
-                    decoded = await asyncio.gather(*(loop.run_in_executor(self.decoders, self.load, up, msg) for up, msg in group))
-                    await self.hand_over(decoded)
+                    await self.hand_over(await self.decode_group(group))
                 self.rt.beat("prepare")
         finally:
             if not asyncio.current_task().cancelling():  # a forced stop must not wait on a full queue
                 await self.queue.put(None)
             with contextlib.suppress(Exception):
                 sub and await sub.unsubscribe()
+
+    async def decode_group(self, group: list[tuple[FileUploaded, Msg]]) -> list[Unit]:
+        """Decode a group over the decoder threads: one thread hop per thread, not one per file."""
+        loop = asyncio.get_running_loop()
+        n = self.cfg.decode_threads
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self.decoders, lambda chunk=group[i::n]: [self.load(up, msg) for up, msg in chunk]) for i in range(n) if group[i::n]
+        ))
+        units: list = [None] * len(group)
+        for i, part in enumerate(parts):
+            units[i::n] = part
+        return units
 
     def frame_budget_groups(self, units: list[tuple[FileUploaded, Msg]]) -> list[list[tuple[FileUploaded, Msg]]]:
         """Split a batch so no group decodes more than max(batch_size, clip_max_frames) frames: a batch

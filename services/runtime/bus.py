@@ -283,9 +283,11 @@ async def consume(
             sub = await _drop(sub)
             await asyncio.sleep(1.0)
             continue
-        if not msgs:  # nats-py returns [] on a 404/409 status, e.g. when the consumer is gone
+        if not msgs:  # nats-py returns [] on a status reply (408/409, or 404 when the consumer is gone)
             idle += 1
-            sub = await _check_consumer(rt, spec, sub)
+            rt.count("empty_fetches")
+            if idle % 30 == 0:  # a consumer_info request per empty fetch would load the server under bursts
+                sub = await _check_consumer(rt, spec, sub)
             continue
         idle = 0
         rt.in_flight[durable] = len(msgs)

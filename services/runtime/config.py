@@ -77,7 +77,10 @@ class DetectorConfig(_Section):
     family: Literal["auto", "yolox", "yolov8", "end2end"] = "auto"
     labels_file: str | None = None  # one label per line; default: model metadata, else COCO
     batch_size: int = 16  # infer up to this many frames at once...
-    batch_wait_ms: float = 20.0  # ...or whatever arrived within this long after the first
+    # ...or whatever arrived within this long after the first. 0 (default): take what one fetch returns.
+    # A follow-up pull that expires just as a message arrives orphans that message until ack_wait
+    # (nats.py #933/#986), so waits shorter than 50 ms are rounded up to 50 ms.
+    batch_wait_ms: float = 0.0
     fetch_timeout: float = 1.0
     decode_threads: int = 2
     threads: int = 2  # onnxruntime intra-op threads on the CPU

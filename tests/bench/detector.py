@@ -102,7 +102,7 @@ def main() -> None:
                 config = write_config(root / f"vigil-{batch}-{decode_threads}.toml", media=media, state=root / "state",
                                       nats_url=server.url, dsn="postgresql://unused", model="yolox-nano", models_dir=models,
                                       detector={"batch_size": batch, "decode_threads": decode_threads, "threads": threads,
-                                                "backend": "cpu", "batch_wait_ms": 20.0})
+                                                "backend": "cpu", "batch_wait_ms": 50.0})
                 services = Services(config, root / f"logs-{batch}-{decode_threads}")
                 services.start("detector")
                 services.wait_ready("detector")

@@ -93,6 +93,19 @@ async def raw_fetch_ack(url: str, n: int = 20000) -> float:
     return rate
 
 
+async def redeliveries(url: str) -> dict[str, int]:
+    """Messages each consumer had to redeliver: should be 0 in a healthy run."""
+    import nats
+
+    from proto.topology import CONSUMERS
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    out = {c.durable: (await js.consumer_info(c.stream, c.durable)).num_redelivered for c in CONSUMERS}
+    await nc.close()
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -152,6 +165,7 @@ def main() -> None:
             lat = [float(r[0]) * 1000 for r in query(pg.dsn(), "SELECT extract(epoch from recorded_at - published_at) FROM detections WHERE camera = 'steady'")]
 
             rss = {name: peak_rss_mb(proc.pid) for name, proc in services.procs.items()}
+            redelivered = asyncio.run(redeliveries(nats_server.url))
             # 3. the raw single-hop limit on the same server
             raw = asyncio.run(raw_fetch_ack(nats_server.url))
         finally:
@@ -166,6 +180,7 @@ def main() -> None:
     print(f"  ratio end-to-end / raw single hop                  {burst_rate / raw:8.3f}")
     print(f"  steady {args.rate:.0f} files/s for {args.seconds:.0f} s: latency settled -> row   p50 {pct(lat, 50):6.1f} ms   p99 {pct(lat, 99):6.1f} ms   max {max(lat):6.1f} ms")
     print(f"  CPU seconds spent on the burst ({last - first:.2f} s wall): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print("  redelivered: " + ", ".join(f"{k} {v}" for k, v in redelivered.items()))
     print("  peak RSS (VmHWM): " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
 
 
