@@ -162,13 +162,18 @@ async def publish_many(rt: "Runtime", items: list[tuple[str, proto.Message, str 
     if not items:
         return
     futures: list[asyncio.Future] = []
+
+    async def send_all() -> None:
+        for subj, msg, msg_id in items:
+            futures.append(await rt.js.publish_async(subj, proto.encode(msg), headers=proto.headers_for(msg, msg_id)))
+        await asyncio.gather(*futures)
+
     if rt.nc.is_connected:  # while disconnected, go straight to the patient path below
         try:
-            for subj, msg, msg_id in items:
-                futures.append(await rt.js.publish_async(
-                    subj, proto.encode(msg), headers=proto.headers_for(msg, msg_id), wait_stall=rt.config.nats.publish_timeout
-                ))
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=rt.config.nats.publish_timeout)
+            # One bound for the whole batch, including nats-py's in-flight semaphore: a slot leaked by a
+            # failed publish can only slow us down to the path below, never hang us. (Its own
+            # per-message `wait_stall` costs half the pipeline's throughput: measured 1,514 vs 2,897 files/s.)
+            await asyncio.wait_for(send_all(), timeout=rt.config.nats.publish_timeout)
             return
         except TRANSIENT as exc:
             rt.log.warning("batch publish failed, retrying one by one", messages=len(items), error=repr(exc))
