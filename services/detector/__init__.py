@@ -159,17 +159,15 @@ class Detector:
     async def collect(self, sub) -> list[Msg]:
         """Up to batch_size messages, waiting at most batch_wait_ms after the first arrived."""
         msgs = await sub.fetch(self.cfg.batch_size, timeout=self.cfg.fetch_timeout)
-        deadline = time.monotonic() + self.cfg.batch_wait_ms / 1000
-        while len(msgs) < self.cfg.batch_size and (left := deadline - time.monotonic()) > 0.002:
-            try:
-                msgs += await sub.fetch(self.cfg.batch_size - len(msgs), timeout=left)
-            except nats.errors.TimeoutError:
-                break
+        if self.cfg.batch_wait_ms > 0 and len(msgs) < self.cfg.batch_size:
+            try:  # one follow-up pull, never a very short one (see DetectorConfig.batch_wait_ms)
+                msgs += await sub.fetch(self.cfg.batch_size - len(msgs), timeout=max(self.cfg.batch_wait_ms, 50.0) / 1000)
+            except bus.TRANSIENT:  # timeout or a blip: keep what we already hold
+                pass
         return msgs
 
     async def prepare_loop(self) -> None:
         spec = consumer("detector")
-        loop = asyncio.get_running_loop()
         sub = None
         self.rt.beat("prepare")
         try:

@@ -74,6 +74,7 @@ class Runtime:
         self.instance = _safe_key(os.environ.get("VIGIL_INSTANCE") or socket.gethostname())
         self.last_error: str | None = None
         self._heartbeat: asyncio.Task | None = None
+        self._heartbeat_kv = None
         self._force_handle: asyncio.TimerHandle | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -194,8 +195,9 @@ class Runtime:
             backend=self.status_extra or None, last_error=self.last_error,
         )
         try:
-            kv = await self.js.key_value(HEARTBEAT_BUCKET)
-            await asyncio.wait_for(kv.put(f"{self.service}.{self.instance}", proto.encode(hb)), timeout=2.0)
+            if self._heartbeat_kv is None:  # looked up once, not on every beat
+                self._heartbeat_kv = await self.js.key_value(HEARTBEAT_BUCKET)
+            await asyncio.wait_for(self._heartbeat_kv.put(f"{self.service}.{self.instance}", proto.encode(hb)), timeout=2.0)
         except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
             self.log.debug("heartbeat not sent", error=repr(exc))
 

@@ -20,7 +20,7 @@ from services.detector.catalog import CatalogEntry, pull
 from services.detector.media import decode_image
 from services.runtime.config import DetectorConfig
 from tests.integration.test_pipeline import ALL, drained
-from tests.support import REPO, consumer_states, drop, photo_bytes, query, wait_until
+from tests.support import REPO, drop, photo_bytes, query, wait_until
 
 
 @pytest.mark.parametrize("photo, label", [("astronaut", "person"), ("camera", "person"), ("chelsea", "cat"), ("coffee", "cup")])
@@ -52,7 +52,7 @@ def make_clip(path: Path, fps: int = 10) -> float:
 
 def test_clip_frames_are_sampled_with_their_offsets(make_stack, media, database, nats_server, models_dir, tmp_path):
     """A clip yields one Detections per sampled frame (2 fps), timed clip start + offset."""
-    stack = make_stack(model="yolox-nano", models=models_dir, detector={"clip_fps": 2.0, "backend": "cpu"})
+    stack = make_stack(model="yolox-nano", models=models_dir, detector={"clip_fps": 2.0, "backend": "cpu", "batch_wait_ms": 50.0})
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     clip = tmp_path / "drive.avi"

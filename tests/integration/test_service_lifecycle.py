@@ -11,9 +11,8 @@ import sys
 import time
 
 import nats
-import pytest
 
-from tests.support import REPO, query, stream_messages, wait_until
+from tests.support import REPO, stream_messages, wait_until
 
 
 def run_service(name, config, env=None, **kw):

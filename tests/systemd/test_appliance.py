@@ -7,10 +7,7 @@ the host's own root. Skipped only where that is impossible (not root, namespaces
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
