@@ -93,6 +93,9 @@ class Alert(_Msg, kw_only=True):
     file_id: str | None = None
     event_id: str | None = None
     score: float | None = None
+    # Health alerts (camera "system" unless about one camera) fire once when a condition starts and
+    # once more with state "resolved" when it clears; pipeline alerts are always "firing".
+    state: Literal["firing", "resolved"] = "firing"
 
 
 class DeadLetter(_Msg, kw_only=True):
@@ -131,6 +134,21 @@ class Heartbeat(_Msg, kw_only=True):
     last_error: str | None = None
 
 
+Verdict = Literal["healthy", "degraded", "down", "stale"]
+
+
+class HealthChanged(_Msg, kw_only=True):
+    """A service's verdict changed (health, on vigil.health.<service>). `instance` is None for the
+    service as a whole (e.g. no instance of it heartbeating at all)."""
+
+    service: str
+    instance: str | None = None
+    previous: Verdict | None = None  # None: first verdict since health started
+    verdict: Verdict
+    reason: str
+    changed_at: float
+
+
 class GpuProcess(msgspec.Struct, kw_only=True):
     pid: int
     used_mb: int
@@ -158,7 +176,7 @@ class GpuSample(_Msg, kw_only=True):
     processes: list[GpuProcess] = []
 
 
-Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat | GpuSample
+Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat | GpuSample | HealthChanged
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)

@@ -89,6 +89,15 @@ STREAMS: tuple[StreamSpec, ...] = (
         discard="old",  # telemetry: the newest samples matter most
     ),
     StreamSpec(
+        name="HEALTH",
+        description="Verdict changes from health (vigil.health.<service>): healthy, degraded, down, stale, with the reason",
+        subjects=("vigil.health.*",),
+        retention="limits",
+        max_age=30 * DAY,
+        max_bytes=64 * MiB,
+        discard="old",
+    ),
+    StreamSpec(
         name="DLQ",
         description="Dead letters: messages a stage gave up on, with stage, reason and original payload (vigil.dlq.<stage>.<camera>)",
         subjects=("vigil.dlq.>",),

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats")
+SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats", "health")
 
 
 def main(argv: list[str] | None = None) -> int:

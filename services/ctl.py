@@ -62,30 +62,14 @@ def parse_since(text: str) -> float:
 
 # ---- data gathering (each returns plain data; printing is separate) ---------------------------
 async def gather_status(config: Config) -> dict:
-    import nats.js.errors
+    """The same document the health service serves at /status (services/health_checks.py), taken now."""
+    from services.health_checks import snapshot, snapshot_json
 
     nc = await connect(config)
-    js = nc.jetstream()
-    services = []
     try:
-        kv = await js.key_value(HEARTBEAT_BUCKET)
-        for key in await kv.keys():
-            hb = proto.decode((await kv.get(key)).value)
-            age = time.time() - hb.sent_at
-            state = hb.state if age <= 3 * config.heartbeat_seconds or hb.state == "stopped" else "stale"
-            services.append({**to_builtins(hb), "key": key, "age_s": round(age, 1), "state": state,
-                             "uptime_s": round(time.time() - hb.started_at, 1)})
-    except (nats.js.errors.NoKeysError, nats.js.errors.BucketNotFoundError):
-        pass
-    backlog = {}
-    for c in CONSUMERS:
-        try:
-            info = await js.consumer_info(c.stream, c.durable)
-            backlog[c.durable] = {"pending": info.num_pending, "ack_pending": info.num_ack_pending, "redelivered": info.num_redelivered}
-        except nats.js.errors.NotFoundError:
-            backlog[c.durable] = None
-    await nc.close()
-    return {"services": sorted(services, key=lambda s: s["key"]), "backlog": backlog}
+        return snapshot_json(await snapshot(nc.jetstream(), config))
+    finally:
+        await nc.close()
 
 
 async def gather_streams(config: Config) -> list[dict]:
@@ -235,12 +219,29 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
     Console().print(t)
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+
+
 def print_status(data: dict) -> None:
-    table("services", ["service", "instance", "state", "uptime", "in flight", "counters", "backend", "last error"],
-          [[s["service"], s["instance"], s["state"], f"{s['uptime_s']:.0f}s", s["in_flight"],
-            ", ".join(f"{k} {v}" for k, v in s["counters"].items()), s["backend"], s["last_error"]] for s in data["services"]])
-    table("backlog", ["consumer", "pending", "ack pending", "redelivered"],
-          [[k, *(v.values() if v else ["missing", "", ""])] for k, v in data["backlog"].items()])
+    """The HUD: services, backlog, GPUs, disks."""
+    colour = {"healthy": "green", "degraded": "yellow", "down": "red", "stale": "red"}
+    rate = lambda s: ", ".join(f"{k} {v}" for k, v in s["counters"].items())  # noqa: E731
+    table("services", ["service", "instance", "verdict", "reason", "uptime", "restarts", "in flight", "counters", "backend", "last error"],
+          [[s["service"], s["instance"] or "-", f"[{colour[s['verdict']]}]{s['verdict']}[/]", s["reason"], _age(s["uptime_s"]),
+            s["restarts"], s["in_flight"], rate(s), s["backend"], s["last_error"]] for s in data["services"]])
+    table("backlog", ["stage", "stream", "pending", "ack pending", "redelivered", "oldest unacked", "dead letters"],
+          [[st["consumer"], st["stream"], st["pending"], st["ack_pending"], st["redelivered"], _age(st["oldest_unacked_s"]),
+            data["dead_letters"].get(st["consumer"].split("-")[0], 0)] for st in data["stages"]])
+    if data["gpus"]:
+        table("GPUs", ["host", "gpu", "name", "util %", "memory MiB", "temp °C", "power W"],
+              [[g["host"], g["index"], g["name"], g["util_pct"], f"{g['mem_used_mb']}/{g['mem_total_mb']}", g["temp_c"], g["power_w"]]
+               for g in data["gpus"]])
+    table("disks", ["path", "free", "size"],
+          [[d["path"], f"{d['free_pct']:.1f}% ({d['free_bytes'] / 2**30:.1f} GiB)", f"{d['total_bytes'] / 2**30:.1f} GiB"] for d in data["disks"]])
+    print(f"systemd: {data['systemd']}")
 
 
 def run_command(args) -> int:

@@ -77,9 +77,9 @@ async def write_events(cur: psycopg.AsyncCursor, items: list[EventClosed]) -> No
 
 async def write_alerts(cur: psycopg.AsyncCursor, items: list[Alert]) -> None:
     await cur.executemany(
-        "INSERT INTO alerts (alert_id, camera, kind, severity, message, created_at, file_id, event_id, score)"
-        " VALUES (%s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, %s) ON CONFLICT (alert_id) DO NOTHING",
-        [(a.alert_id, a.camera, a.kind, a.severity, a.message, a.created_at, a.file_id, a.event_id, a.score) for a in items],
+        "INSERT INTO alerts (alert_id, camera, kind, severity, message, created_at, file_id, event_id, score, state)"
+        " VALUES (%s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, %s, %s) ON CONFLICT (alert_id) DO NOTHING",
+        [(a.alert_id, a.camera, a.kind, a.severity, a.message, a.created_at, a.file_id, a.event_id, a.score, a.state) for a in items],
     )
 
 

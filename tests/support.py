@@ -67,9 +67,16 @@ def write_config(path: Path, *, media: Path, state: Path, nats_url: str, dsn: st
     for name, values in base.items():
         lines.append(f"[{name}]")
         for k, v in values.items():
-            lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+            lines.append(f"{k} = {toml_value(v)}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def toml_value(v) -> str:
+    """Enough TOML for test configs: JSON's strings, numbers and arrays are valid TOML; booleans are lower case."""
+    import json
+
+    return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
 
 
 class Services:

@@ -113,6 +113,33 @@ class GpuStatsConfig(_Section):
     nvidia_smi: str = "nvidia-smi"  # used when the NVML library cannot be loaded
 
 
+class HealthConfig(_Section):
+    # HTTP: /health/live, /health/ready, /status, /metrics, and a status page at /. Loopback only by
+    # default: the page is read-only but shows camera names and errors.
+    http_host: str = "127.0.0.1"
+    http_port: int = 9470  # 0 turns the HTTP server off
+    check_seconds: float = 2.0  # how often verdicts are recomputed
+    # A heartbeat older than this is stale (default 1.5 x heartbeat_seconds, so a dead process shows
+    # within two heartbeat intervals).
+    stale_seconds: float | None = None
+    # Services that must be running; one with no live instance is down. Detector instances
+    # (vigil-detector@N) count together.
+    expected_services: list[str] = msgspec.field(default_factory=lambda: ["watcher", "detector", "aggregator", "recorder", "gpu-stats"])
+    down_alert_seconds: float = 60.0  # alert when a service has been down/stale this long
+    backlog_alert_seconds: float = 300.0  # alert when a stage's backlog has grown for this long
+    backlog_min: int = 10  # backlogs below this never alert
+    disk_low_percent: float = 10.0  # alert when free space on a watched filesystem is below this
+    disk_paths: list[str] = msgspec.field(default_factory=list)  # default: media_root and state_dir
+    # Alert when a camera (a folder under the media root) has sent nothing for this long; 0 = off.
+    camera_silent_seconds: float = 86400.0
+    cameras: dict[str, float] = msgspec.field(default_factory=dict)  # per-camera override of the above
+    systemd: bool = True  # read unit states with `systemctl show` when systemd is running
+    # Optional: every Alert is also POSTed here as JSON, retried with backoff.
+    webhook_url: str | None = None
+    webhook_attempts: int = 5
+    webhook_timeout: float = 5.0
+
+
 class RecorderConfig(_Section):
     batch_size: int = 256
     fetch_timeout: float = 0.2
@@ -136,6 +163,7 @@ class Config(_Section):
     aggregator: AggregatorConfig = msgspec.field(default_factory=AggregatorConfig)
     recorder: RecorderConfig = msgspec.field(default_factory=RecorderConfig)
     gpu_stats: GpuStatsConfig = msgspec.field(default_factory=GpuStatsConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
 
 
 def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -258,5 +286,12 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: watcher.settle_seconds must be >= 0")
     if not 0 < config.heartbeat_seconds <= 10:
         raise ConfigError("config error: heartbeat_seconds must be in (0, 10] (heartbeats expire after 30 s)")
+    h = config.health
+    if h.stale_seconds is not None and h.stale_seconds <= 0:
+        raise ConfigError("config error: health.stale_seconds must be > 0")
+    if not 0 <= h.disk_low_percent < 100 or not 0 <= h.http_port <= 65535 or h.check_seconds <= 0:
+        raise ConfigError("config error: health.disk_low_percent must be in [0, 100), health.http_port in [0, 65535], health.check_seconds > 0")
+    if h.webhook_url is not None and not h.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError(f"config error: health.webhook_url {h.webhook_url!r} must start with http:// or https://")
     if not config.nats.servers:
         raise ConfigError("config error: nats.servers must name at least one server")

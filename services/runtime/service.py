@@ -213,10 +213,13 @@ class Runtime:
             if period is not None and self.alive(time.monotonic(), period / 2):
                 self.notifier.watchdog()
             self.notifier.status(self.status_line())
-            if time.monotonic() >= next_heartbeat and (self._heartbeat is None or self._heartbeat.done()):
+            now = time.monotonic()
+            if now >= next_heartbeat and (self._heartbeat is None or self._heartbeat.done()):
                 self._heartbeat = self.spawn(self._send_heartbeat())
-                next_heartbeat = time.monotonic() + self.config.heartbeat_seconds
-            await asyncio.sleep(tick)
+                # on a fixed cadence, not "tick after the last one": health calls an entry stale after
+                # 1.5 intervals, so heartbeats must not drift late by a tick each time
+                next_heartbeat = max(next_heartbeat + self.config.heartbeat_seconds, now)
+            await asyncio.sleep(max(0.01, min(tick, next_heartbeat - time.monotonic())))
 
 
 def main(service: str, run: Callable[[Config], Awaitable[None]], config_path: str | None = None, instance: str | None = None) -> int:

@@ -21,7 +21,7 @@ def vigil(config, *args, timeout=60):
 
 def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_server, models_dir):
     stack = make_stack(model="yolox-nano", models=models_dir, aggregator={"idle_seconds": 2.0, "max_seconds": 20.0})
-    stack.config.write_text(stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5"))
+    stack.config.write_text(stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5") + "[health]\nstale_seconds = 3.0\n")
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     follower = subprocess.Popen([sys.executable, "-m", "services.cli", "tail", "detections", "--camera", "front_door", "--count", "2",
@@ -37,13 +37,20 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     lines = follower.communicate(timeout=30)[0].splitlines()
     assert sorted(json.loads(line)["path"] for line in lines) == ["front_door/astronaut.jpg", "front_door/camera.jpg"]
 
-    status = wait_until(lambda: (s := vigil(stack.config, "status")) and len(s["services"]) == 4 and s, what="4 heartbeats")
-    assert {s["service"] for s in status["services"]} == set(ALL)
-    assert all(s["state"] == "ready" for s in status["services"])
-    assert all(v == {"pending": 0, "ack_pending": 0, "redelivered": v["redelivered"]} for v in status["backlog"].values())
+    status = wait_until(lambda: (s := vigil(stack.config, "status")) and sum(x["instance"] is not None for x in s["services"]) == 4 and s,
+                        what="4 heartbeats")
+    running = [s for s in status["services"] if s["instance"] is not None]
+    assert {s["service"] for s in running} == set(ALL)
+    assert all(s["state"] == "ready" and s["verdict"] == "healthy" for s in running)
+    # gpu-stats is expected by default and was not started: the service as a whole is down
+    assert [(s["service"], s["verdict"]) for s in status["services"] if s["instance"] is None] == [("gpu-stats", "down")]
+    assert {st["consumer"] for st in status["stages"]} >= {"detector", "aggregator", "recorder-detections"}
+    assert all(st["backlog"] == 0 and st["oldest_unacked_s"] == 0 for st in status["stages"])
+    assert status["dead_letters"] == {"detector": 1}
+    assert {d["path"] for d in status["disks"]} == {str(media), str(stack.config.parent / "state")}
 
     streams = {s["name"]: s for s in vigil(stack.config, "streams")}
-    assert set(streams) == {"UPLOADS", "DETECTIONS", "EVENTS", "ALERTS", "GPU", "DLQ"}
+    assert set(streams) == {"UPLOADS", "DETECTIONS", "EVENTS", "ALERTS", "GPU", "HEALTH", "DLQ"}
     assert [c["name"] for c in streams["DETECTIONS"]["consumers"]] == ["aggregator", "recorder-detections"]
     assert streams["DLQ"]["messages"] == 1
 

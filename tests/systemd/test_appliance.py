@@ -17,7 +17,7 @@ from tests.systemd.harness import BootedSystemd, can_boot
 reason = can_boot()
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"cannot boot systemd here: {reason}")
 
-SERVICES = ("vigil-nats", "vigil-postgresql", "vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-gpu-stats")
+SERVICES = ("vigil-nats", "vigil-postgresql", "vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-gpu-stats", "vigil-health")
 MEDIA = "/srv/vigil/media"
 
 
@@ -183,6 +183,23 @@ def test_kill_9_is_restarted_and_loses_nothing(appliance, unit):
                timeout=60, what=f"{unit} restarted")
     appliance.drop("front_door", f"after-kill-{unit}.jpg", photo_bytes("astronaut", scale=0.5, quality=70 + len(unit)))
     wait_until(lambda: appliance.rows() == start_rows + 1, timeout=60, what=f"a file after {unit} was killed")
+
+
+def test_health_sees_units_and_restarts(appliance):
+    """vigil-health reads systemd: every service has its unit, the kills above show as restarts, all healthy."""
+    code = ("import json, urllib.request\n"
+            "print(urllib.request.urlopen('http://127.0.0.1:9470/status', timeout=5).read().decode())\n")
+
+    def status():
+        out = appliance.sd.run_on_its_network(sys.executable, "-c", code)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+
+    doc = wait_until(lambda: (d := status()) and all(s["verdict"] == "healthy" for s in d["services"]) and d, timeout=60,
+                     what="every service healthy per vigil-health")
+    assert doc["systemd"] == "available"
+    units = {s["unit"]: s for s in doc["services"]}
+    assert {"vigil-watcher.service", "vigil-detector@cpu.service", "vigil-health.service"} <= set(units)
+    assert units["vigil-watcher.service"]["restarts"] >= 1 and units["vigil-watcher.service"]["active_state"] == "active"
 
 
 def test_installer_again_upgrades_in_place(appliance):

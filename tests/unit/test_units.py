@@ -32,7 +32,7 @@ def test_config_template_parses_and_lists_every_option(tmp_path):
                 yield prefix, f.name
 
     for section, name in walk(Config):
-        pattern = rf"^#?\s*\[{section}{name}\." if name == "cameras" else rf"^#?\s*{name}\s*="  # a table of tables
+        pattern = rf"^#?\s*\[{section}{name}[.\]]" if name == "cameras" else rf"^#?\s*{name}\s*="  # a table of tables
         assert re.search(pattern, text, re.M), f"{section}{name} missing from ops/vigil.toml"
 
 

@@ -1,0 +1,259 @@
+"""health: watches the whole system and says so, on the bus and over HTTP.
+
+Every `health.check_seconds` it takes a snapshot (services/health_checks.py: heartbeats, systemd unit
+states, consumer backlogs, dead letters, disks, GPUs), publishes a HealthChanged on
+vigil.health.<service> whenever a verdict changes, and raises an Alert on vigil.alerts.<camera|system>
+when a condition has held long enough - once when it fires, once more (state "resolved") when it clears:
+
+    service_down           an instance down or stale for health.down_alert_seconds
+    backlog_growing        a stage's backlog (pending + ack pending) has only grown for health.backlog_alert_seconds
+    disk_low               free space on a watched filesystem below health.disk_low_percent
+    detector_cpu_fallback  a detector instance running on the CPU because its GPU failed
+    camera_silent          no upload from a camera for its expected interval (health.camera_silent_seconds / .cameras)
+
+Alerts also go to health.webhook_url (JSON POST, retried with backoff) when one is set. HTTP endpoints
+(127.0.0.1:9470 by default) are in services/health_web.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections import deque
+
+import msgspec
+
+import proto
+from proto import Alert, HealthChanged, subject
+from services.health_checks import Snapshot, snapshot
+from services.health_web import HealthState, start_http
+from services.runtime import bus
+from services.runtime.config import Config
+from services.runtime.service import Runtime
+
+# An instance whose heartbeat expired stays "down" this long, then is forgotten (its alert resolves):
+# long enough for anyone to notice, short enough that a decommissioned detector does not alert forever.
+FORGET_GONE_SECONDS = 3600.0
+
+
+class Conditions:
+    """Alert bookkeeping: a condition fires once after holding `hold` seconds and resolves once when
+    it is no longer observed. Alert ids are deterministic (Nats-Msg-Id), so a restart cannot double-post
+    within the duplicate window."""
+
+    def __init__(self) -> None:
+        self.since: dict[str, float] = {}
+        self.fired: dict[str, Alert] = {}
+
+    def update(self, observed: dict[str, tuple[str, str, str, str, float]], now: float) -> list[Alert]:
+        """`observed`: key -> (kind, camera, severity, message, hold seconds). Returns alerts to publish."""
+        out = []
+        for key, (kind, camera, severity, message, hold) in observed.items():
+            since = self.since.setdefault(key, now)
+            if key not in self.fired and now - since >= hold:
+                alert = Alert(alert_id=f"health-{key}-{int(since)}", camera=camera, kind=kind, severity=severity, message=message, created_at=now)
+                self.fired[key] = alert
+                out.append(alert)
+        for key in [k for k in self.since if k not in observed]:
+            del self.since[key]
+            fired = self.fired.pop(key, None)
+            if fired is not None:
+                out.append(msgspec.structs.replace(fired, alert_id=fired.alert_id + "-resolved", state="resolved", severity="info",
+                                                   message=f"resolved: {fired.message}", created_at=now))
+        return out
+
+
+class BacklogTrend:
+    """Per stage: is the backlog growing for `window` seconds - larger now than `window` ago, and never
+    back down to that level in between? A stage that keeps up dips to its baseline; a stuck or
+    overwhelmed one does not."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, deque[tuple[float, int]]] = {}
+
+    def add(self, stage: str, now: float, backlog: int, window: float) -> bool:
+        samples = self.samples.setdefault(stage, deque())
+        samples.append((now, backlog))
+        while len(samples) >= 2 and samples[1][0] <= now - window:
+            samples.popleft()  # keep exactly one sample at least `window` old: the baseline
+        start, base = samples[0]
+        if now - start < window:
+            return False
+        return backlog > base and all(b > base for _, b in list(samples)[1:])
+
+
+def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTrend, now: float) -> dict[str, tuple[str, str, str, str, float]]:
+    """Which alert conditions hold in this snapshot."""
+    h = config.health
+    out: dict[str, tuple[str, str, str, str, float]] = {}
+    for s in snap.services:
+        if s.verdict in ("down", "stale"):
+            out[f"service_down:{s.key}"] = ("service_down", "system", "critical", f"{s.key} is {s.verdict}: {s.reason}", h.down_alert_seconds)
+        if s.service == "detector" and s.verdict == "degraded" and "cpu fallback" in (s.backend or ""):
+            out[f"detector_cpu_fallback:{s.key}"] = ("detector_cpu_fallback", "system", "warning", f"{s.key}: {s.backend}", 0.0)
+    for st in snap.stages:
+        if trend.add(st.consumer, now, st.backlog, h.backlog_alert_seconds) and st.backlog >= h.backlog_min:
+            out[f"backlog_growing:{st.consumer}"] = ("backlog_growing", "system", "warning",
+                                                     f"stage {st.consumer}: backlog {st.backlog} and growing for {h.backlog_alert_seconds:.0f}s"
+                                                     f" (oldest unacked {st.oldest_unacked_s:.0f}s)", 0.0)
+    for d in snap.disks:
+        if d.free_pct < h.disk_low_percent:
+            out[f"disk_low:{d.path}"] = ("disk_low", "system", "critical",
+                                         f"{d.path}: {d.free_pct:.1f}% free ({d.free_bytes // 2**20} MiB), below {h.disk_low_percent}%", 0.0)
+    for camera, last in state.cameras.items():
+        limit = h.cameras.get(camera, h.camera_silent_seconds)
+        if limit > 0 and now - last > limit:
+            out[f"camera_silent:{camera}"] = ("camera_silent", camera, "warning", f"camera {camera}: nothing uploaded for {now - last:.0f}s", 0.0)
+    return out
+
+
+def camera_folders(media_root: str) -> list[str]:
+    """Top-level folders of the media root that are valid camera ids (never following symlinks)."""
+    with contextlib.suppress(OSError):
+        with os.scandir(media_root) as it:
+            return [e.name for e in it if e.is_dir(follow_symlinks=False) and _is_camera(e.name)]
+    return []
+
+
+def _is_camera(name: str) -> bool:
+    try:
+        msgspec.convert(name, proto.messages.Camera)
+        return True
+    except msgspec.ValidationError:
+        return False
+
+
+def seed_from_database(config: Config) -> tuple[dict[str, float], list[dict]]:
+    """Last upload per camera and the latest events, from PostgreSQL (blocking; None-safe: health runs
+    without a database, it just starts with nothing remembered)."""
+    import psycopg
+
+    from services.runtime.config import database_conninfo
+
+    with psycopg.connect(**database_conninfo(config), connect_timeout=3) as conn:
+        cams = conn.execute("SELECT camera, extract(epoch from max(captured_at)) FROM detections GROUP BY camera").fetchall()
+        events = conn.execute("SELECT event_id, camera, extract(epoch from started_at), extract(epoch from ended_at), labels"
+                              " FROM events ORDER BY started_at DESC LIMIT 20").fetchall()
+    return ({c: float(t) for c, t in cams if t is not None},
+            [{"event_id": e[0], "camera": e[1], "started_at": float(e[2]), "ended_at": float(e[3]), "labels": sorted(e[4] or {})} for e in reversed(events)])
+
+
+async def run(config: Config) -> None:
+    h = config.health
+    state = HealthState(config)
+    try:
+        seen, events = await asyncio.to_thread(seed_from_database, config)
+        state.cameras.update(seen)
+        state.events.extend(events)
+    except Exception as exc:  # noqa: BLE001 - no database (yet) is fine: camera clocks start now
+        state.seed_error = repr(exc)
+    runner = await start_http(state, h.http_host, h.http_port) if h.http_port else None
+    try:
+        async with Runtime.start("health", config) as rt:
+            if state.seed_error:
+                rt.log.info("no database history: camera silence counted from now", error=state.seed_error)
+            if runner:
+                rt.log.info("http listening", url=f"http://{h.http_host}:{h.http_port}/")
+            await subscribe(rt, state)
+            webhook_queue: asyncio.Queue[Alert] = asyncio.Queue(maxsize=1000)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(check_loop(rt, config, state, webhook_queue))
+                if h.webhook_url:
+                    tg.create_task(webhook_loop(rt, config, webhook_queue))
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+
+
+async def subscribe(rt: Runtime, state: HealthState) -> None:
+    """Plain (non-durable) subscriptions: health only observes, it must never hold messages back."""
+
+    async def on_message(msg) -> None:
+        try:
+            value = proto.decode(msg.data, msg.headers)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            return
+        state.observe(value)
+
+    for subj in ("vigil.uploads.*", "vigil.detections.*", "vigil.events.*"):
+        await rt.nc.subscribe(subj, cb=on_message, pending_msgs_limit=65536)
+
+
+async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_queue: asyncio.Queue) -> None:
+    conditions, trend = Conditions(), BacklogTrend()
+    gone: dict[str, float] = {}
+    verdicts: dict[str, str] = {}
+    while not rt.stopping.is_set():
+        now = time.time()
+        for camera in camera_folders(config.media_root):
+            state.cameras.setdefault(camera, state.started_at)
+        try:
+            snap = await asyncio.wait_for(snapshot(rt.js, config, now, gone), timeout=max(10.0, config.health.check_seconds))
+        except (asyncio.TimeoutError, *bus.TRANSIENT) as exc:
+            rt.note_error(f"snapshot failed: {exc!r}")
+            rt.log.warning("snapshot failed", error=repr(exc))
+        else:
+            for s in snap.services:  # remember instances, so one whose heartbeat expires stays visible as down
+                if s.instance is not None and s.state is not None:
+                    gone[s.key] = now
+            live = {s.key for s in snap.services if s.state is not None}
+            for key in [k for k, t in gone.items() if k not in live and now - t > FORGET_GONE_SECONDS]:
+                del gone[key]
+            changes = []
+            for s in snap.services:
+                if verdicts.get(s.key) != s.verdict:
+                    changes.append(HealthChanged(service=s.service, instance=s.instance, previous=verdicts.get(s.key), verdict=s.verdict,
+                                                 reason=s.reason, changed_at=now))
+                    verdicts[s.key] = s.verdict
+            for key in [k for k in verdicts if k not in {s.key for s in snap.services}]:
+                del verdicts[key]  # forgotten instance
+            alerts = conditions.update(observe(snap, state, config, trend, now), now)
+            for c in changes:
+                rt.log.info("verdict", service=c.service, instance=c.instance, previous=c.previous, verdict=c.verdict, reason=c.reason)
+            for a in alerts:
+                rt.log.warning("alert", kind=a.kind, state=a.state, camera=a.camera, message=a.message)
+            await bus.publish_many(rt, [(subject("health", c.service), c, f"health-{c.service}-{c.instance}-{c.verdict}-{int(now * 1000)}") for c in changes]
+                                   + [(subject("alerts", a.camera), a, a.alert_id) for a in alerts])
+            rt.count("verdict_changes", len(changes))
+            rt.count("alerts", len(alerts))
+            for a in alerts:
+                with contextlib.suppress(asyncio.QueueFull):  # a dead webhook must not grow memory without bound
+                    webhook_queue.put_nowait(a)
+            state.update(snap, conditions.fired)
+            rt.status_extra = state.summary()
+        rt.beat("check")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(rt.stopping.wait(), timeout=config.health.check_seconds)
+
+
+async def webhook_loop(rt: Runtime, config: Config, queue: asyncio.Queue) -> None:
+    """POST each alert as JSON; retried with exponential backoff (stamina), then logged and dropped -
+    the alert itself is already durable in the ALERTS stream and PostgreSQL."""
+    import aiohttp
+    import stamina
+
+    h = config.health
+    rt.beat("webhook")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=h.webhook_timeout)) as session:
+        while not rt.stopping.is_set():
+            try:
+                alert = await asyncio.wait_for(queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                rt.beat("webhook")
+                continue
+            body = msgspec.json.encode(alert)
+            try:
+                async for attempt in stamina.retry_context(on=(aiohttp.ClientError, asyncio.TimeoutError), attempts=h.webhook_attempts,
+                                                           wait_initial=0.5, wait_max=30.0):
+                    with attempt:
+                        rt.keepalive()
+                        async with session.post(h.webhook_url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                            resp.raise_for_status()
+                rt.count("webhooks_sent")
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                rt.count("webhooks_failed")
+                rt.note_error(f"webhook failed for {alert.alert_id}: {exc!r}")
+                rt.log.error("webhook failed", alert=alert.alert_id, error=repr(exc))
+            rt.beat("webhook")
