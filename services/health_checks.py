@@ -27,6 +27,7 @@ import proto
 from proto import GpuSample, Heartbeat
 from proto.topology import CONSUMERS, GPU_BUCKET, HEARTBEAT_BUCKET
 from services.runtime.config import Config
+from services.cli import SERVICES  # the ones that heartbeat
 
 # A work loop that has not beaten for this long is stuck even if the process still heartbeats
 # (idle loops beat after every empty fetch, so this is never legitimate).
@@ -283,8 +284,12 @@ def judge(heartbeats: list[Heartbeat], units: list[UnitState], expected: Iterabl
             if u.active_state == "inactive":
                 continue  # a unit nobody started (vigil-detector@1 on a one-GPU box); an expected service
                 # with no instance at all is reported below
-            s = out[f"{service}.{instance or u.unit}"] = ServiceStatus(service=service, instance=instance or None, verdict="down",
-                                                                        reason=f"unit {u.active_state} ({u.sub_state})")
+            # nats and postgresql send no heartbeats: their unit state is the verdict. A vigil service
+            # unit without a heartbeat is starting, or cut off from NATS.
+            up = u.active_state == "active" and service not in SERVICES
+            s = out[f"{service}.{instance or u.unit}"] = ServiceStatus(
+                service=service, instance=instance or None, verdict="healthy" if up else "down",
+                reason=f"unit {u.active_state} ({u.sub_state})" + ("" if service not in SERVICES else ", no heartbeat"))
         s.unit, s.active_state, s.sub_state, s.restarts = u.unit, u.active_state, u.sub_state, u.restarts
         if u.active_state in ("failed", "inactive", "activating", "deactivating") and s.verdict in ("healthy", "degraded", "stale"):
             s.verdict, s.reason = "down", f"unit {u.active_state} ({u.sub_state}), {u.restarts} restarts"

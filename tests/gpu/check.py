@@ -2,7 +2,7 @@
 
     python -m tests.gpu.check --models-dir DIR [--out DIR]
 
-Prints NVML readings, then images/s of YOLOX-Nano at batch 1, 8 and 32 on every backend that works
+Prints NVML readings (raw, and through gpu-stats' NVML and nvidia-smi readers), then images/s of YOLOX-Nano at batch 1, 8 and 32 on every backend that works
 there: onnxruntime CUDA EP (carry the onnxruntime-gpu wheel), TensorRT through vigil's own backend
 (if tensorrt imports), the fallback wrapper, and the CPU for comparison. Writes results.json to --out.
 """
@@ -37,6 +37,23 @@ def nvml() -> list[dict]:
     return out
 
 
+def gpu_stats_readers() -> dict:
+    """gpu-stats' own code paths (services/gpu_stats_readers.py): NVML and the nvidia-smi CSV fallback."""
+    import socket
+
+    import msgspec
+
+    from services.gpu_stats_readers import NvmlReader, SmiReader
+
+    out = {}
+    for name, make in (("nvml", NvmlReader), ("nvidia-smi", lambda: SmiReader("nvidia-smi"))):
+        try:
+            out[name] = msgspec.to_builtins(make().read(socket.gethostname()))
+        except Exception:  # noqa: BLE001 - report, keep measuring
+            out[name] = {"error": traceback.format_exc(limit=3)}
+    return out
+
+
 def measure(backend, batch: int, size: int, seconds: float = 3.0) -> float:
     x = np.random.default_rng(0).uniform(0, 255, (batch, 3, size, size)).astype(np.float32)
     backend.infer(x)  # warm-up (engine build, CUDA context, autotuning)
@@ -57,7 +74,7 @@ def main() -> None:
     from services.detector.model import find_model, inspect_model
     from services.runtime.config import DetectorConfig
 
-    results: dict = {"nvml": nvml(), "backends": {}}
+    results: dict = {"nvml": nvml(), "gpu_stats": gpu_stats_readers(), "backends": {}}
     print("NVML:", json.dumps(results["nvml"], indent=1))
     cfg = DetectorConfig(models_dir=args.models_dir, batch_size=32, threads=8)
     info = inspect_model(find_model(cfg), cfg)

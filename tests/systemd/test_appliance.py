@@ -194,8 +194,12 @@ def test_health_sees_units_and_restarts(appliance):
         out = appliance.sd.run_on_its_network(sys.executable, "-c", code)
         return json.loads(out.stdout) if out.returncode == 0 else None
 
-    doc = wait_until(lambda: (d := status()) and all(s["verdict"] == "healthy" for s in d["services"]) and d, timeout=60,
-                     what="every service healthy per vigil-health")
+    def unhealthy():
+        d = status()
+        return [(s["service"], s["instance"], s["verdict"], s["reason"]) for s in d["services"] if s["verdict"] != "healthy"] if d else ["no answer"]
+
+    wait_until(lambda: not (last := unhealthy()) or print(last), timeout=60, what="every service healthy per vigil-health")
+    doc = status()
     assert doc["systemd"] == "available"
     units = {s["unit"]: s for s in doc["services"]}
     assert {"vigil-watcher.service", "vigil-detector@cpu.service", "vigil-health.service"} <= set(units)

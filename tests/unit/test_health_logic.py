@@ -56,13 +56,17 @@ def test_systemd_unit_state_overrides_a_fresh_looking_heartbeat():
     units = [UnitState(unit="vigil-watcher.service", active_state="activating", sub_state="auto-restart", restarts=4),
              UnitState(unit="vigil-detector@0.service", active_state="active", sub_state="running", restarts=1),
              UnitState(unit="vigil-detector@1.service", active_state="inactive", sub_state="dead", restarts=0),
-             UnitState(unit="vigil-recorder.service", active_state="failed", sub_state="failed", restarts=5)]
+             UnitState(unit="vigil-recorder.service", active_state="failed", sub_state="failed", restarts=5),
+             UnitState(unit="vigil-nats.service", active_state="active", sub_state="running", restarts=0),
+             UnitState(unit="vigil-aggregator.service", active_state="active", sub_state="running", restarts=0)]
     services = judge([hb(age=2), hb("detector", "box-0")], units, ["watcher", "detector", "recorder"], NOW, stale=7.5, host="box")
     by_key = {s.key: s for s in services}
     assert (by_key["watcher.box"].verdict, by_key["watcher.box"].restarts) == ("down", 4)
     assert by_key["detector.box-0"].verdict == "healthy" and by_key["detector.box-0"].unit == "vigil-detector@0.service"
     assert "detector.box-1" not in by_key  # installed, never enabled, not needed: ignored
     assert by_key["recorder.box"].verdict == "down" and "failed" in by_key["recorder.box"].reason
+    assert by_key["nats.box"].verdict == "healthy"  # no heartbeat expected: the unit state is the verdict
+    assert (by_key["aggregator.box"].verdict, by_key["aggregator.box"].reason) == ("down", "unit active (running), no heartbeat")
 
 
 def test_parse_systemctl_show_and_unit_names():
