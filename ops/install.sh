@@ -75,7 +75,7 @@ for unit in "$SRC"/systemd/*.service "$SRC"/systemd/*.target; do
     chmod 0644 "$UNITDIR/$(basename "$unit")"
 done
 systemctl daemon-reload
-UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service"
+UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service vigil-retention.service"
 for d in $(echo "$DETECTORS" | tr ',' ' '); do UNITS="$UNITS vigil-detector@$d.service"; done
 # shellcheck disable=SC2086
 systemctl enable -q vigil.target $UNITS

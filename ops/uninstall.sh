@@ -5,7 +5,12 @@ set -eu
 PURGE=no
 [ "${1:-}" = "--purge" ] && PURGE=yes
 [ "$(id -u)" = 0 ] || { echo "uninstall.sh must run as root" >&2; exit 1; }
-systemctl disable -q --now vigil.target 'vigil-*' 2>/dev/null || true
+# Stop first and wait for every unit to be down (a glob in `disable --now` can fail on one unit
+# and return before the others have stopped), then disable what is installed.
+systemctl stop vigil.target 'vigil-*' 2>/dev/null || true
+for unit in $(systemctl list-unit-files --no-legend 'vigil*' 2>/dev/null | awk '{print $1}'); do
+    systemctl disable -q "$unit" 2>/dev/null || true
+done
 rm -f /etc/systemd/system/vigil.target /etc/systemd/system/vigil-*.service
 rm -rf /etc/systemd/system/vigil.target.wants
 systemctl daemon-reload

@@ -3,16 +3,24 @@ breaking change bumps VERSION (consumers reject versions they do not know)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
 
 VERSION = 1
 # A camera id is a NATS subject token: vigil.<kind>.<camera>. Anything else is refused at decode.
-Camera = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
+CAMERA_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+Camera = Annotated[str, msgspec.Meta(pattern=CAMERA_PATTERN)]
 MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
+_CAMERA_RE = re.compile(CAMERA_PATTERN)
 TYPE_HEADER = "Vigil-Type"
 VERSION_HEADER = "Vigil-Version"
+
+
+def valid_camera(name: str) -> bool:
+    """True when `name` can be a camera id (a folder name under the media root, a subject token)."""
+    return bool(_CAMERA_RE.match(name))
 
 
 class _Msg(msgspec.Struct, tag=True, kw_only=True, forbid_unknown_fields=False):
@@ -176,7 +184,40 @@ class GpuSample(_Msg, kw_only=True):
     processes: list[GpuProcess] = []
 
 
-Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat | GpuSample | HealthChanged
+class CameraFreed(msgspec.Struct, kw_only=True):
+    files: int = 0
+    bytes: int = 0
+    reasons: dict[str, int] = {}  # files per rule: age, quota, watermark
+
+
+class RetentionReport(_Msg, kw_only=True):
+    """One retention run (vigil.retention.report): what was deleted, per camera and table, and why."""
+
+    run_id: str
+    trigger: Literal["interval", "watermark", "watcher", "cli"]
+    dry_run: bool
+    started_at: float
+    finished_at: float
+    cameras: dict[str, CameraFreed] = {}
+    rows_deleted: dict[str, int] = {}  # per table
+    deleted_paths: list[str] = []  # relative to the media root, at most MAX_REPORTED_PATHS
+    deleted_count: int = 0
+    missing_marked: int = 0  # rows whose file vanished, newly marked
+    missing_restored: int = 0  # marked rows whose file came back
+    kept_skipped: int = 0  # files that a rule would delete, kept by a "keep" event
+    young_skipped: int = 0  # files under watermark pressure, younger than min_keep_seconds
+    unrecorded_skipped: int = 0  # files the pipeline has not recorded (yet): never deleted
+    free_bytes_before: int = 0
+    free_bytes_after: int = 0
+    total_bytes: int = 0
+    unbounded_streams: list[str] = []  # JetStream streams without max_age or max_bytes
+    errors: list[str] = []
+
+
+MAX_REPORTED_PATHS = 1000
+
+
+Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat | GpuSample | HealthChanged | RetentionReport
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)

@@ -98,6 +98,15 @@ STREAMS: tuple[StreamSpec, ...] = (
         discard="old",
     ),
     StreamSpec(
+        name="RETENTION",
+        description="One RetentionReport per retention run (vigil.retention.report): files, bytes and rows deleted, and why",
+        subjects=("vigil.retention.report",),
+        retention="limits",
+        max_age=90 * DAY,
+        max_bytes=64 * MiB,
+        discard="old",
+    ),
+    StreamSpec(
         name="DLQ",
         description="Dead letters: messages a stage gave up on, with stage, reason and original payload (vigil.dlq.<stage>.<camera>)",
         subjects=("vigil.dlq.>",),
@@ -176,6 +185,8 @@ HEARTBEAT_TTL = 30.0
 # Latest GpuSample per GPU, key `<host>.<index>`.
 GPU_BUCKET = "vigil_gpu"
 GPU_TTL = 60.0
+# Plain NATS (not stored): the watcher asks retention for an immediate free-space check.
+RETENTION_CHECK_SUBJECT = "vigil.control.retention"
 
 
 def consumer(durable: str) -> ConsumerSpec:

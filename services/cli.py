@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats", "health")
+SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats", "health", "retention")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +70,15 @@ def _operator_commands(sub) -> None:
     p = add("dlq", "dead letters: list, show SEQ, retry SEQ, purge")
     p.add_argument("action", choices=["list", "show", "retry", "purge"])
     p.add_argument("seq", nargs="?", type=int)
-    p = add("events", "closed events from PostgreSQL")
+    p = add("events", "closed events from PostgreSQL; `events keep ID` keeps one (and its media) forever, `unkeep ID` undoes it")
+    p.add_argument("action", nargs="?", choices=["list", "keep", "unkeep"], default="list")
+    p.add_argument("event_id", nargs="?", default=None)
     p.add_argument("--camera", default=None)
     p.add_argument("--since", default=None, help="e.g. 30m, 1h, 2d")
     add("trace", "where one file is: detected, in which event, dead-lettered").add_argument("target", help="a path or a file id")
+    p = add("retention", "run retention once now (what the service does every interval)")
+    p.add_argument("action", choices=["run"])
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted and change nothing")
     p = sub.add_parser("config", help="configuration tools")
     p.add_argument("action", choices=["check"])
     p.add_argument("file", nargs="?", default=None)

@@ -143,6 +143,50 @@ def query_events(config: Config, camera: str | None, since: str | None) -> list[
              "labels": r[5], "close_reason": r[6], "keep": r[7]} for r in rows]
 
 
+def keep_event(config: Config, event_id: str, keep: bool) -> dict:
+    import psycopg
+
+    with psycopg.connect(**database_conninfo(config), connect_timeout=5) as conn:
+        row = conn.execute("UPDATE events SET keep = %s WHERE event_id = %s RETURNING event_id, keep", (keep, event_id)).fetchone()
+    if row is None:
+        raise LookupError(f"no event {event_id!r}")
+    return {"event_id": row[0], "keep": row[1]}
+
+
+async def retention_run(config: Config, dry_run: bool) -> dict:
+    """One retention run from the command line (the report is published only by the service)."""
+    from services.retention import gather_and_run
+
+    nc = await connect(config)
+    try:
+        report = await gather_and_run(config, nc.jetstream(), "cli", dry_run)
+        if not dry_run:
+            import structlog
+
+            from services.runtime.bus import provision
+
+            # idempotent: the stream exists even before any service ran; its log lines go to stderr, not into --json
+            await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))
+            await nc.jetstream().publish("vigil.retention.report", proto.encode(report), headers=proto.headers_for(report, f"retention-{report.run_id}"))
+    finally:
+        await nc.close()
+    return to_builtins(report)
+
+
+def print_retention(data: dict) -> None:
+    verb = "would delete" if data["dry_run"] else "deleted"
+    table(f"retention ({'dry run' if data['dry_run'] else 'done'})", ["camera", "files", "bytes", "why"],
+          [[c, v["files"], v["bytes"], ", ".join(f"{k} {n}" for k, n in v["reasons"].items())] for c, v in data["cameras"].items()])
+    for path in data["deleted_paths"]:
+        print(f"{verb}: {path}")
+    print(f"rows {verb}: {data['rows_deleted'] or 'none'}; missing marked {data['missing_marked']}, restored {data['missing_restored']};"
+          f" skipped: kept {data['kept_skipped']}, too young {data['young_skipped']}, not yet recorded {data['unrecorded_skipped']}")
+    if data["unbounded_streams"]:
+        print(f"streams without bounds: {', '.join(data['unbounded_streams'])}")
+    for error in data["errors"]:
+        print(f"error: {error}")
+
+
 async def trace(config: Config, needle: str) -> dict:
     import psycopg
 
@@ -288,6 +332,19 @@ def run_command(args) -> int:
             else:
                 table("dead letters", ["seq", "stage", "camera", "reason", "subject"],
                       [[d["seq"], d["stage"], d["camera"], d["reason"], d["original_subject"]] for d in data])
+            return 0
+        if args.command == "events" and args.action in ("keep", "unkeep"):
+            if not args.event_id:
+                raise ValueError(f"usage: vigil events {args.action} EVENT_ID")
+            data = keep_event(config, args.event_id, args.action == "keep")
+            print(json.dumps(data) if as_json else f"event {data['event_id']}: keep = {str(data['keep']).lower()}")
+            return 0
+        if args.command == "retention":
+            data = asyncio.run(retention_run(config, args.dry_run))
+            if as_json:
+                print(json.dumps(data))
+            else:
+                print_retention(data)
             return 0
         if args.command == "events":
             data = query_events(config, args.camera, args.since)

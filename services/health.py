@@ -27,6 +27,7 @@ import msgspec
 
 import proto
 from proto import Alert, HealthChanged, subject
+from proto.messages import valid_camera
 from services.health_checks import Snapshot, snapshot
 from services.health_web import HealthState, start_http
 from services.runtime import bus
@@ -113,16 +114,8 @@ def camera_folders(media_root: str) -> list[str]:
     """Top-level folders of the media root that are valid camera ids (never following symlinks)."""
     with contextlib.suppress(OSError):
         with os.scandir(media_root) as it:
-            return [e.name for e in it if e.is_dir(follow_symlinks=False) and _is_camera(e.name)]
+            return [e.name for e in it if e.is_dir(follow_symlinks=False) and valid_camera(e.name)]
     return []
-
-
-def _is_camera(name: str) -> bool:
-    try:
-        msgspec.convert(name, proto.messages.Camera)
-        return True
-    except msgspec.ValidationError:
-        return False
 
 
 def seed_from_database(config: Config) -> tuple[dict[str, float], list[dict]]:

@@ -8,6 +8,7 @@ that landed while the watcher was down or that an inotify overflow hid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 import time
@@ -17,6 +18,8 @@ from typing import NamedTuple
 import watchfiles
 
 from proto import FileUploaded, subject
+from proto.topology import RETENTION_CHECK_SUBJECT
+from services.retention_media import FallingFast, free_space
 from services.runtime import bus
 from services.runtime.config import Config, ConfigError
 from services.runtime.service import Runtime
@@ -41,6 +44,8 @@ class Watcher:
         self.settler = Settler(self.cfg.settle_seconds)
         self.ledger = Ledger(Path(config.state_dir) / "watcher" / "ledger.sqlite3")
         self.wakeup = asyncio.Event()
+        self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
+        self.disk_checked_at = self.retention_asked_at = -1e9
 
     # ---- discovering files --------------------------------------------------------------
     def observe(self, path: str) -> None:
@@ -127,6 +132,8 @@ class Watcher:
             for i in range(0, len(ready), self.cfg.publish_batch):
                 await self.publish_batch(ready[i : i + self.cfg.publish_batch])
             self.rt.counters["pending"] = len(self.settler)
+            if ready or len(self.settler):
+                await self.warn_retention()
             self.rt.beat("settle")
             self.wakeup.clear()
             try:
@@ -134,6 +141,24 @@ class Watcher:
                 await asyncio.sleep(tick)  # let a burst of events accumulate into one batch
             except asyncio.TimeoutError:
                 pass
+
+    async def warn_retention(self) -> None:
+        """While files arrive, at most once a second: ask retention for a check now if free space is
+        low or falling fast, so a burst cannot fill the disk between its regular checks."""
+        now = time.monotonic()
+        if now - self.disk_checked_at < 1.0:
+            return
+        self.disk_checked_at = now
+        try:
+            free, total = free_space(self.root)
+        except OSError:
+            return
+        reason = self.disk.check(now, free, total)
+        if reason and now - self.retention_asked_at >= 2.0:
+            self.retention_asked_at = now
+            self.rt.log.info("asking retention for a check", reason=reason)
+            with contextlib.suppress(*bus.TRANSIENT):
+                await self.rt.nc.publish(RETENTION_CHECK_SUBJECT, reason.encode())
 
     async def publish_batch(self, ready: list[tuple[str, int, int]]) -> None:
         prepared = await asyncio.to_thread(lambda: [self.prepare(*r) for r in ready])

@@ -73,10 +73,15 @@ def write_config(path: Path, *, media: Path, state: Path, nats_url: str, dsn: st
 
 
 def toml_value(v) -> str:
-    """Enough TOML for test configs: JSON's strings, numbers and arrays are valid TOML; booleans are lower case."""
+    """Enough TOML for test configs: JSON's strings, numbers and arrays are valid TOML; booleans are
+    lower case; tables are written inline."""
     import json
 
-    return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, dict):  # an inline table; quoted keys are valid TOML
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    return json.dumps(v)
 
 
 class Services:

@@ -124,7 +124,7 @@ class HealthConfig(_Section):
     stale_seconds: float | None = None
     # Services that must be running; one with no live instance is down. Detector instances
     # (vigil-detector@N) count together.
-    expected_services: list[str] = msgspec.field(default_factory=lambda: ["watcher", "detector", "aggregator", "recorder", "gpu-stats"])
+    expected_services: list[str] = msgspec.field(default_factory=lambda: ["watcher", "detector", "aggregator", "recorder", "gpu-stats", "retention"])
     down_alert_seconds: float = 60.0  # alert when a service has been down/stale this long
     backlog_alert_seconds: float = 300.0  # alert when a stage's backlog has grown for this long
     backlog_min: int = 10  # backlogs below this never alert
@@ -138,6 +138,34 @@ class HealthConfig(_Section):
     webhook_url: str | None = None
     webhook_attempts: int = 5
     webhook_timeout: float = 5.0
+
+
+class RetentionCamera(_Section):
+    max_age_days: float | None = None  # None: retention.max_age_days
+    max_bytes: int | None = None  # None: retention.camera_max_bytes
+
+
+class RetentionConfig(_Section):
+    # Age and quota rules, and the database sweep, run every interval.
+    interval_seconds: float = 300.0
+    # Free space on the media filesystem is checked this often (and at once when the watcher asks).
+    disk_check_seconds: float = 10.0
+    max_age_days: float = 30.0  # media older than this goes, per camera unless overridden
+    camera_max_bytes: int = 0  # per-camera size quota in bytes; 0 = none
+    cameras: dict[str, RetentionCamera] = msgspec.field(default_factory=dict)
+    # Watermarks: "10%" of the filesystem, or a size ("20GiB", "500MB", "1073741824"). Below the low
+    # one, the oldest media go until free space is above the high one.
+    low_watermark: str = "10%"
+    high_watermark: str = "15%"
+    min_keep_seconds: float = 3600.0  # nothing younger than this is deleted, not even under pressure
+    # Rows older than these go (events marked keep never do). detections_days must be >= every
+    # media age: a file whose rows are gone would no longer count as recorded, so it would never go.
+    detections_days: float = 30.0
+    events_days: float = 30.0
+    alerts_days: float = 90.0
+    gpu_samples_days: float = 7.0
+    delete_batch: int = 1000  # rows per DELETE statement: short locks, steady autovacuum
+    missing_grace_days: float = 7.0  # rows whose file vanished are deleted after this long
 
 
 class RecorderConfig(_Section):
@@ -164,6 +192,7 @@ class Config(_Section):
     recorder: RecorderConfig = msgspec.field(default_factory=RecorderConfig)
     gpu_stats: GpuStatsConfig = msgspec.field(default_factory=GpuStatsConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
 
 
 def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -293,5 +322,35 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: health.disk_low_percent must be in [0, 100), health.http_port in [0, 65535], health.check_seconds > 0")
     if h.webhook_url is not None and not h.webhook_url.startswith(("http://", "https://")):
         raise ConfigError(f"config error: health.webhook_url {h.webhook_url!r} must start with http:// or https://")
+    r = config.retention
+    for field in ("low_watermark", "high_watermark"):
+        try:
+            parse_watermark(getattr(r, field))
+        except ValueError as exc:
+            raise ConfigError(f"config error: retention.{field}: {exc}") from None
+    ages = [r.max_age_days] + [c.max_age_days for c in r.cameras.values() if c.max_age_days is not None]
+    if r.detections_days < max(ages):
+        raise ConfigError(f"config error: retention.detections_days ({r.detections_days}) must be >= the longest media age ({max(ages)} days)")
+    if min(ages) <= 0 or r.min_keep_seconds < 0 or r.delete_batch < 1 or r.interval_seconds <= 0 or r.disk_check_seconds <= 0:
+        raise ConfigError("config error: retention ages, intervals and delete_batch must be > 0 (min_keep_seconds >= 0)")
     if not config.nats.servers:
         raise ConfigError("config error: nats.servers must name at least one server")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_watermark(text: str) -> tuple[str, float]:
+    """"10%" -> ("percent", 10.0); "20GiB" -> ("bytes", 21474836480.0)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[KMGT]i?B|B)?\s*", text, re.I)
+    if not m:
+        raise ValueError(f"{text!r} is neither a percentage (10%) nor a size (20GiB, 500MB, bytes)")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if unit == "%":
+        if not 0 <= value < 100:
+            raise ValueError(f"{text!r}: a percentage must be in [0, 100)")
+        return "percent", value
+    return "bytes", value * _UNITS[unit]
+

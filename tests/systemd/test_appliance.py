@@ -17,7 +17,7 @@ from tests.systemd.harness import BootedSystemd, can_boot
 reason = can_boot()
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"cannot boot systemd here: {reason}")
 
-SERVICES = ("vigil-nats", "vigil-postgresql", "vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-gpu-stats", "vigil-health")
+SERVICES = ("vigil-nats", "vigil-postgresql", "vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-gpu-stats", "vigil-health", "vigil-retention")
 MEDIA = "/srv/vigil/media"
 
 

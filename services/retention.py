@@ -1,0 +1,295 @@
+"""retention: the disk never fills, nothing valuable is deleted, every deletion is accounted for.
+
+Each run (every `retention.interval_seconds`; at once when free space on the media filesystem is
+below the low watermark, checked every `disk_check_seconds` and whenever the watcher asks on
+vigil.control.retention):
+  1. scans the media root (services/retention_media.py) and plans deletions: media older than the
+     camera's max age, then over its size quota, then - while free space is below the low watermark -
+     the oldest media of any camera until it is above the high watermark, never anything younger than
+     min_keep_seconds, never a file of an event marked keep, never a file the pipeline has not
+     finished with (recorded in PostgreSQL, or dead-lettered);
+  2. deletes those files and, in the same breath, their rows (detections, event links, events left
+     empty);
+  3. marks rows whose file vanished (missing_since), clears the mark when the file is back, deletes
+     them after missing_grace_days;
+  4. deletes detections, events, alerts and GPU samples older than their own retention, in batches
+     of delete_batch rows (short transactions, no long locks);
+  5. checks every JetStream stream has max_age and max_bytes;
+and publishes a RetentionReport on vigil.retention.report (also logged). `vigil retention run
+--dry-run` computes the same report and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import psycopg
+
+import proto
+from proto.messages import MAX_REPORTED_PATHS, CameraFreed, RetentionReport
+from proto.topology import RETENTION_CHECK_SUBJECT, STREAMS
+from services.retention_media import DAY, check_root, free_space, plan, present, scan, unlink_under, watermark_bytes
+from services.runtime import bus
+from services.runtime.config import Config, database_conninfo
+from services.runtime.service import Runtime
+
+CHUNK = 5000  # paths per `= ANY(%s)` query
+
+
+# ---- facts from the bus ----------------------------------------------------------------------------
+async def dead_lettered_paths(js) -> set[str]:
+    """Paths of files the detector gave up on: the pipeline is finished with them too."""
+    import nats.js.errors
+
+    out: set[str] = set()
+    try:
+        info = await js.stream_info("DLQ")
+    except nats.js.errors.NotFoundError:
+        return out
+    if not info.state.messages:
+        return out
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        with contextlib.suppress(nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            letter = proto.decode((await js.get_msg("DLQ", seq)).data)
+            if isinstance(letter, proto.DeadLetter) and letter.stage == "detector":
+                path = json.loads(letter.original_payload).get("path")
+                if isinstance(path, str):
+                    out.add(path)
+    return out
+
+
+async def unbounded_streams(js) -> list[str]:
+    """Streams on the server without an age or size bound (someone edited one by hand, or a stream
+    that vigil does not declare bounds for)."""
+    import nats.js.errors
+
+    out = []
+    for spec in STREAMS:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            cfg = (await js.stream_info(spec.name)).config
+            if not cfg.max_age or cfg.max_age <= 0 or not cfg.max_bytes or cfg.max_bytes <= 0:
+                out.append(spec.name)
+    return out
+
+
+# ---- the database side -----------------------------------------------------------------------------
+def _chunks(items: list, n: int = CHUNK):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def recorded(conn: psycopg.Connection, paths: list[str]) -> set[str]:
+    out: set[str] = set()
+    for chunk in _chunks(paths):
+        out |= {r[0] for r in conn.execute("SELECT DISTINCT path FROM detections WHERE path = ANY(%s)", (chunk,))}
+    return out
+
+
+def kept_paths(conn: psycopg.Connection) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT DISTINCT d.path FROM events e JOIN event_detections ed ON ed.event_id = e.event_id"
+        " JOIN detections d ON d.detection_id = ed.detection_id WHERE e.keep")}
+
+
+_NOT_KEPT = ("NOT EXISTS (SELECT 1 FROM event_detections ed JOIN events e ON e.event_id = ed.event_id"
+             " WHERE ed.detection_id = d.detection_id AND e.keep)")
+
+
+def delete_rows_for_paths(conn: psycopg.Connection, paths: list[str], dry_run: bool) -> dict[str, int]:
+    """Rows of deleted media: their detections, the event links, and events left with no detection."""
+    counts = {"detections": 0, "event_detections": 0, "events": 0}
+    for chunk in _chunks(paths):
+        if dry_run:
+            counts["detections"] += conn.execute(f"SELECT count(*) FROM detections d WHERE path = ANY(%s) AND {_NOT_KEPT}", (chunk,)).fetchone()[0]
+            continue
+        with conn.transaction():
+            ids = [r[0] for r in conn.execute(f"DELETE FROM detections d WHERE path = ANY(%s) AND {_NOT_KEPT} RETURNING detection_id", (chunk,))]
+            counts["detections"] += len(ids)
+            events = [r[0] for r in conn.execute("DELETE FROM event_detections WHERE detection_id = ANY(%s) RETURNING event_id", (ids,))]
+            counts["event_detections"] += len(events)
+            counts["events"] += conn.execute(
+                "DELETE FROM events e WHERE event_id = ANY(%s) AND NOT keep AND NOT EXISTS"
+                " (SELECT 1 FROM event_detections ed WHERE ed.event_id = e.event_id)", (list(set(events)),)).rowcount
+    return counts
+
+
+def sweep(conn: psycopg.Connection, table: str, where: str, params: dict, batch: int, dry_run: bool) -> int:
+    """DELETE ... WHERE <where> in batches of `batch` rows, one short transaction each (row locks
+    held for milliseconds; autovacuum keeps up instead of facing one huge dead-tuple wave)."""
+    key = {"detections": "detection_id", "events": "event_id", "alerts": "alert_id", "gpu_samples": "ctid"}[table]
+    if dry_run:
+        return conn.execute(f"SELECT count(*) FROM {table} d WHERE {where}", params).fetchone()[0]
+    total = 0
+    while True:
+        with conn.transaction():
+            rows = conn.execute(f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} d WHERE {where} LIMIT %(batch)s)"
+                                f" RETURNING {key}", {**params, "batch": batch}).fetchall()
+            if table == "detections" and rows:  # event links have no foreign key to detections
+                conn.execute("DELETE FROM event_detections WHERE detection_id = ANY(%s)", ([r[0] for r in rows],))
+        total += len(rows)
+        if len(rows) < batch:
+            return total
+
+
+def sweep_all(conn: psycopg.Connection, config: Config, now: float, dry_run: bool) -> dict[str, int]:
+    """Rows older than their table's retention; rows of kept events never go."""
+    r = config.retention
+    cut = lambda days: {"cutoff": now - days * DAY}  # noqa: E731
+    return {
+        "detections": sweep(conn, "detections", f"captured_at < to_timestamp(%(cutoff)s) AND {_NOT_KEPT}", cut(r.detections_days), r.delete_batch, dry_run),
+        "events": sweep(conn, "events", "started_at < to_timestamp(%(cutoff)s) AND NOT keep", cut(r.events_days), r.delete_batch, dry_run),
+        "alerts": sweep(conn, "alerts", "created_at < to_timestamp(%(cutoff)s)", cut(r.alerts_days), r.delete_batch, dry_run),
+        "gpu_samples": sweep(conn, "gpu_samples", "minute < to_timestamp(%(cutoff)s)", cut(r.gpu_samples_days), r.delete_batch, dry_run),
+    }
+
+
+def missing(conn: psycopg.Connection, root: Path, on_disk: set[str], scan_started: float, config: Config, now: float,
+            dry_run: bool) -> tuple[int, int, list[str]]:
+    """Mark rows whose file vanished, clear marks whose file is back; return (marked, restored, paths
+    past the grace period). Only rows recorded before the scan started are judged: a file recorded
+    while the scan ran is not missing, just newer than the scan."""
+    marked_paths = [r[0] for r in conn.execute("SELECT DISTINCT path FROM detections WHERE missing_since IS NOT NULL")]
+    back = sorted(present(root, marked_paths))
+    candidates = [r[0] for r in conn.execute(
+        "SELECT DISTINCT path FROM detections WHERE missing_since IS NULL AND recorded_at < to_timestamp(%s)", (scan_started,))]
+    # Double-check with lstat: the scan skips symlinked and hidden paths, which are then not "present".
+    gone = sorted(p for p in candidates if p not in on_disk and not present(root, [p]))
+    expired = [r[0] for r in conn.execute(
+        "SELECT DISTINCT path FROM detections WHERE missing_since < to_timestamp(%s)", (now - config.retention.missing_grace_days * DAY,))]
+    expired = sorted(set(expired) - set(back))
+    if not dry_run:
+        for chunk in _chunks(back):
+            conn.execute("UPDATE detections SET missing_since = NULL WHERE path = ANY(%s)", (chunk,))
+        for chunk in _chunks(gone):
+            conn.execute("UPDATE detections SET missing_since = to_timestamp(%s) WHERE path = ANY(%s) AND missing_since IS NULL", (now, chunk))
+    return len(gone), len(back), expired
+
+
+# ---- one run ---------------------------------------------------------------------------------------
+def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str, dry_run: bool,
+             dead_lettered: set[str] = frozenset(), unbounded: list[str] = ()) -> RetentionReport:
+    """Everything one run does (blocking: call in a thread). `now` is a parameter so tests control
+    the clock; the database's own clock is never used for a cutoff."""
+    r = config.retention
+    root = check_root(config.media_root)
+    started = time.time()
+    report = RetentionReport(run_id=uuid.uuid4().hex[:12], trigger=trigger, dry_run=dry_run, started_at=started, finished_at=started,
+                             unbounded_streams=list(unbounded))
+    free, total = free_space(root)
+    report.free_bytes_before, report.total_bytes = free, total
+    files = scan(root)
+    finished = recorded(conn, [f.rel for f in files]) | (dead_lettered & {f.rel for f in files})
+    decided = plan(files, finished, kept_paths(conn), r, now, free, total)
+    report.kept_skipped, report.young_skipped, report.unrecorded_skipped = decided.kept_skipped, decided.young_skipped, decided.unrecorded_skipped
+    deleted: list[str] = []
+    for f, rule in decided.delete:
+        try:
+            if not dry_run:
+                unlink_under(root, f.rel)
+        except (OSError, ValueError) as exc:
+            report.errors.append(f"{f.rel}: {exc}")
+            continue
+        deleted.append(f.rel)
+        cam = report.cameras.setdefault(f.camera, CameraFreed())
+        cam.files += 1
+        cam.bytes += f.size
+        cam.reasons[rule] = cam.reasons.get(rule, 0) + 1
+    rows = delete_rows_for_paths(conn, deleted, dry_run)
+    on_disk = {f.rel for f in files} - set(deleted)
+    report.missing_marked, report.missing_restored, expired = missing(conn, root, on_disk, started, config, now, dry_run)
+    for table, n in delete_rows_for_paths(conn, expired, dry_run).items():
+        rows[table] = rows.get(table, 0) + n
+    for table, n in sweep_all(conn, config, now, dry_run).items():
+        rows[table] = rows.get(table, 0) + n
+    report.rows_deleted = {t: n for t, n in rows.items() if n}
+    report.deleted_count = len(deleted)
+    report.deleted_paths = sorted(deleted)[:MAX_REPORTED_PATHS]
+    report.free_bytes_after = free_space(root)[0] if not dry_run else free + sum(c.bytes for c in report.cameras.values())
+    report.finished_at = time.time()
+    return report
+
+
+def connect(config: Config) -> psycopg.Connection:
+    return psycopg.connect(**database_conninfo(config), connect_timeout=5, autocommit=True)
+
+
+async def gather_and_run(config: Config, js, trigger: str, dry_run: bool, now: float | None = None) -> RetentionReport:
+    """The bus facts (dead letters, stream bounds), then the blocking run in a thread."""
+    dead = await dead_lettered_paths(js) if js is not None else set()
+    unbounded = await unbounded_streams(js) if js is not None else []
+
+    def blocking() -> RetentionReport:
+        with connect(config) as conn:
+            return run_once(config, conn, now or time.time(), trigger, dry_run, dead, unbounded)
+
+    return await asyncio.to_thread(blocking)
+
+
+# ---- the service -----------------------------------------------------------------------------------
+async def run(config: Config) -> None:
+    r = config.retention
+    root = check_root(config.media_root)  # ConfigError -> exit 78 before anything else
+    async with Runtime.start("retention", config) as rt:
+        wake = asyncio.Event()
+        asked_by_watcher = False
+
+        async def on_check(msg) -> None:
+            nonlocal asked_by_watcher
+            asked_by_watcher = True
+            wake.set()
+
+        await rt.nc.subscribe(RETENTION_CHECK_SUBJECT, cb=on_check)
+        next_full = next_disk = 0.0
+        rt.beat("retention")
+        while not rt.stopping.is_set():
+            trigger = None
+            if asked_by_watcher:
+                trigger = "watcher"
+            elif time.monotonic() >= next_disk:
+                next_disk = time.monotonic() + r.disk_check_seconds
+                try:
+                    free, total = await asyncio.to_thread(free_space, root)
+                    if total and free < watermark_bytes(r.low_watermark, total):
+                        trigger = "watermark"
+                except OSError as exc:
+                    rt.note_error(f"statvfs {root}: {exc}")
+            if trigger is None and time.monotonic() >= next_full:
+                trigger = "interval"
+            asked_by_watcher = False
+            wake.clear()
+            if trigger:
+                try:
+                    run = asyncio.ensure_future(gather_and_run(config, rt.js, trigger, dry_run=False))
+                    while not run.done():  # a big first run can take minutes: that is work, not a hang
+                        await asyncio.wait({run}, timeout=2.0)
+                        rt.keepalive()
+                    report = run.result()
+                except (psycopg.Error, OSError, *bus.TRANSIENT) as exc:
+                    rt.note_error(f"retention run failed: {exc!r}")
+                    rt.log.warning("retention run failed; trying again at the next check", error=repr(exc))
+                else:
+                    log_report(rt, report)
+                    await bus.publish(rt, "vigil.retention.report", report, f"retention-{report.run_id}")
+                    rt.count("runs")
+                    rt.count("files_deleted", report.deleted_count)
+                    if trigger == "interval":
+                        next_full = time.monotonic() + r.interval_seconds
+            rt.beat("retention")
+            # wake at least every second: to notice a stop, and to keep the disk check on its cadence
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+
+
+def log_report(rt: Runtime, report: RetentionReport) -> None:
+    level = rt.log.warning if report.errors or report.unbounded_streams else rt.log.info
+    level("retention run", trigger=report.trigger, files=report.deleted_count, bytes=sum(c.bytes for c in report.cameras.values()),
+          cameras={c: msgspec.to_builtins(v) for c, v in report.cameras.items()}, rows=report.rows_deleted,
+          missing_marked=report.missing_marked, missing_restored=report.missing_restored, kept_skipped=report.kept_skipped,
+          young_skipped=report.young_skipped, unrecorded_skipped=report.unrecorded_skipped, free_before=report.free_bytes_before,
+          free_after=report.free_bytes_after, unbounded_streams=report.unbounded_streams, errors=report.errors[:20])

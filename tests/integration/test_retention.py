@@ -1,0 +1,166 @@
+"""retention against real files and a real PostgreSQL: ages, keep, missing media, safety, dry run,
+disk pressure on a real size-limited tmpfs, and the service reacting to the watcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import proto
+from services.retention import connect, run_once
+from services.runtime.config import load_config
+from tests.integration.retention_support import DAY, migrate, put_file, record, rows
+from tests.support import REPO, drop, photo_bytes, stream_messages, wait_until, write_config
+
+
+def config_for(tmp_path: Path, media: Path, database: str, nats_url: str = "nats://127.0.0.1:1", **retention):
+    path = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=nats_url, dsn=database,
+                        model="none", models_dir=None, retention=retention)
+    return path, load_config(path, environ={})
+
+
+def run(config, now: float, dry_run: bool = False, **kw):
+    with connect(config) as conn:
+        return run_once(config, conn, now, "cli", dry_run, **kw)
+
+
+def cli(config_path: Path, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "services.cli", *args, "--config", str(config_path), "--json"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120, env={**os.environ, "VIGIL_CONFIG": ""})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_ages_per_camera_keep_and_dry_run(tmp_path, media, database, nats_server):
+    migrate(database)
+    now = time.time()
+    path, config = config_for(tmp_path, media, database, nats_server.url, max_age_days=10.0,
+                              cameras={"front_door": {"max_age_days": 2.0}})
+    ages = {"front_door/1d.jpg": 1, "front_door/3d.jpg": 3, "front_door/2026/05d.jpg": 5, "front_door/kept.jpg": 6,
+            "backyard/1d.jpg": 1, "backyard/5d.jpg": 5, "backyard/12d.jpg": 12, "backyard/unrecorded.jpg": 40}
+    for rel, days in ages.items():
+        put_file(media, rel, now - days * DAY)
+        if rel != "backyard/unrecorded.jpg":
+            record(database, rel, now - days * DAY, event_id=f"ev-{rel}")
+    assert cli(path, "events", "keep", "ev-front_door/kept.jpg") == {"event_id": "ev-front_door/kept.jpg", "keep": True}
+    expected = ["backyard/12d.jpg", "front_door/2026/05d.jpg", "front_door/3d.jpg"]
+
+    dry = cli(path, "retention", "run", "--dry-run")
+    assert dry["dry_run"] and dry["deleted_paths"] == expected
+    assert all((media / rel).exists() for rel in ages)  # a dry run changes nothing
+    assert rows(database, "SELECT count(*) FROM detections")[0][0] == 7
+
+    real = cli(path, "retention", "run")
+    assert real["deleted_paths"] == dry["deleted_paths"] and real["cameras"] == dry["cameras"]
+    assert real["cameras"]["front_door"] == {"files": 2, "bytes": 8192, "reasons": {"age": 2}}
+    assert {rel for rel in ages if (media / rel).exists()} == set(ages) - set(expected)
+    assert not (media / "front_door" / "2026").exists()  # the emptied date folder went too
+    assert (real["kept_skipped"], real["unrecorded_skipped"]) == (1, 1)
+    # rows follow their files: detections, event links and the events left empty
+    assert sorted(r[0] for r in rows(database, "SELECT path FROM detections")) == sorted(set(ages) - set(expected) - {"backyard/unrecorded.jpg"})
+    assert real["rows_deleted"] == {"detections": 3, "event_detections": 3, "events": 3}
+    assert rows(database, "SELECT keep FROM events WHERE event_id = 'ev-front_door/kept.jpg'") == [(True,)]
+    report = wait_until(lambda: [m for m in stream_messages(nats_server.url, "RETENTION") if isinstance(m, proto.RetentionReport)],
+                        what="the report on the bus")
+    assert report[0].deleted_paths == expected and report[0].unbounded_streams == []
+
+
+def test_missing_media_is_marked_restored_and_deleted_after_the_grace_period(tmp_path, media, database):
+    migrate(database)
+    now = time.time()
+    _, config = config_for(tmp_path, media, database, missing_grace_days=7.0)
+    for rel in ("front_door/a.jpg", "front_door/b.jpg"):
+        put_file(media, rel, now - DAY)
+        record(database, rel, now - DAY, event_id=f"ev-{rel}")
+    moved = media / "front_door" / "a.jpg"
+    held = moved.read_bytes()
+    moved.unlink()
+    shutil.rmtree(media / "backyard")  # a whole camera folder gone: its rows would be marked the same way
+    first = run(config, now)
+    assert (first.missing_marked, first.missing_restored, first.rows_deleted) == (1, 0, {})
+    assert rows(database, "SELECT path FROM detections WHERE missing_since IS NOT NULL") == [("front_door/a.jpg",)]
+
+    moved.write_bytes(held)  # it came back (a remounted disk, a restore)
+    assert run(config, now + DAY).missing_restored == 1
+    assert rows(database, "SELECT count(*) FROM detections WHERE missing_since IS NOT NULL") == [(0,)]
+
+    moved.unlink()
+    assert run(config, now + 2 * DAY).missing_marked == 1
+    assert run(config, now + 8 * DAY).rows_deleted == {}  # 6 days missing: still within the grace period
+    late = run(config, now + 9.5 * DAY)
+    assert late.rows_deleted == {"detections": 1, "event_detections": 1, "events": 1}
+    assert rows(database, "SELECT path FROM detections") == [("front_door/b.jpg",)]
+
+
+def test_symlinks_and_dotdot_paths_are_never_followed_or_deleted(tmp_path, media, database):
+    migrate(database)
+    now = time.time()
+    _, config = config_for(tmp_path, media, database, max_age_days=1.0, detections_days=30.0)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.jpg"
+    put_file(outside.parent, "outside/secret.jpg", now - 10 * DAY)
+    (media / "front_door" / "link.jpg").symlink_to(secret)
+    os.symlink(outside, media / "evil_cam")  # a camera folder that is a symlink
+    for rel in ("front_door/link.jpg", "evil_cam/secret.jpg", "front_door/../../outside/secret.jpg"):
+        record(database, rel, now - 10 * DAY)
+    put_file(media, "front_door/x..y.jpg", now - 10 * DAY)  # ".." inside a name is just a name
+    record(database, "front_door/x..y.jpg", now - 10 * DAY)
+    report = run(config, now)
+    assert report.deleted_paths == ["front_door/x..y.jpg"] and report.errors == []
+    assert secret.exists() and (media / "front_door" / "link.jpg").is_symlink() and (media / "evil_cam").is_symlink()
+    assert report.missing_marked == 3  # what the rows point at is not a file under the root
+    late = run(config, now + 8 * DAY)
+    assert late.rows_deleted["detections"] == 3 and secret.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="mounting a tmpfs needs root and unshare")
+def test_disk_pressure_on_a_small_tmpfs(tmp_path, database):
+    """A burst fills a 24 MiB tmpfs below the low watermark; one run frees the oldest recorded files
+    until free space is above the high watermark, and leaves everything younger than min_keep alone."""
+    migrate(database)
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "tests.integration.pressure_scenario",
+                          database, str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    if out.returncode == 77:
+        pytest.skip(out.stderr.strip())
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    total, low, high = result["total"], result["low"], result["high"]
+    assert result["free_before"] < low <= high <= result["report"]["free_bytes_after"] == result["free_after"]
+    deleted = result["report"]["deleted_paths"]
+    old = result["old"]  # oldest first
+    assert sorted(deleted) == sorted(old[: len(deleted)])  # oldest first, none skipped
+    assert set(result["young"]) <= set(result["left"])  # younger than min_keep: untouched
+    assert result["report"]["cameras"] and all(set(c["reasons"]) == {"watermark"} for c in result["report"]["cameras"].values())
+    print(f"tmpfs {total >> 20} MiB: free {result['free_before'] >> 20} MiB -> {result['free_after'] >> 20} MiB,"
+          f" {len(deleted)} of {len(old)} old files deleted, {len(result['young'])} young kept")
+
+
+def test_the_service_runs_when_the_watcher_asks(make_stack, nats_server, media, database):
+    """Free space is (by configuration) always below the low watermark: the watcher asks for a check
+    as files arrive, and retention answers with a run it reports as triggered by the watcher."""
+    migrate(database)
+    stack = make_stack(model="none", retention={"low_watermark": "99.999%", "high_watermark": "99.999%", "disk_check_seconds": 3600.0,
+                                                "interval_seconds": 3600.0})
+    stack.start("retention", "watcher")
+    stack.wait_ready("retention", "watcher")
+    drop(media / "front_door" / "a.jpg", photo_bytes("camera", scale=0.25))
+    reports = wait_until(lambda: [m for m in stream_messages(nats_server.url, "RETENTION") if m.trigger == "watcher"], what="a watcher-triggered run")
+    assert reports[0].deleted_count == 0 and reports[0].young_skipped == 1  # a.jpg is younger than min_keep_seconds
+    assert "asking retention for a check" in stack.log("watcher")
+    assert stack.stop("retention") == 0
+
+
+def test_refuses_to_start_on_slash(make_stack):
+    stack = make_stack(model="none")
+    stack.config.write_text(stack.config.read_text().replace("media_root = ", 'media_root = "/"\n# was: media_root = ', 1))
+    stack.start("retention")
+    assert stack.procs["retention"].wait(30) == 78
+    assert "home directory" in stack.log("retention")
