@@ -118,3 +118,22 @@ def test_metrics_text_parses_and_page_escapes(tmp_path):
     assert [(s.labels["counter"], s.value) for s in families["vigil_service_counter"].samples] == [("published", 3.0)]
     page = render_page(state)
     assert "<script>" not in page and "&lt;script&gt;" in page and "front&lt;door&gt;" in page
+
+
+def test_observe_raises_disk_cpu_fallback_and_silent_camera_conditions():
+    from services.health import observe
+
+    config = load_config(environ={"VIGIL_HEALTH__DISK_LOW_PERCENT": "10", "VIGIL_HEALTH__CAMERA_SILENT_SECONDS": "3600"})
+    config.health.cameras["driveway"] = 60.0  # per-camera override
+    state = HealthState(config)
+    state.cameras.update({"front": NOW - 7200, "back": NOW - 100, "driveway": NOW - 100})
+    snap = Snapshot(taken_at=NOW, services=[
+        ServiceStatus(service="detector", instance="box-0", verdict="degraded", reason="x", backend="degraded: cpu fallback (CUDA error)"),
+        ServiceStatus(service="recorder", instance=None, verdict="down", reason="no instance has sent a heartbeat")],
+        stages=[], disks=[DiskStatus(path="/srv", total_bytes=1000, free_bytes=50), DiskStatus(path="/var", total_bytes=1000, free_bytes=500)],
+        gpus=[], dead_letters={}, systemd="x")
+    got = observe(snap, state, config, BacklogTrend(), NOW)
+    assert set(got) == {"detector_cpu_fallback:detector.box-0", "service_down:recorder.*", "disk_low:/srv", "camera_silent:front",
+                        "camera_silent:driveway"}
+    assert got["camera_silent:front"][1] == "front" and got["disk_low:/srv"][2] == "critical"
+    assert got["service_down:recorder.*"][4] == config.health.down_alert_seconds
