@@ -35,6 +35,11 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
     backoff: tuple[float, ...] = ()
 
 
+# The server publishes this (plus .<stream>.<consumer>) when a message reaches a consumer's max_deliver;
+# the message itself stays in its stream until someone copies and deletes it.
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
 def subject(kind: str, camera: str) -> str:
     """`vigil.<kind>.<camera>`: subjects carry the camera so `nats sub 'vigil.*.front_door'` works."""
     return f"vigil.{kind}.{camera}"
@@ -107,6 +112,15 @@ STREAMS: tuple[StreamSpec, ...] = (
         discard="old",
     ),
     StreamSpec(
+        name="ADVISORIES",
+        description="JetStream MAX_DELIVERIES advisories, kept so a message that used up its deliveries is dead-lettered even when its service was down as it happened",
+        subjects=(f"{MAX_DELIVERIES_ADVISORY}.>",),
+        retention="limits",
+        max_age=7 * DAY,
+        max_bytes=64 * MiB,
+        discard="old",
+    ),
+    StreamSpec(
         name="DLQ",
         description="Dead letters: messages a stage gave up on, with stage, reason and original payload (vigil.dlq.<stage>.<camera>)",
         subjects=("vigil.dlq.>",),
@@ -174,6 +188,21 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         max_deliver=20,
         max_ack_pending=1024,
     ),
+)
+
+# Per pipeline consumer, a durable consumer of its MAX_DELIVERIES advisories (bus.exhausted_loop).
+EXHAUSTED_PREFIX = "exhausted-"
+CONSUMERS += tuple(
+    ConsumerSpec(
+        stream="ADVISORIES",
+        durable=f"{EXHAUSTED_PREFIX}{c.durable}",
+        description=f"Dead-letters {c.stream} messages that used up {c.durable}'s deliveries",
+        filter_subject=f"{MAX_DELIVERIES_ADVISORY}.{c.stream}.{c.durable}",
+        ack_wait=30.0,
+        max_deliver=100,
+        max_ack_pending=64,
+    )
+    for c in CONSUMERS
 )
 
 # Key-value buckets (JetStream KV) for state that must survive a crash.

@@ -124,4 +124,5 @@ async def run(config: Config) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(bus.consume(rt, "aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0, stage=STAGE))
             tg.create_task(aggregator.idle_loop())
+            tg.create_task(bus.exhausted_loop(rt, "aggregator", STAGE))
 

@@ -76,6 +76,7 @@ def _operator_commands(sub) -> None:
     p.add_argument("--camera", default=None)
     p.add_argument("--since", default=None, help="e.g. 30m, 1h, 2d")
     add("trace", "where one file is: detected, in which event, dead-lettered").add_argument("target", help="a path or a file id")
+    add("provision", "declare every stream, consumer and KV bucket (idempotent; the installer runs it as the NATS admin)")
     p = add("retention", "run retention once now (what the service does every interval)")
     p.add_argument("action", choices=["run"])
     p.add_argument("--dry-run", action="store_true", help="print what would be deleted and change nothing")

@@ -143,6 +143,19 @@ def query_events(config: Config, camera: str | None, since: str | None) -> list[
              "labels": r[5], "close_reason": r[6], "keep": r[7]} for r in rows]
 
 
+async def provision_all(config: Config) -> dict:
+    import structlog
+
+    from services.runtime.bus import provision
+
+    nc = await connect(config)
+    try:
+        await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))
+    finally:
+        await nc.close()
+    return {"streams": [s.name for s in STREAMS], "consumers": [c.durable for c in CONSUMERS]}
+
+
 def keep_event(config: Config, event_id: str, keep: bool) -> dict:
     import psycopg
 
@@ -338,6 +351,10 @@ def run_command(args) -> int:
                 raise ValueError(f"usage: vigil events {args.action} EVENT_ID")
             data = keep_event(config, args.event_id, args.action == "keep")
             print(json.dumps(data) if as_json else f"event {data['event_id']}: keep = {str(data['keep']).lower()}")
+            return 0
+        if args.command == "provision":
+            data = asyncio.run(provision_all(config))
+            print(json.dumps(data) if as_json else f"provisioned: streams {', '.join(data['streams'])}")
             return 0
         if args.command == "retention":
             data = asyncio.run(retention_run(config, args.dry_run))

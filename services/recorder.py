@@ -221,6 +221,7 @@ async def run(config: Config) -> None:
             async with asyncio.TaskGroup() as tg:
                 for w in writers:
                     tg.create_task(bus.consume(rt, w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout, stage=STAGE))
+                    tg.create_task(bus.exhausted_loop(rt, w.durable, STAGE))
         finally:
             for w in writers:
                 await w.close()

@@ -343,6 +343,7 @@ async def run(config: Config) -> None:
             async with asyncio.TaskGroup() as tg:
                 keepalive = tg.create_task(detector.keep_in_progress())
                 tg.create_task(detector.prepare_loop())
+                tg.create_task(bus.exhausted_loop(rt, "detector", STAGE))
                 await detector.infer_loop()
                 keepalive.cancel()
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -18,8 +19,8 @@ from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageT
 
 import proto
 from services.runtime.config import credential
-from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, GPU_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
+from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter, valid_camera
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -142,6 +143,23 @@ async def provision(js: JetStreamContext, log) -> None:
                 pass  # created concurrently
 
 
+async def wait_provisioned(rt: "Runtime") -> None:
+    """With nats.provision = false (per-service users may not create streams), wait until an
+    administrator (`vigil provision`, run by the installer) has declared everything this build needs."""
+    while True:
+        missing = []
+        for spec in STREAMS:
+            try:
+                await rt.js.stream_info(spec.name)
+            except nats.js.errors.NotFoundError:
+                missing.append(spec.name)
+        if not missing:
+            return
+        rt.log.error("streams missing: run `vigil provision` as the NATS admin", streams=missing)
+        rt.notifier.status(f"waiting for streams {', '.join(missing)} (vigil provision)")
+        await asyncio.sleep(5.0)
+
+
 async def publish(rt: "Runtime", subject: str, msg: proto.Message, msg_id: str | None) -> None:
     """Publish and wait for the PubAck, retrying transient failures with capped backoff.
 
@@ -195,30 +213,96 @@ async def retry(rt: "Runtime", what: str, call: Callable[[], Awaitable[T]]) -> T
     raise AssertionError("unreachable")
 
 
-async def dead_letter(rt: "Runtime", stage: str, msg: Msg, reason: str, camera: str | None = None, file_id: str | None = None) -> None:
-    """Record why `msg` cannot be processed in the DLQ stream, then term() it so it is never redelivered."""
-    meta = msg.metadata if msg.reply else None
-    payload = msg.data[:MAX_DEAD_LETTER_PAYLOAD].decode("utf-8", "replace")
-    letter = DeadLetter(
+def _letter(stage: str, reason: str, subject: str, data: bytes, headers: dict | None, stream: str | None, sequence: int | None,
+            deliveries: int, camera: str | None, file_id: str | None) -> DeadLetter:
+    payload = data[:MAX_DEAD_LETTER_PAYLOAD].decode("utf-8", "replace")
+    return DeadLetter(
         stage=stage,
         reason=reason[:2000],
-        original_subject=msg.subject,
+        original_subject=subject,
         original_payload=payload[:MAX_DEAD_LETTER_PAYLOAD],
-        original_headers={k: str(v)[:1000] for k, v in list((msg.headers or {}).items())[:32]},
-        original_size=len(msg.data),
-        original_stream=meta.stream if meta else None,
-        original_sequence=meta.sequence.stream if meta else None,
-        deliveries=meta.num_delivered if meta else 1,
+        original_headers={k: str(v)[:1000] for k, v in list((headers or {}).items())[:32]},
+        original_size=len(data),
+        original_stream=stream,
+        original_sequence=sequence,
+        deliveries=deliveries,
         camera=camera,
         file_id=file_id,
         failed_at=time.time(),
     )
-    # One id per (stream, sequence, consumer): a redelivered poison message is recorded once.
-    msg_id = f"dlq-{meta.stream}-{meta.sequence.stream}-{meta.consumer}" if meta else None
+
+
+def _dlq_id(stream: str, sequence: int, consumer: str) -> str:
+    # One id per (stream, sequence, consumer): a message is recorded once, whichever path gets there first.
+    return f"dlq-{stream}-{sequence}-{consumer}"
+
+
+async def dead_letter(rt: "Runtime", stage: str, msg: Msg, reason: str, camera: str | None = None, file_id: str | None = None) -> None:
+    """Record why `msg` cannot be processed in the DLQ stream, then term() it so it is never redelivered."""
+    meta = msg.metadata if msg.reply else None
+    letter = _letter(stage, reason, msg.subject, msg.data, msg.headers, meta.stream if meta else None,
+                     meta.sequence.stream if meta else None, meta.num_delivered if meta else 1, camera, file_id)
+    msg_id = _dlq_id(meta.stream, meta.sequence.stream, meta.consumer) if meta else None
     await publish(rt, dlq_subject(stage, camera), letter, msg_id=msg_id)
     await msg.term()
     rt.count("dead_lettered")
     rt.log.warning("dead-lettered", stage=stage, reason=reason[:300], camera=camera, file_id=file_id, subject=msg.subject)
+
+
+def remember_failure(rt: "Runtime", msg: Msg, error: str) -> None:
+    """The latest error per (stream, sequence), so a message that later runs out of deliveries is
+    dead-lettered with it (bounded: the oldest entries are forgotten first)."""
+    if msg.reply:
+        meta = msg.metadata
+        rt.failures[(meta.stream, meta.sequence.stream)] = error[:500]
+        while len(rt.failures) > 10_000:
+            rt.failures.pop(next(iter(rt.failures)))
+
+
+async def exhausted_loop(rt: "Runtime", durable: str, stage: str) -> None:
+    """Dead-letter the messages that used up `durable`'s max_deliver without an ack, nak or term -
+    the process crashed on them, hung, or kept timing out - from the server's MAX_DELIVERIES
+    advisories, kept in the ADVISORIES stream so none is missed while this service was down. The
+    message is copied to the DLQ, then deleted from its stream once no other consumer needs it."""
+    spec = next(c for c in CONSUMERS if c.durable == durable)
+
+    async def handle(msgs: list[Msg]) -> None:
+        for m in msgs:
+            try:
+                advisory = json.loads(m.data)
+                seq, deliveries = int(advisory["stream_seq"]), int(advisory.get("deliveries") or spec.max_deliver)
+            except (ValueError, KeyError, TypeError):
+                await m.term()
+                continue
+            await _move_exhausted(rt, spec, stage, seq, deliveries)
+            await m.ack()
+
+    await consume(rt, f"{EXHAUSTED_PREFIX}{durable}", handle, batch=16, timeout=5.0, stage=stage)
+
+
+async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int) -> None:
+    try:
+        raw = await rt.js.get_msg(spec.stream, seq)
+    except nats.js.errors.NotFoundError:
+        return  # acked after all, or already moved
+    error = rt.failures.pop((spec.stream, seq), None)
+    reason = f"gave up after {deliveries} deliveries: " + (error or "no error was recorded (the process crashed, hung or timed out on it)")
+    camera = raw.subject.rsplit(".", 1)[-1]
+    try:
+        file_id = json.loads(raw.data).get("file_id")
+    except (ValueError, AttributeError):
+        file_id = None
+    letter = _letter(stage, reason, raw.subject, raw.data or b"", raw.headers, spec.stream, seq, deliveries,
+                     camera if valid_camera(camera) else None, file_id if isinstance(file_id, str) else None)
+    await publish(rt, dlq_subject(stage, letter.camera), letter, msg_id=_dlq_id(spec.stream, seq, spec.durable))
+    rt.count("dead_lettered")
+    rt.log.warning("dead-lettered after max deliveries", stage=stage, stream=spec.stream, sequence=seq, reason=reason[:300])
+    # Another consumer of an interest stream may still need it (the recorder after the aggregator gave up).
+    for other in (c for c in CONSUMERS if c.stream == spec.stream and c.durable != spec.durable):
+        info = await rt.js.consumer_info(other.stream, other.durable)
+        if (info.ack_floor.stream_seq if info.ack_floor else 0) < seq:
+            return  # it stays; interest retention removes it once the others have acked it
+    await rt.js.delete_msg(spec.stream, seq)
 
 
 def last_delivery(msg: Msg, durable: str) -> bool:
@@ -237,6 +321,7 @@ async def give_up_or_retry(rt: "Runtime", stage: str, durable: str, msgs: list[M
             if last_delivery(msg, durable):
                 await dead_letter(rt, stage, msg, f"gave up after {msg.metadata.num_delivered} deliveries: {error!r}"[:500])
             else:
+                remember_failure(rt, msg, repr(error))
                 await msg.nak(delay=delay)
         except TRANSIENT as exc:  # the server is away: the message comes back after ack_wait anyway
             rt.log.warning("could not nak", error=repr(exc))

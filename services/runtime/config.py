@@ -35,6 +35,10 @@ class NatsConfig(_Section):
     # Seconds between reconnect attempts; the client never gives up (max_reconnect_attempts=-1).
     reconnect_wait: float = 1.0
     publish_timeout: float = 5.0
+    # Every service declares the streams, consumers and KV buckets at start (idempotent). false: it only
+    # checks they exist - for per-service NATS users without stream-admin rights; the installer then
+    # runs `vigil provision` as the admin user.
+    provision: bool = True
 
 
 class DatabaseConfig(_Section):

@@ -62,6 +62,7 @@ class Runtime:
         self.stopping = asyncio.Event()
         self.counters: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}  # per consumer: messages held right now
+        self.failures: dict[tuple[str, int], str] = {}  # (stream, seq) -> latest error, for dead letters after max_deliver
         self.status_extra = ""
         self.nc: NATS | None = None
         self.js: JetStreamContext | None = None
@@ -92,7 +93,10 @@ class Runtime:
             if rt.nc is None:
                 raise StoppedBeforeReady
             rt.js = rt.nc.jetstream(timeout=config.nats.publish_timeout)
-            await bus.provision(rt.js, log)
+            if config.nats.provision:
+                await bus.provision(rt.js, log)
+            else:
+                await bus.wait_provisioned(rt)
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(rt._watchdog_loop())
                 rt.notifier.ready(rt.status_line())

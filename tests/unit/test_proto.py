@@ -40,7 +40,7 @@ def test_garbage_payload_raises():
 def test_every_stream_is_bounded_and_described():
     for s in STREAMS:
         assert s.description and s.max_age > 0 and s.max_bytes > 0, s.name
-        assert all(subj.startswith("vigil.") for subj in s.subjects)
+        assert all(subj.startswith(("vigil.", "$JS.EVENT.ADVISORY.")) for subj in s.subjects)
 
 
 def test_every_consumer_has_a_stream_and_sane_limits():

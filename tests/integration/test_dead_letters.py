@@ -1,0 +1,78 @@
+"""Messages that use up their deliveries without any verdict (the process died on them, hung, timed
+out) reach the dead-letter stream through the server's MAX_DELIVERIES advisory - even when the
+service was down as it happened."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import nats.js.errors
+import structlog
+from nats.js.api import AckPolicy, ConsumerConfig
+
+import proto
+from services.runtime.bus import provision
+from tests.support import stream_messages, wait_until
+
+
+def exhaust_one_upload(url: str) -> int:
+    """Provision, shorten the detector consumer's fuse (2 deliveries, 1 s ack wait), publish one upload,
+    and let both deliveries expire unanswered, as a detector crashing on it would. Returns its sequence."""
+
+    async def go() -> int:
+        nc = await nats.connect(url)
+        js = nc.jetstream()
+        await provision(js, structlog.get_logger())
+        await js.delete_consumer("UPLOADS", "detector")
+        await js.add_consumer("UPLOADS", ConsumerConfig(durable_name="detector", ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0,
+                                                         max_deliver=2, filter_subject="vigil.uploads.*"))
+        up = proto.FileUploaded(file_id="poison-1", camera="front_door", path="front_door/poison.jpg", size=10, mtime=time.time(),
+                                sha256="0" * 64, kind="image")
+        ack = await js.publish("vigil.uploads.front_door", proto.encode(up), headers=proto.headers_for(up, "upload-poison-1"))
+        sub = await js.pull_subscribe_bind("detector", "UPLOADS")
+        for _ in range(2):
+            (msg,) = await sub.fetch(1, timeout=5)  # taken, never answered
+            assert msg.metadata.sequence.stream == ack.seq
+            await asyncio.sleep(1.3)
+        for _ in range(50):  # the advisory is captured by the ADVISORIES stream
+            if (await js.stream_info("ADVISORIES")).state.messages:
+                break
+            await asyncio.sleep(0.1)
+        await nc.close()
+        return ack.seq
+
+    return asyncio.run(go())
+
+
+def still_in_uploads(url: str, seq: int) -> bool:
+    async def go() -> bool:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().get_msg("UPLOADS", seq)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def test_exhausted_message_is_dead_lettered_from_the_advisory_after_a_restart(make_stack, nats_server):
+    seq = exhaust_one_upload(nats_server.url)
+    assert still_in_uploads(nats_server.url, seq)  # the server keeps it: someone must move it
+    # provision = false: a starting service would otherwise restore the consumer's normal max_deliver,
+    # and the server would deliver the message again (a real config change does exactly that)
+    stack = make_stack(model="none", env={"VIGIL_NATS__PROVISION": "false"})
+    stack.start("detector")  # down while it happened; the advisory waited in the ADVISORIES stream
+    stack.wait_ready("detector")
+    (letter,) = wait_until(lambda: [m for m in stream_messages(nats_server.url, "DLQ") if isinstance(m, proto.DeadLetter)],
+                           what="the dead letter")
+    assert (letter.stage, letter.original_stream, letter.original_sequence) == ("detector", "UPLOADS", seq)
+    assert letter.deliveries >= 2  # the server's count from the advisory (nats-server 2.10+ reports max_deliver + 1)
+    assert letter.camera == "front_door" and letter.file_id == "poison-1" and "no error was recorded" in letter.reason
+    assert proto.decode(letter.original_payload.encode()).path == "front_door/poison.jpg"
+    wait_until(lambda: not still_in_uploads(nats_server.url, seq), what="the message removed from UPLOADS")
+    assert "dead-lettered after max deliveries" in stack.log("detector")
