@@ -27,6 +27,14 @@ bench: bench-pipeline bench-detector
 bench-pipeline *ARGS:
     python -m tests.bench.pipeline {{ARGS}}
 
+# JetStream sync_interval default vs always: publish msg/s and pipeline files/s, with the ratio
+bench-sync *ARGS:
+    python -m tests.bench.sync_interval {{ARGS}}
+
 # detector benchmark: service images/s on the real model vs a raw onnxruntime loop; batch size, decode threads
 bench-detector *ARGS:
     python -m tests.bench.detector {{ARGS}}
+
+# chaos: N files while services are SIGKILLed every few seconds, nats-server and PostgreSQL restarted once
+chaos N="400" *ARGS:
+    python -m tests.chaos.chaos --files {{N}} {{ARGS}}

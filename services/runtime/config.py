@@ -207,8 +207,12 @@ def credential(name: str, environ: Mapping[str, str] | None = None) -> str | Non
     directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
         return None
+    path = Path(directory) / name
     try:
-        return (Path(directory) / name).read_text().strip() or None
+        mode = path.stat().st_mode
+        if mode & 0o007:  # anyone on the machine could read it: refuse rather than use a leaked secret
+            raise ConfigError(f"config error: credential file {path} is readable by other users (mode {mode & 0o777:o}); chmod 0600 it")
+        return path.read_text().strip() or None
     except FileNotFoundError:
         return None  # this unit was not given that credential
     except PermissionError:

@@ -123,11 +123,12 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--sync", choices=["default", "always"], default="default", help="JetStream sync_interval of the server")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vigil-bench-") as tmp:
         root = Path(tmp)
-        nats_server = NatsServer(root / "nats").start()
+        nats_server = NatsServer(root / "nats", sync_always=args.sync == "always").start()
         pg = Postgres(root / "pg").start()
         media = root / "media"
         media.mkdir()

@@ -21,6 +21,7 @@ def test_password_from_credential_ready_reload_and_stop(tmp_path):
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "db-password").write_text("s3cret-from-credential\n")
+    (creds / "db-password").chmod(0o600)
     notify = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(notify))

@@ -79,3 +79,16 @@ def test_foreign_vigil_variables_are_ignored():
 def test_cross_field_rule():
     with pytest.raises(ConfigError, match="max_seconds"):
         load_config(environ={"VIGIL_AGGREGATOR__MAX_SECONDS": "5", "VIGIL_AGGREGATOR__IDLE_SECONDS": "10"})
+
+
+def test_a_world_readable_credential_is_refused_naming_the_file(tmp_path):
+    from services.runtime.config import credential
+
+    secret = tmp_path / "nats-password"
+    secret.write_text("hunter2\n")
+    secret.chmod(0o600)
+    assert credential("nats-password", {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "hunter2"
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match=f"{secret} is readable by other users .mode 644."):
+        credential("nats-password", {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert credential("db-password", {"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None  # not given to this unit

@@ -1,0 +1,206 @@
+"""Chaos run: real servers, real service processes, a real model; a driver kills things while files arrive.
+
+    python -m tests.chaos.chaos --files 400 [--seed 7] [--kill-every 3]      (just chaos 400)
+
+N valid photos plus one bad file per ten arrive at a steady rate on three cameras, with one 10x burst
+in the middle. Meanwhile a random service is SIGKILLed every few seconds (each service in turn, in a
+random order per round) and restarted half a second later (as systemd would), nats-server is SIGKILLed and restarted once, and PostgreSQL is stopped and
+started once. At the end every valid file must have exactly one detection row, every detection exactly
+one event, the DLQ exactly the bad files, and every service but the detector a peak RSS under 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+from services.stack import NatsServer, Postgres
+from tests.support import Services, drop, photo_bytes, query, stream_messages, wait_until, write_config
+
+SERVICES = ("watcher", "detector", "aggregator", "recorder")
+CAMERAS = ("front_door", "backyard", "garage")
+RSS_LIMIT_MB = 150
+
+
+class PeakRss:
+    """Samples VmRSS of every running service process; keeps the peak per service (across restarts)."""
+
+    def __init__(self, stack: Services) -> None:
+        self.stack, self.peak_mb = stack, {name: 0.0 for name in SERVICES}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+        self.thread.start()
+
+    def loop(self) -> None:
+        while not self.stopped.wait(0.2):
+            for name, proc in list(self.stack.procs.items()):
+                try:
+                    text = Path(f"/proc/{proc.pid}/status").read_text()
+                except OSError:
+                    continue
+                kb = next((int(line.split()[1]) for line in text.splitlines() if line.startswith("VmRSS:")), 0)
+                self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), kb / 1024)
+
+    def stop(self) -> dict[str, float]:
+        self.stopped.set()
+        self.thread.join()
+        return {k: round(v, 1) for k, v in self.peak_mb.items()}
+
+
+def valid_photo(i: int) -> bytes:
+    """Distinct bytes per file (the content hash is part of the file id); people and cats, small."""
+    return photo_bytes(("astronaut", "chelsea", "coffee")[i % 3], quality=50 + i % 45, scale=0.25 + (i % 5) / 40)
+
+
+def bad_file(i: int) -> bytes:
+    good = photo_bytes("camera", scale=0.2, quality=60 + i % 30)
+    return good[:200] + bytes(80)  # a JPEG header, then nothing decodable
+
+
+def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: float = 3.0, rate: float = 8.0) -> dict:
+    rng = random.Random(seed)
+    work.mkdir(parents=True, exist_ok=True)
+    media = work / "media"
+    for cam in CAMERAS:
+        (media / cam).mkdir(parents=True, exist_ok=True)
+    nats = NatsServer(work / "nats", log_file=work / "nats.log").start()
+    pg = Postgres(work / "pg", log_file=work / "pg.log").start()
+    dsn = pg.create_database("vigil_chaos")
+    config = write_config(work / "vigil.toml", media=media, state=work / "state", nats_url=nats.url, dsn=dsn, model="yolox-nano",
+                          models_dir=models_dir, detector={"batch_size": 8}, aggregator={"idle_seconds": 5.0, "max_seconds": 30.0})
+    stack = Services(config, work / "logs")
+    kills: dict[str, int] = {name: 0 for name in SERVICES}
+    restarts = {"nats-server": 0, "postgresql": 0}
+    rss = None
+    try:
+        stack.start(*SERVICES)
+        stack.wait_ready(*SERVICES, timeout=60)
+        rss = PeakRss(stack)
+        bad_every = 10
+        plan = [(i, "bad" if i % bad_every == bad_every - 1 else "valid") for i in range(files + files // (bad_every - 1))]
+        valid = [i for i, kind in plan if kind == "valid"][:files]
+        bad = [i for i, kind in plan if kind == "bad"]
+        plan = [(i, k) for i, k in plan if i in set(valid) | set(bad)]
+        burst_at, nats_at, pg_at = len(plan) // 2, len(plan) // 3, 2 * len(plan) // 3
+        next_kill = time.monotonic() + kill_every
+        t0 = time.time() - len(plan)  # detection times: one second apart, in the past
+        names: dict[str, str] = {}
+        victims: list[str] = []
+        i = 0
+        while i < len(plan):
+            n = 10 if i == burst_at else 1  # the 10x burst: ten files at once
+            for idx, kind in plan[i : i + n]:
+                cam = CAMERAS[idx % len(CAMERAS)]
+                rel = f"{cam}/{time.strftime('%Y-%m-%d')}/{kind}-{idx:05}.jpg"
+                drop(media / rel, valid_photo(idx) if kind == "valid" else bad_file(idx), t0 + idx)
+                names[rel] = kind
+            i += n
+            if i >= nats_at and not restarts["nats-server"]:
+                nats.kill()
+                time.sleep(0.5)
+                nats.start()
+                restarts["nats-server"] += 1
+            if i >= pg_at and not restarts["postgresql"]:
+                pg.stop()
+                time.sleep(2.0)
+                pg.start()
+                restarts["postgresql"] += 1
+            if time.monotonic() >= next_kill:
+                if not victims:  # every service in turn, in a random order each round
+                    victims = rng.sample(SERVICES, len(SERVICES))
+                victim = victims.pop()
+                stack.kill(victim)
+                kills[victim] += 1
+                time.sleep(0.5)  # RestartSec
+                stack.start(victim)
+                next_kill = time.monotonic() + kill_every
+            time.sleep(1.0 / rate)
+        stack.wait_ready(*SERVICES, timeout=60)
+        n_valid = sum(1 for k in names.values() if k == "valid")
+        n_bad = len(names) - n_valid
+        # Killed mid-batch work comes back after ack_wait (15 s, then backoff): allow for a few rounds.
+        wait_until(lambda: query(dsn, "SELECT count(DISTINCT path) FROM detections")[0][0] >= n_valid, timeout=600, interval=1.0,
+                   what=f"{n_valid} valid files recorded")
+        wait_until(lambda: len([m for m in stream_messages(nats.url, "DLQ")]) >= n_bad, timeout=300, interval=1.0, what="bad files dead-lettered")
+        labelled = query(dsn, "SELECT count(*) FROM detections WHERE box_count > 0")[0][0]
+        wait_until(lambda: query(dsn, "SELECT count(*) FROM event_detections")[0][0] >= labelled, timeout=300, interval=1.0,
+                   what="every detection with boxes in an event")
+        time.sleep(2.0)  # anything still in flight would now show up as a duplicate
+        peak = rss.stop()
+        rss = None
+        rows, distinct = query(dsn, "SELECT count(*), count(DISTINCT path) FROM detections")[0]
+        recorded = {r[0] for r in query(dsn, "SELECT path FROM detections")}
+        letters = [m for m in stream_messages(nats.url, "DLQ")]
+        dead = sorted(json.loads(m.original_payload)["path"] for m in letters)
+        linked = query(dsn, "SELECT count(*), count(DISTINCT detection_id) FROM event_detections")[0]
+        orphans = query(dsn, "SELECT count(*) FROM event_detections ed LEFT JOIN detections d USING (detection_id) WHERE d.detection_id IS NULL")[0][0]
+        return {
+            "files": len(names), "valid": n_valid, "bad": n_bad, "kills": kills, "restarts": restarts,
+            "recorded_rows": rows, "recorded_files": distinct,
+            "lost": sorted(p for p, k in names.items() if k == "valid" and p not in recorded),
+            "duplicated": rows - distinct,
+            "dead_lettered": len(letters), "dead_letters_not_bad": sorted(set(dead) - {p for p, k in names.items() if k == "bad"}),
+            "bad_not_dead_lettered": sorted({p for p, k in names.items() if k == "bad"} - set(dead)),
+            "detections_with_boxes": labelled, "event_links": linked[0], "event_links_distinct": linked[1], "event_links_orphaned": orphans,
+            "events": query(dsn, "SELECT count(*) FROM events")[0][0], "peak_rss_mb": peak,
+        }
+    finally:
+        if rss is not None:
+            rss.stop()
+        stack.stop_all()
+        nats.kill()
+        pg.stop()
+
+
+def check(result: dict) -> list[str]:
+    """The promises, as a list of what broke (empty: all kept)."""
+    problems = []
+    if result["lost"]:
+        problems.append(f"lost {len(result['lost'])}: {result['lost'][:5]}")
+    if result["duplicated"] or result["recorded_files"] != result["valid"]:
+        problems.append(f"rows {result['recorded_rows']} for {result['recorded_files']} files, expected {result['valid']}")
+    if result["dead_lettered"] != result["bad"] or result["dead_letters_not_bad"] or result["bad_not_dead_lettered"]:
+        problems.append(f"DLQ holds {result['dead_lettered']} for {result['bad']} bad files "
+                        f"(extra {result['dead_letters_not_bad'][:3]}, missing {result['bad_not_dead_lettered'][:3]})")
+    if not (result["event_links"] == result["event_links_distinct"] == result["detections_with_boxes"]) or result["event_links_orphaned"]:
+        problems.append(f"event links {result['event_links']} ({result['event_links_distinct']} distinct, {result['event_links_orphaned']} orphaned)"
+                        f" for {result['detections_with_boxes']} detections with boxes")
+    heavy = {k: v for k, v in result["peak_rss_mb"].items() if k != "detector" and v > RSS_LIMIT_MB}
+    if heavy:
+        problems.append(f"peak RSS over {RSS_LIMIT_MB} MB: {heavy}")
+    return problems
+
+
+def main() -> int:
+    from tests.support import find_models_dir
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--kill-every", type=float, default=3.0)
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args()
+    models = find_models_dir()
+    if models is None:
+        print("yolox_nano.onnx not found: set VIGIL_MODELS_DIR", file=sys.stderr)
+        return 2
+    import tempfile
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="vigil-chaos-"))
+    started = time.monotonic()
+    result = run(work, models, args.files, args.seed, args.kill_every)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result, indent=2))
+    problems = check(result)
+    for p in problems:
+        print(f"BROKEN: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
