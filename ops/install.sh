@@ -46,7 +46,8 @@ say "venv $PREFIX/venv ok"
 
 install -d -m 0755 "$ETC"
 install -d -m 0700 "$ETC/credentials"
-for name in nats-password db-password; do
+# nats-password: the admin (CLI, provisioning); nats-<service>: each service's own least-privilege user.
+for name in nats-password db-password nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention; do
     if [ ! -s "$ETC/credentials/$name" ]; then
         (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$ETC/credentials/$name")
         say "generated credential $name"
@@ -62,8 +63,9 @@ else
 fi
 chmod 0644 "$ETC/vigil.toml"
 
-HASH=$("$PREFIX/venv/bin/python" -c 'import bcrypt,sys; print(bcrypt.hashpw(open(sys.argv[1],"rb").read().strip(), bcrypt.gensalt(11, prefix=b"2a")).decode())' "$ETC/credentials/nats-password")
-sed -e "s|@PASSWORD_BCRYPT@|$HASH|" -e "s|@SERVER_NAME@|$(hostname)|" "$SRC/ops/nats.conf.in" > "$ETC/nats.conf"
+# Users and their permissions come from services/nats_auth.py (bcrypt hashes only, never the passwords).
+sed -e "s|@SERVER_NAME@|$(hostname)|" "$SRC/ops/nats.conf.in" > "$ETC/nats.conf"
+"$PREFIX/venv/bin/python" -m services.nats_auth "$ETC/credentials" --bcrypt >> "$ETC/nats.conf"
 chown root:vigil "$ETC/nats.conf"
 chmod 0640 "$ETC/nats.conf"
 

@@ -49,6 +49,12 @@ async def connect(config: Config):
     return await nats.connect(servers=config.nats.servers, connect_timeout=config.nats.connect_timeout, max_reconnect_attempts=0, **auth)
 
 
+def nats_errors() -> type[Exception]:
+    import nats.errors
+
+    return nats.errors.Error
+
+
 def to_builtins(value):
     return msgspec.to_builtins(value)
 
@@ -148,7 +154,15 @@ async def provision_all(config: Config) -> dict:
 
     from services.runtime.bus import provision
 
-    nc = await connect(config)
+    deadline = time.monotonic() + 60  # run right after the server starts (vigil-nats ExecStartPost): let it come up
+    while True:
+        try:
+            nc = await connect(config)
+            break
+        except (OSError, nats_errors()) as exc:
+            if time.monotonic() > deadline:
+                raise OSError(f"NATS not reachable within 60 s: {exc}") from None
+            await asyncio.sleep(0.5)
     try:
         await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))
     finally:

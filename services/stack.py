@@ -74,8 +74,10 @@ def _stop(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
 class NatsServer:
     """nats-server with JetStream, listening on 127.0.0.1 only."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None, sync_always: bool = False) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None, sync_always: bool = False,
+                 extra_conf: str = "") -> None:
         self.store_dir = Path(store_dir)
+        self.extra_conf = extra_conf  # e.g. an authorization block (services/nats_auth.py)
         self.port = port or free_port()
         self.log_file = log_file
         self.sync_always = sync_always
@@ -101,6 +103,7 @@ class NatsServer:
             f'jetstream {{\n  store_dir: "{self.store_dir}"\n'
             + ('  sync_interval: always\n' if self.sync_always else "")
             + "}\n"
+            + self.extra_conf
         )
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         ensure_port_free(self.port, "nats-server")

@@ -42,6 +42,23 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT)
 
 
+def connect_auth(cfg, service: str) -> dict:
+    """nats.connect() arguments for who this process is: its own least-privilege user (and reply inbox
+    prefix) with nats.per_service_users, else the shared user; nothing when no password was given."""
+    from services import nats_auth
+
+    if cfg.per_service_users:
+        user = nats_auth.user(service)
+        password = credential(nats_auth.credential_name(service))
+        if not password:
+            from services.runtime.config import ConfigError
+
+            raise ConfigError(f"config error: nats.per_service_users is on but credential {nats_auth.credential_name(service)} is missing")
+        return {"user": user, "password": password, "inbox_prefix": nats_auth.inbox_prefix(user)}
+    password = credential(cfg.password_credential)
+    return {"user": cfg.user or "vigil", "password": password} if password else {}
+
+
 async def connect(rt: "Runtime") -> nats.NATS | None:
     """Connect with endless reconnects; keep retrying the first connect until it works or we stop."""
     cfg = rt.config.nats
@@ -56,8 +73,7 @@ async def connect(rt: "Runtime") -> nats.NATS | None:
     async def error(exc: Exception) -> None:
         log.warning("nats error", error=repr(exc))
 
-    password = credential(cfg.password_credential)
-    auth = {"user": cfg.user or "vigil", "password": password} if password else {}
+    auth = connect_auth(cfg, rt.service)
     attempt = 0
     while not rt.stopping.is_set():
         try:

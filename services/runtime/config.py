@@ -39,6 +39,9 @@ class NatsConfig(_Section):
     # checks they exist - for per-service NATS users without stream-admin rights; the installer then
     # runs `vigil provision` as the admin user.
     provision: bool = True
+    # Connect as vigil-<service> with credential nats-<service> (least privilege, services/nats_auth.py)
+    # instead of `user` with `password_credential`.
+    per_service_users: bool = False
 
 
 class DatabaseConfig(_Section):

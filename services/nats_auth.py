@@ -1,0 +1,113 @@
+"""Per-service NATS users with least-privilege permissions, and the authorization block of nats.conf.
+
+Each service connects as `vigil-<service>` with the password from its own credential
+(`nats-<service>`), and may publish and subscribe only what its work needs - including the exact
+JetStream API subjects (fetch from its own consumers, ack its own messages, read its own KV bucket).
+Replies come back on a per-user inbox prefix (`_INBOX_<user>.>`), so no service can listen to another's
+replies. The admin user `vigil` (credential `nats-password`: the CLI, `vigil provision`) may do anything.
+No user means no access: nats-server refuses anonymous clients once an authorization block exists.
+
+    python -m services.nats_auth CREDENTIALS_DIR [--bcrypt]   prints the authorization block
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT
+
+ADMIN_USER = "vigil"
+ADMIN_CREDENTIAL = "nats-password"
+SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats", "health", "retention")
+
+
+def user(service: str) -> str:
+    return f"vigil-{service}"
+
+
+def credential_name(service: str) -> str:
+    return f"nats-{service}"
+
+
+def inbox_prefix(user_name: str) -> str:
+    return f"_INBOX_{user_name}"
+
+
+def _consume(durable: str) -> list[str]:
+    """Fetch from and ack one durable consumer, and move its exhausted messages to the DLQ."""
+    spec = next(c for c in CONSUMERS if c.durable == durable)
+    ex = f"{EXHAUSTED_PREFIX}{durable}"
+    return [f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{durable}", f"$JS.ACK.{spec.stream}.{durable}.>",
+            f"$JS.API.CONSUMER.MSG.NEXT.ADVISORIES.{ex}", f"$JS.ACK.ADVISORIES.{ex}.>",
+            f"$JS.API.STREAM.MSG.GET.{spec.stream}", f"$JS.API.STREAM.MSG.DELETE.{spec.stream}", "vigil.dlq.>"]
+
+
+def _kv_write(bucket: str) -> list[str]:
+    return [f"$KV.{bucket}.>"]
+
+
+def _kv_read(bucket: str) -> list[str]:
+    """get() (direct or not) and keys() (an ordered consumer, created and deleted)."""
+    stream = f"KV_{bucket}"
+    return [f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}",
+            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>"]
+
+
+# What every service does: look streams and consumers up, and heartbeat into KV.
+_COMMON_PUB = ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>", *_kv_write(HEARTBEAT_BUCKET)]
+
+PERMISSIONS: dict[str, dict[str, list[str]]] = {
+    "watcher": {"publish": ["vigil.uploads.*", RETENTION_CHECK_SUBJECT], "subscribe": []},
+    "detector": {"publish": ["vigil.detections.*", "vigil.alerts.system", *_consume("detector")], "subscribe": []},
+    "aggregator": {"publish": ["vigil.events.*", "vigil.alerts.*", *_consume("aggregator"), *_kv_write(AGGREGATOR_STATE_BUCKET),
+                               *_kv_read(AGGREGATOR_STATE_BUCKET)], "subscribe": []},
+    "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts") for p in _consume(d)],
+                 "subscribe": []},
+    "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},
+    "health": {"publish": ["vigil.health.*", "vigil.alerts.*", "$JS.API.STREAM.MSG.GET.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET)],
+               "subscribe": ["vigil.uploads.*", "vigil.detections.*", "vigil.events.*"]},
+    "retention": {"publish": ["vigil.retention.report", "$JS.API.STREAM.MSG.GET.DLQ"], "subscribe": [RETENTION_CHECK_SUBJECT]},
+}
+
+
+def permissions(service: str) -> dict[str, list[str]]:
+    own = PERMISSIONS[service]
+    return {"publish": sorted(set(_COMMON_PUB + own["publish"])),
+            "subscribe": sorted(set(own["subscribe"] + [f"{inbox_prefix(user(service))}.>"]))}
+
+
+def authorization_block(passwords: dict[str, str]) -> str:
+    """nats.conf `authorization { users = [...] }`: `passwords` maps user -> password or bcrypt hash."""
+    def q(values: list[str]) -> str:
+        return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+    lines = ["authorization {", "  users = ["]
+    lines.append(f'    {{ user: "{ADMIN_USER}", password: "{passwords[ADMIN_USER]}" }}')
+    for service in SERVICES:
+        perms = permissions(service)
+        lines.append(f'    {{ user: "{user(service)}", password: "{passwords[user(service)]}",\n'
+                     f'      permissions: {{ publish: {{ allow: {q(perms["publish"])} }}, subscribe: {{ allow: {q(perms["subscribe"])} }} }} }}')
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Used by ops/install.sh: read every credential, print the block with bcrypt hashes."""
+    args = argv if argv is not None else sys.argv[1:]
+    directory = Path(args[0])
+    hashed = "--bcrypt" in args
+    passwords = {}
+    for name, cred in [(ADMIN_USER, ADMIN_CREDENTIAL)] + [(user(s), credential_name(s)) for s in SERVICES]:
+        secret = (directory / cred).read_text().strip()
+        if hashed:
+            import bcrypt
+
+            secret = bcrypt.hashpw(secret.encode(), bcrypt.gensalt(11, prefix=b"2a")).decode()
+        passwords[name] = secret
+    sys.stdout.write(authorization_block(passwords))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
