@@ -44,6 +44,7 @@ class Watcher:
         self.settler = Settler(self.cfg.settle_seconds)
         self.ledger = Ledger(Path(config.state_dir) / "watcher" / "ledger.sqlite3")
         self.wakeup = asyncio.Event()
+        self.skipped: set[str] = set()  # paths already reported as not regular files
         self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
         self.disk_checked_at = self.retention_asked_at = -1e9
 
@@ -65,7 +66,16 @@ class Watcher:
             self.settler.forget(path)
             return
         if not inside or not stat.S_ISREG(st.st_mode):
-            return  # symlinks, FIFOs, sockets, directories named like images: never read
+            # symlinks (at any level), FIFOs, sockets, folders named like images: never read. Said once
+            # per path, not at every rescan.
+            if path not in self.skipped:
+                if len(self.skipped) > 10_000:
+                    self.skipped.clear()
+                self.skipped.add(path)
+                kind = ("symlink" if not inside else "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                        else "directory" if stat.S_ISDIR(st.st_mode) else "special file")
+                self.rt.log.warning("not a regular file inside the media root, skipped", path=str(rel), kind=kind)
+            return
         if self.ledger.known(str(rel), st.st_size, st.st_mtime_ns):
             return
         self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())

@@ -143,7 +143,7 @@ class Detector:
                 unit.start = up.mtime - duration  # a clip's mtime is when recording ended
                 unit.frames = [(self._letterbox(img, img.shape[1], img.shape[0]), idx, off) for idx, off, img in frames]
             else:
-                image, w, h = decode_image(read_media(self.root, up.path, self.cfg.max_file_bytes), self.engine.size)
+                image, w, h = decode_image(read_media(self.root, up.path, self.cfg.max_file_bytes), self.engine.size, self.cfg.max_pixels)
                 unit.frames = [(self._letterbox(image, w, h), None, 0.0)]
         except Exception as exc:  # noqa: BLE001 - sorted per file by the caller
             unit.error = exc

@@ -79,7 +79,7 @@ def jpeg_size(data: bytes) -> tuple[int, int] | None:
 _REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 
-def decode_image(data: bytes, target: int = 0) -> tuple[np.ndarray, int, int]:
+def decode_image(data: bytes, target: int = 0, max_pixels: int = 0) -> tuple[np.ndarray, int, int]:
     """Decode to BGR; returns (image, source width, source height).
 
     A JPEG much larger than the model input (`target`) is decoded at 1/2, 1/4 or 1/8 scale by
@@ -88,7 +88,13 @@ def decode_image(data: bytes, target: int = 0) -> tuple[np.ndarray, int, int]:
     """
     if not data:
         raise Undecodable("empty file")
-    flag, size, factor = cv2.IMREAD_COLOR, jpeg_size(data) if target else None, 1
+    flag, size, factor = cv2.IMREAD_COLOR, jpeg_size(data) if (target or max_pixels) else None, 1
+    # OpenCV checks its pixel limit against the size it decodes to: a reduced decode of a JPEG that
+    # claims 50,000 x 50,000 would pass at 1/8. The declared size is what the limit is about.
+    if size and max_pixels and size[0] * size[1] > max_pixels:
+        raise Undecodable(f"image declares {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, above detector.max_pixels {max_pixels:,}")
+    if not target:
+        size = None
     if size:
         for factor, reduced in _REDUCED:
             if max(size) / factor >= target:

@@ -83,3 +83,10 @@ def test_clip_batches_are_split_by_frame_budget():
     groups = det.frame_budget_groups(units)
     assert [len(g) for g in groups] == [1, 1, 1, 20]
     assert sum(len(g) for g in groups) == len(units)
+
+
+def test_a_jpeg_declaring_too_many_pixels_is_refused_before_decoding():
+    from tests.integration.test_bad_input import jpeg_bomb
+
+    with pytest.raises(Undecodable, match="50000x50000 = 2,500,000,000 pixels"):
+        decode_image(jpeg_bomb(), target=416, max_pixels=50_000_000)
