@@ -169,6 +169,13 @@ def test_metrics_and_status_agree_with_the_cli(make_stack, nats_server, media):
 
     page = get(port, "/")[1].decode()
     assert "<h2>services</h2>" in page and "detector" in page
+    for method in ("POST", "PUT", "DELETE"):  # read-only: nothing over HTTP changes state
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/status", method=method, data=b"{}")
+        try:
+            urllib.request.urlopen(request, timeout=5)
+            raise AssertionError(f"{method} accepted")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 405, (method, exc.code)
 
     stack.procs["health"].send_signal(signal.SIGTERM)
     assert stack.procs["health"].wait(20) == 0

@@ -127,3 +127,14 @@ def test_heartbeats_in_kv_and_a_clean_stop_says_stopped(make_stack, nats_server)
     assert stack.stop("aggregator") == 0
     after = read_heartbeats(nats_server.url)
     assert next(v for k, v in after.items() if k.startswith("aggregator.")).state == "stopped"
+
+
+def test_world_readable_secret_stops_the_service_naming_the_file(make_stack, tmp_path):
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "nats-password").write_text("s3cret\n")
+    (creds / "nats-password").chmod(0o644)
+    stack = make_stack(model="none", env={"CREDENTIALS_DIRECTORY": str(creds)})
+    stack.start("watcher")
+    assert stack.procs["watcher"].wait(30) == 78
+    assert f"credential file {creds / 'nats-password'} is readable by other users" in stack.log("watcher")
