@@ -164,7 +164,7 @@ async def provision_all(config: Config) -> dict:
                 raise OSError(f"NATS not reachable within 60 s: {exc}") from None
             await asyncio.sleep(0.5)
     try:
-        await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))
+        await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)), config.nats.replicas)
     finally:
         await nc.close()
     return {"streams": [s.name for s in STREAMS], "consumers": [c.durable for c in CONSUMERS]}
@@ -193,7 +193,7 @@ async def retention_run(config: Config, dry_run: bool) -> dict:
             from services.runtime.bus import provision
 
             # idempotent: the stream exists even before any service ran; its log lines go to stderr, not into --json
-            await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)))
+            await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)), config.nats.replicas)
             await nc.jetstream().publish("vigil.retention.report", proto.encode(report), headers=proto.headers_for(report, f"retention-{report.run_id}"))
     finally:
         await nc.close()
@@ -312,6 +312,10 @@ def print_status(data: dict) -> None:
                for g in data["gpus"]])
     table("disks", ["path", "free", "size"],
           [[d["path"], f"{d['free_pct']:.1f}% ({d['free_bytes'] / 2**30:.1f} GiB)", f"{d['total_bytes'] / 2**30:.1f} GiB"] for d in data["disks"]])
+    if data.get("nodes"):
+        table(f"NATS cluster: nodes {', '.join(data['nodes'])}", ["stream", "leader", "replicas (lag)", "messages"],
+              [[st["name"], st["leader"] or "[red]none[/]", ", ".join(f"{r['node']}{' offline' if r['offline'] else ''}"
+               f"{'' if r['current'] else ' behind'} ({r['lag']})" for r in st["replicas"]), st["messages"]] for st in data["streams"]])
     print(f"systemd: {data['systemd']}")
 
 

@@ -99,6 +99,13 @@ def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTr
             out[f"backlog_growing:{st.consumer}"] = ("backlog_growing", "system", "warning",
                                                      f"stage {st.consumer}: backlog {st.backlog} and growing for {h.backlog_alert_seconds:.0f}s"
                                                      f" (oldest unacked {st.oldest_unacked_s:.0f}s)", 0.0)
+    for st in snap.streams:  # NATS cluster: a stream without a leader stops; a lagging replica is one failure from that
+        if st.replicas and st.leader is None:
+            out[f"stream_no_leader:{st.name}"] = ("stream_no_leader", "system", "critical", f"stream {st.name} has no leader", 0.0)
+        if st.lagging:
+            out[f"replica_lagging:{st.name}"] = ("replica_lagging", "system", "warning",
+                                                 f"stream {st.name}: replicas {', '.join(st.lagging)} offline or behind leader {st.leader}",
+                                                 h.down_alert_seconds)
     for d in snap.disks:
         if d.free_pct < h.disk_low_percent:
             out[f"disk_low:{d.path}"] = ("disk_low", "system", "critical",

@@ -82,6 +82,27 @@ class DiskStatus(msgspec.Struct, kw_only=True):
         return 100.0 * self.free_bytes / self.total_bytes if self.total_bytes else 0.0
 
 
+class ReplicaStatus(msgspec.Struct, kw_only=True):
+    node: str
+    current: bool
+    offline: bool
+    lag: int  # operations behind the leader
+
+
+class StreamStatus(msgspec.Struct, kw_only=True):
+    """A stream's place in a NATS cluster (on a single server: no leader, no replicas)."""
+
+    name: str
+    messages: int
+    bytes: int
+    leader: str | None = None
+    replicas: list[ReplicaStatus] = []
+
+    @property
+    def lagging(self) -> list[str]:
+        return [r.node for r in self.replicas if r.offline or not r.current]
+
+
 class Snapshot(msgspec.Struct, kw_only=True):
     taken_at: float
     services: list[ServiceStatus]
@@ -90,6 +111,8 @@ class Snapshot(msgspec.Struct, kw_only=True):
     gpus: list[GpuSample]
     dead_letters: dict[str, int]  # per stage
     systemd: str  # "available", or why not
+    streams: list[StreamStatus] = []
+    nodes: list[str] = []  # NATS cluster nodes seen as leaders or replicas (empty on a single server)
 
 
 class UnitState(msgspec.Struct, kw_only=True):
@@ -163,6 +186,26 @@ async def read_stages(js, now: float) -> list[StageStatus]:
                 oldest = round(_age(msg.time, now), 1)
         out.append(StageStatus(consumer=c.durable, stream=c.stream, pending=info.num_pending, ack_pending=info.num_ack_pending,
                                redelivered=info.num_redelivered, oldest_unacked_s=oldest))
+    return out
+
+
+async def read_streams(js) -> list[StreamStatus]:
+    import nats.js.errors
+
+    from proto.topology import STREAMS
+
+    out = []
+    for spec in STREAMS:
+        try:
+            info = await js.stream_info(spec.name)
+        except nats.js.errors.NotFoundError:
+            continue
+        cluster = info.cluster
+        out.append(StreamStatus(
+            name=spec.name, messages=info.state.messages, bytes=info.state.bytes,
+            leader=cluster.leader if cluster else None,
+            replicas=[ReplicaStatus(node=r.name, current=bool(r.current), offline=bool(r.offline), lag=int(r.lag or 0))
+                      for r in (cluster.replicas or [])] if cluster else []))
     return out
 
 
@@ -304,7 +347,9 @@ async def snapshot(js, config: Config, now: float | None = None, gone: dict[str,
     import socket
 
     now = now or time.time()
-    heartbeats, stages, dead, gpus = await asyncio.gather(read_heartbeats(js), read_stages(js, now), read_dead_letters(js), read_gpus(js))
+    heartbeats, stages, dead, gpus, streams = await asyncio.gather(read_heartbeats(js), read_stages(js, now), read_dead_letters(js),
+                                                                   read_gpus(js), read_streams(js))
+    nodes = sorted({n for st in streams for n in ([st.leader] if st.leader else []) + [r.node for r in st.replicas]})
     if config.health.systemd:
         units, systemd = await asyncio.to_thread(read_units)
     else:
@@ -312,7 +357,8 @@ async def snapshot(js, config: Config, now: float | None = None, gone: dict[str,
     disks = await asyncio.to_thread(read_disks, disk_paths(config))
     host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())  # as the services write it into their key
     services = judge(heartbeats, units, config.health.expected_services, now, stale_after(config), host, gone)
-    return Snapshot(taken_at=now, services=services, stages=stages, disks=disks, gpus=gpus, dead_letters=dead, systemd=systemd)
+    return Snapshot(taken_at=now, services=services, stages=stages, disks=disks, gpus=gpus, dead_letters=dead, systemd=systemd,
+                    streams=streams, nodes=nodes)
 
 
 def snapshot_json(snap: Snapshot) -> dict:

@@ -75,8 +75,10 @@ class NatsServer:
     """nats-server with JetStream, listening on 127.0.0.1 only."""
 
     def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None, sync_always: bool = False,
-                 extra_conf: str = "") -> None:
+                 extra_conf: str = "", name: str | None = None, cluster_port: int | None = None, routes: list[int] = ()) -> None:
         self.store_dir = Path(store_dir)
+        # A cluster node: `name` is its server_name, `cluster_port` where the others route to it.
+        self.name, self.cluster_port, self.routes = name, cluster_port, list(routes)
         self.extra_conf = extra_conf  # e.g. an authorization block (services/nats_auth.py)
         self.port = port or free_port()
         self.log_file = log_file
@@ -98,7 +100,13 @@ class NatsServer:
     def start(self) -> "NatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
+        cluster = ""
+        if self.cluster_port:
+            routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.routes)
+            cluster = (f'server_name: "{self.name}"\n'
+                       f'cluster {{\n  name: "vigil"\n  listen: "127.0.0.1:{self.cluster_port}"\n  routes: [{routes}]\n}}\n')
         conf.write_text(
+            cluster +
             f'listen: "127.0.0.1:{self.port}"\n'
             f'jetstream {{\n  store_dir: "{self.store_dir}"\n'
             + ('  sync_interval: always\n' if self.sync_always else "")
@@ -118,6 +126,32 @@ class NatsServer:
 
     def kill(self) -> None:
         _stop(self.proc, signal.SIGKILL, 5)
+
+
+class NatsCluster:
+    """`size` nats-server nodes on loopback ports, routed to each other, JetStream on each (own store)."""
+
+    def __init__(self, root: Path, size: int = 3, sync_always: bool = False) -> None:
+        cluster_ports = [free_port() for _ in range(size)]
+        self.nodes = [NatsServer(Path(root) / f"n{i}", log_file=Path(root) / f"n{i}.log", sync_always=sync_always, name=f"n{i}",
+                                 cluster_port=cluster_ports[i], routes=[p for j, p in enumerate(cluster_ports) if j != i])
+                      for i in range(size)]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def node(self, name: str) -> "NatsServer":
+        return next(n for n in self.nodes if n.name == name)
+
+    def start(self) -> "NatsCluster":
+        for n in self.nodes:
+            n.start()
+        return self
+
+    def kill(self) -> None:
+        for n in self.nodes:
+            n.kill()
 
 
 class Postgres:

@@ -50,7 +50,7 @@ def drop(path: Path, data: bytes, mtime: float | None = None) -> Path:
     return path
 
 
-def write_config(path: Path, *, media: Path, state: Path, nats_url: str, dsn: str, model: str, models_dir: Path | None, **sections) -> Path:
+def write_config(path: Path, *, media: Path, state: Path, nats_url: str | list[str], dsn: str, model: str, models_dir: Path | None, **sections) -> Path:
     """A TOML config for test services; `sections` override per-section values, e.g. aggregator={...}."""
     base = {
         "watcher": {"settle_seconds": 0.5, "rescan_seconds": 30.0},
@@ -62,7 +62,7 @@ def write_config(path: Path, *, media: Path, state: Path, nats_url: str, dsn: st
         base.setdefault(name, {}).update(values)
     lines = [
         f'media_root = "{media}"', f'state_dir = "{state}"', 'log_format = "json"', 'log_level = "debug"', "drain_seconds = 5.0",
-        f'[nats]\nservers = ["{nats_url}"]\nreconnect_wait = 0.2', f'[database]\ndsn = "{dsn}"',
+        f'[nats]\nservers = {toml_value(nats_url if isinstance(nats_url, list) else [nats_url])}\nreconnect_wait = 0.2', f'[database]\ndsn = "{dsn}"',
     ]
     for name, values in base.items():
         lines.append(f"[{name}]")

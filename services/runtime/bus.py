@@ -100,7 +100,7 @@ async def connect(rt: "Runtime") -> nats.NATS | None:
     return None
 
 
-def stream_config(spec: StreamSpec) -> StreamConfig:
+def stream_config(spec: StreamSpec, replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=spec.name,
         description=spec.description,
@@ -112,7 +112,7 @@ def stream_config(spec: StreamSpec) -> StreamConfig:
         duplicate_window=spec.duplicate_window,
         discard=DiscardPolicy(spec.discard),
         storage=StorageType.FILE,
-        num_replicas=1,
+        num_replicas=replicas,
     )
 
 
@@ -128,10 +128,11 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-async def provision(js: JetStreamContext, log) -> None:
-    """Create or update every declared stream, consumer and KV bucket. Safe to run concurrently."""
+async def provision(js: JetStreamContext, log, replicas: int = 1) -> None:
+    """Create or update every declared stream, consumer and KV bucket, with `replicas` copies each
+    (consumers follow their stream). Safe to run concurrently."""
     for spec in STREAMS:
-        config = stream_config(spec)
+        config = stream_config(spec, replicas)
         try:
             await js.stream_info(spec.name)
         except nats.js.errors.NotFoundError:
@@ -154,7 +155,7 @@ async def provision(js: JetStreamContext, log) -> None:
             await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             try:
-                await js.create_key_value(bucket=bucket, description=description, history=1, ttl=ttl)
+                await js.create_key_value(bucket=bucket, description=description, history=1, ttl=ttl, replicas=replicas)
             except nats.js.errors.BadRequestError:
                 pass  # created concurrently
 
@@ -415,7 +416,7 @@ async def _check_consumer(rt: "Runtime", spec: ConsumerSpec, sub):
         return sub
     except nats.js.errors.NotFoundError:
         rt.log.error("consumer missing on the server: provisioning again", consumer=spec.durable)
-        await provision(rt.js, rt.log)
+        await provision(rt.js, rt.log, rt.config.nats.replicas)
         return await _drop(sub)
     except TRANSIENT:
         return sub

@@ -42,6 +42,9 @@ class NatsConfig(_Section):
     # Connect as vigil-<service> with credential nats-<service> (least privilege, services/nats_auth.py)
     # instead of `user` with `password_credential`.
     per_service_users: bool = False
+    # Copies of every stream, consumer and KV bucket: 1 on a single box, 3 on a 3-node NATS cluster
+    # (survives the loss of one node). Applied by provisioning; raising it on a running system scales up.
+    replicas: int = 1
 
 
 class DatabaseConfig(_Section):
@@ -344,6 +347,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config error: retention.detections_days ({r.detections_days}) must be >= the longest media age ({max(ages)} days)")
     if min(ages) <= 0 or r.min_keep_seconds < 0 or r.delete_batch < 1 or r.interval_seconds <= 0 or r.disk_check_seconds <= 0:
         raise ConfigError("config error: retention ages, intervals and delete_batch must be > 0 (min_keep_seconds >= 0)")
+    if config.nats.replicas not in (1, 3, 5):
+        raise ConfigError(f"config error: nats.replicas must be 1, 3 or 5 (an odd quorum), not {config.nats.replicas}")
     if not config.nats.servers:
         raise ConfigError("config error: nats.servers must name at least one server")
 

@@ -94,7 +94,7 @@ class Runtime:
                 raise StoppedBeforeReady
             rt.js = rt.nc.jetstream(timeout=config.nats.publish_timeout)
             if config.nats.provision:
-                await bus.provision(rt.js, log)
+                await bus.provision(rt.js, log, config.nats.replicas)
             else:
                 await bus.wait_provisioned(rt)
             async with asyncio.TaskGroup() as tg:
