@@ -31,6 +31,10 @@ bench-pipeline *ARGS:
 bench-sync *ARGS:
     python -m tests.bench.sync_interval {{ARGS}}
 
+# one NATS server (R1) against a 3-node cluster on this machine (R3): files/s and latency, with the ratio
+bench-cluster *ARGS:
+    python -m tests.bench.cluster {{ARGS}}
+
 # detector benchmark: service images/s on the real model vs a raw onnxruntime loop; batch size, decode threads
 bench-detector *ARGS:
     python -m tests.bench.detector {{ARGS}}

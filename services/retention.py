@@ -84,32 +84,43 @@ def _chunks(items: list, n: int = CHUNK):
         yield items[i : i + n]
 
 
-def recorded(conn: psycopg.Connection, paths: list[str]) -> set[str]:
+def recorded(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> set[str]:
     out: set[str] = set()
     for chunk in _chunks(paths):
-        out |= {r[0] for r in conn.execute("SELECT DISTINCT path FROM detections WHERE path = ANY(%s)", (chunk,))}
+        out |= {r[0] for r in conn.execute(f"SELECT DISTINCT path FROM detections d WHERE path = ANY(%s) AND {_MINE}", (chunk, _like(prefix)))}
     return out
 
 
-def kept_paths(conn: psycopg.Connection) -> set[str]:
+def kept_paths(conn: psycopg.Connection, prefix: str = "") -> set[str]:
     return {r[0] for r in conn.execute(
         "SELECT DISTINCT d.path FROM events e JOIN event_detections ed ON ed.event_id = e.event_id"
-        " JOIN detections d ON d.detection_id = ed.detection_id WHERE e.keep")}
+        f" JOIN detections d ON d.detection_id = ed.detection_id WHERE e.keep AND {_MINE}", (_like(prefix),))}
+
+
+# Rows of this host's cameras only (watcher.camera_prefix): with several folder hosts, a path is only
+# meaningful under the media root of the host whose watcher published it.
+_MINE = "d.camera LIKE %s"
+
+
+def _like(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 _NOT_KEPT = ("NOT EXISTS (SELECT 1 FROM event_detections ed JOIN events e ON e.event_id = ed.event_id"
              " WHERE ed.detection_id = d.detection_id AND e.keep)")
 
 
-def delete_rows_for_paths(conn: psycopg.Connection, paths: list[str], dry_run: bool) -> dict[str, int]:
+def delete_rows_for_paths(conn: psycopg.Connection, paths: list[str], dry_run: bool, prefix: str = "") -> dict[str, int]:
     """Rows of deleted media: their detections, the event links, and events left with no detection."""
     counts = {"detections": 0, "event_detections": 0, "events": 0}
     for chunk in _chunks(paths):
         if dry_run:
-            counts["detections"] += conn.execute(f"SELECT count(*) FROM detections d WHERE path = ANY(%s) AND {_NOT_KEPT}", (chunk,)).fetchone()[0]
+            counts["detections"] += conn.execute(f"SELECT count(*) FROM detections d WHERE path = ANY(%s) AND {_MINE} AND {_NOT_KEPT}",
+                                                 (chunk, _like(prefix))).fetchone()[0]
             continue
         with conn.transaction():
-            ids = [r[0] for r in conn.execute(f"DELETE FROM detections d WHERE path = ANY(%s) AND {_NOT_KEPT} RETURNING detection_id", (chunk,))]
+            ids = [r[0] for r in conn.execute(f"DELETE FROM detections d WHERE path = ANY(%s) AND {_MINE} AND {_NOT_KEPT} RETURNING detection_id",
+                                              (chunk, _like(prefix)))]
             counts["detections"] += len(ids)
             events = [r[0] for r in conn.execute("DELETE FROM event_detections WHERE detection_id = ANY(%s) RETURNING event_id", (ids,))]
             counts["event_detections"] += len(events)
@@ -154,20 +165,22 @@ def missing(conn: psycopg.Connection, root: Path, on_disk: set[str], scan_starte
     """Mark rows whose file vanished, clear marks whose file is back; return (marked, restored, paths
     past the grace period). Only rows recorded before the scan started are judged: a file recorded
     while the scan ran is not missing, just newer than the scan."""
-    marked_paths = [r[0] for r in conn.execute("SELECT DISTINCT path FROM detections WHERE missing_since IS NOT NULL")]
+    mine = _like(config.watcher.camera_prefix)
+    marked_paths = [r[0] for r in conn.execute(f"SELECT DISTINCT path FROM detections d WHERE missing_since IS NOT NULL AND {_MINE}", (mine,))]
     back = sorted(present(root, marked_paths))
     candidates = [r[0] for r in conn.execute(
-        "SELECT DISTINCT path FROM detections WHERE missing_since IS NULL AND recorded_at < to_timestamp(%s)", (scan_started,))]
+        f"SELECT DISTINCT path FROM detections d WHERE missing_since IS NULL AND recorded_at < to_timestamp(%s) AND {_MINE}", (scan_started, mine))]
     # Double-check with lstat: the scan skips symlinked and hidden paths, which are then not "present".
     gone = sorted(p for p in candidates if p not in on_disk and not present(root, [p]))
-    expired = [r[0] for r in conn.execute(
-        "SELECT DISTINCT path FROM detections WHERE missing_since < to_timestamp(%s)", (now - config.retention.missing_grace_days * DAY,))]
+    expired = [r[0] for r in conn.execute(f"SELECT DISTINCT path FROM detections d WHERE missing_since < to_timestamp(%s) AND {_MINE}",
+                                          (now - config.retention.missing_grace_days * DAY, mine))]
     expired = sorted(set(expired) - set(back))
     if not dry_run:
         for chunk in _chunks(back):
-            conn.execute("UPDATE detections SET missing_since = NULL WHERE path = ANY(%s)", (chunk,))
+            conn.execute(f"UPDATE detections d SET missing_since = NULL WHERE path = ANY(%s) AND {_MINE}", (chunk, mine))
         for chunk in _chunks(gone):
-            conn.execute("UPDATE detections SET missing_since = to_timestamp(%s) WHERE path = ANY(%s) AND missing_since IS NULL", (now, chunk))
+            conn.execute(f"UPDATE detections d SET missing_since = to_timestamp(%s) WHERE path = ANY(%s) AND missing_since IS NULL AND {_MINE}",
+                         (now, chunk, mine))
     return len(gone), len(back), expired
 
 
@@ -184,8 +197,9 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
     free, total = free_space(root)
     report.free_bytes_before, report.total_bytes = free, total
     files = scan(root)
-    finished = recorded(conn, [f.rel for f in files]) | (dead_lettered & {f.rel for f in files})
-    decided = plan(files, finished, kept_paths(conn), r, now, free, total)
+    prefix = config.watcher.camera_prefix
+    finished = recorded(conn, [f.rel for f in files], prefix) | (dead_lettered & {f.rel for f in files})
+    decided = plan(files, finished, kept_paths(conn, prefix), r, now, free, total)
     report.kept_skipped, report.young_skipped, report.unrecorded_skipped = decided.kept_skipped, decided.young_skipped, decided.unrecorded_skipped
     deleted: list[str] = []
     for f, rule in decided.delete:
@@ -200,10 +214,10 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
         cam.files += 1
         cam.bytes += f.size
         cam.reasons[rule] = cam.reasons.get(rule, 0) + 1
-    rows = delete_rows_for_paths(conn, deleted, dry_run)
+    rows = delete_rows_for_paths(conn, deleted, dry_run, prefix)
     on_disk = {f.rel for f in files} - set(deleted)
     report.missing_marked, report.missing_restored, expired = missing(conn, root, on_disk, started, config, now, dry_run)
-    for table, n in delete_rows_for_paths(conn, expired, dry_run).items():
+    for table, n in delete_rows_for_paths(conn, expired, dry_run, prefix).items():
         rows[table] = rows.get(table, 0) + n
     for table, n in sweep_all(conn, config, now, dry_run).items():
         rows[table] = rows.get(table, 0) + n

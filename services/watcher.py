@@ -210,7 +210,7 @@ class Watcher:
             self.rt.log.warning("not an image or clip (magic bytes), skipped", path=rel, size=size)
             self.rt.count("rejected")
             return Rejected(rel, size, mtime_ns, "unrecognised content")
-        camera = camera_id(Path(rel).parts[0])
+        camera = camera_id(self.cfg.camera_prefix + Path(rel).parts[0])
         return (
             FileUploaded(
                 file_id=file_id(camera, rel, digest),

@@ -157,6 +157,11 @@ def query(dsn: str, sql: str, *params):
         return []
 
 
+def count_rows(dsn: str, table: str = "detections") -> int:
+    """Rows in `table`; 0 while the recorder has not created it yet."""
+    return (query(dsn, f"SELECT count(*) FROM {table}") or [(0,)])[0][0]
+
+
 def consumer_states(nats_url: str) -> dict[str, tuple[int, int]]:
     """{durable: (num_pending, num_ack_pending)} for every vigil consumer."""
     import nats

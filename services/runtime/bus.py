@@ -83,6 +83,8 @@ async def connect(rt: "Runtime") -> nats.NATS | None:
                 name=f"vigil-{rt.service}",
                 connect_timeout=cfg.connect_timeout,
                 reconnect_time_wait=cfg.reconnect_wait,
+                ping_interval=cfg.ping_interval,
+                max_outstanding_pings=cfg.max_outstanding_pings,
                 max_reconnect_attempts=-1,
                 allow_reconnect=True,
                 disconnected_cb=disconnected,

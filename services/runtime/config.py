@@ -35,6 +35,10 @@ class NatsConfig(_Section):
     # Seconds between reconnect attempts; the client never gives up (max_reconnect_attempts=-1).
     reconnect_wait: float = 1.0
     publish_timeout: float = 5.0
+    # A server that stops answering (a partitioned cluster node, a dead link) is given up on after
+    # ping_interval x max_outstanding_pings seconds and the client moves to another server.
+    ping_interval: float = 10.0
+    max_outstanding_pings: int = 3
     # Every service declares the streams, consumers and KV buckets at start (idempotent). false: it only
     # checks they exist - for per-service NATS users without stream-admin rights; the installer then
     # runs `vigil provision` as the admin user.
@@ -64,6 +68,9 @@ class WatcherConfig(_Section):
     force_polling: bool = False
     # At most this many settled files are published concurrently, then marked in one transaction.
     publish_batch: int = 256
+    # Several watchers on several folder hosts share one cluster: a per-host prefix keeps their camera
+    # ids (and so file ids, events and retention's view of the database) apart, e.g. "site2-".
+    camera_prefix: str = ""
 
 
 class CameraFilter(_Section):
@@ -336,6 +343,10 @@ def _check(config: Config) -> None:
         raise ConfigError("config error: health.disk_low_percent must be in [0, 100), health.http_port in [0, 65535], health.check_seconds > 0")
     if h.webhook_url is not None and not h.webhook_url.startswith(("http://", "https://")):
         raise ConfigError(f"config error: health.webhook_url {h.webhook_url!r} must start with http:// or https://")
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{0,32}", config.watcher.camera_prefix):
+        raise ConfigError("config error: watcher.camera_prefix may only hold letters, digits, '-' and '_' (at most 32)")
     r = config.retention
     for field in ("low_watermark", "high_watermark"):
         try:

@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from services.stack import NatsServer, Postgres
+from services.stack import NatsCluster, NatsServer, Postgres
 from tests.support import Services, query, wait_until, write_config
 
 SERVICES = ("watcher", "detector", "aggregator", "recorder")
@@ -124,20 +124,30 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--sync", choices=["default", "always"], default="default", help="JetStream sync_interval of the server")
+    ap.add_argument("--replicas", type=int, choices=[1, 3], default=1, help="3: a 3-node NATS cluster on loopback, R3 streams")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="vigil-bench-") as tmp:
         root = Path(tmp)
-        nats_server = NatsServer(root / "nats", sync_always=args.sync == "always").start()
+        if args.replicas == 3:
+            from tests.integration.test_cluster import provision_when_ready
+
+            cluster = NatsCluster(root / "cluster", sync_always=args.sync == "always").start()
+            provision_when_ready(cluster.urls)
+            nats_server, urls = cluster.nodes[0], cluster.urls
+        else:
+            cluster = None
+            nats_server = NatsServer(root / "nats", sync_always=args.sync == "always").start()
+            urls = nats_server.url
         pg = Postgres(root / "pg").start()
         media = root / "media"
         media.mkdir()
-        config = write_config(root / "vigil.toml", media=media, state=root / "state", nats_url=nats_server.url, dsn=pg.dsn(),
+        config = write_config(root / "vigil.toml", media=media, state=root / "state", nats_url=urls, dsn=pg.dsn(),
                               model="none", models_dir=None, watcher={"settle_seconds": 0.05, "rescan_seconds": 3600.0},
                               detector={"batch_size": 64, "fetch_timeout": 0.5}, recorder={"batch_size": 256, "fetch_timeout": 0.05})
         text = config.read_text().replace('log_level = "debug"', 'log_level = "info"')
         config.write_text(text)
-        services = Services(config, root / "logs")
+        services = Services(config, root / "logs", {"VIGIL_NATS__REPLICAS": str(args.replicas)})
         try:
             services.start(*SERVICES)
             services.wait_ready(*SERVICES)
@@ -172,9 +182,12 @@ def main() -> None:
         finally:
             services.stop_all()
             pg.stop()
-            nats_server.stop()
+            if cluster is not None:
+                cluster.kill()
+            else:
+                nats_server.stop()
 
-    print(f"\nvigil pipeline benchmark ({os.cpu_count()} CPUs, model none)")
+    print(f"\nvigil pipeline benchmark ({os.cpu_count()} CPUs, model none, R{args.replicas}, sync_interval {args.sync})")
     print(f"  burst: {args.files} files, settled -> row in PostgreSQL   {burst_rate:8.0f} files/s")
     print(f"    of which the watcher published at                {watcher_rate:8.0f} files/s")
     print(f"  raw nats-py fetch(64)+ack, same server             {raw:8.0f} msg/s")

@@ -13,7 +13,7 @@ import structlog
 from services.runtime.bus import provision
 from services.stack import NatsCluster
 from tests.integration.test_service_lifecycle import read_heartbeats
-from tests.support import Services, drop, photo_bytes, query, wait_until, write_config
+from tests.support import Services, count_rows as rows, drop, photo_bytes, query, wait_until, write_config
 
 PIPELINE = ("watcher", "detector", "aggregator", "recorder")
 
@@ -50,6 +50,16 @@ def stream_cluster(urls: list[str], stream: str):
     return asyncio.run(go())
 
 
+def caught_up(urls: list[str], node: str) -> bool:
+    """`node` leads, or is a current, online replica of, every pipeline stream."""
+    for stream in ("UPLOADS", "DETECTIONS", "EVENTS"):
+        info = stream_cluster(urls, stream)
+        peers = {info.leader: True} | {r.name: bool(r.current) and not r.offline for r in info.replicas or []}
+        if not peers.get(node):
+            return False
+    return True
+
+
 @pytest.fixture
 def cluster(tmp_path):
     c = NatsCluster(tmp_path / "cluster").start()
@@ -80,7 +90,7 @@ def test_losing_the_stream_leaders_node_loses_nothing(tmp_path, media, database,
             if i == 20:
                 leader = stream_cluster(cluster.urls, "UPLOADS").leader
                 cluster.node(leader).kill()  # mid-run: the leader of the work queue goes away
-        wait_until(lambda: query(database, "SELECT count(*) FROM detections")[0][0] >= n, timeout=180, what=f"{n} rows despite the lost node")
+        wait_until(lambda: rows(database) >= n, timeout=180, what=f"{n} rows despite the lost node")
         time.sleep(2)
         assert query(database, "SELECT count(*), count(DISTINCT path) FROM detections")[0] == (n, n)  # none lost, none twice
         new_leader = stream_cluster([u for u in cluster.urls if u != cluster.node(leader).url], "UPLOADS").leader
@@ -89,14 +99,7 @@ def test_losing_the_stream_leaders_node_loses_nothing(tmp_path, media, database,
             assert stack.procs[name].poll() is None, f"{name} died with the node"
 
         cluster.node(leader).start()  # it rejoins and catches up
-        def caught_up():
-            for stream in ("UPLOADS", "DETECTIONS", "EVENTS"):
-                info = stream_cluster(cluster.urls, stream)
-                peers = {info.leader: True} | {r.name: bool(r.current) and not r.offline for r in info.replicas or []}
-                if not peers.get(leader):
-                    return False
-            return True
-        wait_until(caught_up, timeout=90, what=f"{leader} current again on every stream")
+        wait_until(lambda: caught_up(cluster.urls, leader), timeout=90, what=f"{leader} current again on every stream")
     finally:
         stack.stop_all()
 
@@ -112,7 +115,7 @@ def test_detectors_on_two_hosts_share_the_work_and_one_can_leave(tmp_path, media
         blob = photo_bytes("camera", scale=0.1)
         for i in range(120):
             drop(media / "front_door" / f"a{i:03}.jpg", blob[:-2] + bytes([i, 0xD9]))
-        wait_until(lambda: query(database, "SELECT count(*) FROM detections")[0][0] >= 120, timeout=120, what="first 120 rows")
+        wait_until(lambda: rows(database) >= 120, timeout=120, what="first 120 rows")
         def served() -> dict[str, int]:
             beats = read_heartbeats(cluster.urls[0])
             return {k: v.counters.get("detected", 0) for k, v in beats.items() if k.startswith("detector.")}
@@ -121,7 +124,7 @@ def test_detectors_on_two_hosts_share_the_work_and_one_can_leave(tmp_path, media
         assert second.stop("detector") == 0  # host b leaves cleanly
         for i in range(40):
             drop(media / "front_door" / f"b{i:03}.jpg", blob[:-2] + bytes([i, 0xD8, 0xD9]))
-        wait_until(lambda: query(database, "SELECT count(*) FROM detections")[0][0] >= 160, timeout=120, what="the rest on host a")
+        wait_until(lambda: rows(database) >= 160, timeout=120, what="the rest on host a")
         time.sleep(1)
         assert query(database, "SELECT count(*), count(DISTINCT path) FROM detections")[0] == (160, 160)
     finally:

@@ -164,3 +164,23 @@ def test_refuses_to_start_on_slash(make_stack):
     stack.start("retention")
     assert stack.procs["retention"].wait(30) == 78
     assert "home directory" in stack.log("retention")
+
+
+def test_two_folder_hosts_with_camera_prefixes_keep_out_of_each_others_rows(tmp_path, media, database):
+    """Host A (watcher.camera_prefix = "a-") and host B share the database. The same relative path exists
+    on both; A's retention judges only rows of its own cameras."""
+    migrate(database)
+    now = time.time()
+    _, config = config_for(tmp_path, media, database, max_age_days=1.0)
+    config.watcher.camera_prefix = "a-"
+    put_file(media, "front_door/old.jpg", now - 5 * DAY)
+    with connect(config) as conn:
+        for camera, rel in (("a-front_door", "front_door/old.jpg"), ("b-front_door", "front_door/old.jpg"), ("b-front_door", "front_door/only-on-b.jpg"),
+                            ("a-front_door", "front_door/gone-from-a.jpg")):
+            conn.execute("INSERT INTO detections (detection_id, file_id, camera, path, captured_at, width, height, model, inference_ms,"
+                         " box_count, labels, boxes) VALUES (%s, %s, %s, %s, to_timestamp(%s), 1, 1, 'none', 1, 0, '{}', '[]')",
+                         (f"{camera}:{rel}", f"{camera}:{rel}", camera, rel, now - 5 * DAY))
+    report = run(config, now)
+    assert report.deleted_paths == ["front_door/old.jpg"] and report.missing_marked == 1  # only gone-from-a.jpg
+    assert sorted(rows(database, "SELECT camera, path FROM detections")) == [
+        ("a-front_door", "front_door/gone-from-a.jpg"), ("b-front_door", "front_door/old.jpg"), ("b-front_door", "front_door/only-on-b.jpg")]

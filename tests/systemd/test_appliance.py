@@ -231,3 +231,40 @@ def test_uninstall_keeps_data_unless_purged(appliance):
     assert appliance.state("vigil-watcher")["ActiveState"] == "inactive"
     out = appliance.sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False)
     assert out.returncode == 0 and not (root / "etc/vigil").exists() and not (root / "var/lib/vigil").exists()
+
+
+def test_installer_roles_for_a_cluster(appliance):
+    """After the purge above: a cluster node's nats.conf (checked by nats-server -t), then a detector-only
+    host that installs just its detectors and gpu-stats, pointed at the cluster."""
+    root, sd = appliance.sd.root, appliance.sd
+    creds = root / "var/tmp/creds-from-first-node"  # written through the booted system's own root
+    creds.mkdir(parents=True)
+    for name in ("nats-password", "db-password", "nats-watcher", "nats-detector", "nats-aggregator", "nats-recorder", "nats-gpu-stats",
+                 "nats-health", "nats-retention"):
+        (creds / name).write_text(f"secret-{name}\n")
+        (creds / name).chmod(0o600)
+    servers = "nats://10.9.0.1:4222,nats://10.9.0.2:4222,nats://10.9.0.3:4222"
+    out = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", "--node-name", "n1", "--listen", "10.9.0.1",
+                 "--cluster-routes", "nats-route://10.9.0.2:6222,nats-route://10.9.0.3:6222", "--servers", servers, "--replicas", "3",
+                 "--credentials-from", "/var/tmp/creds-from-first-node", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    conf = (root / "etc/vigil/nats.conf").read_text()
+    assert 'server_name: "n1"' in conf and 'listen: "10.9.0.1:4222"' in conf and '"nats-route://10.9.0.3:6222"' in conf
+    test = sd.run(f"{sys.prefix}/bin/nats-server", "-t", "-c", "/etc/vigil/nats.conf", check=False)
+    assert test.returncode == 0, test.stdout + test.stderr
+    assert (root / "etc/vigil/credentials/nats-detector").read_text() == "secret-nats-detector\n"  # same users on every node
+    toml = (root / "etc/vigil/vigil.toml").read_text()
+    assert 'servers = ["nats://10.9.0.1:4222", "nats://10.9.0.2:4222", "nats://10.9.0.3:4222"]' in toml and "\nreplicas = 3 " in toml
+    assert "IPAddressAllow=any" in (root / "etc/systemd/system/vigil-.service.d/cluster.conf").read_text()
+    assert sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False).returncode == 0
+
+    out = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", "--role", "detector", "--detectors", "0,1",
+                 "--servers", servers, "--replicas", "3", "--credentials-from", "/var/tmp/creds-from-first-node", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    units = sorted(p.name for p in (root / "etc/systemd/system").glob("vigil*") if p.suffix in (".service", ".target"))
+    assert units == ["vigil-detector@.service", "vigil-gpu-stats.service", "vigil.target"], units
+    assert not (root / "etc/vigil/nats.conf").exists() and "Wants=" not in (root / "etc/systemd/system/vigil.target").read_text()
+    for unit in ("vigil-detector@0.service", "vigil-detector@1.service", "vigil-gpu-stats.service"):
+        assert sd.run("systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled", unit
+    assert 'servers = ["nats://10.9.0.1:4222"' in (root / "etc/vigil/vigil.toml").read_text()
+    assert sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False).returncode == 0
