@@ -4,6 +4,10 @@ loss of a stream leader's node, and detectors on several "hosts" share one durab
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 
 import nats
@@ -13,7 +17,7 @@ import structlog
 from services.runtime.bus import provision
 from services.stack import NatsCluster
 from tests.integration.test_service_lifecycle import read_heartbeats
-from tests.support import Services, count_rows as rows, drop, photo_bytes, query, wait_until, write_config
+from tests.support import REPO, Services, count_rows as rows, drop, photo_bytes, query, wait_until, write_config
 
 PIPELINE = ("watcher", "detector", "aggregator", "recorder")
 
@@ -95,6 +99,14 @@ def test_losing_the_stream_leaders_node_loses_nothing(tmp_path, media, database,
         assert query(database, "SELECT count(*), count(DISTINCT path) FROM detections")[0] == (n, n)  # none lost, none twice
         new_leader = stream_cluster([u for u in cluster.urls if u != cluster.node(leader).url], "UPLOADS").leader
         assert new_leader and new_leader != leader
+        # the operator sees it: three nodes, the new leader, the lost node as an offline or lagging replica
+        out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json", "--config", str(stack.config)], capture_output=True,
+                             text=True, cwd=REPO, timeout=60, env={**os.environ, "VIGIL_CONFIG": ""})
+        assert out.returncode == 0, out.stderr
+        status = json.loads(out.stdout)
+        uploads = next(st for st in status["streams"] if st["name"] == "UPLOADS")
+        assert status["nodes"] == ["n0", "n1", "n2"] and uploads["leader"] == new_leader
+        assert any(r["node"] == leader and (r["offline"] or not r["current"]) for r in uploads["replicas"]), uploads
         for name in PIPELINE:
             assert stack.procs[name].poll() is None, f"{name} died with the node"
 
