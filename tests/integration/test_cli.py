@@ -50,7 +50,7 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     assert {d["path"] for d in status["disks"]} == {str(media), str(stack.config.parent / "state")}
 
     streams = {s["name"]: s for s in vigil(stack.config, "streams")}
-    assert set(streams) == {"UPLOADS", "DETECTIONS", "EVENTS", "ALERTS", "GPU", "HEALTH", "RETENTION", "DLQ"}
+    assert set(streams) == {"UPLOADS", "DETECTIONS", "EVENTS", "ALERTS", "GPU", "HEALTH", "RETENTION", "ADVISORIES", "DLQ"}
     assert [c["name"] for c in streams["DETECTIONS"]["consumers"]] == ["aggregator", "recorder-detections"]
     assert streams["DLQ"]["messages"] == 1
 

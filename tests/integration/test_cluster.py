@@ -125,8 +125,10 @@ def test_detectors_on_two_hosts_share_the_work_and_one_can_leave(tmp_path, media
         stack.wait_ready("watcher", "detector", "recorder", timeout=60)
         second.wait_ready("detector", timeout=60)
         blob = photo_bytes("camera", scale=0.1)
-        for i in range(120):
+        time.sleep(2)  # both in their fetch loops before work arrives
+        for i in range(120):  # a steady stream (not one burst), so both keep asking for work
             drop(media / "front_door" / f"a{i:03}.jpg", blob[:-2] + bytes([i, 0xD9]))
+            time.sleep(0.05)
         wait_until(lambda: rows(database) >= 120, timeout=120, what="first 120 rows")
         def served() -> dict[str, int]:
             beats = read_heartbeats(cluster.urls[0])
