@@ -2,10 +2,13 @@
 # Install (or upgrade in place) vigil on a Debian/Ubuntu appliance. Run as root:
 #     sudo ops/install.sh [--detectors cpu|0|0,1] [--media DIR] [--no-start] [--venv DIR]
 #   Beyond one box (README "Beyond one box"):
-#     a NATS cluster node:  --node-name n1 --listen 10.0.0.1 --cluster-routes nats-route://10.0.0.2:6222,nats-route://10.0.0.3:6222
-#                           --servers nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222 --replicas 3
-#                           [--credentials-from DIR]   (every node needs the same credentials: copy them from the first)
+#     the first node (the whole pipeline + a NATS node):
+#         --node-name n1 --listen 10.0.0.1 --cluster-routes nats-route://10.0.0.2:6222,nats-route://10.0.0.3:6222
+#         --servers nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222 --replicas 3
+#     the other two NATS nodes: --role bus, the same flags with their own name/address/routes, and
+#         --credentials-from DIR (a copy of the first node's /etc/vigil/credentials: the users must match)
 #     a detector-only host: --role detector --servers ... --replicas 3 --credentials-from DIR --detectors 0,1
+#   The role and cluster flags are saved in /etc/vigil/install.env; running again without them keeps them.
 # What it does, each step idempotent:
 #   system user `vigil`; venv /opt/vigil/venv with this checkout installed; /etc/vigil/vigil.toml
 #   (commented, every option; kept on upgrade, the new template lands beside it as vigil.toml.new);
@@ -29,24 +32,28 @@ NODE_NAME=
 LISTEN=127.0.0.1
 ROUTES=
 CREDS_FROM=
+PLACED=no  # any of role/cluster/detector/media flags given
 while [ $# -gt 0 ]; do
     case "$1" in
-        --detectors) DETECTORS=$2; shift 2 ;;
-        --media) MEDIA=$2; shift 2 ;;
+        --detectors) DETECTORS=$2; PLACED=yes; shift 2 ;;
+        --media) MEDIA=$2; PLACED=yes; shift 2 ;;
         --no-start) START=no; shift ;;
         --venv) VENV=$2; shift 2 ;;  # use an existing venv with vigil installed (tests, offline installs)
-        --role) ROLE=$2; shift 2 ;;
-        --servers) SERVERS=$2; shift 2 ;;
-        --replicas) REPLICAS=$2; shift 2 ;;
-        --node-name) NODE_NAME=$2; shift 2 ;;
-        --listen) LISTEN=$2; shift 2 ;;
-        --cluster-routes) ROUTES=$2; shift 2 ;;
+        --role) ROLE=$2; PLACED=yes; shift 2 ;;
+        --servers) SERVERS=$2; PLACED=yes; shift 2 ;;
+        --replicas) REPLICAS=$2; PLACED=yes; shift 2 ;;
+        --node-name) NODE_NAME=$2; PLACED=yes; shift 2 ;;
+        --listen) LISTEN=$2; PLACED=yes; shift 2 ;;
+        --cluster-routes) ROUTES=$2; PLACED=yes; shift 2 ;;
         --credentials-from) CREDS_FROM=$2; shift 2 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
 [ "$(id -u)" = 0 ] || { echo "install.sh must run as root" >&2; exit 1; }
-case "$ROLE" in full|detector) ;; *) echo "--role is full or detector" >&2; exit 2 ;; esac
+if [ "$PLACED" = no ] && [ -f "$ETC/install.env" ]; then
+    . "$ETC/install.env"  # an upgrade without flags: this host keeps its role and cluster settings
+fi
+case "$ROLE" in full|bus|detector) ;; *) echo "--role is full, bus or detector" >&2; exit 2 ;; esac
 if [ "$ROLE" = detector ] && { [ -z "$SERVERS" ] || [ -z "$CREDS_FROM" ]; }; then
     echo "--role detector needs --servers (the cluster) and --credentials-from (nats-detector, nats-gpu-stats from the primary)" >&2; exit 2
 fi
@@ -69,56 +76,82 @@ say "venv $PREFIX/venv ok"
 
 install -d -m 0755 "$ETC"
 install -d -m 0700 "$ETC/credentials"
-if [ -n "$CREDS_FROM" ]; then  # a cluster shares users and passwords: take them from the first node
-    for f in "$CREDS_FROM"/*; do
-        [ -s "$ETC/credentials/$(basename "$f")" ] || install -m 0600 "$f" "$ETC/credentials/$(basename "$f")"
-    done
-    say "credentials taken from $CREDS_FROM"
+# Which credentials this host needs: a detector host only its services' own, never the admin's.
+if [ "$ROLE" = detector ]; then
+    NEED="nats-detector nats-gpu-stats"
+else
+    NEED="nats-password db-password nats-route nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention"
 fi
-if [ "$ROLE" = full ]; then
-# nats-password: the admin (CLI, provisioning); nats-<service>: each service's own least-privilege user.
-for name in nats-password db-password nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention; do
-    if [ ! -s "$ETC/credentials/$name" ]; then
+for name in $NEED; do
+    if [ -n "$CREDS_FROM" ] && [ -s "$CREDS_FROM/$name" ]; then  # a cluster shares users and passwords
+        if [ -s "$ETC/credentials/$name" ] && ! cmp -s "$CREDS_FROM/$name" "$ETC/credentials/$name"; then
+            say "replacing credential $name with the one from $CREDS_FROM (it must match the cluster's)"
+        fi
+        install -m 0600 "$CREDS_FROM/$name" "$ETC/credentials/$name"
+    elif [ ! -s "$ETC/credentials/$name" ]; then
+        [ "$ROLE" != detector ] || { echo "credential $name not found in ${CREDS_FROM:-(no --credentials-from)}" >&2; exit 2; }
         (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$ETC/credentials/$name")
         say "generated credential $name"
     fi
     chmod 0600 "$ETC/credentials/$name"
 done
-fi
 
+# Apply this host's place in a cluster to a config (the new template, and a kept config on upgrade).
+configure() {
+    if [ -n "$SERVERS" ]; then
+        LIST=$(echo "$SERVERS" | sed 's/[^,][^,]*/"&"/g; s/,/, /g')
+        sed -i "s|^servers = .*|servers = [$LIST]|" "$1"
+    fi
+    [ -z "$REPLICAS" ] || sed -i "s|^replicas = [0-9]* |replicas = $REPLICAS |" "$1"
+    # configs from before per-service NATS users: the units now hand each service only its own password
+    if ! grep -q '^per_service_users' "$1"; then
+        sed -i '/^\[nats\]/a per_service_users = true\nprovision = false' "$1"
+        say "$1: added per_service_users = true, provision = false under [nats]"
+    fi
+}
 sed "s|@MEDIA@|$MEDIA|" "$SRC/ops/vigil.toml" > "$ETC/vigil.toml.new"
-if [ -n "$SERVERS" ]; then
-    LIST=$(echo "$SERVERS" | sed 's/[^,][^,]*/"&"/g; s/,/, /g')
-    sed -i "s|^servers = .*|servers = [$LIST]|" "$ETC/vigil.toml.new"
-fi
-[ -z "$REPLICAS" ] || sed -i "s|^replicas = 1 |replicas = $REPLICAS |" "$ETC/vigil.toml.new"
+configure "$ETC/vigil.toml.new"
 if [ -f "$ETC/vigil.toml" ]; then
+    cp -p "$ETC/vigil.toml" "$ETC/vigil.toml.before"
+    configure "$ETC/vigil.toml"
+    cmp -s "$ETC/vigil.toml" "$ETC/vigil.toml.before" && rm -f "$ETC/vigil.toml.before"
     say "kept $ETC/vigil.toml (the new template is $ETC/vigil.toml.new)"
 else
     mv "$ETC/vigil.toml.new" "$ETC/vigil.toml"
 fi
 chmod 0644 "$ETC/vigil.toml"
 
+if [ "$ROLE" != detector ]; then
+    # Built beside the old one and checked before it replaces it: a failure half-way must never leave a
+    # nats.conf without its authorization block (that server would take anonymous clients).
+    CONF="$ETC/nats.conf.tmp"
+    sed -e "s|@SERVER_NAME@|${NODE_NAME:-$(hostname)}|" -e "s|^listen: \"127.0.0.1:4222\"|listen: \"$LISTEN:4222\"|" "$SRC/ops/nats.conf.in" > "$CONF"
+    if [ -n "$ROUTES" ]; then
+        # Routes authenticate with the shared nats-route credential; put the nodes on a private network
+        # (or a WireGuard link): the installer does not set up TLS.
+        ROUTE_PW=$(cat "$ETC/credentials/nats-route")
+        RLIST=$(echo "$ROUTES" | sed "s|nats-route://|nats-route://route:$ROUTE_PW@|g; s/[^,][^,]*/\"&\"/g; s/,/, /g")
+        printf 'cluster {\n  name: "vigil"\n  listen: "%s:6222"\n  authorization { user: "route", password: "%s" }\n  routes: [%s]\n}\n' \
+            "$LISTEN" "$ROUTE_PW" "$RLIST" >> "$CONF"
+    fi
+    # Users and their permissions come from services/nats_auth.py (bcrypt hashes only, never the passwords).
+    "$PREFIX/venv/bin/python" -m services.nats_auth "$ETC/credentials" --bcrypt >> "$CONF"
+    "$PREFIX/venv/bin/nats-server" -t -c "$CONF" >/dev/null
+    chown root:vigil "$CONF"
+    chmod 0640 "$CONF"
+    mv "$CONF" "$ETC/nats.conf"
+fi
 if [ "$ROLE" = full ]; then
-# Users and their permissions come from services/nats_auth.py (bcrypt hashes only, never the passwords).
-sed -e "s|@SERVER_NAME@|${NODE_NAME:-$(hostname)}|" -e "s|^listen: \"127.0.0.1:4222\"|listen: \"$LISTEN:4222\"|" "$SRC/ops/nats.conf.in" > "$ETC/nats.conf"
-if [ -n "$ROUTES" ]; then
-    RLIST=$(echo "$ROUTES" | sed 's/[^,][^,]*/"&"/g; s/,/, /g')
-    printf 'cluster {\n  name: "vigil"\n  listen: "%s:6222"\n  routes: [%s]\n}\n' "$LISTEN" "$RLIST" >> "$ETC/nats.conf"
-fi
-"$PREFIX/venv/bin/python" -m services.nats_auth "$ETC/credentials" --bcrypt >> "$ETC/nats.conf"
-chown root:vigil "$ETC/nats.conf"
-chmod 0640 "$ETC/nats.conf"
-
-install -d -m 2775 -o vigil -g vigil "$MEDIA"
-say "media root $MEDIA (cameras write one folder each; group vigil)"
+    install -d -m 2775 -o vigil -g vigil "$MEDIA"
+    say "media root $MEDIA (cameras write one folder each; group vigil)"
 fi
 
-if [ "$ROLE" = full ]; then
-    FILES="$SRC/systemd/*.service $SRC/systemd/*.target"
-else  # only what runs here: no bus, no database, no watcher; the target waits for nothing local
-    FILES="$SRC/systemd/vigil-detector@.service $SRC/systemd/vigil-gpu-stats.service $SRC/systemd/vigil.target"
-fi
+case "$ROLE" in
+    full) FILES="$SRC/systemd/*.service $SRC/systemd/*.target" ;;
+    # only what runs here; the target then waits for nothing local
+    bus) FILES="$SRC/systemd/vigil-nats.service $SRC/systemd/vigil.target" ;;
+    detector) FILES="$SRC/systemd/vigil-detector@.service $SRC/systemd/vigil-gpu-stats.service $SRC/systemd/vigil.target" ;;
+esac
 for unit in $FILES; do
     sed "s|/srv/vigil/media|$MEDIA|g" "$unit" > "$UNITDIR/$(basename "$unit")"
     chmod 0644 "$UNITDIR/$(basename "$unit")"
@@ -130,14 +163,28 @@ if [ -n "$SERVERS$ROUTES" ] || [ "$LISTEN" != 127.0.0.1 ]; then
     printf '[Service]\n# vigil talks to NATS nodes on other hosts; narrow this to their addresses (systemctl edit).\nIPAddressAllow=any\n' \
         > "$UNITDIR/vigil-.service.d/cluster.conf"
     say "cluster: units may reach other hosts (drop-in vigil-.service.d/cluster.conf)"
+else
+    rm -f "$UNITDIR/vigil-.service.d/cluster.conf"  # a box that left its cluster is local-only again
 fi
 systemctl daemon-reload
-if [ "$ROLE" = full ]; then
-    UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service vigil-retention.service"
-else
-    UNITS="vigil-gpu-stats.service"
-fi
+case "$ROLE" in
+    full) UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service vigil-retention.service" ;;
+    bus) UNITS="vigil-nats.service"; DETECTORS= ;;
+    detector) UNITS="vigil-gpu-stats.service" ;;
+esac
 for d in $(echo "$DETECTORS" | tr ',' ' '); do UNITS="$UNITS vigil-detector@$d.service"; done
+# What this host is, for the next run of the installer (an upgrade without flags keeps it).
+cat > "$ETC/install.env" <<ENV
+ROLE='$ROLE'
+SERVERS='$SERVERS'
+REPLICAS='$REPLICAS'
+NODE_NAME='$NODE_NAME'
+LISTEN='$LISTEN'
+ROUTES='$ROUTES'
+DETECTORS='$DETECTORS'
+MEDIA='$MEDIA'
+ENV
+chmod 0600 "$ETC/install.env"
 # shellcheck disable=SC2086
 systemctl enable -q vigil.target $UNITS
 say "units installed and enabled: vigil.target $UNITS"

@@ -13,6 +13,7 @@ for unit in $(systemctl list-unit-files --no-legend 'vigil*' 2>/dev/null | awk '
 done
 rm -f /etc/systemd/system/vigil.target /etc/systemd/system/vigil-*.service
 rm -rf /etc/systemd/system/vigil.target.wants
+rm -f /etc/systemd/system/vigil-.service.d/cluster.conf
 systemctl daemon-reload
 rm -rf /opt/vigil
 if [ "$PURGE" = yes ]; then

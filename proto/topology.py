@@ -211,6 +211,8 @@ AGGREGATOR_STATE_BUCKET = "vigil_aggregator"
 # expires HEARTBEAT_TTL seconds after its last put, so a crashed instance disappears on its own.
 HEARTBEAT_BUCKET = "vigil_heartbeats"
 HEARTBEAT_TTL = 30.0
+# health's alert bookkeeping (conditions held, alerts fired), so a restart neither repeats nor forgets one.
+HEALTH_BUCKET = "vigil_health"
 # Latest GpuSample per GPU, key `<host>.<index>`.
 GPU_BUCKET = "vigil_gpu"
 GPU_TTL = 60.0

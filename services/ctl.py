@@ -49,12 +49,6 @@ async def connect(config: Config):
     return await nats.connect(servers=config.nats.servers, connect_timeout=config.nats.connect_timeout, max_reconnect_attempts=0, **auth)
 
 
-def nats_errors() -> type[Exception]:
-    import nats.errors
-
-    return nats.errors.Error
-
-
 def to_builtins(value):
     return msgspec.to_builtins(value)
 
@@ -150,23 +144,28 @@ def query_events(config: Config, camera: str | None, since: str | None) -> list[
 
 
 async def provision_all(config: Config) -> dict:
+    """Declare everything, retrying for up to 60 s: run right after nats-server starts (vigil-nats
+    ExecStartPost), the server may not listen yet, and a cluster may not have elected a JetStream
+    leader yet (the API then times out or answers 503)."""
+    import nats.errors
     import structlog
 
     from services.runtime.bus import provision
 
-    deadline = time.monotonic() + 60  # run right after the server starts (vigil-nats ExecStartPost): let it come up
+    log = structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
+    deadline = time.monotonic() + 60
     while True:
         try:
             nc = await connect(config)
+            try:
+                await provision(nc.jetstream(timeout=5), log, config.nats.replicas)
+            finally:
+                await nc.close()
             break
-        except (OSError, nats_errors()) as exc:
+        except (OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
             if time.monotonic() > deadline:
-                raise OSError(f"NATS not reachable within 60 s: {exc}") from None
-            await asyncio.sleep(0.5)
-    try:
-        await provision(nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)), config.nats.replicas)
-    finally:
-        await nc.close()
+                raise OSError(f"could not provision within 60 s: {exc!r}") from None
+            await asyncio.sleep(1.0)
     return {"streams": [s.name for s in STREAMS], "consumers": [c.durable for c in CONSUMERS]}
 
 

@@ -27,16 +27,23 @@ import msgspec
 
 import proto
 from proto import Alert, HealthChanged, subject
-from proto.messages import valid_camera
+from proto.topology import HEALTH_BUCKET
 from services.health_checks import Snapshot, snapshot
 from services.health_web import HealthState, start_http
 from services.runtime import bus
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
+CONDITIONS_KEY = "conditions"  # in KV vigil_health: Conditions.dump()
+
 # An instance whose heartbeat expired stays "down" this long, then is forgotten (its alert resolves):
 # long enough for anyone to notice, short enough that a decommissioned detector does not alert forever.
 FORGET_GONE_SECONDS = 3600.0
+
+
+class _Saved(msgspec.Struct):
+    since: dict[str, float] = {}
+    fired: dict[str, Alert] = {}
 
 
 class Conditions:
@@ -47,6 +54,15 @@ class Conditions:
     def __init__(self) -> None:
         self.since: dict[str, float] = {}
         self.fired: dict[str, Alert] = {}
+
+    def dump(self) -> bytes:
+        """What must survive a restart of health: conditions held, and the alerts that fired for them
+        (so the "resolved" is still sent, and a held condition does not fire a second time)."""
+        return msgspec.json.encode(_Saved(since=self.since, fired=self.fired))
+
+    def load(self, data: bytes) -> None:
+        saved = msgspec.json.decode(data, type=_Saved)
+        self.since, self.fired = dict(saved.since), dict(saved.fired)
 
     def update(self, observed: dict[str, tuple[str, str, str, str, float]], now: float) -> list[Alert]:
         """`observed`: key -> (kind, camera, severity, message, hold seconds). Returns alerts to publish."""
@@ -117,11 +133,14 @@ def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTr
     return out
 
 
-def camera_folders(media_root: str) -> list[str]:
-    """Top-level folders of the media root that are valid camera ids (never following symlinks)."""
+def camera_folders(media_root: str, prefix: str = "") -> list[str]:
+    """The camera ids of the media root's folders, as the watcher makes them (prefix + sanitised
+    folder name), never following symlinks. Blocking: call in a thread (the root may be a network mount)."""
+    from services.watcher_files import camera_id
+
     with contextlib.suppress(OSError):
         with os.scandir(media_root) as it:
-            return [e.name for e in it if e.is_dir(follow_symlinks=False) and valid_camera(e.name)]
+            return [camera_id(prefix + e.name) for e in it if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
     return []
 
 
@@ -183,11 +202,18 @@ async def subscribe(rt: Runtime, state: HealthState) -> None:
 
 async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_queue: asyncio.Queue) -> None:
     conditions, trend = Conditions(), BacklogTrend()
+    kv = await rt.js.key_value(HEALTH_BUCKET)
+    with contextlib.suppress(*bus.TRANSIENT, msgspec.DecodeError, msgspec.ValidationError):
+        entry = await kv.get(CONDITIONS_KEY)
+        if entry.value:
+            conditions.load(entry.value)
+            rt.log.info("alert state restored", held=len(conditions.since), firing=len(conditions.fired))
+    saved = conditions.dump()
     gone: dict[str, float] = {}
     verdicts: dict[str, str] = {}
     while not rt.stopping.is_set():
         now = time.time()
-        for camera in camera_folders(config.media_root):
+        for camera in await asyncio.to_thread(camera_folders, config.media_root, config.watcher.camera_prefix):
             state.cameras.setdefault(camera, state.started_at)
         try:
             snap = await asyncio.wait_for(snapshot(rt.js, config, now, gone), timeout=max(10.0, config.health.check_seconds))
@@ -216,6 +242,10 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
                 rt.log.warning("alert", kind=a.kind, state=a.state, camera=a.camera, message=a.message)
             await bus.publish_many(rt, [(subject("health", c.service), c, f"health-{c.service}-{c.instance}-{c.verdict}-{int(now * 1000)}") for c in changes]
                                    + [(subject("alerts", a.camera), a, a.alert_id) for a in alerts])
+            if alerts or conditions.dump() != saved:  # after the alerts are durable in ALERTS
+                with contextlib.suppress(*bus.TRANSIENT):
+                    await kv.put(CONDITIONS_KEY, conditions.dump())
+                    saved = conditions.dump()
             rt.count("verdict_changes", len(changes))
             rt.count("alerts", len(alerts))
             for a in alerts:

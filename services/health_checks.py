@@ -180,7 +180,7 @@ async def read_stages(js, now: float) -> list[StageStatus]:
         oldest = 0.0
         if info.num_pending or info.num_ack_pending:
             # The first message after the ack floor is the oldest one this consumer still owes an ack.
-            with contextlib.suppress(nats.js.errors.NotFoundError, nats.errors.Error, asyncio.TimeoutError):
+            with contextlib.suppress(nats.js.errors.NotFoundError, nats.errors.Error, asyncio.TimeoutError, ValueError, TypeError):
                 msg = await js.get_msg(c.stream, seq=(info.ack_floor.stream_seq if info.ack_floor else 0) + 1,
                                        subject=c.filter_subject, next=True)
                 oldest = round(_age(msg.time, now), 1)
@@ -321,7 +321,9 @@ def judge(heartbeats: list[Heartbeat], units: list[UnitState], expected: Iterabl
         instance = (host or "") + (f"-{template}" if template else "")
         s = out.get(f"{service}.{instance}") if host else None
         if s is None:
+            # an instance named otherwise (VIGIL_INSTANCE set by hand), but only one running on this host
             s = next((x for x in out.values() if x.service == service and x.unit is None
+                      and (host is None or re.sub(r"[^A-Za-z0-9_-]", "_", x.host or "") == host)
                       and (template is None or (x.instance or "").endswith(f"-{template}"))), None)
         if s is None:
             if u.active_state == "inactive":

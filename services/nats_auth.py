@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT
 
 ADMIN_USER = "vigil"
 ADMIN_CREDENTIAL = "nats-password"
@@ -51,11 +51,12 @@ def _kv_read(bucket: str) -> list[str]:
     """get() (direct or not) and keys() (an ordered consumer, created and deleted)."""
     stream = f"KV_{bucket}"
     return [f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}",
-            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>"]
+            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
+            f"$JS.FC.{stream}.>"]  # flow-control replies of the ordered consumer behind keys()
 
 
-# What every service does: look streams and consumers up, and heartbeat into KV.
-_COMMON_PUB = ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>", *_kv_write(HEARTBEAT_BUCKET)]
+# What every service does: look streams and consumers up.
+_COMMON_PUB = ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>"]
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "watcher": {"publish": ["vigil.uploads.*", RETENTION_CHECK_SUBJECT], "subscribe": []},
@@ -65,7 +66,8 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts") for p in _consume(d)],
                  "subscribe": []},
     "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},
-    "health": {"publish": ["vigil.health.*", "vigil.alerts.*", "$JS.API.STREAM.MSG.GET.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET)],
+    "health": {"publish": ["vigil.health.*", "vigil.alerts.*", "$JS.API.STREAM.MSG.GET.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET),
+                           *_kv_read(HEALTH_BUCKET), *_kv_write(HEALTH_BUCKET)],
                "subscribe": ["vigil.uploads.*", "vigil.detections.*", "vigil.events.*"]},
     "retention": {"publish": ["vigil.retention.report", "$JS.API.STREAM.MSG.GET.DLQ"], "subscribe": [RETENTION_CHECK_SUBJECT]},
 }
@@ -73,7 +75,8 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
 
 def permissions(service: str) -> dict[str, list[str]]:
     own = PERMISSIONS[service]
-    return {"publish": sorted(set(_COMMON_PUB + own["publish"])),
+    # its own heartbeat keys only (`<service>.<instance>`): no service can speak for another
+    return {"publish": sorted(set(_COMMON_PUB + own["publish"] + [f"$KV.{HEARTBEAT_BUCKET}.{service}.>"])),
             "subscribe": sorted(set(own["subscribe"] + [f"{inbox_prefix(user(service))}.>"]))}
 
 

@@ -55,10 +55,12 @@ async def dead_lettered_paths(js) -> set[str]:
     if not info.state.messages:
         return out
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        with contextlib.suppress(nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        # one odd letter (a payload that is JSON but not an object, say) must not stop retention
+        with contextlib.suppress(nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
             letter = proto.decode((await js.get_msg("DLQ", seq)).data)
             if isinstance(letter, proto.DeadLetter) and letter.stage == "detector":
-                path = json.loads(letter.original_payload).get("path")
+                payload = json.loads(letter.original_payload)
+                path = payload.get("path") if isinstance(payload, dict) else None
                 if isinstance(path, str):
                     out.add(path)
     return out
@@ -91,10 +93,12 @@ def recorded(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> se
     return out
 
 
-def kept_paths(conn: psycopg.Connection, prefix: str = "") -> set[str]:
+def kept_paths(conn: psycopg.Connection, prefix: str = "", among: list[str] | None = None) -> set[str]:
+    """Paths of files in events marked keep (only those in `among`, when given)."""
     return {r[0] for r in conn.execute(
         "SELECT DISTINCT d.path FROM events e JOIN event_detections ed ON ed.event_id = e.event_id"
-        f" JOIN detections d ON d.detection_id = ed.detection_id WHERE e.keep AND {_MINE}", (_like(prefix),))}
+        f" JOIN detections d ON d.detection_id = ed.detection_id WHERE e.keep AND {_MINE}"
+        " AND (%s::text[] IS NULL OR d.path = ANY(%s::text[]))", (_like(prefix), among, among))}
 
 
 # Rows of this host's cameras only (watcher.camera_prefix): with several folder hosts, a path is only
@@ -153,7 +157,10 @@ def sweep_all(conn: psycopg.Connection, config: Config, now: float, dry_run: boo
     r = config.retention
     cut = lambda days: {"cutoff": now - days * DAY}  # noqa: E731
     return {
-        "detections": sweep(conn, "detections", f"captured_at < to_timestamp(%(cutoff)s) AND {_NOT_KEPT}", cut(r.detections_days), r.delete_batch, dry_run),
+        # one day more than asked: a clip's frames are dated before its file's mtime, and a file must
+        # not lose its rows (and so count as unrecorded, never deleted) before the age rule takes it
+        "detections": sweep(conn, "detections", f"captured_at < to_timestamp(%(cutoff)s) AND {_NOT_KEPT}", cut(r.detections_days + 1),
+                            r.delete_batch, dry_run),
         "events": sweep(conn, "events", "started_at < to_timestamp(%(cutoff)s) AND NOT keep", cut(r.events_days), r.delete_batch, dry_run),
         "alerts": sweep(conn, "alerts", "created_at < to_timestamp(%(cutoff)s)", cut(r.alerts_days), r.delete_batch, dry_run),
         "gpu_samples": sweep(conn, "gpu_samples", "minute < to_timestamp(%(cutoff)s)", cut(r.gpu_samples_days), r.delete_batch, dry_run),
@@ -196,13 +203,19 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
                              unbounded_streams=list(unbounded))
     free, total = free_space(root)
     report.free_bytes_before, report.total_bytes = free, total
-    files = scan(root)
+    files = scan(root, config.watcher.camera_prefix)
     prefix = config.watcher.camera_prefix
     finished = recorded(conn, [f.rel for f in files], prefix) | (dead_lettered & {f.rel for f in files})
     decided = plan(files, finished, kept_paths(conn, prefix), r, now, free, total)
     report.kept_skipped, report.young_skipped, report.unrecorded_skipped = decided.kept_skipped, decided.young_skipped, decided.unrecorded_skipped
     deleted: list[str] = []
-    for f, rule in decided.delete:
+    kept_now: set[str] = set()
+    for i, (f, rule) in enumerate(decided.delete):
+        if i % 200 == 0:  # an event marked keep while this run goes: look again, just before each chunk
+            kept_now = kept_paths(conn, prefix, [x.rel for x, _ in decided.delete[i : i + 200]])
+        if f.rel in kept_now:
+            report.kept_skipped += 1
+            continue
         try:
             if not dry_run:
                 unlink_under(root, f.rel)
@@ -260,13 +273,14 @@ async def run(config: Config) -> None:
 
         await rt.nc.subscribe(RETENTION_CHECK_SUBJECT, cb=on_check)
         next_full = next_disk = 0.0
+        freed_last = True
         rt.beat("retention")
         while not rt.stopping.is_set():
             trigger = None
             if asked_by_watcher:
                 trigger = "watcher"
             elif time.monotonic() >= next_disk:
-                next_disk = time.monotonic() + r.disk_check_seconds
+                next_disk = time.monotonic() + r.disk_check_seconds * (1 if freed_last else 6)
                 try:
                     free, total = await asyncio.to_thread(free_space, root)
                     if total and free < watermark_bytes(r.low_watermark, total):
@@ -292,6 +306,8 @@ async def run(config: Config) -> None:
                     await bus.publish(rt, "vigil.retention.report", report, f"retention-{report.run_id}")
                     rt.count("runs")
                     rt.count("files_deleted", report.deleted_count)
+                    # low on space with nothing deletable: check less often (a full scan every 10 s helps nobody)
+                    freed_last = report.deleted_count > 0 or trigger != "watermark"
                     if trigger == "interval":
                         next_full = time.monotonic() + r.interval_seconds
             rt.beat("retention")

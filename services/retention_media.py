@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from proto.messages import valid_camera
+from services.watcher_files import camera_id
 from services.runtime.config import ConfigError, RetentionConfig, parse_watermark
 
 DAY = 86400.0
@@ -49,16 +49,17 @@ def check_root(root: str) -> Path:
     return path
 
 
-def scan(root: Path) -> list[MediaFile]:
+def scan(root: Path, prefix: str = "") -> list[MediaFile]:
     """Every regular file under <root>/<camera>/..., never through a symlink; hidden files (uploads
     in progress) are left alone."""
     out: list[MediaFile] = []
     try:
         with os.scandir(root) as cams:
-            cameras = [e for e in cams if e.is_dir(follow_symlinks=False) and valid_camera(e.name)]
+            # every real, non-hidden folder, named the way the watcher names its camera
+            cameras = [(e, camera_id(prefix + e.name)) for e in cams if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
     except OSError:
         return out
-    for cam in cameras:
+    for cam, camera in cameras:
         stack = [(cam.path, cam.name)]
         while stack:
             folder, rel = stack.pop()
@@ -74,7 +75,7 @@ def scan(root: Path) -> list[MediaFile]:
                         if stat.S_ISDIR(st.st_mode):
                             stack.append((e.path, f"{rel}/{e.name}"))
                         elif stat.S_ISREG(st.st_mode):
-                            out.append(MediaFile(f"{rel}/{e.name}", cam.name, st.st_size, st.st_mtime))
+                            out.append(MediaFile(f"{rel}/{e.name}", camera, st.st_size, st.st_mtime))
             except OSError:
                 continue  # unreadable folder: nothing there we could delete anyway
     return out
@@ -92,6 +93,7 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
     chosen: dict[str, tuple[MediaFile, str]] = {}
     skipped_kept: set[str] = set()
     skipped_unrecorded: set[str] = set()
+    young_set: set[str] = set()
 
     def deletable(f: MediaFile) -> bool:
         if f.rel in kept:
@@ -115,12 +117,16 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
     for f in by_age:
         cam = cfg.cameras.get(f.camera)
         quota = cam.max_bytes if cam and cam.max_bytes is not None else cfg.camera_max_bytes
-        if quota and usage.get(f.camera, 0) > quota and f.rel not in chosen and deletable(f):
-            chosen[f.rel] = (f, "quota")
-            usage[f.camera] -= f.size
+        if quota and usage.get(f.camera, 0) > quota and f.rel not in chosen:
+            if f.mtime > now - cfg.min_keep_seconds:
+                young_set.add(f.rel)  # the promise holds under a quota too: it may be an event still open
+            elif deletable(f):
+                chosen[f.rel] = (f, "quota")
+                usage[f.camera] -= f.size
     freed = sum(f.size for f, _ in chosen.values())
-    young = 0
-    if free + freed < watermark_bytes(cfg.low_watermark, total):
+    # Below the low watermark, free up to the high one (counting what age and quota already free):
+    # hysteresis, so runs do not repeat just above the low mark.
+    if free < watermark_bytes(cfg.low_watermark, total):
         need = watermark_bytes(cfg.high_watermark, total) - (free + freed)
         for f in by_age:
             if need <= 0:
@@ -128,13 +134,13 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
             if f.rel in chosen:
                 continue
             if f.mtime > now - cfg.min_keep_seconds:
-                young += 1
+                young_set.add(f.rel)
                 continue
             if deletable(f):
                 chosen[f.rel] = (f, "watermark")
                 need -= f.size
     order = sorted(chosen.values(), key=lambda x: (x[0].mtime, x[0].rel))
-    return Plan(order, len(skipped_kept - chosen.keys()), young, len(skipped_unrecorded - chosen.keys()))
+    return Plan(order, len(skipped_kept - chosen.keys()), len(young_set), len(skipped_unrecorded - chosen.keys()))
 
 
 def _parts(rel: str) -> list[str]:

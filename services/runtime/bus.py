@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageT
 import proto
 from services.runtime.config import credential
 from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter, valid_camera
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -152,9 +152,14 @@ async def provision(js: JetStreamContext, log, replicas: int = 1) -> None:
         (AGGREGATOR_STATE_BUCKET, "Open events per camera (aggregator crash safety)", None),
         (HEARTBEAT_BUCKET, "Latest heartbeat of every vigil service instance", HEARTBEAT_TTL),
         (GPU_BUCKET, "Latest GPU sample per GPU (gpu-stats)", GPU_TTL),
+        (HEALTH_BUCKET, "health's alert bookkeeping: conditions held and alerts fired", None),
     ):
         try:
             await js.key_value(bucket)
+            info = await js.stream_info(f"KV_{bucket}")
+            if info.config.num_replicas != replicas:  # scale an existing bucket like the streams
+                info.config.num_replicas = replicas
+                await js.update_stream(info.config)
         except nats.js.errors.BucketNotFoundError:
             try:
                 await js.create_key_value(bucket=bucket, description=description, history=1, ttl=ttl, replicas=replicas)
@@ -172,10 +177,15 @@ async def wait_provisioned(rt: "Runtime") -> None:
                 await rt.js.stream_info(spec.name)
             except nats.js.errors.NotFoundError:
                 missing.append(spec.name)
+        for cspec in CONSUMERS if not missing else ():
+            try:
+                await rt.js.consumer_info(cspec.stream, cspec.durable)
+            except nats.js.errors.NotFoundError:
+                missing.append(f"{cspec.stream}/{cspec.durable}")
         if not missing:
             return
-        rt.log.error("streams missing: run `vigil provision` as the NATS admin", streams=missing)
-        rt.notifier.status(f"waiting for streams {', '.join(missing)} (vigil provision)")
+        rt.log.error("streams or consumers missing: run `vigil provision` as the NATS admin", missing=missing)
+        rt.notifier.status(f"waiting for {', '.join(missing[:5])} (vigil provision)")
         await asyncio.sleep(5.0)
 
 
@@ -293,35 +303,45 @@ async def exhausted_loop(rt: "Runtime", durable: str, stage: str) -> None:
             except (ValueError, KeyError, TypeError):
                 await m.term()
                 continue
-            await _move_exhausted(rt, spec, stage, seq, deliveries)
-            await m.ack()
+            if await _move_exhausted(rt, spec, stage, seq, deliveries):
+                await m.ack()
+            else:  # another consumer still needs the message: come back once it is past it
+                await m.nak(delay=30.0)
 
     await consume(rt, f"{EXHAUSTED_PREFIX}{durable}", handle, batch=16, timeout=5.0, stage=stage)
 
 
-async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int) -> None:
+async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int) -> bool:
+    """Copy one exhausted message to the DLQ and delete it from its stream. False: not yet - another
+    consumer of the stream (the recorder, when the aggregator gave up) has not got past it, and
+    deleting it now would take it from that consumer too."""
+    for other in (c for c in CONSUMERS if c.stream == spec.stream and c.durable != spec.durable):
+        info = await rt.js.consumer_info(other.stream, other.durable)
+        if (info.ack_floor.stream_seq if info.ack_floor else 0) < seq:
+            return False
     try:
         raw = await rt.js.get_msg(spec.stream, seq)
     except nats.js.errors.NotFoundError:
-        return  # acked after all, or already moved
+        # acked after all, or removed by the server before we got here (max_age, or servers that drop
+        # max-delivered messages themselves): say so, since no dead letter will exist for it
+        rt.count("exhausted_gone")
+        rt.log.warning("exhausted message no longer in its stream: no dead letter", stream=spec.stream, sequence=seq, stage=stage)
+        return True
     error = rt.failures.pop((spec.stream, seq), None)
     reason = f"gave up after {deliveries} deliveries: " + (error or "no error was recorded (the process crashed, hung or timed out on it)")
     camera = raw.subject.rsplit(".", 1)[-1]
     try:
-        file_id = json.loads(raw.data).get("file_id")
-    except (ValueError, AttributeError):
+        payload = json.loads(raw.data or b"null")
+        file_id = payload.get("file_id") if isinstance(payload, dict) else None
+    except (ValueError, TypeError):
         file_id = None
     letter = _letter(stage, reason, raw.subject, raw.data or b"", raw.headers, spec.stream, seq, deliveries,
                      camera if valid_camera(camera) else None, file_id if isinstance(file_id, str) else None)
     await publish(rt, dlq_subject(stage, letter.camera), letter, msg_id=_dlq_id(spec.stream, seq, spec.durable))
     rt.count("dead_lettered")
     rt.log.warning("dead-lettered after max deliveries", stage=stage, stream=spec.stream, sequence=seq, reason=reason[:300])
-    # Another consumer of an interest stream may still need it (the recorder after the aggregator gave up).
-    for other in (c for c in CONSUMERS if c.stream == spec.stream and c.durable != spec.durable):
-        info = await rt.js.consumer_info(other.stream, other.durable)
-        if (info.ack_floor.stream_seq if info.ack_floor else 0) < seq:
-            return  # it stays; interest retention removes it once the others have acked it
     await rt.js.delete_msg(spec.stream, seq)
+    return True
 
 
 def last_delivery(msg: Msg, durable: str) -> bool:
@@ -417,6 +437,9 @@ async def _check_consumer(rt: "Runtime", spec: ConsumerSpec, sub):
         await rt.js.consumer_info(spec.stream, spec.durable)
         return sub
     except nats.js.errors.NotFoundError:
+        if not rt.config.nats.provision:  # a least-privilege user may not declare it: wait for the admin
+            rt.log.error("consumer missing on the server: run `vigil provision` as the NATS admin", consumer=spec.durable)
+            return await _drop(sub)
         rt.log.error("consumer missing on the server: provisioning again", consumer=spec.durable)
         await provision(rt.js, rt.log, rt.config.nats.replicas)
         return await _drop(sub)

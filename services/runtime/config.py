@@ -345,8 +345,9 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config error: health.webhook_url {h.webhook_url!r} must start with http:// or https://")
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9_-]{0,32}", config.watcher.camera_prefix):
-        raise ConfigError("config error: watcher.camera_prefix may only hold letters, digits, '-' and '_' (at most 32)")
+    if not re.fullmatch(r"([A-Za-z0-9_-]{0,31}[-_])?", config.watcher.camera_prefix):
+        # the separator at the end keeps "site1-" from matching the cameras of "site10-"
+        raise ConfigError("config error: watcher.camera_prefix may only hold letters, digits, '-' and '_' (at most 32), ending in '-' or '_'")
     r = config.retention
     for field in ("low_watermark", "high_watermark"):
         try:

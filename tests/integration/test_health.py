@@ -69,6 +69,11 @@ def test_a_stopped_service_goes_down_alerts_and_recovers(make_stack, nats_server
     code, body = get(port, "/health/ready")
     assert code == 503 and json.loads(body)["not_ready"][0]["service"].startswith("aggregator.")
 
+    # health itself restarts while the alert fires: it must still resolve it later, and not fire it twice
+    assert stack.stop("health") == 0
+    stack.start("health")
+    wait_until(lambda: "alert state restored" in stack.log("health"), what="health back, with its alert state")
+
     # SIGTERM: a clean stop says so at once -> down
     stack.stop("watcher")
     wait_until(lambda: any(m.service == "watcher" and m.verdict == "down" for m in messages(nats_server.url, "HEALTH", proto.HealthChanged)),
@@ -78,10 +83,15 @@ def test_a_stopped_service_goes_down_alerts_and_recovers(make_stack, nats_server
     stack.wait_ready("aggregator", "watcher")
     wait_until(lambda: verdicts(port) == {"watcher": "healthy", "aggregator": "healthy"}, what="healthy again")
     changes = [m for m in messages(nats_server.url, "HEALTH", proto.HealthChanged) if m.service == "aggregator"]
-    assert [(c.previous, c.verdict) for c in changes][-2:] == [("healthy", "stale"), ("stale", "healthy")]
+    transitions = [(c.previous, c.verdict) for c in changes]
+    # healthy -> stale; after health's own restart it reports what it finds (None -> stale); then back
+    assert ("healthy", "stale") in transitions and transitions[-1] == ("stale", "healthy"), transitions
     resolved = wait_until(lambda: [a for a in messages(nats_server.url, "ALERTS", proto.Alert) if a.state == "resolved"
                                    and a.kind == "service_down"], what="resolved alerts")
     assert {a.alert_id for a in resolved} >= {alert.alert_id + "-resolved"}
+    firing = [a for a in messages(nats_server.url, "ALERTS", proto.Alert) if a.kind == "service_down" and "aggregator" in a.message
+              and a.state == "firing"]
+    assert [a.alert_id for a in firing] == [alert.alert_id]  # once, across the restart of health
     assert get(port, "/health/ready")[0] == 200
     assert "stale" in stack.log("health") and '"event": "alert"' in stack.log("health")
 

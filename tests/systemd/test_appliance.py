@@ -249,7 +249,9 @@ def test_installer_roles_for_a_cluster(appliance):
                  "--credentials-from", "/var/tmp/creds-from-first-node", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     conf = (root / "etc/vigil/nats.conf").read_text()
-    assert 'server_name: "n1"' in conf and 'listen: "10.9.0.1:4222"' in conf and '"nats-route://10.9.0.3:6222"' in conf
+    assert 'server_name: "n1"' in conf and 'listen: "10.9.0.1:4222"' in conf
+    route_pw = (root / "etc/vigil/credentials/nats-route").read_text().strip()  # generated: not in the first node's copy
+    assert f'"nats-route://route:{route_pw}@10.9.0.3:6222"' in conf and f'authorization {{ user: "route", password: "{route_pw}" }}' in conf
     test = sd.run(f"{sys.prefix}/bin/nats-server", "-t", "-c", "/etc/vigil/nats.conf", check=False)
     assert test.returncode == 0, test.stdout + test.stderr
     assert (root / "etc/vigil/credentials/nats-detector").read_text() == "secret-nats-detector\n"  # same users on every node
@@ -267,4 +269,18 @@ def test_installer_roles_for_a_cluster(appliance):
     for unit in ("vigil-detector@0.service", "vigil-detector@1.service", "vigil-gpu-stats.service"):
         assert sd.run("systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled", unit
     assert 'servers = ["nats://10.9.0.1:4222"' in (root / "etc/vigil/vigil.toml").read_text()
+    assert sorted(p.name for p in (root / "etc/vigil/credentials").iterdir()) == ["nats-detector", "nats-gpu-stats"]  # never the admin's
+    assert sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False).returncode == 0
+
+    # the other NATS nodes: the bus only
+    out = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", "--role", "bus", "--node-name", "n2", "--listen",
+                 "10.9.0.2", "--cluster-routes", "nats-route://10.9.0.1:6222,nats-route://10.9.0.3:6222", "--servers", servers,
+                 "--replicas", "3", "--credentials-from", "/var/tmp/creds-from-first-node", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    units = sorted(p.name for p in (root / "etc/systemd/system").glob("vigil*") if p.suffix in (".service", ".target"))
+    assert units == ["vigil-nats.service", "vigil.target"], units
+    assert 'server_name: "n2"' in (root / "etc/vigil/nats.conf").read_text()
+    assert "ROLE='bus'" in (root / "etc/vigil/install.env").read_text()
+    again = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", check=False)  # an upgrade without flags
+    assert again.returncode == 0 and 'server_name: "n2"' in (root / "etc/vigil/nats.conf").read_text(), again.stdout + again.stderr
     assert sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False).returncode == 0

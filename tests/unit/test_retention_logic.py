@@ -90,3 +90,18 @@ def test_unlink_under_refuses_symlinks_dotdot_and_non_files(tmp_path):
     assert not (root / "cam" / "2026").exists() and (root / "cam").is_dir()  # the emptied date folder goes, the camera stays
     assert unlink_under(root, "cam/gone.jpg") == 0
     assert sorted(x.rel for x in scan(root)) == []  # symlinks, FIFOs and folders are not media
+
+
+def test_quota_never_takes_files_younger_than_min_keep():
+    cfg = RetentionConfig(camera_max_bytes=2 * MiB, min_keep_seconds=3600)
+    files = [f("a/old", 2), f("a/young1", 0.001), f("a/young2", 0.002), f("a/young3", 0.003)]
+    p = plan(files, {x.rel for x in files}, set(), cfg, NOW, free=900 * MiB, total=1000 * MiB)
+    assert [(x.rel, rule) for x, rule in p.delete] == [("a/old", "quota")] and p.young_skipped == 3
+
+
+def test_scan_names_cameras_as_the_watcher_does(tmp_path):
+    (tmp_path / "Front Door").mkdir()
+    (tmp_path / "Front Door" / "a.jpg").write_bytes(b"x")
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / ".hidden" / "b.jpg").write_bytes(b"x")
+    assert [(x.rel, x.camera) for x in scan(tmp_path, "site2-")] == [("Front Door/a.jpg", "site2-Front_Door")]
