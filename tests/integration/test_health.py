@@ -97,7 +97,7 @@ def test_a_stopped_service_goes_down_alerts_and_recovers(make_stack, nats_server
 
 
 class FlakyWebhook:
-    """A webhook receiver that answers 500 to the first POST, then 200, recording every body."""
+    """A webhook receiver that answers 500 to the first POST of each alert, then 200, recording every body."""
 
     def __init__(self) -> None:
         import http.server
@@ -107,8 +107,10 @@ class FlakyWebhook:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(500 if len(received) == 1 else 200)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                first = all(b["alert_id"] != body["alert_id"] for b in received)
+                received.append(body)
+                self.send_response(500 if first else 200)
                 self.end_headers()
 
             def log_message(self, *args):
