@@ -101,8 +101,16 @@ class BacklogTrend:
         return backlog > base and all(b > base for _, b in list(samples)[1:])
 
 
-def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTrend, now: float) -> dict[str, tuple[str, str, str, str, float]]:
-    """Which alert conditions hold in this snapshot."""
+# A disk alert clears only this many points above its threshold, so free space hovering at the line
+# does not fire and resolve at every check.
+DISK_HYSTERESIS_PCT = 2.0
+# Leader elections take a few seconds: only a stream leaderless for longer than this alerts.
+NO_LEADER_HOLD_SECONDS = 15.0
+
+
+def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTrend, now: float,
+            active: frozenset[str] = frozenset()) -> dict[str, tuple[str, str, str, str, float]]:
+    """Which alert conditions hold in this snapshot (`active`: the ones held at the previous check)."""
     h = config.health
     out: dict[str, tuple[str, str, str, str, float]] = {}
     for s in snap.services:
@@ -117,15 +125,17 @@ def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTr
                                                      f" (oldest unacked {st.oldest_unacked_s:.0f}s)", 0.0)
     for st in snap.streams:  # NATS cluster: a stream without a leader stops; a lagging replica is one failure from that
         if st.replicas and st.leader is None:
-            out[f"stream_no_leader:{st.name}"] = ("stream_no_leader", "system", "critical", f"stream {st.name} has no leader", 0.0)
+            out[f"stream_no_leader:{st.name}"] = ("stream_no_leader", "system", "critical", f"stream {st.name} has no leader",
+                                                  NO_LEADER_HOLD_SECONDS)
         if st.lagging:
             out[f"replica_lagging:{st.name}"] = ("replica_lagging", "system", "warning",
                                                  f"stream {st.name}: replicas {', '.join(st.lagging)} offline or behind leader {st.leader}",
                                                  h.down_alert_seconds)
     for d in snap.disks:
-        if d.free_pct < h.disk_low_percent:
-            out[f"disk_low:{d.path}"] = ("disk_low", "system", "critical",
-                                         f"{d.path}: {d.free_pct:.1f}% free ({d.free_bytes // 2**20} MiB), below {h.disk_low_percent}%", 0.0)
+        key = f"disk_low:{d.path}"
+        if d.free_pct < h.disk_low_percent + (DISK_HYSTERESIS_PCT if key in active else 0.0):
+            out[key] = ("disk_low", "system", "critical",
+                        f"{d.path}: {d.free_pct:.1f}% free ({d.free_bytes // 2**20} MiB), below {h.disk_low_percent}%", 0.0)
     for camera, last in state.cameras.items():
         limit = h.cameras.get(camera, h.camera_silent_seconds)
         if limit > 0 and now - last > limit:
@@ -235,7 +245,7 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
                     verdicts[s.key] = s.verdict
             for key in [k for k in verdicts if k not in {s.key for s in snap.services}]:
                 del verdicts[key]  # forgotten instance
-            alerts = conditions.update(observe(snap, state, config, trend, now), now)
+            alerts = conditions.update(observe(snap, state, config, trend, now, frozenset(conditions.since)), now)
             for c in changes:
                 rt.log.info("verdict", service=c.service, instance=c.instance, previous=c.previous, verdict=c.verdict, reason=c.reason)
             for a in alerts:

@@ -137,3 +137,19 @@ def test_observe_raises_disk_cpu_fallback_and_silent_camera_conditions():
                         "camera_silent:driveway"}
     assert got["camera_silent:front"][1] == "front" and got["disk_low:/srv"][2] == "critical"
     assert got["service_down:recorder.*"][4] == config.health.down_alert_seconds
+
+
+def test_disk_alert_clears_only_with_some_margin():
+    from services.health import observe
+
+    config = load_config(environ={"VIGIL_HEALTH__DISK_LOW_PERCENT": "10", "VIGIL_HEALTH__CAMERA_SILENT_SECONDS": "0"})
+    state = HealthState(config)
+
+    def snap(free: int) -> Snapshot:
+        return Snapshot(taken_at=NOW, services=[], stages=[], disks=[DiskStatus(path="/srv", total_bytes=1000, free_bytes=free)],
+                        gpus=[], dead_letters={}, systemd="x")
+
+    assert "disk_low:/srv" in observe(snap(95), state, config, BacklogTrend(), NOW)
+    assert "disk_low:/srv" in observe(snap(110), state, config, BacklogTrend(), NOW, frozenset({"disk_low:/srv"}))  # 11 %: still low
+    assert observe(snap(125), state, config, BacklogTrend(), NOW, frozenset({"disk_low:/srv"})) == {}  # 12.5 %: clear
+    assert observe(snap(110), state, config, BacklogTrend(), NOW) == {}  # 11 % without a firing alert: fine
