@@ -4,6 +4,7 @@ before its stream receives anything (interest/work-queue streams drop messages n
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import msgspec
@@ -38,6 +39,12 @@ class ConsumerSpec(msgspec.Struct, frozen=True, kw_only=True):
 # The server publishes this (plus .<stream>.<consumer>) when a message reaches a consumer's max_deliver;
 # the message itself stays in its stream until someone copies and deletes it.
 MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+
+
+def token(text: str) -> str:
+    """`text` as one subject or KV-key token: anything but letters, digits, '-' and '_' becomes '_'
+    (dots would add levels, spaces and wildcards would break subjects)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "_"
 
 
 def subject(kind: str, camera: str) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 import proto
-from proto.topology import CONSUMERS, HEARTBEAT_BUCKET, STREAMS
+from proto.topology import CONSUMERS, STREAMS
 from services.runtime.config import Config, ConfigError, credential, database_conninfo, load_config
 
 TAIL_SUBJECTS = {"uploads": "vigil.uploads", "detections": "vigil.detections", "events": "vigil.events",
@@ -90,18 +90,9 @@ async def gather_streams(config: Config) -> list[dict]:
 
 
 async def dead_letters(js) -> list[tuple[int, proto.DeadLetter]]:
-    import nats.js.errors
+    from services.runtime.bus import stored_messages
 
-    info = await js.stream_info("DLQ")
-    out = []
-    if info.state.messages:
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            try:
-                raw = await js.get_msg("DLQ", seq)
-            except nats.js.errors.NotFoundError:
-                continue
-            out.append((seq, proto.decode(raw.data, raw.headers)))
-    return out
+    return [(seq, proto.decode(raw.data, raw.headers)) async for seq, raw in stored_messages(js, "DLQ")]
 
 
 async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
@@ -289,14 +280,10 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
     Console().print(t)
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
-
-
 def print_status(data: dict) -> None:
     """The HUD: services, backlog, GPUs, disks."""
+    from services.health_checks import fmt_age as _age
+
     colour = {"healthy": "green", "degraded": "yellow", "down": "red", "stale": "red"}
     rate = lambda s: ", ".join(f"{k} {v}" for k, v in s["counters"].items())  # noqa: E731
     table("services", ["service", "instance", "verdict", "reason", "uptime", "restarts", "in flight", "counters", "backend", "last error"],

@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import socket
 
 import proto
 from proto import subject
-from proto.topology import GPU_BUCKET
+from proto.topology import GPU_BUCKET, token
 from services.gpu_stats_readers import open_reader
 from services.runtime import bus
 from services.runtime.config import Config
 from services.runtime.service import Runtime
-
-
-def _token(text: str) -> str:
-    """A host name as a subject/KV token (dots would add levels)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "_"
 
 
 async def run(config: Config) -> None:
@@ -45,11 +39,11 @@ async def run(config: Config) -> None:
                     rt.log.warning("GPU read failed", error=repr(exc))
                     rt.note_error(f"GPU read failed: {exc!r}")
                     samples = []
-                key = subject("gpu", _token(host))
+                key = subject("gpu", token(host))
                 await bus.publish_many(rt, [(key, s, f"gpu-{host}-{s.index}-{int(s.sampled_at)}") for s in samples])
                 for s in samples:
                     with contextlib.suppress(*bus.TRANSIENT):
-                        await kv.put(f"{_token(host)}.{s.index}", proto.encode(s))
+                        await kv.put(f"{token(host)}.{s.index}", proto.encode(s))
                 rt.count("samples", len(samples))
             rt.beat("sample")
             with contextlib.suppress(asyncio.TimeoutError):

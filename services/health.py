@@ -252,10 +252,11 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
                 rt.log.warning("alert", kind=a.kind, state=a.state, camera=a.camera, message=a.message)
             await bus.publish_many(rt, [(subject("health", c.service), c, f"health-{c.service}-{c.instance}-{c.verdict}-{int(now * 1000)}") for c in changes]
                                    + [(subject("alerts", a.camera), a, a.alert_id) for a in alerts])
-            if alerts or conditions.dump() != saved:  # after the alerts are durable in ALERTS
+            dumped = conditions.dump()
+            if dumped != saved:  # put after the alerts are durable in ALERTS
                 with contextlib.suppress(*bus.TRANSIENT):
-                    await kv.put(CONDITIONS_KEY, conditions.dump())
-                    saved = conditions.dump()
+                    await kv.put(CONDITIONS_KEY, dumped)
+                    saved = dumped
             rt.count("verdict_changes", len(changes))
             rt.count("alerts", len(alerts))
             for a in alerts:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import shutil
 import subprocess
 import time
@@ -25,7 +24,7 @@ import msgspec
 
 import proto
 from proto import GpuSample, Heartbeat
-from proto.topology import CONSUMERS, GPU_BUCKET, HEARTBEAT_BUCKET
+from proto.topology import CONSUMERS, GPU_BUCKET, HEARTBEAT_BUCKET, token
 from services.runtime.config import Config
 from services.cli import SERVICES  # the ones that heartbeat
 
@@ -123,36 +122,36 @@ class UnitState(msgspec.Struct, kw_only=True):
 
 
 # ---- gathering -----------------------------------------------------------------------------------
-async def read_heartbeats(js) -> list[Heartbeat]:
+async def read_bucket(js, bucket: str, kind: type) -> list:
+    """Every value of type `kind` in a KV bucket; entries that vanish meanwhile or do not decode are skipped."""
     import nats.js.errors
 
     out = []
     try:
-        kv = await js.key_value(HEARTBEAT_BUCKET)
+        kv = await js.key_value(bucket)
         for key in await kv.keys():
             with contextlib.suppress(nats.js.errors.KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
                 value = proto.decode((await kv.get(key)).value)
-                if isinstance(value, Heartbeat):
+                if isinstance(value, kind):
                     out.append(value)
     except (nats.js.errors.NoKeysError, nats.js.errors.BucketNotFoundError):
         pass
     return out
 
 
-async def read_gpus(js) -> list[GpuSample]:
-    import nats.js.errors
+async def read_heartbeats(js) -> list[Heartbeat]:
+    return await read_bucket(js, HEARTBEAT_BUCKET, Heartbeat)
 
-    out = []
-    try:
-        kv = await js.key_value(GPU_BUCKET)
-        for key in await kv.keys():
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                value = proto.decode((await kv.get(key)).value)
-                if isinstance(value, GpuSample):
-                    out.append(value)
-    except (nats.js.errors.NoKeysError, nats.js.errors.BucketNotFoundError):
-        pass
-    return sorted(out, key=lambda s: (s.host, s.index))
+
+async def read_gpus(js) -> list[GpuSample]:
+    return sorted(await read_bucket(js, GPU_BUCKET, GpuSample), key=lambda s: (s.host, s.index))
+
+
+def fmt_age(seconds: float | None) -> str:
+    """30s, 5m, 2.5h: for tables and the status page."""
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
 
 
 def _age(stamp, now: float) -> float:
@@ -323,7 +322,7 @@ def judge(heartbeats: list[Heartbeat], units: list[UnitState], expected: Iterabl
         if s is None:
             # an instance named otherwise (VIGIL_INSTANCE set by hand), but only one running on this host
             s = next((x for x in out.values() if x.service == service and x.unit is None
-                      and (host is None or re.sub(r"[^A-Za-z0-9_-]", "_", x.host or "") == host)
+                      and (host is None or token(x.host or "") == host)
                       and (template is None or (x.instance or "").endswith(f"-{template}"))), None)
         if s is None:
             if u.active_state == "inactive":
@@ -357,7 +356,7 @@ async def snapshot(js, config: Config, now: float | None = None, gone: dict[str,
     else:
         units, systemd = [], "off (health.systemd = false)"
     disks = await asyncio.to_thread(read_disks, disk_paths(config))
-    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())  # as the services write it into their key
+    host = token(socket.gethostname())  # as the services write it into their key
     services = judge(heartbeats, units, config.health.expected_services, now, stale_after(config), host, gone)
     return Snapshot(taken_at=now, services=services, stages=stages, disks=disks, gpus=gpus, dead_letters=dead, systemd=systemd,
                     streams=streams, nodes=nodes)

@@ -38,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import proto
-from services.health_checks import Snapshot, healthy_enough, snapshot_json
+from services.health_checks import Snapshot, fmt_age, healthy_enough, snapshot_json
 from services.runtime.config import Config
 
 
@@ -221,12 +221,6 @@ async def start_http(state: HealthState, host: str, port: int):
     return runner
 
 
-def _fmt_age(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
-
-
 def render_page(state: HealthState) -> str:
     """The read-only status page: plain HTML, refreshed by the browser every 5 s, no scripts."""
     e = html.escape
@@ -247,18 +241,18 @@ def render_page(state: HealthState) -> str:
         parts.append("</table>")
 
     table("services", ["service", "verdict", "reason", "uptime", "restarts", "in flight", "backend", "last error"],
-          [[e(s.key), f"<span class={s.verdict}>{s.verdict}</span>", e(s.reason), _fmt_age(s.uptime_s), e(str(s.restarts or "")),
+          [[e(s.key), f"<span class={s.verdict}>{s.verdict}</span>", e(s.reason), fmt_age(s.uptime_s), e(str(s.restarts or "")),
             str(s.in_flight), e(s.backend or ""), e(s.last_error or "")] for s in snap.services])
     table("backlog", ["stage", "pending", "ack pending", "redelivered", "oldest unacked"],
-          [[e(st.consumer), str(st.pending), str(st.ack_pending), str(st.redelivered), _fmt_age(st.oldest_unacked_s)] for st in snap.stages])
+          [[e(st.consumer), str(st.pending), str(st.ack_pending), str(st.redelivered), fmt_age(st.oldest_unacked_s)] for st in snap.stages])
     if state.firing:
         table("alerts firing", ["kind", "camera", "message", "since"],
-              [[e(a.kind), e(a.camera), e(a.message), _fmt_age(time.time() - a.created_at)] for a in state.firing.values()])
+              [[e(a.kind), e(a.camera), e(a.message), fmt_age(time.time() - a.created_at)] for a in state.firing.values()])
     table("GPUs", ["host", "gpu", "name", "util", "memory", "temp", "power"],
           [[e(g.host), str(g.index), e(g.name), f"{g.util_pct or 0:.0f}%", f"{g.mem_used_mb or 0:.0f}/{g.mem_total_mb or 0:.0f} MiB",
             f"{g.temp_c or 0:.0f} °C", f"{g.power_w or 0:.0f} W"] for g in snap.gpus] or [["-", "", "no GPU samples", "", "", "", ""]])
     table("disks", ["path", "free", "size"], [[e(d.path), f"{d.free_pct:.1f}% ({d.free_bytes // 2**30} GiB)", f"{d.total_bytes // 2**30} GiB"] for d in snap.disks])
-    table("cameras", ["camera", "last upload"], [[e(c), _fmt_age(time.time() - t) + " ago"] for c, t in sorted(state.cameras.items())])
+    table("cameras", ["camera", "last upload"], [[e(c), fmt_age(time.time() - t) + " ago"] for c, t in sorted(state.cameras.items())])
     table("last events", ["event", "camera", "started", "labels"],
           [[e(ev["event_id"]), e(ev["camera"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["started_at"])), e(", ".join(ev["labels"]))]
            for ev in reversed(state.events)])

@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT
+from services.cli import SERVICES  # every service gets a user
 
 ADMIN_USER = "vigil"
 ADMIN_CREDENTIAL = "nats-password"
-SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats", "health", "retention")
 
 
 def user(service: str) -> str:

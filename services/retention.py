@@ -49,20 +49,17 @@ async def dead_lettered_paths(js) -> set[str]:
 
     out: set[str] = set()
     try:
-        info = await js.stream_info("DLQ")
+        async for _, raw in bus.stored_messages(js, "DLQ"):
+            # one odd letter (a payload that is JSON but not an object, say) must not stop retention
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
+                letter = proto.decode(raw.data)
+                if isinstance(letter, proto.DeadLetter) and letter.stage == "detector":
+                    payload = json.loads(letter.original_payload)
+                    path = payload.get("path") if isinstance(payload, dict) else None
+                    if isinstance(path, str):
+                        out.add(path)
     except nats.js.errors.NotFoundError:
-        return out
-    if not info.state.messages:
-        return out
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        # one odd letter (a payload that is JSON but not an object, say) must not stop retention
-        with contextlib.suppress(nats.js.errors.NotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
-            letter = proto.decode((await js.get_msg("DLQ", seq)).data)
-            if isinstance(letter, proto.DeadLetter) and letter.stage == "detector":
-                payload = json.loads(letter.original_payload)
-                path = payload.get("path") if isinstance(payload, dict) else None
-                if isinstance(path, str):
-                    out.add(path)
+        pass  # no DLQ stream yet: nothing dead-lettered
     return out
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sqlite3
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from proto.topology import token
+
 # Magic bytes of the formats the detector can read; the extension alone is never trusted.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
-_CAMERA_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def sniff_kind(head: bytes) -> str | None:
@@ -26,7 +26,7 @@ def sniff_kind(head: bytes) -> str | None:
 
 def camera_id(folder: str) -> str:
     """A camera folder name as a NATS subject token (dots, spaces and wildcards would break subjects)."""
-    return _CAMERA_UNSAFE.sub("_", folder) or "_"
+    return token(folder)
 
 
 def file_id(camera: str, rel_path: str, sha256: str) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import re
 import socket
 import os
 import signal
@@ -31,17 +30,12 @@ from nats.js import JetStreamContext
 
 import proto
 from proto import Heartbeat
-from proto.topology import HEARTBEAT_BUCKET
+from proto.topology import HEARTBEAT_BUCKET, token
 from services import VERSION
 from services.runtime import bus
 from services.runtime.config import Config, ConfigError, load_config
 from services.runtime.logs import configure_logging
 from services.runtime.notify import Notifier
-
-def _safe_key(text: str) -> str:
-    """A KV key token: letters, digits, '-' and '_' only."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "_"
-
 
 _current_loop: contextvars.ContextVar[str | None] = contextvars.ContextVar("vigil_loop", default=None)
 
@@ -72,7 +66,7 @@ class Runtime:
         self._background: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.time()
-        self.instance = _safe_key(os.environ.get("VIGIL_INSTANCE") or socket.gethostname())
+        self.instance = token(os.environ.get("VIGIL_INSTANCE") or socket.gethostname())
         self.last_error: str | None = None
         self._heartbeat: asyncio.Task | None = None
         self._heartbeat_kv = None
