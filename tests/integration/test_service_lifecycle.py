@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import nats
+import nats.js.errors
 
 from tests.support import REPO, stream_messages, wait_until
 
@@ -37,33 +39,80 @@ def test_detector_without_model_says_how_to_get_one(tmp_path, nats_server):
     assert "yolox_nano.onnx" in result.stderr and "models_dir" in result.stderr
 
 
+class NotifyReader:
+    """A notify socket read by a thread until closed: nothing the test does depends on when it reads."""
+
+    def __init__(self, path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.seen: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.seen += self.sock.recv(4096).decode().split("\n")
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def detector_with_notify(tmp_path, nats_server, media, sock_path, extra: str = ""):
+    config = tmp_path / "vigil.toml"
+    config.write_text(f'media_root = "{media}"\nstate_dir = "{tmp_path}/state"\ndrain_seconds = 5.0\nheartbeat_seconds = 0.5\n'
+                      f'{extra}[nats]\nservers = ["{nats_server.url}"]\n[detector]\nmodel = "none"\n')
+    return subprocess.Popen([sys.executable, "-m", "services.cli", "run", "detector", str(config)], cwd=REPO,
+                            env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1500000"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 def test_sd_notify_lifecycle_and_graceful_stop(tmp_path, nats_server, media):
     """READY=1 after connect+provision, WATCHDOG=1 while alive, STATUS= counters, STOPPING=1, exit 0."""
-    sock_path = tmp_path / "notify.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(sock_path))
-    sock.settimeout(10)
-    config = tmp_path / "vigil.toml"
-    config.write_text(f'media_root = "{media}"\nstate_dir = "{tmp_path}/state"\n[nats]\nservers = ["{nats_server.url}"]\n'
-                      '[detector]\nmodel = "none"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "detector", str(config)], cwd=REPO,
-                            env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1500000"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.pop("WATCHDOG_PID", None)
+    reader = NotifyReader(tmp_path / "notify.sock")
+    proc = detector_with_notify(tmp_path, nats_server, media, tmp_path / "notify.sock")
     try:
-        seen: list[str] = []
-        deadline = time.monotonic() + 20
         def status_seen():
-            return any(s.startswith("STATUS=") and "backend none" in s for s in seen)
+            return any(s.startswith("STATUS=") and "backend none" in s for s in reader.seen)
 
-        while not ({"READY=1", "WATCHDOG=1"} <= set(seen) and status_seen()) and time.monotonic() < deadline:
-            seen += sock.recv(4096).decode().split("\n")
-        assert "READY=1" in seen and "WATCHDOG=1" in seen
-        assert status_seen(), seen
+        wait_until(lambda: {"READY=1", "WATCHDOG=1"} <= set(reader.seen) and status_seen(), timeout=30, what="READY, WATCHDOG, STATUS")
+        assert reader.seen.index("READY=1") < reader.seen.index("WATCHDOG=1")
         proc.send_signal(signal.SIGTERM)
-        while "STOPPING=1" not in seen:
-            seen += sock.recv(4096).decode().split("\n")
         assert proc.wait(15) == 0
+        wait_until(lambda: "STOPPING=1" in reader.seen, timeout=5, what="STOPPING=1")
+    finally:
+        proc.kill()
+        reader.close()
+
+
+def test_unread_notify_socket_never_freezes_a_service(tmp_path, nats_server, media):
+    """A manager that never reads fills the datagram queue (max_dgram_qlen 10) within seconds. A blocking
+    sendto froze the whole service there; now the service keeps heartbeating and stops on SIGTERM."""
+    os.environ.pop("WATCHDOG_PID", None)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))  # bound, never read
+    proc = detector_with_notify(tmp_path, nats_server, media, tmp_path / "notify.sock")
+    try:
+        first = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and next(iter(h.values())), timeout=30, what="a heartbeat")
+        # 10 datagrams fill the queue after ~2.5 s at this watchdog period; heartbeats must go on well past that
+        time.sleep(6)
+        later = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and (v := next(iter(h.values()))).sent_at > first.sent_at + 5 and v,
+                           timeout=10, what="heartbeats going on with a full notify queue")
+        assert later.state == "ready"
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, proc.stderr.read()
+        assert time.monotonic() - stopped_at < 5 + 5  # drain bound plus the bus close bound
+        assert read_heartbeats(nats_server.url)[next(iter(read_heartbeats(nats_server.url)))].state == "stopped"
     finally:
         proc.kill()
         sock.close()
@@ -98,17 +147,24 @@ def read_heartbeats(url: str) -> dict:
 
     async def go():
         nc = await nats.connect(url)
-        kv = await nc.jetstream().key_value("vigil_heartbeats")
         out = {}
         try:
+            kv = await nc.jetstream().key_value("vigil_heartbeats")
             for key in await kv.keys():
                 out[key] = proto.decode((await kv.get(key)).value)
         except nats.js.errors.NoKeysError:
             pass
-        await nc.close()
+        finally:
+            await nc.close()
         return out
 
-    return asyncio.run(go())
+    async def safe():
+        try:
+            return await go()
+        except nats.js.errors.BucketNotFoundError:
+            return {}
+
+    return asyncio.run(safe())
 
 
 def test_heartbeats_in_kv_and_a_clean_stop_says_stopped(make_stack, nats_server):
