@@ -38,6 +38,10 @@ class FileUploaded(_Msg, kw_only=True):
     sha256: str
     kind: Literal["image", "clip"]
     published_at: float = 0.0  # when the watcher saw it settle; the start of end-to-end latency
+    # The camera's clock could not be trusted (mtime far in the future, or older than any retention
+    # age): `mtime` is then the arrival time, and the real mtime is kept in `camera_mtime`.
+    clock_suspect: bool = False
+    camera_mtime: float | None = None
 
 
 class Box(msgspec.Struct, array_like=True):
@@ -66,6 +70,7 @@ class Detections(_Msg, kw_only=True):
     published_at: float = 0.0  # copied from FileUploaded, for end-to-end latency
     frame: int | None = None  # index of the sampled frame within a clip; None for an image
     offset_s: float = 0.0  # the frame's time from the start of the clip
+    clock_suspect: bool = False  # copied from FileUploaded: captured_at is the arrival time
 
     @property
     def key(self) -> str:
@@ -78,8 +83,17 @@ class LabelSummary(msgspec.Struct, kw_only=True):
     max_score: float
 
 
+CloseReason = Literal["idle", "max_window", "max_detections"]
+
+
 class EventClosed(_Msg, kw_only=True):
-    """A group of detections on one camera, closed by idle time or by the max window."""
+    """A group of detections on one camera (services/events.py: the grouping contract).
+
+    Published when the event is cut (the next detection is more than idle_seconds later, or would make
+    it longer than max_seconds or larger than max_detections) and when its camera has been quiet for
+    idle_seconds. The same event can be published again with a higher `revision` (a detection that
+    arrived late was added, or a quiet event went on): the latest revision is the event.
+    """
 
     event_id: str
     camera: Camera
@@ -88,7 +102,8 @@ class EventClosed(_Msg, kw_only=True):
     file_ids: list[str]  # detection keys (Detections.key): a file id, or "file_id:frame" for clip frames
     labels: dict[str, LabelSummary]
     best_file_id: str
-    close_reason: Literal["idle", "max_window"]
+    close_reason: CloseReason
+    revision: int = 1
 
 
 class Alert(_Msg, kw_only=True):

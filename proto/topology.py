@@ -90,6 +90,9 @@ STREAMS: tuple[StreamSpec, ...] = (
         retention="interest",
         max_age=30 * DAY,
         max_bytes=256 * MiB,
+        # an alert re-sent from the aggregator's outbox after a long outage must still dedupe: at most
+        # one alert per event, ever (alerts are few, so a day of message ids costs little)
+        duplicate_window=DAY,
     ),
     StreamSpec(
         name="GPU",
@@ -153,11 +156,12 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     ConsumerSpec(
         stream="DETECTIONS",
         durable="aggregator",
-        description="Groups detections into events; acks once the open event's state is durable in KV",
+        description="Groups detections into events; holds them unacked in its reorder buffer, acks once the event state is durable in KV",
         filter_subject="vigil.detections.*",
         ack_wait=15.0,
         max_deliver=10,
-        max_ack_pending=4096,
+        # the reorder buffer holds up to this minus two batches (services/aggregator.py)
+        max_ack_pending=8192,
     ),
     ConsumerSpec(
         stream="DETECTIONS",
@@ -213,7 +217,11 @@ CONSUMERS += tuple(
 )
 
 # Key-value buckets (JetStream KV) for state that must survive a crash.
-AGGREGATOR_STATE_BUCKET = "vigil_aggregator"
+AGGREGATOR_STATE_BUCKET = "vigil_aggregator"  # key cam.<camera>: services/events.py CameraState
+# Every published event by camera and start hour (key <camera>.<hour>.<event_id>), so a detection that
+# arrives days late is recognised or joins its event. Kept as long as a dead letter can be retried.
+EVENT_INDEX_BUCKET = "vigil_event_index"
+EVENT_INDEX_TTL = 31 * DAY
 # Latest Heartbeat per service instance (`nats kv get vigil_heartbeats detector.host-1234`); an entry
 # expires HEARTBEAT_TTL seconds after its last put, so a crashed instance disappears on its own.
 HEARTBEAT_BUCKET = "vigil_heartbeats"

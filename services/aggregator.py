@@ -1,9 +1,17 @@
-"""aggregator: Detections -> EventClosed (+ Alert on the fast path).
+"""aggregator: Detections -> EventClosed (+ one fast-path Alert per event).
 
-Crash safety: per batch, closed events and alerts are published (PubAck awaited), then the state of
-every touched camera is written to a JetStream KV bucket, and only then are the detections acked.
-After a `kill -9` the state is reloaded, redelivered detections are recognised by file id, and a
-re-published event carries the same deterministic id as `Nats-Msg-Id`, so it lands exactly once.
+Grouping rules and the contract are in services/events.py. This module does the I/O, in an order that
+makes a crash at any point harmless:
+
+1. Detections wait unacked in the reorder buffer until they may be grouped (a crash redelivers them).
+2. A commit computes the touched cameras' new state on copies, with the event revisions and alerts to
+   publish in the state's outbox, and writes that state to KV (`cam.<camera>`) first.
+3. Then it publishes the outbox (Nats-Msg-Id `<event_id>-r<revision>` and the alert id, so a repeat
+   dedupes), writes the events to the index bucket, clears the outbox in KV, and only then acks.
+4. Memory takes the new state only after all of that worked. After any failure it is reloaded from KV
+   before the next commit, and it is replaced only by a reload that succeeded.
+A restart loads the state and re-publishes whatever an outbox still holds, so a crash between any two
+steps gives the same events, the same revisions and at most one alert per event.
 """
 
 from __future__ import annotations
@@ -11,102 +19,290 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 
 import msgspec
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from proto import Detections, subject
-from proto.topology import AGGREGATOR_STATE_BUCKET, consumer
-from services.events import CameraState, EventGrouper
+from proto import Alert, Detections, subject
+from proto.topology import AGGREGATOR_STATE_BUCKET, EVENT_INDEX_BUCKET, consumer
+from services.events import (
+    CameraState, EventState, Held, ReorderBuffer, Rules, dirty, group_in_order, late_window, place_late, add_to, new_event,
+)
 from services.runtime import bus
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
 STAGE = "aggregator"
-_state_decoder = msgspec.json.Decoder(CameraState)
+STATE_PREFIX = "cam."
+_state_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(CameraState))
+_event_decoder = msgspec.json.Decoder(EventState)
+INDEX_CACHE = 10_000  # events kept in memory for late detections (the rest are read from the index bucket)
+TICK = 0.25  # seconds between reorder/quiet checks
+
+
+def index_key(ev: EventState) -> str:
+    return f"{ev.camera}.{int(ev.started_at // 3600)}.{ev.event_id}"
+
+
+def copy_state(state: CameraState) -> CameraState:
+    return _state_codec[1].decode(_state_codec[0].encode(state))
+
+
+def copy_event(ev: EventState) -> EventState:
+    return _event_decoder.decode(msgspec.json.encode(ev))
 
 
 class Aggregator:
-    def __init__(self, rt: Runtime, config: Config, kv) -> None:
+    def __init__(self, rt: Runtime, config: Config, kv, index) -> None:
         cfg = config.aggregator
-        self.rt = rt
-        self.kv = kv
-        self.grouper = EventGrouper(cfg.idle_seconds, cfg.max_seconds, cfg.alert_label, cfg.alert_score)
-        self.lock = asyncio.Lock()  # the batch handler and the idle timer both change the grouper
+        self.rt, self.kv, self.index = rt, kv, index
+        self.rules = Rules(cfg.idle_seconds, cfg.max_seconds, cfg.max_detections, cfg.alert_label, cfg.alert_score)
+        cap = max(consumer("aggregator").max_ack_pending - 2 * cfg.batch_size, cfg.batch_size)
+        self.buffer = ReorderBuffer(cfg.reorder_window, cfg.reorder_seconds, cap)
+        self.cameras: dict[str, CameraState] = {}
+        self.cache: OrderedDict[str, EventState] = OrderedDict()  # event_id -> latest known state
+        self.last_change: dict[str, float] = {}  # camera -> monotonic time its current event last changed
+        self.needs_reload = False
+        self.max_seen_seq = 0  # highest DETECTIONS stream sequence handed to handle_batch
+        self.lock = asyncio.Lock()  # batches and the tick both change the state
 
+    # ---- state ---------------------------------------------------------------------------------
     async def load_state(self) -> None:
+        """Read every camera's state; replace memory only if the whole read worked."""
+        loaded: dict[str, CameraState] = {}
         try:
             keys = await self.kv.keys()
         except nats.js.errors.NoKeysError:
-            return
+            keys = []
         for key in keys:
+            if not key.startswith(STATE_PREFIX):
+                continue  # e.g. the per-camera entries of vigil < 0.6, whose format is gone
             entry = await self.kv.get(key)
             if entry.value:
-                self.grouper.cameras[key] = _state_decoder.decode(entry.value)
-        self.rt.log.info("state loaded", cameras=len(self.grouper.cameras), open_events=sum(1 for s in self.grouper.cameras.values() if s.open))
+                loaded[key.removeprefix(STATE_PREFIX)] = _state_codec[1].decode(entry.value)
+        self.cameras = loaded
+        self.cache.clear()
+        now = time.monotonic()
+        self.last_change = {c: now for c in loaded}
+        self.needs_reload = False
+        self.rt.log.info("state loaded", cameras=len(loaded), current_events=sum(1 for s in loaded.values() if s.current))
 
-    async def emit(self, closed, alerts, cameras: set[str]) -> None:
-        """Publish results and persist the touched cameras' state, in that order."""
-        await bus.publish_many(
-            self.rt,
-            [(subject("events", e.camera), e, e.event_id) for e in closed]
-            + [(subject("alerts", a.camera), a, a.alert_id) for a in alerts],
-        )
-        for camera in cameras:
-            value = msgspec.json.encode(self.grouper.cameras[camera])
-            await bus.retry(self.rt, f"kv put {camera}", lambda: self.kv.put(camera, value))
-        self.rt.count("events", len(closed))
-        self.rt.count("alerts", len(alerts))
+    async def flush_outboxes(self) -> None:
+        """After a restart: publish what a commit wrote but may not have published."""
+        pending = {c: s for c, s in self.cameras.items() if s.outbox or s.outbox_alerts}
+        if pending:
+            self.rt.log.info("re-publishing outboxes of the previous run", cameras=len(pending))
+            await self.publish_and_clear(pending)
 
+    # ---- intake --------------------------------------------------------------------------------
     async def handle_batch(self, msgs: list[Msg]) -> None:
-        async with self.lock:
-            try:
-                await self._group(msgs)
-            except bus.TRANSIENT:
-                # Memory may now be ahead of KV: go back to the durable state, then let the batch retry.
-                self.grouper.cameras.clear()
-                await self.load_state()
-                raise
-
-    async def _group(self, msgs: list[Msg]) -> None:
-        closed, alerts, cameras, good = [], [], set(), []
-        now = time.time()
+        now = time.monotonic()
         for msg in msgs:
+            if msg.reply:
+                self.max_seen_seq = max(self.max_seen_seq, msg.metadata.sequence.stream)
             det = bus.decode_or_none(msg, Detections)
             if det is None:
                 await bus.dead_letter(self.rt, STAGE, msg, "payload is not a valid Detections")
                 continue
-            c, a = self.grouper.add(det, now)
-            closed += c
-            alerts += a
-            if det.boxes:
-                cameras.add(det.camera)
-            good.append(msg)
-        await self.emit(closed, alerts, cameras)
-        # A lost ack is a harmless redelivery (recognised by its key), never a reason to crash.
-        await asyncio.gather(*(m.ack() for m in good), return_exceptions=True)
-        self.rt.count("grouped", len(good))
+            if not det.boxes:  # nothing to group: the recorder keeps it, events never see it
+                with contextlib.suppress(*bus.TRANSIENT):
+                    await msg.ack()
+                self.rt.count("grouped")
+                continue
+            self.buffer.add(det, msg, now)
+        self.rt.counters["held"] = len(self.buffer)
+        await self.step(caught_up=False)
 
-    async def idle_loop(self) -> None:
-        self.rt.beat("idle-timer")
+    async def caught_up(self) -> bool:
+        """Nothing left upstream that could still bring an earlier detection: the detectors hold no
+        upload (pending or unacked) and everything the server delivered to us has reached the buffer.
+        The detector is asked first: an upload it acks after that point was published to DETECTIONS
+        before the ack, so the second question sees it."""
+        try:
+            det = consumer("detector")
+            upstream = await self.rt.js.consumer_info(det.stream, det.durable)
+            if upstream.num_pending or upstream.num_ack_pending:
+                return False
+            own = consumer("aggregator")
+            info = await self.rt.js.consumer_info(own.stream, own.durable)
+        except (*bus.TRANSIENT, nats.js.errors.NotFoundError):
+            return False
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        return not info.num_pending and self.max_seen_seq >= (delivered or 0)
+
+    async def tick_loop(self) -> None:
+        self.rt.beat("tick")
+        ack_wait = consumer("aggregator").ack_wait
         while not self.rt.stopping.is_set():
-            async with self.lock:
-                closed = self.grouper.due(time.time())
-                if closed:
-                    await self.emit(closed, [], {e.camera for e in closed})  # retries until durable
-            self.rt.beat("idle-timer")
+            now = time.monotonic()
+            for held in self.buffer.stale(now, ack_wait / 3):  # held longer than ack_wait: keep them ours
+                for m in held.msgs:
+                    with contextlib.suppress(*bus.TRANSIENT):
+                        await m.in_progress()
+            caught_up = bool(len(self.buffer)) and await self.caught_up()
+            await self.step(caught_up=caught_up, quiet=True)
+            self.rt.beat("tick")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), timeout=TICK)
+
+    # ---- grouping ------------------------------------------------------------------------------
+    async def step(self, caught_up: bool, quiet: bool = False) -> None:
+        async with self.lock:
+            if self.needs_reload:
+                try:
+                    await self.load_state()
+                    await self.flush_outboxes()
+                except Exception as exc:  # noqa: BLE001 - any failure: keep the old memory, try again later
+                    self.rt.log.warning("state reload failed, holding detections", error=repr(exc))
+                    self.rt.keepalive()
+                    return
+            released = self.buffer.release(time.monotonic(), caught_up)
+            if not released and not (quiet and self.quiet_cameras()):
+                return
             try:
-                await asyncio.wait_for(self.rt.stopping.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
+                await self.commit(released, quiet)
+            except Exception as exc:
+                self.needs_reload = True
+                if bus.is_transient(exc):
+                    self.rt.log.warning("commit failed, will retry", held=len(released), error=repr(exc))
+                    self.rt.note_error(f"commit failed: {exc!r}")
+                    self.buffer.put_back(released)
+                    return
+                # no retry can fix it (it would be a bug: every state and message is bounded): do not
+                # wedge the stage on it, dead-letter what this commit held
+                self.rt.log.error("commit failed permanently, dead-lettering its detections", error=repr(exc))
+                for held in released:
+                    for m in held.msgs:
+                        await bus.dead_letter(self.rt, STAGE, m, f"could not be grouped: {exc!r}"[:500],
+                                              camera=held.det.camera, file_id=held.det.file_id)
+
+    def quiet_cameras(self) -> list[str]:
+        """Cameras whose current event changed, then nothing arrived for idle_seconds (monotonic)."""
+        now = time.monotonic()
+        return [c for c, s in self.cameras.items()
+                if s.current is not None and dirty(s.current) and not self.buffer.holds(c)
+                and now - self.last_change.get(c, now) >= self.rules.idle]
+
+    async def commit(self, released: list[Held], quiet: bool) -> None:
+        wall = time.time()
+        work: dict[str, CameraState] = {}
+        changed: dict[str, dict[str, EventState]] = {}  # camera -> event_id -> event to publish
+        for held in released:
+            det = held.det
+            state = work.get(det.camera)
+            if state is None:
+                state = work[det.camera] = copy_state(self.cameras.get(det.camera) or CameraState())
+            sealed = state.sealed()
+            if sealed is None or (det.captured_at, det.key) > sealed:
+                cut, alert = group_in_order(state, det, self.rules, wall)
+                if cut is not None and dirty(cut):
+                    changed.setdefault(det.camera, {})[cut.event_id] = cut
+            else:
+                alert = await self.late(state, det, changed.setdefault(det.camera, {}), wall)
+            if alert is not None:
+                state.outbox_alerts.append(alert)
+            self.last_change[det.camera] = time.monotonic()
+        if quiet:
+            for camera in self.quiet_cameras():
+                state = work.get(camera) or work.setdefault(camera, copy_state(self.cameras[camera]))
+                if state.current is not None and dirty(state.current):
+                    changed.setdefault(camera, {})[state.current.event_id] = state.current
+        for camera, events in changed.items():
+            for ev in events.values():
+                ev.published = ev.revision  # in the outbox, written before it is published
+                work[camera].outbox.append(ev)
+        if not work:
+            return
+        # 1. the intent, durable first
+        await self.put_states(work)
+        # 2-3. publish, index, clear the outbox
+        await self.publish_and_clear(work)
+        for camera, events in changed.items():
+            for ev in events.values():
+                self.remember(ev)
+        # 4. only now is a detection's grouping durable: ack
+        acks = [m.ack() for held in released for m in held.msgs]
+        await asyncio.gather(*acks, return_exceptions=True)  # a lost ack is a redelivery, recognised as a duplicate
+        self.cameras.update(work)
+        self.rt.count("grouped", len(released))
+        self.rt.counters["held"] = len(self.buffer)
+
+    async def late(self, state: CameraState, det: Detections, changed: dict[str, EventState], wall: float) -> Alert | None:
+        """A detection earlier than the camera's grouping point (services/events.py: place_late)."""
+        candidates = await self.candidates(state, det, changed)
+        where, ev = place_late(det, candidates, self.rules)
+        if where == "duplicate":
+            self.rt.count("duplicates")
+            return None
+        self.rt.count("late")
+        if ev is None:
+            ev = new_event(det)
+        is_current = state.current is not None and state.current.event_id == ev.event_id
+        if not is_current:  # an event already cut: change a copy (memory holds until the commit worked), publish it now
+            ev = changed.get(ev.event_id) or copy_event(ev)
+            changed[ev.event_id] = ev
+        alert = add_to(ev, det, self.rules, wall)
+        return alert
+
+    async def candidates(self, state: CameraState, det: Detections, changed: dict[str, EventState]) -> list[EventState]:
+        lo, hi = late_window(det.captured_at, self.rules)
+        found: dict[str, EventState] = {}
+        hours = range(int(lo // 3600), int(hi // 3600) + 1)
+        try:
+            keys = await self.index.keys(filters=[f"{det.camera}.{h}.*" for h in hours])
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in keys:
+            eid = key.rsplit(".", 1)[-1]
+            ev = self.cache.get(eid)
+            if ev is None:
+                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                    entry = await self.index.get(key)
+                    if entry.value:
+                        ev = _event_decoder.decode(entry.value)
+            if ev is not None and (eid not in found or ev.revision > found[eid].revision):
+                found[eid] = ev
+        found.update(changed)  # this commit's versions are the newest
+        if state.current is not None:
+            found[state.current.event_id] = state.current
+        return [ev for ev in found.values() if lo <= ev.started_at <= hi]
+
+    def remember(self, ev: EventState) -> None:
+        self.cache[ev.event_id] = ev
+        self.cache.move_to_end(ev.event_id)
+        while len(self.cache) > INDEX_CACHE:
+            self.cache.popitem(last=False)
+
+    async def put_states(self, states: dict[str, CameraState]) -> None:
+        timeout = self.rt.config.nats.publish_timeout
+        await asyncio.wait_for(asyncio.gather(*(self.kv.put(STATE_PREFIX + c, _state_codec[0].encode(s)) for c, s in states.items())), timeout)
+
+    async def publish_and_clear(self, states: dict[str, CameraState]) -> None:
+        events = [e for s in states.values() for e in s.outbox]
+        alerts = [a for s in states.values() for a in s.outbox_alerts]
+        if not events and not alerts:
+            return
+        await bus.publish_many(
+            self.rt,
+            [(subject("alerts", a.camera), a, a.alert_id) for a in alerts]
+            + [(subject("events", e.camera), e.message(), f"{e.event_id}-r{e.revision}") for e in events],
+        )
+        timeout = self.rt.config.nats.publish_timeout
+        await asyncio.wait_for(asyncio.gather(*(self.index.put(index_key(e), msgspec.json.encode(e)) for e in events)), timeout)
+        for s in states.values():
+            s.outbox, s.outbox_alerts = [], []
+        await self.put_states(states)
+        self.rt.count("events", len(events))
+        self.rt.count("alerts", len(alerts))
 
 
 async def wait_for_redeliveries(rt: Runtime) -> None:
-    """After an unclean stop, let the detections the last run held come back before anything newer.
+    """After an unclean stop, let the detections the last run held come back before anything is grouped.
 
-    They are redelivered once their ack_wait expires; consuming newer detections first would group
-    them out of order (and the idle timer would close restored events before they return).
+    They are redelivered once their ack_wait expires; grouping newer detections first would make
+    them late (they would still land in the right event, but the reorder guarantee would be spent).
     """
     spec = consumer("aggregator")
     info = await rt.js.consumer_info(spec.stream, spec.durable)
@@ -118,11 +314,11 @@ async def wait_for_redeliveries(rt: Runtime) -> None:
 
 async def run(config: Config) -> None:
     async with Runtime.start("aggregator", config) as rt:
-        aggregator = Aggregator(rt, config, await rt.js.key_value(AGGREGATOR_STATE_BUCKET))
-        await aggregator.load_state()
+        aggregator = Aggregator(rt, config, await rt.js.key_value(AGGREGATOR_STATE_BUCKET), await rt.js.key_value(EVENT_INDEX_BUCKET))
+        await bus.retry(rt, "load state", aggregator.load_state)
+        await bus.retry(rt, "re-publish outboxes", aggregator.flush_outboxes)
         await wait_for_redeliveries(rt)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(bus.consume(rt, "aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0, stage=STAGE))
-            tg.create_task(aggregator.idle_loop())
+            tg.create_task(aggregator.tick_loop())
             tg.create_task(bus.exhausted_loop(rt, "aggregator", STAGE))
-

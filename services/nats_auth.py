@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EVENT_INDEX_BUCKET, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT
 from services.cli import SERVICES  # every service gets a user
 
 ADMIN_USER = "vigil"
@@ -62,7 +62,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "watcher": {"publish": ["vigil.uploads.*", RETENTION_CHECK_SUBJECT], "subscribe": []},
     "detector": {"publish": ["vigil.detections.*", "vigil.alerts.system", *_consume("detector")], "subscribe": []},
     "aggregator": {"publish": ["vigil.events.*", "vigil.alerts.*", *_consume("aggregator"), *_kv_write(AGGREGATOR_STATE_BUCKET),
-                               *_kv_read(AGGREGATOR_STATE_BUCKET)], "subscribe": []},
+                               *_kv_read(AGGREGATOR_STATE_BUCKET), *_kv_write(EVENT_INDEX_BUCKET), *_kv_read(EVENT_INDEX_BUCKET)], "subscribe": []},
     "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts") for p in _consume(d)],
                  "subscribe": []},
     "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},

@@ -47,12 +47,12 @@ async def migrate(conn: psycopg.AsyncConnection, log) -> None:
 async def write_detections(cur: psycopg.AsyncCursor, items: list[Detections]) -> None:
     await cur.executemany(
         "INSERT INTO detections (detection_id, file_id, frame, offset_s, camera, path, captured_at, published_at,"
-        " width, height, model, inference_ms, box_count, labels, boxes) VALUES (%s, %s, %s, %s, %s, %s,"
-        " to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s::jsonb) ON CONFLICT (detection_id) DO NOTHING",
+        " width, height, model, inference_ms, box_count, labels, boxes, clock_suspect) VALUES (%s, %s, %s, %s, %s, %s,"
+        " to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s::jsonb, %s) ON CONFLICT (detection_id) DO NOTHING",
         [
             (d.key, d.file_id, d.frame, d.offset_s, d.camera, d.path, d.captured_at, d.published_at or None, d.width,
              d.height, d.model, d.inference_ms, len(d.boxes), sorted({b.label for b in d.boxes}),
-             msgspec.json.encode(d.boxes).decode())
+             msgspec.json.encode(d.boxes).decode(), d.clock_suspect)
             for d in items
         ],
     )
@@ -61,11 +61,14 @@ async def write_detections(cur: psycopg.AsyncCursor, items: list[Detections]) ->
 async def write_events(cur: psycopg.AsyncCursor, items: list[EventClosed]) -> None:
     await cur.executemany(
         "INSERT INTO events (event_id, camera, started_at, ended_at, detection_count, labels, best_file_id,"
-        " close_reason) VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s::jsonb, %s, %s)"
-        " ON CONFLICT (event_id) DO NOTHING",
+        " close_reason, revision) VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s::jsonb, %s, %s, %s)"
+        " ON CONFLICT (event_id) DO UPDATE SET started_at = excluded.started_at, ended_at = excluded.ended_at,"
+        " detection_count = excluded.detection_count, labels = excluded.labels, best_file_id = excluded.best_file_id,"
+        " close_reason = excluded.close_reason, revision = excluded.revision"
+        " WHERE events.revision < excluded.revision",  # the latest revision wins, in whatever order they come
         [
             (e.event_id, e.camera, e.started_at, e.ended_at, len(e.file_ids), msgspec.json.encode(e.labels).decode(),
-             e.best_file_id, e.close_reason)
+             e.best_file_id, e.close_reason, e.revision)
             for e in items
         ],
     )

@@ -279,7 +279,7 @@ class Detector:
                         file_id=up.file_id, camera=up.camera, path=up.path, captured_at=round(unit.start + offset, 3),
                         width=frame.width, height=frame.height, model=self.engine.model, inference_ms=round(ms, 2),
                         boxes=keep_for_camera(boxes, up.camera, self.cfg), published_at=up.published_at,
-                        frame=index, offset_s=offset,
+                        frame=index, offset_s=offset, clock_suspect=up.clock_suspect,
                     ))
             await bus.publish_many(self.rt, [(subject("detections", d.camera), d, f"det-{d.key}") for d in out])
             # Ack only after every Detections message is durable in its stream (a lost ack is a harmless

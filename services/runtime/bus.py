@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageT
 import proto
 from services.runtime.config import credential
 from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter, valid_camera
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EVENT_INDEX_BUCKET, EVENT_INDEX_TTL, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -149,7 +149,8 @@ async def provision(js: JetStreamContext, log, replicas: int = 1) -> None:
         # CONSUMER.CREATE without an action is create-or-update on nats-server >= 2.10.
         await js.add_consumer(cspec.stream, consumer_config(cspec))
     for bucket, description, ttl in (
-        (AGGREGATOR_STATE_BUCKET, "Open events per camera (aggregator crash safety)", None),
+        (AGGREGATOR_STATE_BUCKET, "Current event, grouping point and outbox per camera (aggregator crash safety)", None),
+        (EVENT_INDEX_BUCKET, "Published events by camera and start hour (late detections find their event)", EVENT_INDEX_TTL),
         (HEARTBEAT_BUCKET, "Latest heartbeat of every vigil service instance", HEARTBEAT_TTL),
         (GPU_BUCKET, "Latest GPU sample per GPU (gpu-stats)", GPU_TTL),
         (HEALTH_BUCKET, "health's alert bookkeeping: conditions held and alerts fired", None),

@@ -15,7 +15,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -60,6 +60,11 @@ class DatabaseConfig(_Section):
 class WatcherConfig(_Section):
     # A file is published once its size and mtime have not changed for this long.
     settle_seconds: float = 2.0
+    # Camera clocks: an mtime more than this ahead of the file's arrival, or older than the longest
+    # retention age (clock_floor_days, default retention's), is replaced by the arrival time and the
+    # file is marked clock_suspect (health raises camera_clock).
+    clock_skew_seconds: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    clock_floor_days: Annotated[float, msgspec.Meta(gt=0)] | None = None
     # Full rescan of the media root, to catch anything an inotify overflow missed.
     rescan_seconds: float = 300.0
     image_extensions: list[str] = msgspec.field(default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".webp"])
@@ -118,11 +123,21 @@ class DetectorConfig(_Section):
 
 
 class AggregatorConfig(_Section):
+    # The grouping contract (services/events.py): cut where the gap exceeds idle_seconds, where the
+    # event would last longer than max_seconds, or hold more than max_detections detections (this
+    # bounds every event message and KV entry far below NATS's 1 MiB max_payload).
     idle_seconds: float = 30.0
     max_seconds: float = 90.0
+    max_detections: Annotated[int, msgspec.Meta(ge=1, le=4000)] = 1000
     alert_label: str = "person"
     alert_score: float = 0.90
     batch_size: int = 256
+    # The reorder bound: a detection may arrive up to reorder_window detections of its camera, or up
+    # to reorder_seconds, after one captured later, and still be grouped as if all came in order
+    # (several detectors x their batch size; a detector that crashed comes back after its ack_wait,
+    # 15 s). Once the detectors and this stage have caught up, nothing waits.
+    reorder_window: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 512
+    reorder_seconds: Annotated[float, msgspec.Meta(ge=0, le=600)] = 30.0
 
 
 class GpuStatsConfig(_Section):
