@@ -71,6 +71,8 @@ class Detections(_Msg, kw_only=True):
     frame: int | None = None  # index of the sampled frame within a clip; None for an image
     offset_s: float = 0.0  # the frame's time from the start of the clip
     clock_suspect: bool = False  # copied from FileUploaded: captured_at is the arrival time
+    file_size: int | None = None  # the file as the detector read it (FileUploaded.size, and its mtime
+    file_mtime: float | None = None  # as on disk): retention deletes only that file, not a new one at its path
 
     @property
     def key(self) -> str:
@@ -136,6 +138,7 @@ class DeadLetter(_Msg, kw_only=True):
     camera: str | None = None  # free text here: the camera of a refused message may itself be invalid
     file_id: str | None = None
     failed_at: float = 0.0
+    path: str | None = None  # the media file, relative to the media root, when one is known
 
 
 class Heartbeat(_Msg, kw_only=True):

@@ -210,7 +210,9 @@ CONSUMERS += tuple(
         description=f"Dead-letters {c.stream} messages that used up {c.durable}'s deliveries",
         filter_subject=f"{MAX_DELIVERIES_ADVISORY}.{c.stream}.{c.durable}",
         ack_wait=30.0,
-        max_deliver=100,
+        # never given up: the advisory is naked until the lagging consumer is past the message, however
+        # long that takes (its dead letter is written at once)
+        max_deliver=-1,
         max_ack_pending=64,
     )
     for c in CONSUMERS

@@ -249,25 +249,32 @@ class Aggregator:
     async def candidates(self, state: CameraState, det: Detections, changed: dict[str, EventState]) -> list[EventState]:
         lo, hi = late_window(det.captured_at, self.rules)
         found: dict[str, EventState] = {}
-        hours = range(int(lo // 3600), int(hi // 3600) + 1)
-        try:
-            keys = await self.index.keys(filters=[f"{det.camera}.{h}.*" for h in hours])
-        except nats.js.errors.NoKeysError:
-            keys = []
-        for key in keys:
-            eid = key.rsplit(".", 1)[-1]
-            ev = self.cache.get(eid)
-            if ev is None:
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                    entry = await self.index.get(key)
-                    if entry.value:
-                        ev = _event_decoder.decode(entry.value)
-            if ev is not None and (eid not in found or ev.revision > found[eid].revision):
-                found[eid] = ev
+        for hour in range(int(lo // 3600), int(hi // 3600) + 1):
+            for ev in await self.read_index(f"{det.camera}.{hour}.*"):
+                cached = self.cache.get(ev.event_id)
+                if cached is not None and cached.revision > ev.revision:
+                    ev = cached
+                if ev.event_id not in found or ev.revision > found[ev.event_id].revision:
+                    found[ev.event_id] = ev
         found.update(changed)  # this commit's versions are the newest
         if state.current is not None:
             found[state.current.event_id] = state.current
         return [ev for ev in found.values() if lo <= ev.started_at <= hi]
+
+    async def read_index(self, pattern: str) -> list[EventState]:
+        """The index entries under one camera and hour. (nats-py's KeyValue.keys(filters=) reads every
+        key of the bucket and matches substrings, so a watch on the wildcard subject is used instead.)"""
+        watcher = await self.index.watch(pattern, ignore_deletes=True)
+        out = []
+        try:
+            async for entry in watcher:
+                if entry is None:  # the end of what is stored now
+                    break
+                if entry.value:
+                    out.append(_event_decoder.decode(entry.value))
+        finally:
+            await watcher.stop()
+        return out
 
     def remember(self, ev: EventState) -> None:
         self.cache[ev.event_id] = ev

@@ -101,7 +101,7 @@ async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
     try:
         letters = await dead_letters(js)
         if action == "list":
-            return [{"seq": s, "stage": d.stage, "reason": d.reason, "camera": d.camera, "file_id": d.file_id,
+            return [{"seq": s, "stage": d.stage, "reason": d.reason, "camera": d.camera, "file_id": d.file_id, "path": d.path,
                      "original_subject": d.original_subject, "failed_at": d.failed_at} for s, d in letters]
         if action == "purge":
             await js.purge_stream("DLQ")
@@ -111,6 +111,9 @@ async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
             raise LookupError(f"no dead letter with sequence {seq}")
         if action == "show":
             return {"seq": seq, **to_builtins(letter)}
+        if letter.stage == "watcher":
+            raise LookupError(f"dead letter {seq} is a file the watcher refused ({letter.reason}): fix or replace the file"
+                              " and the watcher reads it again when it changes")
         # retry: the original message goes back onto its subject, so the stage that refused it sees it
         # again. A fresh Nats-Msg-Id bypasses the duplicate window; downstream writes are idempotent.
         headers = {k: v for k, v in letter.original_headers.items() if not k.startswith("Nats-")}
@@ -207,6 +210,10 @@ def print_retention(data: dict) -> None:
 async def trace(config: Config, needle: str) -> dict:
     import psycopg
 
+    # an absolute path under the media root means the same as the root-relative one the pipeline keeps
+    root = os.path.abspath(config.media_root)
+    if os.path.isabs(needle) and os.path.commonpath([root, os.path.abspath(needle)]) == root:
+        needle = os.path.relpath(os.path.abspath(needle), root)
     with psycopg.connect(**database_conninfo(config), connect_timeout=5) as conn:
         rows = conn.execute(
             "SELECT d.detection_id, d.file_id, d.camera, d.path, d.frame, d.labels, extract(epoch from d.recorded_at), e.event_id"
@@ -216,10 +223,12 @@ async def trace(config: Config, needle: str) -> dict:
                    "recorded_at": float(r[6]), "event_id": r[7]} for r in rows]
     file_ids = {d["file_id"] for d in detections}
     nc = await connect(config)
-    letters = [{"seq": s, "stage": d.stage, "reason": d.reason} for s, d in await dead_letters(nc.jetstream())
-               if d.file_id in file_ids or d.file_id == needle or needle in d.original_payload]
+    letters = [{"seq": s, "stage": d.stage, "reason": d.reason, "path": d.path} for s, d in await dead_letters(nc.jetstream())
+               if d.file_id in file_ids or d.file_id == needle or d.path == needle or needle in d.original_payload]
     await nc.close()
-    stage = "dead-lettered" if letters and not detections else "recorded" if detections else "not found (not yet uploaded, or in flight)"
+    rejected = [d for d in letters if d["stage"] == "watcher"]
+    stage = ("recorded" if detections else rejected[-1]["reason"] if rejected else "dead-lettered" if letters
+             else "not found (not yet uploaded, or in flight)")
     return {"query": needle, "stage": stage, "detections": detections, "events": sorted({d["event_id"] for d in detections if d["event_id"]}),
             "dead_letters": letters}
 
@@ -347,8 +356,8 @@ def run_command(args) -> int:
             if as_json or args.action != "list":
                 print(json.dumps(data))
             else:
-                table("dead letters", ["seq", "stage", "camera", "reason", "subject"],
-                      [[d["seq"], d["stage"], d["camera"], d["reason"], d["original_subject"]] for d in data])
+                table("dead letters", ["seq", "stage", "camera", "path", "reason", "subject"],
+                      [[d["seq"], d["stage"], d["camera"], d["path"] or "", d["reason"], d["original_subject"]] for d in data])
             return 0
         if args.command == "events" and args.action in ("keep", "unkeep"):
             if not args.event_id:

@@ -12,7 +12,7 @@ Series (labels in braces):
     vigil_service_restarts_total{service,instance}      systemd NRestarts (when systemd is there)
     vigil_service_uptime_seconds{service,instance}
     vigil_service_in_flight{service,instance}
-    vigil_service_counter_total{service,instance,counter}   the service's own counters (published, rejected, ...)
+    vigil_service_operations_total{service,instance,counter}   the service's own counters (published, rejected, ...)
     vigil_stage_backlog{stage}, vigil_stage_pending{stage}, vigil_stage_ack_pending{stage}
     vigil_stage_redelivered_total{stage}, vigil_stage_oldest_unacked_seconds{stage}
     vigil_dead_letters{stage}                           messages in the DLQ stream per failing stage
@@ -115,7 +115,7 @@ class _SnapshotCollector:
         restarts = CounterMetricFamily("vigil_service_restarts", "systemd NRestarts of the unit", labels=svc)
         uptime = GaugeMetricFamily("vigil_service_uptime_seconds", "Seconds since the instance started", labels=svc)
         in_flight = GaugeMetricFamily("vigil_service_in_flight", "Messages held by the instance right now", labels=svc)
-        counters = CounterMetricFamily("vigil_service_counter", "The instance's own counters since it started", labels=[*svc, "counter"])
+        counters = CounterMetricFamily("vigil_service_operations", "The instance's own counters since it started", labels=[*svc, "counter"])
         for s in snap.services:
             ids = [s.service, s.instance or ""]
             up.add_metric(ids, 1.0 if s.verdict in ("healthy", "degraded") else 0.0)

@@ -59,7 +59,7 @@ def _kv_read(bucket: str) -> list[str]:
 _COMMON_PUB = ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>"]
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
-    "watcher": {"publish": ["vigil.uploads.*", RETENTION_CHECK_SUBJECT], "subscribe": []},
+    "watcher": {"publish": ["vigil.uploads.*", "vigil.dlq.watcher.*", RETENTION_CHECK_SUBJECT], "subscribe": []},
     "detector": {"publish": ["vigil.detections.*", "vigil.alerts.system", *_consume("detector")], "subscribe": []},
     "aggregator": {"publish": ["vigil.events.*", "vigil.alerts.*", *_consume("aggregator"), *_kv_write(AGGREGATOR_STATE_BUCKET),
                                *_kv_read(AGGREGATOR_STATE_BUCKET), *_kv_write(EVENT_INDEX_BUCKET), *_kv_read(EVENT_INDEX_BUCKET)], "subscribe": []},

@@ -47,12 +47,12 @@ async def migrate(conn: psycopg.AsyncConnection, log) -> None:
 async def write_detections(cur: psycopg.AsyncCursor, items: list[Detections]) -> None:
     await cur.executemany(
         "INSERT INTO detections (detection_id, file_id, frame, offset_s, camera, path, captured_at, published_at,"
-        " width, height, model, inference_ms, box_count, labels, boxes, clock_suspect) VALUES (%s, %s, %s, %s, %s, %s,"
-        " to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s::jsonb, %s) ON CONFLICT (detection_id) DO NOTHING",
+        " width, height, model, inference_ms, box_count, labels, boxes, clock_suspect, file_size, file_mtime) VALUES (%s, %s, %s,"
+        " %s, %s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (detection_id) DO NOTHING",
         [
             (d.key, d.file_id, d.frame, d.offset_s, d.camera, d.path, d.captured_at, d.published_at or None, d.width,
              d.height, d.model, d.inference_ms, len(d.boxes), sorted({b.label for b in d.boxes}),
-             msgspec.json.encode(d.boxes).decode(), d.clock_suspect)
+             msgspec.json.encode(d.boxes).decode(), d.clock_suspect, d.file_size, d.file_mtime)
             for d in items
         ],
     )

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import msgspec
 import psycopg
+import psycopg.errors
 
 import proto
 from proto.messages import MAX_REPORTED_PATHS, CameraFreed, RetentionReport
@@ -83,11 +84,36 @@ def _chunks(items: list, n: int = CHUNK):
         yield items[i : i + n]
 
 
-def recorded(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> set[str]:
-    out: set[str] = set()
+def recorded(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> dict[str, tuple[float, float]]:
+    """Recorded paths -> (capture time, arrival, file size, file mtime): the latest detection's captured_at
+    (the watcher's sane time, not a wrong camera clock), when the watcher took the file (published_at;
+    rows without one fall back to captured_at), and the size and mtime of the file it read (None in rows
+    written before vigil recorded them)."""
+    out: dict[str, tuple] = {}
     for chunk in _chunks(paths):
-        out |= {r[0] for r in conn.execute(f"SELECT DISTINCT path FROM detections d WHERE path = ANY(%s) AND {_MINE}", (chunk, _like(prefix)))}
+        out.update({r[0]: (float(r[1]), float(r[2]), r[3], r[4]) for r in conn.execute(
+            "SELECT path, extract(epoch from max(captured_at)), extract(epoch from max(coalesce(published_at, captured_at))),"
+            " max(file_size), max(file_mtime)"
+            f" FROM detections d WHERE path = ANY(%s) AND {_MINE} GROUP BY path", (chunk, _like(prefix)))})
     return out
+
+
+def with_pipeline_times(files: list[MediaFile], times: dict[str, tuple]) -> tuple[list[MediaFile], set[str]]:
+    """Recorded files get the pipeline's capture and arrival times. A file is finished only if it is the
+    file the pipeline read (same size and mtime): a new upload at a reused path is pending, never deleted."""
+    out, finished = [], set()
+    for f in files:
+        t = times.get(f.rel)
+        if t is None:
+            out.append(f)
+            continue
+        captured, arrived, size, mtime = t
+        if (size is None or size == f.size) and (mtime is None or abs(float(mtime) - f.mtime) < 1e-3):
+            finished.add(f.rel)
+            out.append(f._replace(mtime=captured, arrived=arrived))
+        else:
+            out.append(f)
+    return out, finished
 
 
 def kept_paths(conn: psycopg.Connection, prefix: str = "", among: list[str] | None = None) -> set[str]:
@@ -202,7 +228,8 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
     report.free_bytes_before, report.total_bytes = free, total
     files = scan(root, config.watcher.camera_prefix)
     prefix = config.watcher.camera_prefix
-    finished = recorded(conn, [f.rel for f in files], prefix) | (dead_lettered & {f.rel for f in files})
+    files, finished = with_pipeline_times(files, recorded(conn, [f.rel for f in files], prefix))
+    finished |= dead_lettered & {f.rel for f in files}
     decided = plan(files, finished, kept_paths(conn, prefix), r, now, free, total)
     report.kept_skipped, report.young_skipped, report.unrecorded_skipped = decided.kept_skipped, decided.young_skipped, decided.unrecorded_skipped
     deleted: list[str] = []
@@ -295,6 +322,10 @@ async def run(config: Config) -> None:
                         await asyncio.wait({run}, timeout=2.0)
                         rt.keepalive()
                     report = run.result()
+                except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+                    # first start: the recorder creates and migrates the schema; nothing to judge until then
+                    rt.log.info("waiting for the recorder to migrate the schema", detail=str(exc).splitlines()[0][:200])
+                    next_disk = min(next_disk, time.monotonic() + 5.0)
                 except (psycopg.Error, OSError, *bus.TRANSIENT) as exc:
                     rt.note_error(f"retention run failed: {exc!r}")
                     rt.log.warning("retention run failed; trying again at the next check", error=repr(exc))

@@ -28,7 +28,9 @@ class MediaFile(NamedTuple):
     rel: str  # relative to the media root, POSIX separators (as in FileUploaded.path)
     camera: str
     size: int
-    mtime: float
+    mtime: float  # the capture time: the file's mtime, or the pipeline's sane one once it is recorded
+    ctime: float = 0.0  # when the file last changed on this box (a camera cannot set it)
+    arrived: float | None = None  # when the watcher took it (recorded files); youth is judged by this
 
 
 class Plan(NamedTuple):
@@ -75,7 +77,7 @@ def scan(root: Path, prefix: str = "") -> list[MediaFile]:
                         if stat.S_ISDIR(st.st_mode):
                             stack.append((e.path, f"{rel}/{e.name}"))
                         elif stat.S_ISREG(st.st_mode):
-                            out.append(MediaFile(f"{rel}/{e.name}", camera, st.st_size, st.st_mtime))
+                            out.append(MediaFile(f"{rel}/{e.name}", camera, st.st_size, st.st_mtime, st.st_ctime))
             except OSError:
                 continue  # unreadable folder: nothing there we could delete anyway
     return out
@@ -104,6 +106,10 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
             return False
         return True
 
+    def young(f: MediaFile) -> bool:
+        # by arrival, not by the camera's clock: a just-uploaded file is never deleted, whatever its mtime says
+        return (f.arrived if f.arrived is not None else f.mtime) > now - cfg.min_keep_seconds
+
     by_age = sorted(files, key=lambda f: (f.mtime, f.rel))
     for f in by_age:
         cam = cfg.cameras.get(f.camera)
@@ -118,7 +124,7 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
         cam = cfg.cameras.get(f.camera)
         quota = cam.max_bytes if cam and cam.max_bytes is not None else cfg.camera_max_bytes
         if quota and usage.get(f.camera, 0) > quota and f.rel not in chosen:
-            if f.mtime > now - cfg.min_keep_seconds:
+            if young(f):
                 young_set.add(f.rel)  # the promise holds under a quota too: it may be an event still open
             elif deletable(f):
                 chosen[f.rel] = (f, "quota")
@@ -133,7 +139,7 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
                 break
             if f.rel in chosen:
                 continue
-            if f.mtime > now - cfg.min_keep_seconds:
+            if young(f):
                 young_set.add(f.rel)
                 continue
             if deletable(f):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import stat
 import time
@@ -17,8 +18,8 @@ from typing import NamedTuple
 
 import watchfiles
 
-from proto import FileUploaded, subject
-from proto.topology import RETENTION_CHECK_SUBJECT
+from proto import DeadLetter, FileUploaded, subject
+from proto.topology import RETENTION_CHECK_SUBJECT, dlq_subject
 from services.retention_media import FallingFast, free_space
 from services.runtime import bus
 from services.runtime.config import Config, ConfigError
@@ -47,6 +48,8 @@ class Watcher:
         self.skipped: set[str] = set()  # paths already reported as not regular files
         self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
         self.disk_checked_at = self.retention_asked_at = -1e9
+        ages = [config.retention.max_age_days] + [c.max_age_days for c in config.retention.cameras.values() if c.max_age_days]
+        self.clock_floor = (self.cfg.clock_floor_days or max(ages)) * 86400.0
 
     # ---- discovering files --------------------------------------------------------------
     def observe(self, path: str) -> None:
@@ -95,6 +98,12 @@ class Watcher:
             self.observe(path)
             if i % 1000 == 999:
                 await asyncio.sleep(0)  # keep the loop responsive on a huge backlog
+        # forget ledger rows of files that are gone (deleted by retention or by hand): the ledger stays
+        # the size of the media root, and a file that comes back later is published again
+        rels = {str(Path(p).relative_to(self.root).as_posix()) for p in paths}
+        pruned = self.ledger.prune(rels)  # one SELECT and a DELETE: tens of ms for 100,000 rows
+        if pruned:
+            self.rt.log.info("ledger pruned", rows=pruned)
         return len(paths)
 
     async def watch_loop(self) -> None:
@@ -132,15 +141,19 @@ class Watcher:
         self.rt.beat("settle")
         tick = max(min(self.cfg.settle_seconds / 4, 0.5), 0.02)
         while not self.rt.stopping.is_set():
-            for path in self.settler.paths():  # re-stat: a growing upload resets its clock
-                try:
-                    st = os.lstat(path)
-                    self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())
-                except OSError:
+            # re-stat (a growing upload resets its clock) in a thread: a backlog of 100,000 files would
+            # hold the event loop for a good part of a second on every tick
+            for path, st in await asyncio.to_thread(_restat, self.settler.paths()):
+                if st is None:
                     self.settler.forget(path)
-            ready = self.settler.settled(time.monotonic())
+                else:
+                    self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())
+            # by capture time (mtime, then path): a backlog listed in directory order (hash order on
+            # ext4, newest first on tmpfs) must reach the aggregator in the order it happened
+            ready = sorted(self.settler.settled(time.monotonic()), key=lambda r: (r[2], r[0]))
             for i in range(0, len(ready), self.cfg.publish_batch):
                 await self.publish_batch(ready[i : i + self.cfg.publish_batch])
+                self.rt.beat("settle")  # working through a backlog is progress, not a hang
             self.rt.counters["pending"] = len(self.settler)
             if ready or len(self.settler):
                 await self.warn_retention()
@@ -179,13 +192,23 @@ class Watcher:
                 continue
             if isinstance(item, Rejected):
                 rows.append((item.path, item.size, item.mtime_ns, "", f"rejected: {item.reason}", now))
+                sends.append(self.rejection(item, now))
                 continue
             msg, size, mtime_ns = item
             sends.append((subject("uploads", msg.camera), msg, f"upload-{msg.file_id}"))
             rows.append((msg.path, size, mtime_ns, msg.file_id, "published", now))
         await bus.publish_many(self.rt, sends)
         self.ledger.mark(rows)  # only after every PubAck
-        self.rt.count("published", len(sends))
+        self.rt.count("published", sum(1 for _, m, _ in sends if isinstance(m, FileUploaded)))
+
+    def rejection(self, item: Rejected, now: float) -> tuple[str, DeadLetter, str]:
+        """A refused file as a dead letter of stage watcher: `vigil dlq list`, `vigil trace PATH` and
+        health's dead-letter counts show it (once per version of the file: the msg id names it)."""
+        camera = camera_id(self.cfg.camera_prefix + Path(item.path).parts[0])
+        letter = DeadLetter(stage="watcher", reason=f"rejected by the watcher: {item.reason}", original_subject=subject("uploads", camera),
+                            original_payload="", original_size=item.size, camera=camera, path=item.path, failed_at=now)
+        key = hashlib.sha256(f"{camera}\0{item.path}\0{item.size}\0{item.mtime_ns}".encode()).hexdigest()[:32]
+        return dlq_subject("watcher", camera), letter, f"rejected-{key}"
 
     def prepare(self, path: str, size: int, mtime_ns: int):
         """Hash and sniff a settled file: (FileUploaded, size, mtime_ns), Rejected, or None (changed/vanished)."""
@@ -211,20 +234,46 @@ class Watcher:
             self.rt.count("rejected")
             return Rejected(rel, size, mtime_ns, "unrecognised content")
         camera = camera_id(self.cfg.camera_prefix + Path(rel).parts[0])
+        arrived = time.time()
+        mtime, suspect = sane_capture_time(mtime_ns / 1e9, arrived, self.cfg.clock_skew_seconds, self.clock_floor)
+        if suspect:
+            self.rt.count("clock_suspect")
+            self.rt.log.warning("camera clock not plausible: using the arrival time", camera=camera, path=rel,
+                                mtime=mtime_ns / 1e9, arrived=round(arrived, 3))
         return (
             FileUploaded(
                 file_id=file_id(camera, rel, digest),
                 camera=camera,
                 path=rel,
                 size=size,
-                mtime=mtime_ns / 1e9,
+                mtime=mtime,
                 sha256=digest,
                 kind=kind,
-                published_at=time.time(),
+                published_at=arrived,
+                clock_suspect=suspect,
+                camera_mtime=mtime_ns / 1e9 if suspect else None,
             ),
             size,
             mtime_ns,
         )
+
+
+def sane_capture_time(mtime: float, arrived: float, skew: float, floor: float) -> tuple[float, bool]:
+    """(capture time, clock_suspect): a camera whose clock is far ahead, or reset to 2000, would keep
+    an event open for hours or have its files deleted at once; their arrival time is used instead."""
+    if mtime > arrived + skew or mtime < arrived - floor:
+        return arrived, True
+    return mtime, False
+
+
+def _restat(paths: list[str]) -> list[tuple[str, os.stat_result | None]]:
+    out: list[tuple[str, os.stat_result | None]] = []
+    for path in paths:
+        try:
+            out.append((path, os.lstat(path)))
+        except OSError:
+            out.append((path, None))
+    return out
 
 
 async def run(config: Config) -> None:

@@ -95,7 +95,9 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a marked batch survives a power cut (NORMAL could lose the last ones, which would only be
+        # re-published and deduplicated downstream by file id, but "never published twice" is the point)
+        self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS published (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
             " file_id TEXT, status TEXT, at REAL)"
@@ -110,6 +112,15 @@ class Ledger:
         with self._db:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def prune(self, existing: set[str]) -> int:
+        """Delete the rows of files that no longer exist; returns how many went."""
+        gone = [(p,) for (p,) in self._db.execute("SELECT path FROM published") if p not in existing]
+        if gone:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("DELETE FROM published WHERE path = ?", gone)
+        return len(gone)
 
     def close(self) -> None:
         self._db.close()

@@ -280,6 +280,7 @@ class Detector:
                         width=frame.width, height=frame.height, model=self.engine.model, inference_ms=round(ms, 2),
                         boxes=keep_for_camera(boxes, up.camera, self.cfg), published_at=up.published_at,
                         frame=index, offset_s=offset, clock_suspect=up.clock_suspect,
+                        file_size=up.size, file_mtime=up.camera_mtime if up.camera_mtime is not None else up.mtime,
                     ))
             await bus.publish_many(self.rt, [(subject("detections", d.camera), d, f"det-{d.key}") for d in out])
             # Ack only after every Detections message is durable in its stream (a lost ack is a harmless

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -246,7 +247,13 @@ async def retry(rt: "Runtime", what: str, call: Callable[[], Awaitable[T]]) -> T
 def _letter(stage: str, reason: str, subject: str, data: bytes, headers: dict | None, stream: str | None, sequence: int | None,
             deliveries: int, camera: str | None, file_id: str | None) -> DeadLetter:
     payload = data[:MAX_DEAD_LETTER_PAYLOAD].decode("utf-8", "replace")
+    try:  # the media file it was about, so `vigil dlq list` and `vigil trace PATH` can name it
+        parsed = json.loads(data)
+        path = parsed.get("path") if isinstance(parsed, dict) and isinstance(parsed.get("path"), str) else None
+    except (ValueError, TypeError):
+        path = None
     return DeadLetter(
+        path=path[:4096] if path else None,
         stage=stage,
         reason=reason[:2000],
         original_subject=subject,
@@ -304,22 +311,35 @@ async def exhausted_loop(rt: "Runtime", durable: str, stage: str) -> None:
             except (ValueError, KeyError, TypeError):
                 await m.term()
                 continue
-            if await _move_exhausted(rt, spec, stage, seq, deliveries):
+            # the letter is written at the first two deliveries of the advisory (the second covers a crash
+            # in between; both lie within the DLQ's duplicate window, so it is recorded once); later
+            # deliveries only wait for the other consumers to get past the message, however long they lag
+            attempt = m.metadata.num_delivered if m.reply else 1
+            if await _move_exhausted(rt, spec, stage, seq, deliveries, write_letter=attempt <= 2):
                 await m.ack()
-            else:  # another consumer still needs the message: come back once it is past it
-                await m.nak(delay=30.0)
+            else:  # another consumer still needs the message: delete it once that one is past it
+                await m.nak(delay=min(30.0 * attempt, 300.0))
 
     await consume(rt, f"{EXHAUSTED_PREFIX}{durable}", handle, batch=16, timeout=5.0, stage=stage)
 
 
-async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int) -> bool:
-    """Copy one exhausted message to the DLQ and delete it from its stream. False: not yet - another
-    consumer of the stream (the recorder, when the aggregator gave up) has not got past it, and
-    deleting it now would take it from that consumer too."""
+async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int, write_letter: bool = True) -> bool:
+    """Copy one exhausted message to the DLQ at once, and delete it from its stream once no other
+    consumer of the stream (the recorder, when the aggregator gave up) still needs it. False: the
+    letter is written, the deletion has to wait (the advisory comes back later, with no time limit)."""
+    if write_letter and not await _write_exhausted_letter(rt, spec, stage, seq, deliveries):
+        return True  # gone from the stream: nothing to delete either
     for other in (c for c in CONSUMERS if c.stream == spec.stream and c.durable != spec.durable):
         info = await rt.js.consumer_info(other.stream, other.durable)
         if (info.ack_floor.stream_seq if info.ack_floor else 0) < seq:
             return False
+    with contextlib.suppress(nats.js.errors.NotFoundError):
+        await rt.js.delete_msg(spec.stream, seq)
+    return True
+
+
+async def _write_exhausted_letter(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int) -> bool:
+    """The dead letter of one exhausted message; False when the message is no longer in its stream."""
     try:
         raw = await rt.js.get_msg(spec.stream, seq)
     except nats.js.errors.NotFoundError:
@@ -327,7 +347,7 @@ async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: in
         # max-delivered messages themselves): say so, since no dead letter will exist for it
         rt.count("exhausted_gone")
         rt.log.warning("exhausted message no longer in its stream: no dead letter", stream=spec.stream, sequence=seq, stage=stage)
-        return True
+        return False
     error = rt.failures.pop((spec.stream, seq), None)
     reason = f"gave up after {deliveries} deliveries: " + (error or "no error was recorded (the process crashed, hung or timed out on it)")
     camera = raw.subject.rsplit(".", 1)[-1]
@@ -341,7 +361,6 @@ async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: in
     await publish(rt, dlq_subject(stage, letter.camera), letter, msg_id=_dlq_id(spec.stream, seq, spec.durable))
     rt.count("dead_lettered")
     rt.log.warning("dead-lettered after max deliveries", stage=stage, stream=spec.stream, sequence=seq, reason=reason[:300])
-    await rt.js.delete_msg(spec.stream, seq)
     return True
 
 
@@ -437,9 +456,16 @@ async def consume(
         try:
             await handle_batch(msgs)
         except TRANSIENT as exc:
-            rt.log.error("batch failed, will retry", consumer=durable, messages=len(msgs), error=repr(exc))
             rt.note_error(f"{durable}: batch failed: {exc!r}")
-            await give_up_or_retry(rt, stage or durable, durable, msgs, exc)
+            if is_transient(exc):
+                rt.log.error("batch failed, will retry", consumer=durable, messages=len(msgs), error=repr(exc))
+                await give_up_or_retry(rt, stage or durable, durable, msgs, exc)
+            else:  # e.g. MaxPayloadError: the same batch would fail the same way at every delivery
+                rt.log.error("batch failed permanently, dead-lettering it", consumer=durable, messages=len(msgs), error=repr(exc))
+                for msg in msgs:
+                    if not msg._ackd:  # nats-py's private flag: already acked, naked or termed
+                        with contextlib.suppress(*TRANSIENT):
+                            await dead_letter(rt, stage or durable, msg, f"permanent error: {exc!r}"[:500])
         rt.in_flight[durable] = 0
         rt.beat(durable)
     await _drop(sub)

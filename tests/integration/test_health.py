@@ -159,7 +159,7 @@ def test_metrics_and_status_agree_with_the_cli(make_stack, nats_server, media):
     assert code == 200
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     documented = {"vigil_service_up", "vigil_service_verdict", "vigil_service_uptime_seconds", "vigil_service_in_flight",
-                  "vigil_service_counter", "vigil_stage_backlog", "vigil_stage_pending", "vigil_stage_ack_pending",
+                  "vigil_service_operations", "vigil_stage_backlog", "vigil_stage_pending", "vigil_stage_ack_pending",
                   "vigil_stage_redelivered", "vigil_stage_oldest_unacked_seconds", "vigil_dead_letters", "vigil_files_detected",
                   "vigil_detections", "vigil_inference_seconds", "vigil_detect_latency_seconds", "vigil_camera_last_upload_timestamp_seconds",
                   "vigil_alerts_firing", "vigil_disk_free_bytes", "vigil_disk_total_bytes"}

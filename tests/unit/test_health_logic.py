@@ -112,10 +112,10 @@ def test_metrics_text_parses_and_page_escapes(tmp_path):
     from prometheus_client import generate_latest
 
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(state.registry).decode())}
-    assert {"vigil_service_up", "vigil_stage_backlog", "vigil_dead_letters", "vigil_service_counter", "vigil_disk_free_bytes",
+    assert {"vigil_service_up", "vigil_stage_backlog", "vigil_dead_letters", "vigil_service_operations", "vigil_disk_free_bytes",
             "vigil_detections", "vigil_inference_seconds"} <= set(families)
     assert [s.value for s in families["vigil_stage_backlog"].samples] == [6.0]
-    assert [(s.labels["counter"], s.value) for s in families["vigil_service_counter"].samples] == [("published", 3.0)]
+    assert [(s.labels["counter"], s.value) for s in families["vigil_service_operations"].samples] == [("published", 3.0)]
     page = render_page(state)
     assert "<script>" not in page and "&lt;script&gt;" in page and "front&lt;door&gt;" in page
 
