@@ -1,0 +1,184 @@
+"""The aggregator's commit protocol, crashed in-process at every I/O step (real nats-server).
+
+One run without a crash counts the I/O operations (KV puts, index reads and writes, publishes, acks).
+Then, for crash points drawn by hypothesis, the process "dies" right before or right after that
+operation: its memory is dropped, what it held comes back (nak: what ack_wait would do, sooner), and
+a fresh Aggregator loads KV and goes on. The latest revision of every event on EVENTS must equal the
+contract, no detection may be in two events, and no event may alert twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+
+import nats
+import pytest
+import structlog
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import proto
+from proto.topology import AGGREGATOR_STATE_BUCKET, EVENT_INDEX_BUCKET, consumer
+from services.aggregator import Aggregator
+from services.events import Rules, order, reference_events
+from services.runtime import bus
+from services.runtime.config import load_config
+from services.runtime.service import Runtime
+from tests.integration.test_events_contract import make_detections, summary
+from tests.unit.test_events import block_shuffle, lateness
+
+RULES = Rules(idle=3.0, max_seconds=20.0, max_detections=6)
+
+
+class Crash(BaseException):
+    """Not an Exception: nothing in the service may catch it, as nothing catches a SIGKILL."""
+
+
+class Counter:
+    def __init__(self, crash_at: int | None, after: bool) -> None:
+        self.n = 0
+        self.crash_at, self.after = crash_at, after
+
+    async def around(self, call):
+        self.n += 1
+        hit = self.n == self.crash_at
+        if hit and not self.after:
+            raise Crash
+        result = await call()
+        if hit:
+            raise Crash
+        return result
+
+
+class KV:
+    """A real KeyValue, every put and watch counted as a crash point."""
+
+    def __init__(self, kv, counter: Counter) -> None:
+        self._kv, self._c = kv, counter
+
+    async def put(self, key, value):
+        return await self._c.around(lambda: self._kv.put(key, value))
+
+    async def watch(self, *a, **kw):
+        return await self._c.around(lambda: self._kv.watch(*a, **kw))
+
+    def __getattr__(self, name):
+        return getattr(self._kv, name)
+
+
+class JS:
+    """The real JetStream context; publish_async counted as a crash point."""
+
+    def __init__(self, js, counter: Counter) -> None:
+        self._js, self._c = js, counter
+
+    async def publish_async(self, *a, **kw):
+        return await self._c.around(lambda: self._js.publish_async(*a, **kw))
+
+    def __getattr__(self, name):
+        return getattr(self._js, name)
+
+
+async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool) -> tuple[int, dict, list, int]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    # fresh streams and buckets (a purge would keep the duplicate windows, which would swallow this run)
+    for stream in ("DETECTIONS", "EVENTS", "ALERTS", f"KV_{AGGREGATOR_STATE_BUCKET}", f"KV_{EVENT_INDEX_BUCKET}"):
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_stream(stream)
+    await bus.provision(js, structlog.get_logger())
+    spec = consumer("aggregator")
+    for d in arrivals:
+        await js.publish(proto.subject("detections", d.camera), proto.encode(d), headers=proto.headers_for(d, f"det-{d.key}"))
+    counter = Counter(crash_at, after)
+    sub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+    crashes = 0
+    deadline = time.monotonic() + 60
+    agg = None
+    given: list = []  # every message handed to the aggregator
+    while time.monotonic() < deadline:
+        try:
+            if agg is None:
+                rt = Runtime("aggregator", config, structlog.get_logger())
+                rt.nc, rt.js = nc, JS(js, counter)
+                agg = Aggregator(rt, config, KV(await js.key_value(AGGREGATOR_STATE_BUCKET), counter),
+                                 KV(await js.key_value(EVENT_INDEX_BUCKET), counter))
+                await agg.load_state()
+                await agg.flush_outboxes()
+            try:
+                fetched = await sub.fetch(3, timeout=0.3)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                fetched = []
+            for m in fetched:  # acks are crash points too
+                m.ack = (lambda orig: (lambda: counter.around(orig)))(m.ack)
+            given += fetched
+            if fetched:
+                await agg.handle_batch(fetched)
+            else:
+                info = await js.consumer_info(spec.stream, spec.durable)
+                done = not info.num_pending and not info.num_ack_pending and not len(agg.buffer)
+                if done and not any(s.current and s.current.revision > s.current.published for s in agg.cameras.values()):
+                    break
+                if done:  # the quiet timer's turn (idle_seconds of silence, without the wait)
+                    agg.last_change = {c: -1e9 for c in agg.cameras}
+                await agg.step(caught_up=not info.num_pending, quiet=done)
+        except Crash:
+            crashes += 1
+            # the process is gone: everything it held unacked comes back (at once, instead of after ack_wait)
+            for m in given:
+                if not m._ackd:
+                    with contextlib.suppress(Exception):
+                        await type(m).nak(m)
+            given = []
+            agg = None
+    else:
+        raise AssertionError("the aggregator did not finish")
+    latest: dict = {}
+    alerts = []
+    for name, into in (("EVENTS", None), ("ALERTS", alerts)):
+        async for _, raw in bus.stored_messages(js, name):
+            value = proto.decode(raw.data, raw.headers)
+            if into is not None:
+                into.append(value.event_id)
+            elif value.event_id not in latest or value.revision > latest[value.event_id].revision:
+                latest[value.event_id] = value
+    await nc.close()
+    return counter.n, latest, alerts, crashes
+
+
+@pytest.fixture
+def setup(tmp_path, nats_server):
+    rng = random.Random(5)
+    dets = make_detections(rng, 60, base=time.time() - 3600)
+    arrivals = block_shuffle(sorted(dets, key=order), 6, rng)
+    (tmp_path / "c.toml").write_text(
+        f'[nats]\nservers = ["{nats_server.url}"]\n[aggregator]\nidle_seconds = {RULES.idle}\nmax_seconds = {RULES.max_seconds}\n'
+        f"max_detections = {RULES.max_detections}\nreorder_window = {max(1, lateness(arrivals))}\nbatch_size = 3\n")
+    config = load_config(tmp_path / "c.toml", environ={})
+    ops, latest, alerts, _ = asyncio.run(scenario(nats_server.url, config, arrivals, None, False))
+    want = summary(reference_events(dets, RULES))
+    assert summary(latest) == want  # the run without a crash
+    return nats_server.url, config, dets, arrivals, ops, want
+
+
+def test_a_crash_before_or_after_any_io_step_changes_nothing(setup):
+    url, config, dets, arrivals, ops, want = setup
+    expected_alerts = {eid for eid, e in reference_events(dets, RULES).items() if "person" in e.labels}
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(point=st.integers(1, ops), after=st.booleans())
+    def check(point, after):
+        _, latest, alerts, crashes = asyncio.run(scenario(url, config, arrivals, point, after))
+        assert crashes <= 1  # a point past this run's last operation (runs differ by batching) is no crash
+        assert summary(latest) == want
+        owners: dict = {}
+        for e in latest.values():
+            for k in e.file_ids:
+                assert k not in owners, f"{k} in two events"
+                owners[k] = e.event_id
+        assert len(alerts) == len(set(alerts)) and set(alerts) == expected_alerts
+
+    check()
