@@ -10,6 +10,7 @@ when a condition has held long enough - once when it fires, once more (state "re
     disk_low               free space on a watched filesystem below health.disk_low_percent
     detector_cpu_fallback  a detector instance running on the CPU because its GPU failed
     camera_silent          no upload from a camera for its expected interval (health.camera_silent_seconds / .cameras)
+    camera_clock           a camera's latest upload is dated far in the future or before any retention age
 
 Alerts also go to health.webhook_url (JSON POST, retried with backoff) when one is set. HTTP endpoints
 (127.0.0.1:9470 by default) are in services/health_web.py.
@@ -140,6 +141,10 @@ def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTr
         limit = h.cameras.get(camera, h.camera_silent_seconds)
         if limit > 0 and now - last > limit:
             out[f"camera_silent:{camera}"] = ("camera_silent", camera, "warning", f"camera {camera}: nothing uploaded for {now - last:.0f}s", 0.0)
+    for camera, mtime in state.clock_suspect.items():  # holds while the camera's latest upload has a wrong clock
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mtime)) if mtime else "?"
+        out[f"camera_clock:{camera}"] = ("camera_clock", camera, "warning",
+                                         f"camera {camera}: clock not plausible (file dated {when} UTC); arrival times are used", 0.0)
     return out
 
 
@@ -206,7 +211,7 @@ async def subscribe(rt: Runtime, state: HealthState) -> None:
             return
         state.observe(value)
 
-    for subj in ("vigil.uploads.*", "vigil.detections.*", "vigil.events.*"):
+    for subj in ("vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.dlq.watcher.*"):
         await rt.nc.subscribe(subj, cb=on_message, pending_msgs_limit=65536)
 
 

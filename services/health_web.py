@@ -52,6 +52,8 @@ class HealthState:
         self.checked_at = 0.0  # monotonic time of the last completed check
         self.firing: dict[str, proto.Alert] = {}
         self.cameras: dict[str, float] = {}  # camera -> last upload (wall clock)
+        # camera -> the camera_mtime of its latest upload when that one's clock was not plausible
+        self.clock_suspect: dict[str, float] = {}
         self.events: deque[dict] = deque(maxlen=20)
         self.seed_error: str | None = None
         self.registry = CollectorRegistry(auto_describe=False)
@@ -59,6 +61,7 @@ class HealthState:
         self.boxes = Counter("vigil_detections", "Detection boxes seen", ["camera", "label"], registry=self.registry)
         self.inference = Histogram("vigil_inference_seconds", "Detector inference time per image/frame", registry=self.registry,
                                    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+        self.rejected = Counter("vigil_files_rejected", "Files the watcher refused (see vigil dlq list)", ["camera"], registry=self.registry)
         self.latency = Histogram("vigil_detect_latency_seconds", "File settled on disk -> detection published", registry=self.registry,
                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.registry.register(_SnapshotCollector(self))
@@ -68,6 +71,12 @@ class HealthState:
         match value:
             case proto.FileUploaded():
                 self.cameras[value.camera] = max(self.cameras.get(value.camera, 0.0), time.time())
+                if value.clock_suspect:
+                    self.clock_suspect[value.camera] = value.camera_mtime or 0.0
+                else:
+                    self.clock_suspect.pop(value.camera, None)
+            case proto.DeadLetter() if value.stage == "watcher":
+                self.rejected.labels(value.camera or "_").inc()
             case proto.Detections():
                 self.files.labels(value.camera).inc()
                 for box in value.boxes:

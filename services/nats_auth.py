@@ -68,7 +68,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},
     "health": {"publish": ["vigil.health.*", "vigil.alerts.*", "$JS.API.STREAM.MSG.GET.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET),
                            *_kv_read(HEALTH_BUCKET), *_kv_write(HEALTH_BUCKET)],
-               "subscribe": ["vigil.uploads.*", "vigil.detections.*", "vigil.events.*"]},
+               "subscribe": ["vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.dlq.watcher.*"]},
     "retention": {"publish": ["vigil.retention.report", "$JS.API.STREAM.MSG.GET.DLQ"], "subscribe": [RETENTION_CHECK_SUBJECT]},
 }
 

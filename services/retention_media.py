@@ -134,7 +134,9 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
     # hysteresis, so runs do not repeat just above the low mark.
     if free < watermark_bytes(cfg.low_watermark, total):
         need = watermark_bytes(cfg.high_watermark, total) - (free + freed)
-        for f in by_age:
+        # oldest arrival first: a camera's clock cannot move its files to the back (or the front) of the queue
+        by_arrival = sorted(files, key=lambda f: (f.arrived if f.arrived is not None else f.mtime, f.rel))
+        for f in by_arrival:
             if need <= 0:
                 break
             if f.rel in chosen:

@@ -5,8 +5,11 @@
 N valid photos plus one bad file per ten arrive at a steady rate on three cameras, with one 10x burst
 in the middle. Meanwhile a random service is SIGKILLed every few seconds (each service in turn, in a
 random order per round) and restarted half a second later (as systemd would), nats-server is SIGKILLed and restarted once, and PostgreSQL is stopped and
-started once. At the end every valid file must have exactly one detection row, every detection exactly
-one event, the DLQ exactly the bad files, and every service but the detector a peak RSS under 150 MB.
+started once. At the end every valid file must have exactly one detection row, the DLQ exactly the bad
+files, and every service but the detector a peak RSS under 150 MB. Events are held against the contract
+(services.events.reference_events over the detections table): PostgreSQL's events and links, and the
+latest revision of every event on the EVENTS stream (read by an observer consumer of the driver), must
+equal it; no detection may be in two events, and no event may have two alerts on the ALERTS stream.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ import threading
 import time
 from pathlib import Path
 
+import asyncio
+
+import msgspec
+import nats as nats_client
+
+import proto
+from proto import Box, Detections
+from services.events import Rules, reference_events
 from services.stack import NatsServer, Postgres
 from tests.support import Services, drop, photo_bytes, query, stream_messages, wait_until, write_config
 
@@ -52,6 +63,76 @@ class PeakRss:
         return {k: round(v, 1) for k, v in self.peak_mb.items()}
 
 
+OBSERVER = "chaos-observer"
+IDLE, MAX_SECONDS = 5.0, 30.0
+
+
+def add_observers(url: str) -> None:
+    """A durable consumer of the driver's own on EVENTS and ALERTS: the interest streams keep every
+    message (each revision, each alert as stored, duplicates already dropped by JetStream) until it acks."""
+    from nats.js.api import ConsumerConfig
+
+    async def go():
+        nc = await nats_client.connect(url)
+        js = nc.jetstream()
+        for stream in ("EVENTS", "ALERTS"):
+            await js.add_consumer(stream, ConsumerConfig(durable_name=OBSERVER, ack_wait=3600, max_ack_pending=-1))
+        await nc.close()
+
+    asyncio.run(go())
+
+
+def observed(url: str, stream: str) -> list:
+    async def go():
+        nc = await nats_client.connect(url)
+        sub = await nc.jetstream().pull_subscribe_bind(durable=OBSERVER, stream=stream)
+        out = []
+        while True:
+            try:
+                msgs = await sub.fetch(256, timeout=1.0)
+            except (nats_client.errors.TimeoutError, asyncio.TimeoutError):
+                break
+            out += [proto.decode(m.data, m.headers) for m in msgs]
+            await asyncio.gather(*(m.ack() for m in msgs))
+        await nc.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def contract_check(dsn: str, url: str, rules: Rules) -> dict:
+    """What differs between the contract (from the detections table) and PostgreSQL / the EVENTS stream."""
+    dets = [Detections(file_id=r[0], camera=r[1], path="", captured_at=float(r[2]), width=1, height=1, model="", inference_ms=0.0,
+                       boxes=[Box(*b) for b in msgspec.json.decode(json.dumps(r[3]).encode())])
+            for r in query(dsn, "SELECT detection_id, camera, extract(epoch from captured_at), boxes FROM detections WHERE box_count > 0")]
+    want = {eid: (frozenset(e.file_ids), e.close_reason) for eid, e in reference_events(dets, rules).items()}
+    links: dict[str, set] = {}
+    for det_id, eid in query(dsn, "SELECT detection_id, event_id FROM event_detections"):
+        links.setdefault(eid, set()).add(det_id)
+    in_pg = {eid: (frozenset(links.get(eid, ())), reason) for eid, reason, count in
+             query(dsn, "SELECT event_id, close_reason, detection_count FROM events")}
+    counts_wrong = [eid for eid, _, count in query(dsn, "SELECT event_id, close_reason, detection_count FROM events")
+                    if count != len(links.get(eid, ()))]
+    latest: dict = {}
+    for e in observed(url, "EVENTS"):
+        if e.event_id not in latest or e.revision > latest[e.event_id].revision:
+            latest[e.event_id] = e
+    on_stream = {eid: (frozenset(e.file_ids), e.close_reason) for eid, e in latest.items()}
+    owners: dict[str, list] = {}
+    for eid, (keys, _) in on_stream.items():
+        for k in keys:
+            owners.setdefault(k, []).append(eid)
+    alerts = [a.event_id for a in observed(url, "ALERTS") if a.event_id]
+    return {
+        "events_expected": len(want), "events_in_postgres": len(in_pg), "events_on_stream": len(on_stream),
+        "postgres_differs": sorted(set(want.items()) ^ set(in_pg.items()), key=str)[:5],
+        "stream_differs": sorted(set(want.items()) ^ set(on_stream.items()), key=str)[:5],
+        "detection_counts_wrong": counts_wrong[:5],
+        "in_two_events": sorted(k for k, v in owners.items() if len(v) > 1)[:5],
+        "events_alerted_twice": sorted({a for a in alerts if alerts.count(a) > 1})[:5],
+    }
+
+
 def valid_photo(i: int) -> bytes:
     """Distinct bytes per file (the content hash is part of the file id); people and cats, small."""
     return photo_bytes(("astronaut", "chelsea", "coffee")[i % 3], quality=50 + i % 45, scale=0.25 + (i % 5) / 40)
@@ -72,7 +153,7 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
     pg = Postgres(work / "pg", log_file=work / "pg.log").start()
     dsn = pg.create_database("vigil_chaos")
     config = write_config(work / "vigil.toml", media=media, state=work / "state", nats_url=nats.url, dsn=dsn, model="yolox-nano",
-                          models_dir=models_dir, detector={"batch_size": 8}, aggregator={"idle_seconds": 5.0, "max_seconds": 30.0})
+                          models_dir=models_dir, detector={"batch_size": 8}, aggregator={"idle_seconds": IDLE, "max_seconds": MAX_SECONDS})
     stack = Services(config, work / "logs")
     kills: dict[str, int] = {name: 0 for name in SERVICES}
     restarts = {"nats-server": 0, "postgresql": 0}
@@ -80,6 +161,7 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
     try:
         stack.start(*SERVICES)
         stack.wait_ready(*SERVICES, timeout=60)
+        add_observers(nats.url)
         rss = PeakRss(stack)
         bad_every = 10
         plan = [(i, "bad" if i % bad_every == bad_every - 1 else "valid") for i in range(files + files // (bad_every - 1))]
@@ -130,7 +212,7 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
         labelled = query(dsn, "SELECT count(*) FROM detections WHERE box_count > 0")[0][0]
         wait_until(lambda: query(dsn, "SELECT count(*) FROM event_detections")[0][0] >= labelled, timeout=300, interval=1.0,
                    what="every detection with boxes in an event")
-        time.sleep(2.0)  # anything still in flight would now show up as a duplicate
+        time.sleep(IDLE + 3.0)  # the last events' quiet revisions, and anything still in flight as a duplicate
         peak = rss.stop()
         rss = None
         rows, distinct = query(dsn, "SELECT count(*), count(DISTINCT path) FROM detections")[0]
@@ -148,6 +230,7 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
             "bad_not_dead_lettered": sorted({p for p, k in names.items() if k == "bad"} - set(dead)),
             "detections_with_boxes": labelled, "event_links": linked[0], "event_links_distinct": linked[1], "event_links_orphaned": orphans,
             "events": query(dsn, "SELECT count(*) FROM events")[0][0], "peak_rss_mb": peak,
+            "contract": contract_check(dsn, nats.url, Rules(IDLE, MAX_SECONDS, 1000)),
         }
     finally:
         if rss is not None:
@@ -170,6 +253,11 @@ def check(result: dict) -> list[str]:
     if not (result["event_links"] == result["event_links_distinct"] == result["detections_with_boxes"]) or result["event_links_orphaned"]:
         problems.append(f"event links {result['event_links']} ({result['event_links_distinct']} distinct, {result['event_links_orphaned']} orphaned)"
                         f" for {result['detections_with_boxes']} detections with boxes")
+    c = result["contract"]
+    for key in ("postgres_differs", "stream_differs", "detection_counts_wrong", "in_two_events", "events_alerted_twice"):
+        if c[key]:
+            problems.append(f"events: {key} {c[key]} (expected {c['events_expected']} events, PostgreSQL has"
+                            f" {c['events_in_postgres']}, the stream {c['events_on_stream']})")
     heavy = {k: v for k, v in result["peak_rss_mb"].items() if k != "detector" and v > RSS_LIMIT_MB}
     if heavy:
         problems.append(f"peak RSS over {RSS_LIMIT_MB} MB: {heavy}")

@@ -93,3 +93,54 @@ def upload_sequence(url: str) -> int:
         return info.state.last_seq
 
     return asyncio.run(go())
+
+
+def test_backlog_written_in_random_order_gives_the_events_of_the_ordered_one(make_stack, media, database, nats_server, models_dir):
+    """Files that landed while vigil was down, written in random order with their mtimes set: the
+    watcher publishes them by mtime, so the events equal the contract over the detections (what the
+    same files uploaded in order give). A reorder window of 2 leaves the ordering to the watcher."""
+    import random
+
+    from services.events import Rules
+
+    rng = random.Random(3)
+    t = {"front_door": time.time() - 3000, "backyard": time.time() - 3000}
+    files = []
+    for i in range(30):
+        cam = rng.choice(list(t))
+        t[cam] += rng.choice([0.5, 1.0, 2.0, 8.0])
+        files.append((media / cam / f"img-{rng.getrandbits(32):08x}.jpg", photo_bytes(("astronaut", "chelsea", "coffee")[i % 3],
+                                                                                  quality=60 + i), t[cam]))
+    rng.shuffle(files)
+    for path, data, mtime in files:
+        drop(path, data, mtime)
+    stack = make_stack(model="yolox-nano", models=models_dir, aggregator={"idle_seconds": 3.0, "max_seconds": 20.0, "reorder_window": 2,
+                                                                           "batch_size": 4}, detector={"batch_size": 2})
+    stack.start(*ALL)
+    stack.wait_ready(*ALL)
+    wait_until(lambda: query(database, "SELECT count(*) FROM detections")[0][0] == 30, timeout=120, what="30 files recorded")
+    labelled = query(database, "SELECT count(*) FROM detections WHERE box_count > 0")[0][0]
+    wait_until(lambda: query(database, "SELECT count(*) FROM event_detections")[0][0] == labelled, timeout=60, what="all in events")
+    rules = Rules(3.0, 20.0, 1000)
+    want = {e.event_id: frozenset(e.file_ids) for e in _reference_from_rows(database, rules)}
+    wait_until(lambda: _events_in_pg(database) == want, timeout=30, what="the contract's events in PostgreSQL")
+    assert len(want) >= 4
+
+
+def _reference_from_rows(dsn, rules):
+    import msgspec
+
+    from proto import Box, Detections
+    from services.events import reference_events
+
+    dets = [Detections(file_id=r[0], camera=r[1], path="", captured_at=float(r[2]), width=1, height=1, model="", inference_ms=0.0,
+                       boxes=[Box(*b) for b in msgspec.json.decode(json.dumps(r[3]).encode())])
+            for r in query(dsn, "SELECT detection_id, camera, extract(epoch from captured_at), boxes FROM detections WHERE box_count > 0")]
+    return list(reference_events(dets, rules).values())
+
+
+def _events_in_pg(dsn):
+    links: dict = {}
+    for det_id, eid in query(dsn, "SELECT detection_id, event_id FROM event_detections"):
+        links.setdefault(eid, set()).add(det_id)
+    return {eid: frozenset(v) for eid, v in links.items()}
