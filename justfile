@@ -39,6 +39,10 @@ bench-cluster *ARGS:
 bench-detector *ARGS:
     python -m tests.bench.detector {{ARGS}}
 
+# the watcher's start-up backlog test at full size: N files (command B runs 20,000)
+backlog N="100000":
+    VIGIL_BACKLOG_FILES={{N}} python -m pytest -q tests/integration/test_watcher_backlog.py
+
 # chaos: N files while services are SIGKILLed every few seconds, nats-server and PostgreSQL restarted once
 chaos N="400" *ARGS:
     python -m tests.chaos.chaos --files {{N}} {{ARGS}}

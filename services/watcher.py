@@ -27,6 +27,10 @@ from services.runtime.service import Runtime
 from services.watcher_files import Ledger, NotRegularFile, Settler, camera_id, file_id, hash_file, is_candidate, sniff_kind
 
 
+# Longest a settled file waits for an earlier file of its camera that is still being written.
+HOLD_FOR_EARLIER = 60.0
+
+
 class Rejected(NamedTuple):
     """A settled file that is not a camera image/clip: logged once and remembered in the ledger."""
 
@@ -45,6 +49,7 @@ class Watcher:
         self.settler = Settler(self.cfg.settle_seconds)
         self.ledger = Ledger(Path(config.state_dir) / "watcher" / "ledger.sqlite3")
         self.wakeup = asyncio.Event()
+        self.scanned = asyncio.Event()  # the start-up scan has observed every file
         self.skipped: set[str] = set()  # paths already reported as not regular files
         self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
         self.disk_checked_at = self.retention_asked_at = -1e9
@@ -81,7 +86,7 @@ class Watcher:
             return
         if self.ledger.known(str(rel), st.st_size, st.st_mtime_ns):
             return
-        self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())
+        self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic(), camera=rel.parts[0])
         self.wakeup.set()
 
     def list_files(self) -> list[str]:
@@ -130,6 +135,7 @@ class Watcher:
         while not self.rt.stopping.is_set():
             started = time.monotonic()
             n = await self.scan()
+            self.scanned.set()
             self.rt.log.info("scan done", files=n, pending=len(self.settler), seconds=round(time.monotonic() - started, 3))
             try:
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=self.cfg.rescan_seconds)
@@ -149,8 +155,10 @@ class Watcher:
                 else:
                     self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic())
             # by capture time (mtime, then path): a backlog listed in directory order (hash order on
-            # ext4, newest first on tmpfs) must reach the aggregator in the order it happened
-            ready = sorted(self.settler.settled(time.monotonic()), key=lambda r: (r[2], r[0]))
+            # ext4, newest first on tmpfs) must reach the aggregator in the order it happened. Nothing
+            # before the start-up scan has seen every file, and nothing while an earlier file of the
+            # same camera is still settling.
+            ready = self.settler.settled_in_order(time.monotonic(), HOLD_FOR_EARLIER) if self.scanned.is_set() else []
             for i in range(0, len(ready), self.cfg.publish_batch):
                 await self.publish_batch(ready[i : i + self.cfg.publish_batch])
                 self.rt.beat("settle")  # working through a backlog is progress, not a hang
@@ -226,7 +234,7 @@ class Watcher:
             self.rt.count("rejected")
             return Rejected(rel, size, mtime_ns, f"unreadable: {exc.strerror or exc}")
         if (size2, mtime2) != (size, mtime_ns):  # still being written after all
-            self.settler.observe(path, size2, mtime2, time.monotonic())
+            self.settler.observe(path, size2, mtime2, time.monotonic(), camera=Path(rel).parts[0])
             return None
         kind = sniff_kind(head)
         if kind is None:

@@ -49,6 +49,7 @@ class _Pending:
     size: int
     mtime_ns: int
     since: float
+    camera: str = ""
 
 
 class Settler:
@@ -64,16 +65,34 @@ class Settler:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def observe(self, path: str, size: int, mtime_ns: int, now: float) -> None:
+    def observe(self, path: str, size: int, mtime_ns: int, now: float, camera: str | None = None) -> None:
         seen = self._pending.get(path)
         if seen is None or (seen.size, seen.mtime_ns) != (size, mtime_ns):
-            self._pending[path] = _Pending(size, mtime_ns, now)
+            self._pending[path] = _Pending(size, mtime_ns, now, camera if camera is not None else (seen.camera if seen else ""))
 
     def forget(self, path: str) -> None:
         self._pending.pop(path, None)
 
     def paths(self) -> list[str]:
         return list(self._pending)
+
+    def settled_in_order(self, now: float, max_wait: float) -> list[tuple[str, int, int]]:
+        """The settled paths in capture order (mtime, then path), minus those whose camera still has an
+        earlier file settling: a big clip still being written holds back the camera's later snapshots
+        (for at most `max_wait` seconds), so the camera's files leave in the order they were taken."""
+        earliest: dict[str, int] = {}
+        for v in self._pending.values():
+            if now - v.since < self.settle_seconds and v.mtime_ns < earliest.get(v.camera, v.mtime_ns + 1):
+                earliest[v.camera] = v.mtime_ns
+        done = []
+        for p, v in list(self._pending.items()):
+            if now - v.since < self.settle_seconds:
+                continue
+            if v.mtime_ns > earliest.get(v.camera, v.mtime_ns) and now - v.since < self.settle_seconds + max_wait:
+                continue
+            done.append((p, v.size, v.mtime_ns))
+            del self._pending[p]
+        return sorted(done, key=lambda r: (r[2], r[0]))
 
     def settled(self, now: float) -> list[tuple[str, int, int]]:
         """Paths whose (size, mtime) were unchanged for settle_seconds; they leave the pending set."""

@@ -182,3 +182,44 @@ def test_a_crash_before_or_after_any_io_step_changes_nothing(setup):
         assert len(alerts) == len(set(alerts)) and set(alerts) == expected_alerts
 
     check()
+
+
+class FlakyKV(KV):
+    """KV that times out on chosen puts, and then on the reads of the reload that follows."""
+
+    def __init__(self, kv, counter: Counter, fail_puts: set[int], fail_reads: int) -> None:
+        super().__init__(kv, counter)
+        self.puts, self.fail_puts, self.fail_reads = 0, fail_puts, fail_reads
+        self.failed_reloads = 0
+
+    async def put(self, key, value):
+        self.puts += 1
+        if self.puts in self.fail_puts:
+            raise asyncio.TimeoutError
+        return await self._kv.put(key, value)
+
+    async def keys(self, *a, **kw):
+        if self.puts >= min(self.fail_puts) and self.failed_reloads < self.fail_reads:
+            self.failed_reloads += 1
+            raise asyncio.TimeoutError
+        return await self._kv.keys(*a, **kw)
+
+
+def test_a_failed_reload_never_wipes_the_state(setup, monkeypatch):
+    """A commit times out, then the reload after it fails twice: memory is kept (not cleared), nothing
+    empty is written to KV, and once KV answers the result is still the contract's."""
+    url, config, dets, arrivals, ops, want = setup
+    made: list[FlakyKV] = []
+    real_init = Aggregator.__init__
+
+    def init(self, rt, config, kv, index):
+        if isinstance(kv, KV) and not made:
+            kv = FlakyKV(kv._kv, kv._c, fail_puts={5, 6}, fail_reads=2)
+            made.append(kv)
+        real_init(self, rt, config, kv, index)
+
+    monkeypatch.setattr(Aggregator, "__init__", init)
+    _, latest, alerts, crashes = asyncio.run(scenario(url, config, arrivals, None, False))
+    assert made and made[0].failed_reloads == 2 and crashes == 0
+    assert summary(latest) == want
+    assert len(alerts) == len(set(alerts))

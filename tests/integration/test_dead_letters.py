@@ -76,3 +76,55 @@ def test_exhausted_message_is_dead_lettered_from_the_advisory_after_a_restart(ma
     assert proto.decode(letter.original_payload.encode()).path == "front_door/poison.jpg"
     wait_until(lambda: not still_in_uploads(nats_server.url, seq), what="the message removed from UPLOADS")
     assert "dead-lettered after max deliveries" in stack.log("detector")
+
+
+def test_a_lagging_interest_consumer_never_stops_the_dead_letter(make_stack, nats_server):
+    """The aggregator used up a detection's deliveries while the recorder (the other interest on
+    DETECTIONS) was down. The dead letter is written at once; the message stays in DETECTIONS for the
+    recorder, and is deleted once the recorder is past it. The advisory consumer never gives up (it
+    used to after ~50 minutes of 30 s naks): the server holds it at max_deliver -1."""
+
+    async def exhaust() -> int:
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await provision(js, structlog.get_logger())
+        await js.delete_consumer("DETECTIONS", "aggregator")
+        await js.add_consumer("DETECTIONS", ConsumerConfig(durable_name="aggregator", ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0,
+                                                            max_deliver=2, filter_subject="vigil.detections.*"))
+        det = proto.Detections(file_id="poison-2", camera="backyard", path="backyard/p.jpg", captured_at=time.time(), width=1, height=1,
+                               model="m", inference_ms=1.0)
+        ack = await js.publish("vigil.detections.backyard", proto.encode(det), headers=proto.headers_for(det, "det-poison-2"))
+        sub = await js.pull_subscribe_bind("aggregator", "DETECTIONS")
+        for _ in range(2):
+            await sub.fetch(1, timeout=5)
+            await asyncio.sleep(1.3)
+        info = await js.consumer_info("ADVISORIES", "exhausted-aggregator")
+        assert info.config.max_deliver == -1
+        await nc.close()
+        return ack.seq
+
+    seq = exhaust()
+    seq = asyncio.run(seq)
+    stack = make_stack(model="none", env={"VIGIL_NATS__PROVISION": "false"})
+    stack.start("aggregator")  # the recorder is down: recorder-detections has not got past the message
+    (letter,) = wait_until(lambda: [m for m in stream_messages(nats_server.url, "DLQ")], timeout=30, what="the dead letter, at once")
+    assert (letter.stage, letter.original_sequence, letter.path) == ("aggregator", seq, "backyard/p.jpg")
+
+    def in_detections() -> bool:
+        async def go():
+            nc = await nats.connect(nats_server.url)
+            try:
+                await nc.jetstream().get_msg("DETECTIONS", seq)
+                return True
+            except nats.js.errors.NotFoundError:
+                return False
+            finally:
+                await nc.close()
+
+        return asyncio.run(go())
+
+    time.sleep(2)
+    assert in_detections()  # still needed by the recorder
+    stack.start("recorder")
+    wait_until(lambda: not in_detections(), timeout=120, what="the message deleted once the recorder is past it")
+    assert len(stream_messages(nats_server.url, "DLQ")) == 1  # written once, however often the advisory came back
