@@ -20,12 +20,16 @@ test *ARGS:
 unit *ARGS:
     python -m pytest -q tests/unit {{ARGS}}
 
-# every benchmark: the pipeline (model none) and the detector on the real model
-bench: bench-pipeline bench-detector
+# every benchmark: the pipeline (model none), the aggregator alone, and the detector on the real model
+bench: bench-pipeline bench-aggregator bench-detector
 
 # pipeline: files/s and latency end to end with the `none` model, raw fetch+ack, CPU and peak RSS per service
 bench-pipeline *ARGS:
     python -m tests.bench.pipeline {{ARGS}}
+
+# aggregator alone: detections/s grouped for 1 and 50 cameras, peak RSS over a 100,000-detection backlog
+bench-aggregator *ARGS:
+    python -m tests.bench.aggregator {{ARGS}}
 
 # JetStream sync_interval default vs always: publish msg/s and pipeline files/s, with the ratio
 bench-sync *ARGS:

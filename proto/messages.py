@@ -16,6 +16,7 @@ MAX_DEAD_LETTER_PAYLOAD = 64 * 1024
 _CAMERA_RE = re.compile(CAMERA_PATTERN)
 TYPE_HEADER = "Vigil-Type"
 VERSION_HEADER = "Vigil-Version"
+RETRY_HEADER = "Vigil-Retry"  # on a message re-published from the DLQ: how many automatic retries so far
 
 
 def valid_camera(name: str) -> bool:
@@ -139,6 +140,11 @@ class DeadLetter(_Msg, kw_only=True):
     file_id: str | None = None
     failed_at: float = 0.0
     path: str | None = None  # the media file, relative to the media root, when one is known
+    # True when the cause could pass (deliveries used up by a crash, a hang or a timeout; a server or
+    # database away): such letters are retried automatically once their stage is healthy
+    # (services/dlq_retry.py). False: bad content, which no retry fixes.
+    transient: bool = False
+    retries: int = 0  # automatic retries that came before this letter (header Vigil-Retry)
 
 
 class Heartbeat(_Msg, kw_only=True):

@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 
 import proto
+from services import dlq_retry
 from proto.topology import CONSUMERS, STREAMS
 from services.runtime.config import Config, ConfigError, credential, database_conninfo, load_config
 
@@ -101,8 +102,10 @@ async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
     try:
         letters = await dead_letters(js)
         if action == "list":
+            h = config.health
             return [{"seq": s, "stage": d.stage, "reason": d.reason, "camera": d.camera, "file_id": d.file_id, "path": d.path,
-                     "original_subject": d.original_subject, "failed_at": d.failed_at} for s, d in letters]
+                     "original_subject": d.original_subject, "failed_at": d.failed_at, "transient": d.transient, "retries": d.retries,
+                     "retry_at": (p := dlq_retry.plan(d, h.dlq_retry_seconds, h.dlq_retry_max))[0], "retry": p[1]} for s, d in letters]
         if action == "purge":
             await js.purge_stream("DLQ")
             return {"purged": len(letters)}
@@ -111,14 +114,15 @@ async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
             raise LookupError(f"no dead letter with sequence {seq}")
         if action == "show":
             return {"seq": seq, **to_builtins(letter)}
-        if letter.stage == "watcher":
-            raise LookupError(f"dead letter {seq} is a file the watcher refused ({letter.reason}): fix or replace the file"
-                              " and the watcher reads it again when it changes")
-        # retry: the original message goes back onto its subject, so the stage that refused it sees it
-        # again. A fresh Nats-Msg-Id bypasses the duplicate window; downstream writes are idempotent.
-        headers = {k: v for k, v in letter.original_headers.items() if not k.startswith("Nats-")}
-        headers["Nats-Msg-Id"] = f"retry-{seq}-{int(time.time())}"
-        ack = await js.publish(letter.original_subject, letter.original_payload.encode(), headers=headers)
+        # retry: the original message goes back onto its stage's input subject (checked: services/dlq_retry.py),
+        # so the stage that refused it sees it again. A fresh Nats-Msg-Id bypasses the duplicate window;
+        # downstream writes are idempotent.
+        try:
+            subject, data = dlq_retry.target(letter)
+        except dlq_retry.NotRetryable as exc:
+            raise LookupError(f"dead letter {seq} cannot be retried: {exc}") from None
+        headers = dlq_retry.headers(letter, seq, letter.retries, f"retry-{seq}-{int(time.time())}")
+        ack = await js.publish(subject, data, headers=headers)
         await js.delete_msg("DLQ", seq)
         return {"retried": seq, "subject": letter.original_subject, "stream": ack.stream, "seq": ack.seq}
     finally:
@@ -356,8 +360,8 @@ def run_command(args) -> int:
             if as_json or args.action != "list":
                 print(json.dumps(data))
             else:
-                table("dead letters", ["seq", "stage", "camera", "path", "reason", "subject"],
-                      [[d["seq"], d["stage"], d["camera"], d["path"] or "", d["reason"], d["original_subject"]] for d in data])
+                table("dead letters", ["seq", "stage", "camera", "path", "reason", "retry"],
+                      [[d["seq"], d["stage"], d["camera"], d["path"] or "", d["reason"], d["retry"]] for d in data])
             return 0
         if args.command == "events" and args.action in ("keep", "unkeep"):
             if not args.event_id:

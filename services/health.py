@@ -29,6 +29,7 @@ import msgspec
 import proto
 from proto import Alert, HealthChanged, subject
 from proto.topology import HEALTH_BUCKET
+from services.dlq_retry import RetryBook
 from services.health_checks import Snapshot, snapshot
 from services.health_web import HealthState, start_http
 from services.runtime import bus
@@ -215,6 +216,17 @@ async def subscribe(rt: Runtime, state: HealthState) -> None:
         await rt.nc.subscribe(subj, cb=on_message, pending_msgs_limit=65536)
 
 
+RETRY_SCAN_SECONDS = 30.0  # how often the DLQ is looked at for letters due an automatic retry (at most 10 checks)
+
+
+def healthy_services(snap: Snapshot) -> set[str]:
+    """Services with at least one healthy instance and none down or stale: their letters may go back."""
+    by_service: dict[str, list[str]] = {}
+    for s in snap.services:
+        by_service.setdefault(s.service, []).append(s.verdict)
+    return {name for name, v in by_service.items() if "healthy" in v and not {"down", "stale"} & set(v)}
+
+
 async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_queue: asyncio.Queue) -> None:
     conditions, trend = Conditions(), BacklogTrend()
     kv = await rt.js.key_value(HEALTH_BUCKET)
@@ -226,6 +238,8 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
     saved = conditions.dump()
     gone: dict[str, float] = {}
     verdicts: dict[str, str] = {}
+    book = RetryBook(config.health.dlq_retry_seconds, config.health.dlq_retry_max)
+    next_retry_scan = 0.0
     while not rt.stopping.is_set():
         now = time.time()
         for camera in await asyncio.to_thread(camera_folders, config.media_root, config.watcher.camera_prefix):
@@ -269,6 +283,14 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
                     webhook_queue.put_nowait(a)
             state.update(snap, conditions.fired)
             rt.status_extra = state.summary()
+            if config.health.dlq_retry_seconds > 0 and time.monotonic() >= next_retry_scan:
+                next_retry_scan = time.monotonic() + min(RETRY_SCAN_SECONDS, 10 * config.health.check_seconds)
+                try:
+                    await book.scan(rt.js)
+                    retried = await book.retry_due(rt.js, now, healthy_services(snap), rt.log)
+                    rt.count("dead_letters_retried", retried)
+                except bus.TRANSIENT as exc:
+                    rt.log.warning("automatic dead-letter retry failed; trying again later", error=repr(exc))
         rt.beat("check")
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(rt.stopping.wait(), timeout=config.health.check_seconds)

@@ -66,7 +66,9 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts") for p in _consume(d)],
                  "subscribe": []},
     "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},
-    "health": {"publish": ["vigil.health.*", "vigil.alerts.*", "$JS.API.STREAM.MSG.GET.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET),
+    # health also re-publishes transient dead letters to their stage's input (services/dlq_retry.py)
+    "health": {"publish": ["vigil.health.*", "vigil.alerts.*", "$JS.API.STREAM.MSG.GET.*", "$JS.API.STREAM.MSG.DELETE.DLQ",
+                           "vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.gpu.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET),
                            *_kv_read(HEALTH_BUCKET), *_kv_write(HEALTH_BUCKET)],
                "subscribe": ["vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.dlq.watcher.*"]},
     "retention": {"publish": ["vigil.retention.report", "$JS.API.STREAM.MSG.GET.DLQ"], "subscribe": [RETENTION_CHECK_SUBJECT]},

@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageT
 
 import proto
 from services.runtime.config import credential
-from proto.messages import MAX_DEAD_LETTER_PAYLOAD, DeadLetter, valid_camera
+from proto.messages import MAX_DEAD_LETTER_PAYLOAD, RETRY_HEADER, DeadLetter, valid_camera
 from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EVENT_INDEX_BUCKET, EVENT_INDEX_TTL, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
@@ -245,15 +245,21 @@ async def retry(rt: "Runtime", what: str, call: Callable[[], Awaitable[T]]) -> T
 
 
 def _letter(stage: str, reason: str, subject: str, data: bytes, headers: dict | None, stream: str | None, sequence: int | None,
-            deliveries: int, camera: str | None, file_id: str | None) -> DeadLetter:
+            deliveries: int, camera: str | None, file_id: str | None, transient: bool = False) -> DeadLetter:
     payload = data[:MAX_DEAD_LETTER_PAYLOAD].decode("utf-8", "replace")
     try:  # the media file it was about, so `vigil dlq list` and `vigil trace PATH` can name it
         parsed = json.loads(data)
         path = parsed.get("path") if isinstance(parsed, dict) and isinstance(parsed.get("path"), str) else None
     except (ValueError, TypeError):
         path = None
+    try:
+        retries = int((headers or {}).get(RETRY_HEADER, 0))
+    except (TypeError, ValueError):
+        retries = 0
     return DeadLetter(
         path=path[:4096] if path else None,
+        transient=transient,
+        retries=max(0, min(retries, 1000)),
         stage=stage,
         reason=reason[:2000],
         original_subject=subject,
@@ -274,11 +280,13 @@ def _dlq_id(stream: str, sequence: int, consumer: str) -> str:
     return f"dlq-{stream}-{sequence}-{consumer}"
 
 
-async def dead_letter(rt: "Runtime", stage: str, msg: Msg, reason: str, camera: str | None = None, file_id: str | None = None) -> None:
-    """Record why `msg` cannot be processed in the DLQ stream, then term() it so it is never redelivered."""
+async def dead_letter(rt: "Runtime", stage: str, msg: Msg, reason: str, camera: str | None = None, file_id: str | None = None,
+                      transient: bool = False) -> None:
+    """Record why `msg` cannot be processed in the DLQ stream, then term() it so it is never redelivered.
+    `transient`: the cause may pass (the letter is retried automatically); default: bad content."""
     meta = msg.metadata if msg.reply else None
     letter = _letter(stage, reason, msg.subject, msg.data, msg.headers, meta.stream if meta else None,
-                     meta.sequence.stream if meta else None, meta.num_delivered if meta else 1, camera, file_id)
+                     meta.sequence.stream if meta else None, meta.num_delivered if meta else 1, camera, file_id, transient)
     msg_id = _dlq_id(meta.stream, meta.sequence.stream, meta.consumer) if meta else None
     await publish(rt, dlq_subject(stage, camera), letter, msg_id=msg_id)
     await msg.term()
@@ -356,8 +364,9 @@ async def _write_exhausted_letter(rt: "Runtime", spec: ConsumerSpec, stage: str,
         file_id = payload.get("file_id") if isinstance(payload, dict) else None
     except (ValueError, TypeError):
         file_id = None
+    # deliveries used up without a verdict (crash, hang, timeout) or by transient errors: worth a retry
     letter = _letter(stage, reason, raw.subject, raw.data or b"", raw.headers, spec.stream, seq, deliveries,
-                     camera if valid_camera(camera) else None, file_id if isinstance(file_id, str) else None)
+                     camera if valid_camera(camera) else None, file_id if isinstance(file_id, str) else None, transient=True)
     await publish(rt, dlq_subject(stage, letter.camera), letter, msg_id=_dlq_id(spec.stream, seq, spec.durable))
     rt.count("dead_lettered")
     rt.log.warning("dead-lettered after max deliveries", stage=stage, stream=spec.stream, sequence=seq, reason=reason[:300])
@@ -378,7 +387,7 @@ async def give_up_or_retry(rt: "Runtime", stage: str, durable: str, msgs: list[M
             continue
         try:
             if last_delivery(msg, durable):
-                await dead_letter(rt, stage, msg, f"gave up after {msg.metadata.num_delivered} deliveries: {error!r}"[:500])
+                await dead_letter(rt, stage, msg, f"gave up after {msg.metadata.num_delivered} deliveries: {error!r}"[:500], transient=True)
             else:
                 remember_failure(rt, msg, repr(error))
                 await msg.nak(delay=delay)

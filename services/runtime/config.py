@@ -166,6 +166,11 @@ class HealthConfig(_Section):
     camera_silent_seconds: float = 86400.0
     cameras: dict[str, float] = msgspec.field(default_factory=dict)  # per-camera override of the above
     systemd: bool = True  # read unit states with `systemctl show` when systemd is running
+    # Dead letters whose cause could pass (a crash, hang or timeout; not bad content) are re-published
+    # once their stage is healthy: first after this long, then 4x longer each time, at most
+    # dlq_retry_max times (services/dlq_retry.py). 0 turns it off.
+    dlq_retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 300.0
+    dlq_retry_max: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
     # Optional: every Alert is also POSTed here as JSON, retried with backoff.
     webhook_url: str | None = None
     webhook_attempts: int = 5

@@ -62,14 +62,24 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     assert vigil(stack.config, "trace", "broken.jpg")["stage"] == "dead-lettered"
 
     (letter,) = vigil(stack.config, "dlq", "list")
-    assert letter["stage"] == "detector" and letter["camera"] == "backyard"
+    assert letter["stage"] == "detector" and letter["camera"] == "backyard" and letter["path"] == "backyard/broken.jpg"
+    assert letter["retry"].startswith("no: its content was refused") and letter["retry_at"] is None
+    # the same file by its absolute path under the media root
+    assert vigil(stack.config, "trace", str(media / "backyard" / "broken.jpg"))["stage"] == "dead-lettered"
+    assert vigil(stack.config, "trace", str(media / "front_door" / "astronaut.jpg"))["stage"] == "recorded"
     assert "decode" in vigil(stack.config, "dlq", "show", str(letter["seq"]))["reason"]
     retried = vigil(stack.config, "dlq", "retry", str(letter["seq"]))
     assert retried["subject"] == "vigil.uploads.backyard"
     # still corrupt: dead-lettered again by the detector, once
     again = wait_until(lambda: (d := vigil(stack.config, "dlq", "list")) and d[0]["seq"] != letter["seq"] and d, what="re-dead-lettered")
     assert len(again) == 1
-    assert vigil(stack.config, "dlq", "purge") == {"purged": 1}
+    # a file the watcher refuses is visible where an operator looks: trace, dlq list (not retryable), health
+    (media / "backyard" / "notes.jpg").write_text("not an image")
+    rejected = wait_until(lambda: [d for d in vigil(stack.config, "dlq", "list") if d["stage"] == "watcher"], what="the rejection")
+    assert rejected[0]["path"] == "backyard/notes.jpg" and rejected[0]["camera"] == "backyard"
+    assert rejected[0]["retry"].startswith("no:")
+    assert vigil(stack.config, "trace", str(media / "backyard" / "notes.jpg"))["stage"] == "rejected by the watcher: unrecognised content"
+    assert vigil(stack.config, "dlq", "purge") == {"purged": 2}
     assert vigil(stack.config, "dlq", "list") == []
 
 

@@ -128,3 +128,21 @@ def test_a_lagging_interest_consumer_never_stops_the_dead_letter(make_stack, nat
     stack.start("recorder")
     wait_until(lambda: not in_detections(), timeout=120, what="the message deleted once the recorder is past it")
     assert len(stream_messages(nats_server.url, "DLQ")) == 1  # written once, however often the advisory came back
+
+
+def test_a_transient_dead_letter_is_retried_once_its_stage_is_healthy(make_stack, nats_server, media, database):
+    """An upload whose deliveries a crashing detector used up is dead-lettered as transient; once a
+    detector is healthy, health re-publishes it (Vigil-Retry: 1) and it is recorded; the letter goes."""
+    from tests.support import drop, photo_bytes, query
+
+    drop(media / "front_door" / "poison.jpg", photo_bytes("coffee", scale=0.25))
+    seq = exhaust_one_upload(nats_server.url)
+    stack = make_stack(model="none", env={"VIGIL_NATS__PROVISION": "false"},
+                       health={"dlq_retry_seconds": 1.0, "check_seconds": 0.5, "http_port": 0})
+    stack.start("detector", "recorder", "health")
+    (letter,) = wait_until(lambda: stream_messages(nats_server.url, "DLQ"), what="the dead letter")
+    assert letter.transient and letter.retries == 0 and letter.original_sequence == seq
+    wait_until(lambda: query(database, "SELECT 1 FROM detections WHERE path = 'front_door/poison.jpg'"), timeout=60,
+               what="the retried upload recorded")
+    wait_until(lambda: not stream_messages(nats_server.url, "DLQ"), what="the letter removed from the DLQ")
+    assert "dead letter retried automatically" in stack.log("health")
