@@ -42,6 +42,15 @@ INDEX_CACHE = 10_000  # events kept in memory for late detections (the rest are 
 TICK = 0.25  # seconds between reorder/quiet checks
 
 
+STATE_BUDGET = 256 * 1024  # bytes of a camera's state (with its outbox) after which a commit stops taking more
+
+
+def state_bytes(state: CameraState, changed: dict[str, EventState]) -> int:
+    """A generous estimate of the camera state's JSON size once `changed` is in its outbox."""
+    events = list(changed.values()) + ([state.current] if state.current is not None else [])
+    return sum(300 + 50 * len(ev.keys) + 60 * len(ev.labels) for ev in events)
+
+
 def index_key(ev: EventState) -> str:
     return f"{ev.camera}.{int(ev.started_at // 3600)}.{ev.event_id}"
 
@@ -67,6 +76,7 @@ class Aggregator:
         self.needs_reload = False
         self.max_seen_seq = 0  # highest DETECTIONS stream sequence handed to handle_batch
         self.lock = asyncio.Lock()  # batches and the tick both change the state
+        self.in_commit: list[Held] = []  # released, not yet acked (kept alive by keepalive_loop)
 
     # ---- state ---------------------------------------------------------------------------------
     async def load_state(self) -> None:
@@ -85,8 +95,7 @@ class Aggregator:
         self.cameras = loaded
         self.cache.clear()
         now = time.monotonic()
-        self.last_change = {c: now for c in loaded}
-        self.needs_reload = False
+        self.last_change = {c: self.last_change.get(c, now) for c in loaded}
         self.rt.log.info("state loaded", cameras=len(loaded), current_events=sum(1 for s in loaded.values() if s.current))
 
     async def flush_outboxes(self) -> None:
@@ -113,7 +122,7 @@ class Aggregator:
                 continue
             self.buffer.add(det, msg, now)
         self.rt.counters["held"] = len(self.buffer)
-        await self.step(caught_up=False)
+        await self.step()
 
     async def caught_up(self) -> bool:
         """Nothing left upstream that could still bring an earlier detection: the detectors hold no
@@ -134,31 +143,52 @@ class Aggregator:
 
     async def tick_loop(self) -> None:
         self.rt.beat("tick")
-        ack_wait = consumer("aggregator").ack_wait
         while not self.rt.stopping.is_set():
-            now = time.monotonic()
-            for held in self.buffer.stale(now, ack_wait / 3):  # held longer than ack_wait: keep them ours
-                for m in held.msgs:
-                    with contextlib.suppress(*bus.TRANSIENT):
-                        await m.in_progress()
-            caught_up = bool(len(self.buffer)) and await self.caught_up()
-            await self.step(caught_up=caught_up, quiet=True)
+            # what is held before the question is asked: a detection that arrives while it is being
+            # answered may have an earlier one still on its way, and must wait for the next tick
+            held_before = self.buffer.latest()
+            caught_up = bool(held_before) and await self.caught_up()
+            await self.step(caught_up_to=held_before if caught_up else None, quiet=True)
             self.rt.beat("tick")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=TICK)
 
+    async def keepalive_loop(self) -> None:
+        """in_progress() for every message held longer than a third of ack_wait, including those of a
+        commit that is waiting out the server (no lock: a slow commit must not let them expire)."""
+        ack_wait = consumer("aggregator").ack_wait
+        self.rt.beat("keepalive")
+        while not self.rt.stopping.is_set():
+            now = time.monotonic()
+            stale = self.buffer.stale(now, ack_wait / 3)
+            for held in list(self.in_commit):
+                if now - held.touched >= ack_wait / 3:
+                    held.touched = now
+                    stale.append(held)
+            for held in stale:
+                for m in held.msgs:
+                    with contextlib.suppress(*bus.TRANSIENT):
+                        await m.in_progress()
+            self.rt.beat("keepalive")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), timeout=1.0)
+
     # ---- grouping ------------------------------------------------------------------------------
-    async def step(self, caught_up: bool, quiet: bool = False) -> None:
+    async def step(self, caught_up_to: dict | None = None, quiet: bool = False) -> None:
+        """Group what may be grouped now. `caught_up_to`: per camera, the latest detection held when the
+        caught-up check began; those (and everything before them) may all go."""
         async with self.lock:
             if self.needs_reload:
                 try:
                     await self.load_state()
                     await self.flush_outboxes()
+                    self.needs_reload = False  # only now: an outbox not yet published must never be built upon
                 except Exception as exc:  # noqa: BLE001 - any failure: keep the old memory, try again later
                     self.rt.log.warning("state reload failed, holding detections", error=repr(exc))
                     self.rt.keepalive()
                     return
-            released = self.buffer.release(time.monotonic(), caught_up)
+            released = self.buffer.release(time.monotonic(), caught_up_to)
+            self.in_commit = released
             if not released and not (quiet and self.quiet_cameras()):
                 return
             try:
@@ -177,6 +207,8 @@ class Aggregator:
                     for m in held.msgs:
                         await bus.dead_letter(self.rt, STAGE, m, f"could not be grouped: {exc!r}"[:500],
                                               camera=held.det.camera, file_id=held.det.file_id)
+            finally:
+                self.in_commit = []
 
     def quiet_cameras(self) -> list[str]:
         """Cameras whose current event changed, then nothing arrived for idle_seconds (monotonic)."""
@@ -189,13 +221,28 @@ class Aggregator:
         wall = time.time()
         work: dict[str, CameraState] = {}
         changed: dict[str, dict[str, EventState]] = {}  # camera -> event_id -> event to publish
-        for held in released:
+        keysets: dict[str, set[str]] = {}  # event_id -> its keys, for the duplicate check
+        for i, held in enumerate(released):
             det = held.det
             state = work.get(det.camera)
             if state is None:
                 state = work[det.camera] = copy_state(self.cameras.get(det.camera) or CameraState())
+            if state_bytes(state, changed.get(det.camera, {})) > STATE_BUDGET:
+                # this commit's outbox is big enough (late detections revising large events): the rest
+                # waits for the next commit, so no KV value or message nears NATS's 1 MiB max_payload
+                self.buffer.put_back(released[i:])
+                del released[i:]  # in place: the caller's list is what was committed
+                break
             sealed = state.sealed()
-            if sealed is None or (det.captured_at, det.key) > sealed:
+            current_keys = None
+            if state.current is not None:
+                current_keys = keysets.get(state.current.event_id)
+                if current_keys is None:
+                    current_keys = keysets[state.current.event_id] = set(state.current.keys)
+            if current_keys is not None and det.key in current_keys:
+                self.rt.count("duplicates")  # the same file again with another time (touched, re-uploaded)
+                alert = None
+            elif sealed is None or (det.captured_at, det.key) > sealed:
                 cut, alert = group_in_order(state, det, self.rules, wall)
                 if cut is not None and dirty(cut):
                     changed.setdefault(det.camera, {})[cut.event_id] = cut
@@ -203,6 +250,8 @@ class Aggregator:
                 alert = await self.late(state, det, changed.setdefault(det.camera, {}), wall)
             if alert is not None:
                 state.outbox_alerts.append(alert)
+            if state.current is not None:
+                keysets.setdefault(state.current.event_id, set(state.current.keys)).add(det.key)
             self.last_change[det.camera] = time.monotonic()
         if quiet:
             for camera in self.quiet_cameras():
@@ -328,4 +377,5 @@ async def run(config: Config) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(bus.consume(rt, "aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0, stage=STAGE))
             tg.create_task(aggregator.tick_loop())
+            tg.create_task(aggregator.keepalive_loop())
             tg.create_task(bus.exhausted_loop(rt, "aggregator", STAGE))

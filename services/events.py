@@ -54,7 +54,9 @@ def reference_events(detections: Iterable[Detections], rules: Rules) -> dict[str
     per_camera: dict[str, dict[str, Detections]] = {}
     for d in detections:
         if d.boxes:
-            per_camera.setdefault(d.camera, {}).setdefault(d.key, d)
+            seen = per_camera.setdefault(d.camera, {})
+            if d.key not in seen or order(d) < order(seen[d.key]):
+                seen[d.key] = d  # the same detection twice (another time): the earlier counts
     out: dict[str, EventClosed] = {}
     for camera, by_key in per_camera.items():
         dets = sorted(by_key.values(), key=order)
@@ -285,13 +287,16 @@ class ReorderBuffer:
         self.total -= 1
         return c.held.pop(key)
 
-    def release(self, now: float, caught_up: bool = False) -> list[Held]:
-        """What may be grouped now: per camera in capture order (cameras are independent)."""
+    def latest(self) -> dict[str, tuple[float, str]]:
+        """Per camera, the latest detection held now (what a caught-up check may release)."""
+        return {name: max(c.heap) for name, c in self.cameras.items() if c.heap}
+
+    def release(self, now: float, caught_up_to: dict[str, tuple[float, str]] | None = None) -> list[Held]:
+        """What may be grouped now: per camera in capture order (cameras are independent).
+        `caught_up_to`: the stage had caught up when these (per camera) were the latest held."""
         out: list[Held] = []
         for name, c in list(self.cameras.items()):
-            threshold = None
-            if caught_up:
-                threshold = max(c.heap) if c.heap else None
+            threshold = (caught_up_to or {}).get(name)
             while c.arrivals and (c.arrivals[0][1][1] not in c.held or c.arrivals[0][0] <= now - self.hold_seconds):
                 arrived, o = c.arrivals.popleft()
                 if o[1] in c.held and (threshold is None or o > threshold):
@@ -308,7 +313,8 @@ class ReorderBuffer:
         return out
 
     def put_back(self, items: list[Held]) -> None:
-        """A commit failed: hold these again, with their original arrival times."""
+        """A commit failed (or stopped early): hold these again, with their original arrival times."""
+        touched = set()
         for h in items:
             c = self.cameras.setdefault(h.det.camera, _Camera())
             if h.det.key in c.held:
@@ -316,8 +322,12 @@ class ReorderBuffer:
                 continue
             c.held[h.det.key] = h
             heapq.heappush(c.heap, order(h.det))
-            c.arrivals.appendleft((h.arrived, order(h.det)))
+            c.arrivals.append((h.arrived, order(h.det)))
+            touched.add(h.det.camera)
             self.total += 1
+        for name in touched:  # keep arrival order, so the hold time is judged from the right one
+            c = self.cameras[name]
+            c.arrivals = deque(sorted(c.arrivals, key=lambda a: a[0]))
 
     def stale(self, now: float, older_than: float) -> list[Held]:
         """Held long enough that their ack_wait needs refreshing (in_progress)."""

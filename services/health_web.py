@@ -13,6 +13,7 @@ Series (labels in braces):
     vigil_service_uptime_seconds{service,instance}
     vigil_service_in_flight{service,instance}
     vigil_service_operations_total{service,instance,counter}   the service's own counters (published, rejected, ...)
+    vigil_files_rejected_total{camera}                      files the watcher refused (dead letters of stage watcher)
     vigil_stage_backlog{stage}, vigil_stage_pending{stage}, vigil_stage_ack_pending{stage}
     vigil_stage_redelivered_total{stage}, vigil_stage_oldest_unacked_seconds{stage}
     vigil_dead_letters{stage}                           messages in the DLQ stream per failing stage

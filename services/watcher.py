@@ -203,8 +203,11 @@ class Watcher:
                 sends.append(self.rejection(item, now))
                 continue
             msg, size, mtime_ns = item
-            sends.append((subject("uploads", msg.camera), msg, f"upload-{msg.file_id}"))
             rows.append((msg.path, size, mtime_ns, msg.file_id, "published", now))
+            if self.ledger.published_before(msg.file_id):
+                self.rt.count("unchanged")  # touched or re-sent with the same bytes: remembered, not re-published
+                continue
+            sends.append((subject("uploads", msg.camera), msg, f"upload-{msg.file_id}"))
         await bus.publish_many(self.rt, sends)
         self.ledger.mark(rows)  # only after every PubAck
         self.rt.count("published", sum(1 for _, m, _ in sends if isinstance(m, FileUploaded)))

@@ -121,10 +121,16 @@ class Ledger:
             "CREATE TABLE IF NOT EXISTS published (path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER,"
             " file_id TEXT, status TEXT, at REAL)"
         )
+        self._db.execute("CREATE INDEX IF NOT EXISTS published_file_id ON published (file_id)")
 
     def known(self, path: str, size: int, mtime_ns: int) -> bool:
         row = self._db.execute("SELECT size, mtime_ns FROM published WHERE path = ?", (path,)).fetchone()
         return row is not None and (row[0], row[1]) == (size, mtime_ns)
+
+    def published_before(self, file_id: str) -> bool:
+        """The same content at the same path (the file id) was published already: a `touch` or a camera
+        re-sending an identical file is not a new detection."""
+        return self._db.execute("SELECT 1 FROM published WHERE file_id = ? AND status = 'published' LIMIT 1", (file_id,)).fetchone() is not None
 
     def mark(self, rows: list[tuple[str, int, int, str, str, float]]) -> None:
         """rows: (path, size, mtime_ns, file_id, status, at); status is 'published' or 'rejected: why'."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from tests.support import consumer_states, drop, photo_bytes, query, wait_until
@@ -144,3 +145,20 @@ def _events_in_pg(dsn):
     for det_id, eid in query(dsn, "SELECT detection_id, event_id FROM event_detections"):
         links.setdefault(eid, set()).add(det_id)
     return {eid: frozenset(v) for eid, v in links.items()}
+
+
+def test_a_touched_or_resent_identical_file_is_not_a_new_detection(make_stack, media, database, nats_server):
+    """Same path, same bytes, new mtime (a `touch`, a camera re-sending a file): the file id is the same,
+    so it would be one detection in two events; the watcher remembers it and does not publish it again."""
+    from tests.integration.test_service_lifecycle import read_heartbeats
+
+    stack = make_stack(model="none")
+    stack.config.write_text(stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5"))
+    stack.start(*ALL)
+    stack.wait_ready(*ALL)
+    path = drop(media / "front_door" / "a.jpg", photo_bytes("coffee", scale=0.25), time.time() - 100)
+    wait_until(lambda: query(database, "SELECT 1 FROM detections"), what="recorded")
+    os.utime(path, (time.time() - 50, time.time() - 50))
+    counters = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and (w := next(v for k, v in h.items() if k.startswith("watcher.")))
+                          and w.counters.get("unchanged") and w.counters, timeout=30, what="the touched file seen and skipped")
+    assert counters["published"] == 1

@@ -58,7 +58,7 @@ class Simulation:
                 self.buffer.add(d, i, 0.0)
             for held in self.buffer.release(0.0):
                 self._group(held.det)
-        for held in self.buffer.release(0.0, caught_up=True):
+        for held in self.buffer.release(0.0, self.buffer.latest()):
             self._group(held.det)
         for e in self.events.values():  # what a commit does once its PubAcks came
             e.published = e.revision
@@ -202,7 +202,7 @@ def test_buffer_releases_by_time_count_and_pressure_in_capture_order():
 def test_buffer_keeps_a_redelivery_with_the_first_copy():
     buf = ReorderBuffer(window=10, hold_seconds=10, cap=100)
     assert buf.add(det("a", 1), "m1", 0.0) and not buf.add(det("a", 1), "m2", 0.0)
-    (held,) = buf.release(0.0, caught_up=True)
+    (held,) = buf.release(0.0, buf.latest())
     assert held.msgs == ["m1", "m2"] and len(buf) == 0
 
 
@@ -215,3 +215,24 @@ def test_revisions_coalesce_until_published():
     ev.published = ev.revision
     group_in_order(state, det("c", 2), RULES, 0.0)
     assert ev.revision == 2 and dirty(ev)
+
+
+def test_the_state_budget_overestimates_the_real_size():
+    """services/aggregator.py stops a commit once a camera's state would pass STATE_BUDGET; the estimate
+    must never be below the real JSON size, or a value could still reach max_payload."""
+    import msgspec
+
+    from services.aggregator import STATE_BUDGET, state_bytes
+
+    def full_event(n: int, tag: str) -> EventState:
+        ev = new_event(det(f"{tag}{0:040x}:120", 1.0))
+        for i in range(n):
+            add_to(ev, det(f"{tag}{i:040x}:120", 1.0 + i, boxes=[PERSON, CAT, Box("car", 0.5, 0, 0, 1, 1)]), RULES._replace(max_detections=n), 0.0)
+        return ev
+
+    state = CameraState(current=full_event(4000, "a"))
+    changed = {e.event_id: e for e in (full_event(4000, "b"), state.current)}
+    state.outbox = list(changed.values())
+    assert len(msgspec.json.encode(state)) <= state_bytes(state, changed)
+    # the most one commit can hold: the budget, plus one more full event, plus the current one again
+    assert STATE_BUDGET + 2 * state_bytes(CameraState(current=full_event(4000, "c")), {}) < 1024 * 1024
