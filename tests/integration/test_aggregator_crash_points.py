@@ -149,6 +149,14 @@ async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool
     return counter.n, latest, alerts, crashes
 
 
+def assert_one_event_per_detection(latest: dict) -> None:
+    owners: dict = {}
+    for e in latest.values():
+        for k in e.file_ids:
+            assert k not in owners, f"{k} in {owners[k]} and {e.event_id}"
+            owners[k] = e.event_id
+
+
 @pytest.fixture
 def setup(tmp_path, nats_server):
     rng = random.Random(5)
@@ -174,11 +182,7 @@ def test_a_crash_before_or_after_any_io_step_changes_nothing(setup):
         _, latest, alerts, crashes = asyncio.run(scenario(url, config, arrivals, point, after))
         assert crashes <= 1  # a point past this run's last operation (runs differ by batching) is no crash
         assert summary(latest) == want
-        owners: dict = {}
-        for e in latest.values():
-            for k in e.file_ids:
-                assert k not in owners, f"{k} in two events"
-                owners[k] = e.event_id
+        assert_one_event_per_detection(latest)
         assert len(alerts) == len(set(alerts)) and set(alerts) == expected_alerts
 
     check()
@@ -254,11 +258,7 @@ def test_timeouts_at_any_put_including_the_reload_flush(setup, monkeypatch):
         monkeypatch.setattr(Aggregator, "__init__", init)
         _, latest, alerts, _ = asyncio.run(scenario(url, config, arrivals, None, False))
         assert summary(latest) == want
-        owners: dict = {}
-        for e in latest.values():
-            for k in e.file_ids:
-                assert k not in owners, f"{k} in two events"
-                owners[k] = e.event_id
+        assert_one_event_per_detection(latest)
         assert len(alerts) == len(set(alerts))
 
     check()

@@ -46,11 +46,11 @@ def exhaust_one_upload(url: str) -> int:
     return asyncio.run(go())
 
 
-def still_in_uploads(url: str, seq: int) -> bool:
+def still_in_uploads(url: str, seq: int, stream: str = "UPLOADS") -> bool:
     async def go() -> bool:
         nc = await nats.connect(url)
         try:
-            await nc.jetstream().get_msg("UPLOADS", seq)
+            await nc.jetstream().get_msg(stream, seq)
             return True
         except nats.js.errors.NotFoundError:
             return False
@@ -111,17 +111,7 @@ def test_a_lagging_interest_consumer_never_stops_the_dead_letter(make_stack, nat
     assert (letter.stage, letter.original_sequence, letter.path) == ("aggregator", seq, "backyard/p.jpg")
 
     def in_detections() -> bool:
-        async def go():
-            nc = await nats.connect(nats_server.url)
-            try:
-                await nc.jetstream().get_msg("DETECTIONS", seq)
-                return True
-            except nats.js.errors.NotFoundError:
-                return False
-            finally:
-                await nc.close()
-
-        return asyncio.run(go())
+        return still_in_uploads(nats_server.url, seq, "DETECTIONS")
 
     time.sleep(2)
     assert in_detections()  # still needed by the recorder

@@ -119,7 +119,8 @@ def test_backlog_written_in_random_order_gives_the_events_of_the_ordered_one(mak
                                                                            "batch_size": 4}, detector={"batch_size": 2})
     stack.start(*ALL)
     stack.wait_ready(*ALL)
-    wait_until(lambda: query(database, "SELECT count(*) FROM detections")[0][0] == 30, timeout=120, what="30 files recorded")
+    # (query() answers [] until the recorder has created the tables)
+    wait_until(lambda: (r := query(database, "SELECT count(*) FROM detections")) and r[0][0] == 30, timeout=120, what="30 files recorded")
     labelled = query(database, "SELECT count(*) FROM detections WHERE box_count > 0")[0][0]
     wait_until(lambda: query(database, "SELECT count(*) FROM event_detections")[0][0] == labelled, timeout=60, what="all in events")
     rules = Rules(3.0, 20.0, 1000)
@@ -162,3 +163,21 @@ def test_a_touched_or_resent_identical_file_is_not_a_new_detection(make_stack, m
     counters = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and (w := next(v for k, v in h.items() if k.startswith("watcher.")))
                           and w.counters.get("unchanged") and w.counters, timeout=30, what="the touched file seen and skipped")
     assert counters["published"] == 1
+
+
+def test_a_camera_with_a_wrong_clock_gets_arrival_times_and_an_alert(make_stack, media, database, nats_server):
+    """A camera reset to 2000 and one an hour ahead: their files are dated by arrival, marked
+    clock_suspect in PostgreSQL, and health raises camera_clock for each."""
+    stack = make_stack(model="none", health={"check_seconds": 0.5, "http_port": 0, "camera_silent_seconds": 0})
+    stack.start("watcher", "detector", "recorder", "health")
+    stack.wait_ready("watcher", "detector", "recorder", "health")
+    before = time.time()
+    drop(media / "front_door" / "reset.jpg", photo_bytes("coffee", scale=0.25), 946_684_800.0)
+    drop(media / "backyard" / "ahead.jpg", photo_bytes("chelsea", scale=0.25), time.time() + 3600)
+    rows = wait_until(lambda: (r := query(database, "SELECT path, extract(epoch from captured_at), clock_suspect FROM detections"))
+                      and len(r) == 2 and r, what="both recorded")
+    for path, captured, suspect in rows:
+        assert suspect and before - 1 <= float(captured) <= time.time(), (path, captured)
+    # the recorder takes alerts off their (interest) stream: read them where it writes them
+    wait_until(lambda: {r[0] for r in query(database, "SELECT camera FROM alerts WHERE kind = 'camera_clock'")} == {"front_door", "backyard"},
+               what="camera_clock for both cameras")

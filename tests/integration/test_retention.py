@@ -184,3 +184,17 @@ def test_two_folder_hosts_with_camera_prefixes_keep_out_of_each_others_rows(tmp_
     assert report.deleted_paths == ["front_door/old.jpg"] and report.missing_marked == 1  # only gone-from-a.jpg
     assert sorted(rows(database, "SELECT camera, path FROM detections")) == [
         ("a-front_door", "front_door/gone-from-a.jpg"), ("b-front_door", "front_door/old.jpg"), ("b-front_door", "front_door/only-on-b.jpg")]
+
+
+def test_first_start_waits_for_the_recorders_schema(make_stack, database):
+    """Retention started before the recorder ever ran: no failed runs, it says it waits; once the
+    recorder has migrated, its runs go through."""
+    from tests.support import wait_until
+
+    stack = make_stack(model="none", retention={"interval_seconds": 1.0})
+    stack.start("retention")
+    stack.wait_ready("retention")
+    wait_until(lambda: "waiting for the recorder to migrate the schema" in stack.log("retention"), timeout=30, what="the wait")
+    assert "retention run failed" not in stack.log("retention")
+    stack.start("recorder")
+    wait_until(lambda: '"event": "retention run"' in stack.log("retention"), timeout=60, what="a run after the migration")
