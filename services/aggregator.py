@@ -25,7 +25,7 @@ import msgspec
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from proto import Alert, Detections, subject
+from proto import Alert, Detections, LabelSummary, subject
 from proto.topology import AGGREGATOR_STATE_BUCKET, EVENT_INDEX_BUCKET, consumer
 from services.events import (
     CameraState, EventState, Held, ReorderBuffer, Rules, dirty, group_in_order, late_window, place_late, add_to, new_event,
@@ -49,6 +49,37 @@ def state_bytes(state: CameraState, changed: dict[str, EventState]) -> int:
     """A generous estimate of the camera state's JSON size once `changed` is in its outbox."""
     events = list(changed.values()) + ([state.current] if state.current is not None else [])
     return sum(300 + 50 * len(ev.keys) + 60 * len(ev.labels) for ev in events)
+
+
+class _LegacyOpen(msgspec.Struct):
+    event_id: str
+    camera: str
+    started_at: float
+    last_at: float
+    file_ids: list[str]
+    labels: dict[str, LabelSummary]
+    best_file_id: str
+    best_score: float
+    alerted: bool = False
+
+
+class _Legacy(msgspec.Struct):
+    open: _LegacyOpen | None = None
+
+
+def from_legacy(value: bytes) -> CameraState | None:
+    """The state the previous aggregator kept under the bare camera name (an open event and a ring of
+    keys), as today's: its open event becomes the current one, so an upgrade loses no event."""
+    try:
+        old = msgspec.json.decode(value, type=_Legacy)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if old.open is None:
+        return CameraState()
+    o = old.open
+    current = EventState(event_id=o.event_id, camera=o.camera, started_at=o.started_at, ended_at=o.last_at, keys=list(o.file_ids),
+                         labels=o.labels, best_file_id=o.best_file_id, best_score=o.best_score, alerted=o.alerted)
+    return CameraState(current=current, sealed_t=o.last_at, sealed_key="\uffff")  # everything up to last_at was grouped
 
 
 def index_key(ev: EventState) -> str:
@@ -87,11 +118,13 @@ class Aggregator:
         except nats.js.errors.NoKeysError:
             keys = []
         for key in keys:
-            if not key.startswith(STATE_PREFIX):
-                continue  # e.g. the per-camera entries of vigil < 0.6, whose format is gone
             entry = await self.kv.get(key)
-            if entry.value:
+            if not entry.value:
+                continue
+            if key.startswith(STATE_PREFIX):
                 loaded[key.removeprefix(STATE_PREFIX)] = _state_codec[1].decode(entry.value)
+            elif key not in loaded and (legacy := from_legacy(entry.value)) is not None:
+                loaded[key] = legacy  # written by the previous aggregator (key = camera): its open event goes on
         self.cameras = loaded
         self.cache.clear()
         now = time.monotonic()

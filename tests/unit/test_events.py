@@ -236,3 +236,19 @@ def test_the_state_budget_overestimates_the_real_size():
     assert len(msgspec.json.encode(state)) <= state_bytes(state, changed)
     # the most one commit can hold: the budget, plus one more full event, plus the current one again
     assert STATE_BUDGET + 2 * state_bytes(CameraState(current=full_event(4000, "c")), {}) < 1024 * 1024
+
+
+def test_the_previous_aggregators_open_event_survives_an_upgrade():
+    import msgspec
+
+    from services.aggregator import from_legacy
+
+    old = {"open": {"event_id": "ev-1", "camera": "cam", "started_at": 10.0, "last_at": 20.0, "last_arrival": 5.0, "file_ids": ["a", "b"],
+                    "labels": {"person": {"count": 2, "max_score": 0.95}}, "best_file_id": "a", "best_score": 0.95, "alerted": True},
+           "last_closed_ids": ["x"] * 2000}
+    state = from_legacy(msgspec.json.encode(old))
+    assert state.current.event_id == "ev-1" and state.current.keys == ["a", "b"] and state.current.alerted
+    assert dirty(state.current)  # never published: it goes out when cut or quiet
+    _, alert = group_in_order(state, det("c", 25), RULES, 0.0)  # goes on in the same event, no second alert
+    assert state.current.event_id == "ev-1" and alert is None
+    assert from_legacy(b"garbage") is None
