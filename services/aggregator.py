@@ -288,7 +288,9 @@ class Aggregator:
             self.last_change[det.camera] = time.monotonic()
         if quiet:
             for camera in self.quiet_cameras():
-                state = work.get(camera) or work.setdefault(camera, copy_state(self.cameras[camera]))
+                if camera not in work:
+                    work[camera] = copy_state(self.cameras[camera])
+                state = work[camera]
                 if state.current is not None and dirty(state.current):
                     changed.setdefault(camera, {})[state.current.event_id] = state.current
         for camera, events in changed.items():

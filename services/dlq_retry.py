@@ -99,25 +99,23 @@ class RetryBook:
     async def scan(self, js) -> None:
         import nats.js.errors
 
+        from services.runtime.bus import stored_messages
+
         try:
-            info = await js.stream_info("DLQ")
+            first = (await js.stream_info("DLQ")).state.first_seq
+            async for seq, raw in stored_messages(js, "DLQ", start=self.next_seq):
+                self.next_seq = seq + 1
+                try:
+                    letter = proto.decode(raw.data, raw.headers)
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    continue
+                if isinstance(letter, proto.DeadLetter):
+                    when, _ = plan(letter, self.first_delay, self.max_retries)
+                    if when is not None:
+                        self.due[seq] = (when, letter)
         except nats.js.errors.NotFoundError:
             return
-        start = max(self.next_seq, info.state.first_seq)
-        for seq in range(start, info.state.last_seq + 1 if info.state.messages else start):
-            try:
-                raw = await js.get_msg("DLQ", seq)
-                letter = proto.decode(raw.data, raw.headers)
-            except nats.js.errors.NotFoundError:
-                continue
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                continue
-            if isinstance(letter, proto.DeadLetter):
-                when, _ = plan(letter, self.first_delay, self.max_retries)
-                if when is not None:
-                    self.due[seq] = (when, letter)
-        self.next_seq = max(self.next_seq, info.state.last_seq + 1)
-        for seq in [s for s in self.due if s < info.state.first_seq]:
+        for seq in [s for s in self.due if s < first]:
             del self.due[seq]  # aged out or purged
 
     async def retry_due(self, js, now: float, healthy: set[str], log) -> int:

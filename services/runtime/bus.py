@@ -395,13 +395,13 @@ async def give_up_or_retry(rt: "Runtime", stage: str, durable: str, msgs: list[M
             rt.log.warning("could not nak", error=repr(exc))
 
 
-async def stored_messages(js: JetStreamContext, stream: str):
-    """Every message a (small, limits) stream holds now, as (sequence, raw message); gaps skipped.
-    Raises NotFoundError when the stream does not exist."""
+async def stored_messages(js: JetStreamContext, stream: str, start: int = 0):
+    """Every message a (small, limits) stream holds now from sequence `start` on, as (sequence, raw
+    message); gaps skipped. Raises NotFoundError when the stream does not exist."""
     info = await js.stream_info(stream)
     if not info.state.messages:
         return
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+    for seq in range(max(start, info.state.first_seq), info.state.last_seq + 1):
         try:
             yield seq, await js.get_msg(stream, seq)
         except nats.js.errors.NotFoundError:
