@@ -20,12 +20,16 @@ test *ARGS:
 unit *ARGS:
     python -m pytest -q tests/unit {{ARGS}}
 
-# every benchmark: the pipeline (model none), the aggregator alone, and the detector on the real model
-bench: bench-pipeline bench-aggregator bench-detector
+# every benchmark: the pipeline (model none), the reorder buffer, the aggregator alone, and the detector on the real model
+bench: bench-pipeline bench-reorder bench-aggregator bench-detector
 
 # pipeline: files/s and latency end to end with the `none` model, raw fetch+ack, CPU and peak RSS per service
 bench-pipeline *ARGS:
     python -m tests.bench.pipeline {{ARGS}}
+
+# the reorder buffer's end-to-end cost: synthetic model (one person per file), buffer on vs off, with the ratio
+bench-reorder *ARGS:
+    python -m tests.bench.reorder {{ARGS}}
 
 # aggregator alone: detections/s grouped for 1 and 50 cameras, peak RSS over a 100,000-detection backlog
 bench-aggregator *ARGS:

@@ -87,7 +87,8 @@ class CameraFilter(_Section):
 
 class DetectorConfig(_Section):
     # A model file name in models_dir ("yolox_nano.onnx"), a catalog name ("yolox-nano"),
-    # or "none" (no inference, zero boxes: measures the pipeline's own overhead).
+    # "none" (no inference, zero boxes: measures the pipeline's own overhead) or "synthetic" (no
+    # inference, one whole-frame person per frame: benchmarks of grouping, alerts and events).
     model: str = "yolox-nano"
     models_dir: str = "/var/lib/vigil/models"
     # "auto" picks the best available: tensorrt, then onnxruntime on CUDA, then the CPU.

@@ -5,6 +5,10 @@
 With the `none` model: end-to-end files/s from "file settled" (FileUploaded.published_at) to the
 row committed in PostgreSQL, p50/p99 latency at a fixed drop rate, the raw nats-py fetch(64)+ack
 rate on the same server for comparison, and each service's peak RSS (VmHWM).
+
+With `--model synthetic` (one whole-frame person per file) the aggregator groups every file, so the
+run also reports when the aggregator had acked the whole burst (its events durable): the end-to-end
+figure that includes the reorder buffer. tests/bench/reorder.py compares it with the buffer off.
 """
 
 from __future__ import annotations
@@ -118,14 +122,46 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main() -> None:
+async def aggregator_done_at(url: str, files: int, timeout: float = 600.0) -> float:
+    """Wall time (epoch) at which the aggregator had acked all `files` detections of the burst."""
+    import nats
+
+    from proto.topology import consumer
+
+    c = consumer("aggregator")
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            info = await js.consumer_info(c.stream, c.durable)
+            if info.ack_floor.stream_seq >= files and not info.num_ack_pending and not info.num_pending:
+                return time.time()
+            await asyncio.sleep(0.02)
+        raise TimeoutError("the aggregator did not ack the burst")
+    finally:
+        await nc.close()
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--sync", choices=["default", "always"], default="default", help="JetStream sync_interval of the server")
     ap.add_argument("--replicas", type=int, choices=[1, 3], default=1, help="3: a 3-node NATS cluster on loopback, R3 streams")
-    args = ap.parse_args()
+    ap.add_argument("--model", choices=["none", "synthetic"], default="none", help="synthetic: one person per file, so every file is grouped")
+    ap.add_argument("--reorder-window", type=int, default=None, help="aggregator.reorder_window (default: the config's)")
+    ap.add_argument("--reorder-seconds", type=float, default=None, help="aggregator.reorder_seconds (default: the config's)")
+    return ap
+
+
+def main() -> None:
+    report(measure(parser().parse_args()))
+
+
+def measure(args: argparse.Namespace) -> dict:
+    aggregator = {k: v for k, v in (("reorder_window", args.reorder_window), ("reorder_seconds", args.reorder_seconds)) if v is not None}
 
     with tempfile.TemporaryDirectory(prefix="vigil-bench-") as tmp:
         root = Path(tmp)
@@ -143,7 +179,7 @@ def main() -> None:
         media = root / "media"
         media.mkdir()
         config = write_config(root / "vigil.toml", media=media, state=root / "state", nats_url=urls, dsn=pg.dsn(),
-                              model="none", models_dir=None, watcher={"settle_seconds": 0.05, "rescan_seconds": 3600.0},
+                              model=args.model, models_dir=None, aggregator=aggregator, watcher={"settle_seconds": 0.05, "rescan_seconds": 3600.0},
                               detector={"batch_size": 64, "fetch_timeout": 0.5}, recorder={"batch_size": 256, "fetch_timeout": 0.05})
         text = config.read_text().replace('log_level = "debug"', 'log_level = "info"')
         config.write_text(text)
@@ -159,11 +195,13 @@ def main() -> None:
             cpu0 = {name: cpu_seconds(proc.pid) for name, proc in services.procs.items()}
             cpu0["nats-server"] = cpu_seconds(nats_server.proc.pid)
             release(burst)
+            done = asyncio.run(aggregator_done_at(nats_server.url, args.files)) if args.model == "synthetic" else None
             wait_until(lambda: query(pg.dsn(), "SELECT count(*) FROM detections")[0][0] >= args.files, timeout=600, interval=0.5,
                        what="burst recorded")
             first, last_pub, last = map(float, query(pg.dsn(), "SELECT extract(epoch from min(published_at)),"
                                          " extract(epoch from max(published_at)), extract(epoch from max(recorded_at)) FROM detections")[0])
             burst_rate = args.files / (last - first)
+            grouped_rate = args.files / (done - first) if done else None
             cpu = {name: cpu_seconds(proc.pid) - cpu0[name] for name, proc in services.procs.items()}
             cpu["nats-server"] = cpu_seconds(nats_server.proc.pid) - cpu0["nats-server"]
             watcher_rate = args.files / (last_pub - first)
@@ -187,13 +225,22 @@ def main() -> None:
             else:
                 nats_server.stop()
 
-    print(f"\nvigil pipeline benchmark ({os.cpu_count()} CPUs, model none, R{args.replicas}, sync_interval {args.sync})")
+    return dict(args=args, burst_rate=burst_rate, grouped_rate=grouped_rate, watcher_rate=watcher_rate, raw=raw, lat=lat,
+                cpu=cpu, wall=last - first, redelivered=redelivered, rss=rss)
+
+
+def report(r: dict) -> None:
+    args, burst_rate, raw, lat, cpu, rss = r["args"], r["burst_rate"], r["raw"], r["lat"], r["cpu"], r["rss"]
+    print(f"\nvigil pipeline benchmark ({os.cpu_count()} CPUs, model {args.model}, R{args.replicas}, sync_interval {args.sync})")
     print(f"  burst: {args.files} files, settled -> row in PostgreSQL   {burst_rate:8.0f} files/s")
+    if r["grouped_rate"]:
+        print(f"    settled -> grouped, aggregator acked (events durable) {r['grouped_rate']:8.0f} files/s")
+    watcher_rate, redelivered = r["watcher_rate"], r["redelivered"]
     print(f"    of which the watcher published at                {watcher_rate:8.0f} files/s")
     print(f"  raw nats-py fetch(64)+ack, same server             {raw:8.0f} msg/s")
     print(f"  ratio end-to-end / raw single hop                  {burst_rate / raw:8.3f}")
     print(f"  steady {args.rate:.0f} files/s for {args.seconds:.0f} s: latency settled -> row   p50 {pct(lat, 50):6.1f} ms   p99 {pct(lat, 99):6.1f} ms   max {max(lat):6.1f} ms")
-    print(f"  CPU seconds spent on the burst ({last - first:.2f} s wall): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print(f"  CPU seconds spent on the burst ({r['wall']:.2f} s wall): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     print("  redelivered: " + ", ".join(f"{k} {v}" for k, v in redelivered.items()))
     print("  peak RSS (VmHWM): " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
 

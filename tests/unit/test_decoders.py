@@ -8,7 +8,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from proto import Box
 from services.detector import decoders
+from services.detector.decoders import Letterboxed
 from services.detector.backends import OnnxRuntimeBackend
 from services.detector.model import inspect_model, parse_labels
 from services.runtime.config import DetectorConfig
@@ -138,3 +140,17 @@ def test_fixed_batch_export_is_padded(tmp_path):
     path = constant_model(tmp_path / "b4.onnx", raw, batch=4)
     info, results = run_model(path, [frame_of(64, 64, "end2end")] * 3)
     assert info.fixed_batch == 4 and len(results) == 3 and all(r[0].label == "person" for r in results)
+
+
+def test_models_without_inference():
+    """"none" finds nothing; "synthetic" (benchmarks of grouping) finds one whole-frame person per frame."""
+    from pathlib import Path
+
+    from services.detector import Engine
+    from services.runtime.config import DetectorConfig
+
+    frames = [Letterboxed(np.zeros((1, 1, 3), np.uint8), 1.0, 0, 0, 64, 48)] * 3
+    none = Engine(DetectorConfig(model="none"), Path("/nonexistent"), lambda *_: None)
+    assert none.run(frames) == [([], 0.0)] * 3 and none.model == "none"
+    synthetic = Engine(DetectorConfig(model="synthetic"), Path("/nonexistent"), lambda *_: None)
+    assert synthetic.run(frames) == [([Box("person", 0.9, 0.0, 0.0, 64.0, 48.0)], 0.0)] * 3 and synthetic.model == "synthetic"
