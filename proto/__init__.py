@@ -21,6 +21,8 @@ from proto.messages import (
     decode,
     encode,
     headers_for,
+    printable,
+    unsafe_field,
 )
 from proto.topology import CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, subject
 
@@ -45,5 +47,7 @@ __all__ = [
     "decode",
     "encode",
     "headers_for",
+    "printable",
+    "unsafe_field",
     "subject",
 ]

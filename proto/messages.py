@@ -19,6 +19,59 @@ VERSION_HEADER = "Vigil-Version"
 RETRY_HEADER = "Vigil-Retry"  # on a message re-published from the DLQ: how many automatic retries so far
 
 
+# Text that must never travel in a message: C0 and C1 control characters (NUL stalls PostgreSQL, ESC
+# drives the operator's terminal, a newline forges log lines) and lone surrogates (a file name that is
+# not UTF-8, as Python's surrogateescape decodes it).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# The same as they look in encoded JSON: a cheap scan of the bytes decides whether a message needs the
+# field-by-field check (false alarms such as an escaped backslash before "n" only cost that check).
+_UNSAFE_JSON = re.compile(rb"\\(?:u00[0189][0-9a-fA-F]|u007[fF]|[bfnrt])|\x7f|\xc2[\x80-\x9f]")
+# Fields that keep foreign bytes on purpose: a dead letter's copy of the message it could not use.
+_RAW_FIELDS = {("DeadLetter", "original_payload")}
+
+
+def unsafe_char(text: str) -> str | None:
+    """The first control character or lone surrogate in `text`, or None."""
+    m = _UNSAFE.search(text)
+    return m.group() if m else None
+
+
+def printable(text: str) -> str:
+    """`text` with every control character and lone surrogate written as an escape (`\\x1b`, `\\xff`
+    for a byte of a name that is not UTF-8): safe in a message, a log line, a terminal and a table."""
+
+    def esc(m: re.Match) -> str:
+        c = ord(m.group())
+        return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+    return _UNSAFE.sub(esc, text)
+
+
+def unsafe_field(value, where: str = "") -> str | None:
+    """Where in a decoded message (`path`, `boxes[2].label`, `labels[key]`) text carries a control
+    character, or None. Dict keys count: they are text too."""
+    if isinstance(value, str):
+        return where or "value" if _UNSAFE.search(value) else None
+    if isinstance(value, msgspec.Struct):
+        kind = type(value).__name__
+        for name in value.__struct_fields__:
+            if (kind, name) not in _RAW_FIELDS:
+                found = unsafe_field(getattr(value, name), f"{where}.{name}" if where else name)
+                if found:
+                    return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = unsafe_field(item, f"{where}[{i}]")
+            if found:
+                return found
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found = unsafe_field(k, f"{where}[key]") or unsafe_field(v, f"{where}[{k!r}]")
+            if found:
+                return found
+    return None
+
+
 def valid_camera(name: str) -> bool:
     """True when `name` can be a camera id (a folder name under the media root, a subject token)."""
     return bool(_CAMERA_RE.match(name))
@@ -248,7 +301,14 @@ _decoder = msgspec.json.Decoder(Message)
 
 
 def encode(msg: Message) -> bytes:
-    return _encoder.encode(msg)
+    """JSON bytes; refuses (ValueError) what `decode` would refuse, so a bad message fails where it is
+    made, naming the field, instead of being dead-lettered by every reader."""
+    data = _encoder.encode(msg)
+    if _UNSAFE_JSON.search(data):
+        where = unsafe_field(msg)
+        if where:
+            raise ValueError(f"control character in text field `{where}` of {type(msg).__name__}: use proto.printable()")
+    return data
 
 
 def headers_for(msg: Message, msg_id: str | None = None) -> dict[str, str]:
@@ -266,4 +326,9 @@ def decode(data: bytes, headers: dict[str, str] | None = None) -> Message:
         version = headers.get(VERSION_HEADER)
         if version is not None and version != str(VERSION):
             raise ValueError(f"unsupported {VERSION_HEADER} {version!r} (this build speaks {VERSION})")
-    return _decoder.decode(data)
+    msg = _decoder.decode(data)
+    if _UNSAFE_JSON.search(data):
+        where = unsafe_field(msg)
+        if where:
+            raise msgspec.ValidationError(f"control character in text field `{where}` of {type(msg).__name__}")
+    return msg

@@ -144,9 +144,9 @@ class Aggregator:
         for msg in msgs:
             if msg.reply:
                 self.max_seen_seq = max(self.max_seen_seq, msg.metadata.sequence.stream)
-            det = bus.decode_or_none(msg, Detections)
-            if det is None:
-                await bus.dead_letter(self.rt, STAGE, msg, "payload is not a valid Detections")
+            det = bus.decode_as(msg, Detections)
+            if isinstance(det, str):
+                await bus.dead_letter(self.rt, STAGE, msg, det)
                 continue
             if not det.boxes:  # nothing to group: the recorder keeps it, events never see it
                 with contextlib.suppress(*bus.TRANSIENT):

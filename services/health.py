@@ -150,13 +150,14 @@ def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTr
 
 
 def camera_folders(media_root: str, prefix: str = "") -> list[str]:
-    """The camera ids of the media root's folders, as the watcher makes them (prefix + sanitised
-    folder name), never following symlinks. Blocking: call in a thread (the root may be a network mount)."""
+    """The camera ids of the media root's folders, as the watcher takes them (prefix + folder name,
+    when that is a valid id), never following symlinks. Blocking: call in a thread (the root may be a network mount)."""
     from services.watcher_files import camera_id
 
     with contextlib.suppress(OSError):
         with os.scandir(media_root) as it:
-            return [camera_id(prefix + e.name) for e in it if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+            ids = (camera_id(e.name, prefix) for e in it if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+            return [c for c in ids if c is not None]  # other folders are refused by the watcher, visibly
     return []
 
 

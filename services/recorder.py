@@ -89,7 +89,10 @@ async def write_alerts(cur: psycopg.AsyncCursor, items: list[Alert]) -> None:
 def is_bad_row(exc: psycopg.Error) -> bool:
     """Only data (SQLSTATE class 22) and integrity (23) errors are about the row itself. Everything
     else - connection lost, read-only standby, missing privilege - is the database's state, and a
-    batch must wait for it rather than be dead-lettered."""
+    batch must wait for it rather than be dead-lettered. psycopg raises DataError itself, with no
+    SQLSTATE, for what it cannot even send (a NUL byte in a text value): a bad row too."""
+    if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+        return True
     state = getattr(exc, "sqlstate", None) or ""
     return state[:2] in ("22", "23")
 
@@ -130,9 +133,9 @@ class TableWriter:
     async def handle_batch(self, msgs: list[Msg]) -> None:
         batch: list[tuple[Msg, msgspec.Struct]] = []
         for msg in msgs:
-            item = bus.decode_or_none(msg, self.kind)
-            if item is None:
-                await bus.dead_letter(self.rt, STAGE, msg, f"payload is not a valid {self.kind.__name__}")
+            item = bus.decode_as(msg, self.kind)
+            if isinstance(item, str):
+                await bus.dead_letter(self.rt, STAGE, msg, item)
             else:
                 batch.append((msg, item))
         if not batch:

@@ -244,7 +244,7 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
             if not dry_run:
                 unlink_under(root, f.rel)
         except (OSError, ValueError) as exc:
-            report.errors.append(f"{f.rel}: {exc}")
+            report.errors.append(proto.printable(f"{f.rel}: {exc}"))
             continue
         deleted.append(f.rel)
         cam = report.cameras.setdefault(f.camera, CameraFreed())

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from services.watcher_files import camera_id
+from services.watcher_files import camera_id, name_problem
 from services.runtime.config import ConfigError, RetentionConfig, parse_watermark
 
 DAY = 86400.0
@@ -53,15 +53,18 @@ def check_root(root: str) -> Path:
 
 def scan(root: Path, prefix: str = "") -> list[MediaFile]:
     """Every regular file under <root>/<camera>/..., never through a symlink; hidden files (uploads
-    in progress) are left alone."""
+    in progress) are left alone. Folders that are not camera ids and names that are not UTF-8 (or hold
+    control characters) are not listed: the watcher refused them, so the pipeline never recorded
+    them and nothing here could ever delete them; their names could not even be queried."""
     out: list[MediaFile] = []
     try:
         with os.scandir(root) as cams:
-            # every real, non-hidden folder, named the way the watcher names its camera
-            cameras = [(e, camera_id(prefix + e.name)) for e in cams if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+            cameras = [(e, camera_id(e.name, prefix)) for e in cams if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
     except OSError:
         return out
     for cam, camera in cameras:
+        if camera is None:
+            continue
         stack = [(cam.path, cam.name)]
         while stack:
             folder, rel = stack.pop()
@@ -76,7 +79,7 @@ def scan(root: Path, prefix: str = "") -> list[MediaFile]:
                             continue  # vanished meanwhile
                         if stat.S_ISDIR(st.st_mode):
                             stack.append((e.path, f"{rel}/{e.name}"))
-                        elif stat.S_ISREG(st.st_mode):
+                        elif stat.S_ISREG(st.st_mode) and name_problem(f"{rel}/{e.name}", prefix) is None:
                             out.append(MediaFile(f"{rel}/{e.name}", camera, st.st_size, st.st_mtime, st.st_ctime))
             except OSError:
                 continue  # unreadable folder: nothing there we could delete anyway
@@ -134,19 +137,31 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
     # hysteresis, so runs do not repeat just above the low mark.
     if free < watermark_bytes(cfg.low_watermark, total):
         need = watermark_bytes(cfg.high_watermark, total) - (free + freed)
-        # oldest arrival first: a camera's clock cannot move its files to the back (or the front) of the queue
+        # oldest arrival first: a camera's clock cannot move its files to the back (or the front) of the
+        # queue. First from the cameras holding more than an equal share of what all cameras hold, and
+        # only while they do: one busy (or hostile) camera cannot push out the others' evidence.
         by_arrival = sorted(files, key=lambda f: (f.arrived if f.arrived is not None else f.mtime, f.rel))
+        share = sum(usage.values()) / len(usage) if usage else 0
+
+        def take(f: MediaFile) -> None:
+            nonlocal need
+            if young(f):
+                young_set.add(f.rel)
+            elif deletable(f):
+                chosen[f.rel] = (f, "watermark")
+                usage[f.camera] -= f.size
+                need -= f.size
+
         for f in by_arrival:
             if need <= 0:
                 break
-            if f.rel in chosen:
-                continue
-            if young(f):
-                young_set.add(f.rel)
-                continue
-            if deletable(f):
-                chosen[f.rel] = (f, "watermark")
-                need -= f.size
+            if f.rel not in chosen and usage.get(f.camera, 0) > share:
+                take(f)
+        for f in by_arrival:
+            if need <= 0:
+                break
+            if f.rel not in chosen:
+                take(f)
     order = sorted(chosen.values(), key=lambda x: (x[0].mtime, x[0].rel))
     return Plan(order, len(skipped_kept - chosen.keys()), len(young_set), len(skipped_unrecorded - chosen.keys()))
 

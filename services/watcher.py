@@ -18,13 +18,24 @@ from typing import NamedTuple
 
 import watchfiles
 
-from proto import DeadLetter, FileUploaded, subject
+from proto import DeadLetter, FileUploaded, printable, subject
 from proto.topology import RETENTION_CHECK_SUBJECT, dlq_subject
 from services.retention_media import FallingFast, free_space
 from services.runtime import bus
 from services.runtime.config import Config, ConfigError
 from services.runtime.service import Runtime
-from services.watcher_files import Ledger, NotRegularFile, Settler, camera_id, file_id, hash_file, is_candidate, sniff_kind
+from services.watcher_files import (
+    Ledger,
+    NotRegularFile,
+    Settler,
+    camera_id,
+    file_id,
+    hash_file,
+    is_candidate,
+    ledger_key,
+    name_problem,
+    sniff_kind,
+)
 
 
 # Longest a settled file waits for an earlier file of its camera that is still being written.
@@ -49,6 +60,7 @@ class Watcher:
         self.settler = Settler(self.cfg.settle_seconds)
         self.ledger = Ledger(Path(config.state_dir) / "watcher" / "ledger.sqlite3")
         self.wakeup = asyncio.Event()
+        self.rescan_now = asyncio.Event()  # the file watch failed: what it missed is found by a scan
         self.scanned = asyncio.Event()  # the start-up scan has observed every file
         self.skipped: set[str] = set()  # paths already reported as not regular files
         self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
@@ -82,9 +94,9 @@ class Watcher:
                 self.skipped.add(path)
                 kind = ("symlink" if not inside else "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
                         else "directory" if stat.S_ISDIR(st.st_mode) else "special file")
-                self.rt.log.warning("not a regular file inside the media root, skipped", path=str(rel), kind=kind)
+                self.rt.log.warning("not a regular file inside the media root, skipped", path=printable(str(rel)), kind=kind)
             return
-        if self.ledger.known(str(rel), st.st_size, st.st_mtime_ns):
+        if self.ledger.known(ledger_key(str(rel)), st.st_size, st.st_mtime_ns):
             return
         self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic(), camera=rel.parts[0])
         self.wakeup.set()
@@ -105,13 +117,26 @@ class Watcher:
                 await asyncio.sleep(0)  # keep the loop responsive on a huge backlog
         # forget ledger rows of files that are gone (deleted by retention or by hand): the ledger stays
         # the size of the media root, and a file that comes back later is published again
-        rels = {str(Path(p).relative_to(self.root).as_posix()) for p in paths}
+        rels = {ledger_key(Path(p).relative_to(self.root).as_posix()) for p in paths}
         pruned = self.ledger.prune(rels)  # one SELECT and a DELETE: tens of ms for 100,000 rows
         if pruned:
             self.rt.log.info("ledger pruned", rows=pruned)
         return len(paths)
 
     async def watch_loop(self) -> None:
+        """inotify through watchfiles, restarted when it fails: it raises on a name that is not UTF-8
+        ("Unable to decode path"), and the events of that moment are lost, so a scan follows at once."""
+        while not self.rt.stopping.is_set():
+            try:
+                await self.watch_once()
+            except Exception as exc:  # noqa: BLE001 - one bad name or a watch error must never stop ingestion
+                self.rt.count("watch_errors")
+                self.rt.log.warning("file watch failed: restarting it, with a scan for what it missed", error=printable(repr(exc))[:300])
+                self.rescan_now.set()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.rt.stopping.wait(), timeout=1.0)
+
+    async def watch_once(self) -> None:
         self.rt.beat("watch")
         async for changes in watchfiles.awatch(
             self.root,
@@ -137,10 +162,13 @@ class Watcher:
             n = await self.scan()
             self.scanned.set()
             self.rt.log.info("scan done", files=n, pending=len(self.settler), seconds=round(time.monotonic() - started, 3))
+            self.rescan_now.clear()
+            waits = [asyncio.ensure_future(self.rt.stopping.wait()), asyncio.ensure_future(self.rescan_now.wait())]
             try:
-                await asyncio.wait_for(self.rt.stopping.wait(), timeout=self.cfg.rescan_seconds)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait(waits, timeout=self.cfg.rescan_seconds, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
     # ---- publishing settled files -------------------------------------------------------
     async def settle_loop(self) -> None:
@@ -192,7 +220,7 @@ class Watcher:
                 await self.rt.nc.publish(RETENTION_CHECK_SUBJECT, reason.encode())
 
     async def publish_batch(self, ready: list[tuple[str, int, int]]) -> None:
-        prepared = await asyncio.to_thread(lambda: [self.prepare(*r) for r in ready])
+        prepared = await asyncio.to_thread(lambda: [self.prepare_one(*r) for r in ready])
         now = time.time()
         rows, sends = [], []
         for item in prepared:
@@ -215,17 +243,32 @@ class Watcher:
     def rejection(self, item: Rejected, now: float) -> tuple[str, DeadLetter, str]:
         """A refused file as a dead letter of stage watcher: `vigil dlq list`, `vigil trace PATH` and
         health's dead-letter counts show it (once per version of the file: the msg id names it)."""
-        camera = camera_id(self.cfg.camera_prefix + Path(item.path).parts[0])
-        letter = DeadLetter(stage="watcher", reason=f"rejected by the watcher: {item.reason}", original_subject=subject("uploads", camera),
+        camera = camera_id(item.path.split("/", 1)[0], self.cfg.camera_prefix)  # None: the folder is not a camera id
+        letter = DeadLetter(stage="watcher", reason=f"rejected by the watcher: {item.reason}", original_subject=subject("uploads", camera or "_"),
                             original_payload="", original_size=item.size, camera=camera, path=item.path, failed_at=now)
         key = hashlib.sha256(f"{camera}\0{item.path}\0{item.size}\0{item.mtime_ns}".encode()).hexdigest()[:32]
         return dlq_subject("watcher", camera), letter, f"rejected-{key}"
 
+    def prepare_one(self, path: str, size: int, mtime_ns: int):
+        """`prepare`, with any error it did not foresee made a rejection of this one file (in a thread)."""
+        try:
+            return self.prepare(path, size, mtime_ns)
+        except Exception as exc:  # noqa: BLE001 - one file must never stop the others
+            rel = ledger_key(Path(path).relative_to(self.root).as_posix())
+            self.rt.log.exception("file could not be prepared, rejected", path=rel)
+            self.rt.count("rejected")
+            return Rejected(rel, size, mtime_ns, f"internal error: {printable(repr(exc))[:300]}")
+
     def prepare(self, path: str, size: int, mtime_ns: int):
         """Hash and sniff a settled file: (FileUploaded, size, mtime_ns), Rejected, or None (changed/vanished)."""
         rel = str(Path(path).relative_to(self.root).as_posix())
+        problem = name_problem(rel, self.cfg.camera_prefix)
+        if problem:  # never read: its name could not travel in a message or a row
+            self.rt.log.warning("file name refused, skipped", path=ledger_key(rel), reason=problem)
+            self.rt.count("rejected")
+            return Rejected(ledger_key(rel), size, mtime_ns, problem)
         try:
-            digest, head, size2, mtime2 = hash_file(path)
+            digest, head, size2, mtime2 = hash_file(self.root, rel)
         except (FileNotFoundError, NotRegularFile):
             return None
         except PermissionError as exc:
@@ -244,7 +287,8 @@ class Watcher:
             self.rt.log.warning("not an image or clip (magic bytes), skipped", path=rel, size=size)
             self.rt.count("rejected")
             return Rejected(rel, size, mtime_ns, "unrecognised content")
-        camera = camera_id(self.cfg.camera_prefix + Path(rel).parts[0])
+        camera = camera_id(rel.split("/", 1)[0], self.cfg.camera_prefix)
+        assert camera is not None  # name_problem refused every other folder
         arrived = time.time()
         mtime, suspect = sane_capture_time(mtime_ns / 1e9, arrived, self.cfg.clock_skew_seconds, self.clock_floor)
         if suspect:

@@ -9,7 +9,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from proto.topology import token
+from proto.messages import printable, unsafe_char, valid_camera
+from services.runtime.files import open_beneath
 
 # Magic bytes of the formats the detector can read; the extension alone is never trusted.
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")
@@ -24,9 +25,35 @@ def sniff_kind(head: bytes) -> str | None:
     return None
 
 
-def camera_id(folder: str) -> str:
-    """A camera folder name as a NATS subject token (dots, spaces and wildcards would break subjects)."""
-    return token(folder)
+def camera_id(folder: str, prefix: str = "") -> str | None:
+    """The camera id of a folder under the media root: `prefix` + the folder name, when that is a valid
+    id (a NATS subject token: letters, digits, '-' and '_'). None otherwise: "front.door" and
+    "front door" are never folded into "front_door", whose evidence they would then share."""
+    name = prefix + folder
+    return name if valid_camera(name) else None
+
+
+def name_problem(rel: str, prefix: str = "") -> str | None:
+    """Why a file under the media root cannot be taken by its name (None: it can). Every message and
+    row carries the name as text, so it must be UTF-8 without control characters, and its first folder
+    must be a camera id."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if unsafe_char(rel):
+        return "file name contains control characters"
+    folder = rel.split("/", 1)[0]
+    if camera_id(folder, prefix) is None:
+        return (f"camera folder {folder!r} is not a camera id (letters, digits, '-' and '_', at most 128"
+                f"{', after the prefix ' + repr(prefix) if prefix else ''}): rename the folder")
+    return None
+
+
+def ledger_key(rel: str) -> str:
+    """The ledger's text for a path: the name itself, or its escaped form for a name that is not UTF-8
+    or has control characters (SQLite stores UTF-8 text only; such files are only ever rejected)."""
+    return printable(rel)
 
 
 def file_id(camera: str, rel_path: str, sha256: str) -> str:
@@ -151,16 +178,16 @@ class Ledger:
         self._db.close()
 
 
-def hash_file(path: str) -> tuple[str, bytes, int, int]:
+def hash_file(root: str | Path, rel: str) -> tuple[str, bytes, int, int]:
     """sha256, first 16 bytes, and the (size, mtime_ns) read *after* hashing, so a change is noticed.
 
-    Never follows a symlink (O_NOFOLLOW) and never blocks on a FIFO (O_NONBLOCK); raises
-    NotRegularFile for anything but a plain file.
+    Opened folder by folder without following a symlink at any level (services/runtime/files.py), never
+    blocking on a FIFO; raises NotRegularFile for anything but a plain file, OSError when it cannot open.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open_beneath(root, rel)
     with open(fd, "rb", buffering=0) as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(path)
+            raise NotRegularFile(rel)
         head = f.read(16)
         f.seek(0)
         digest = hashlib.file_digest(f, "sha256").hexdigest()

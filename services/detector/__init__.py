@@ -192,9 +192,9 @@ class Detector:
                 self.held.update((id(m), m) for m in msgs)
                 units = []
                 for msg in msgs:
-                    up = bus.decode_or_none(msg, FileUploaded)
-                    if up is None:
-                        await self.dead_letter(msg, "payload is not a valid FileUploaded")
+                    up = bus.decode_as(msg, FileUploaded)
+                    if isinstance(up, str):
+                        await self.dead_letter(msg, up)
                     else:
                         units.append((up, msg))
                 for group in self.frame_budget_groups(units):

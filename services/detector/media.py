@@ -10,6 +10,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from services.runtime.files import open_beneath
+
 
 class Undecodable(Exception):
     """The file can never be processed (corrupt, not an image, outside the root): dead-letter it."""
@@ -21,23 +23,14 @@ def open_under(root: Path, rel_path: str) -> int:
     O_NOFOLLOW on the last component alone would still follow a linked directory; walking with
     dir_fd makes "never leave the media root" hold whatever the names. Returns a file descriptor.
     """
-    parts = Path(rel_path).parts
-    if not parts or rel_path.startswith("/") or ".." in parts:
-        raise Undecodable(f"path {rel_path!r} escapes the media root")
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(root, flags | os.O_DIRECTORY)
     try:
-        for part in parts[:-1]:
-            nxt = os.open(part, flags | os.O_DIRECTORY, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        return os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fd)
+        return open_beneath(root, rel_path)
+    except ValueError:
+        raise Undecodable(f"path {rel_path!r} escapes the media root") from None
     except FileNotFoundError:
         raise Undecodable("file vanished before it could be read") from None
     except OSError as exc:
         raise Undecodable(f"cannot open file: {exc.strerror} (symlinks are never followed)") from None
-    finally:
-        os.close(fd)
 
 
 def _check_regular(fd: int, max_bytes: int) -> None:

@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageT
 
 import proto
 from services.runtime.config import credential
-from proto.messages import MAX_DEAD_LETTER_PAYLOAD, RETRY_HEADER, DeadLetter, valid_camera
+from proto.messages import MAX_DEAD_LETTER_PAYLOAD, RETRY_HEADER, DeadLetter, printable, valid_camera
 from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EVENT_INDEX_BUCKET, EVENT_INDEX_TTL, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, GPU_TTL, HEARTBEAT_BUCKET, HEARTBEAT_TTL, STREAMS, ConsumerSpec, StreamSpec, dlq_subject
 
 if TYPE_CHECKING:
@@ -256,21 +256,23 @@ def _letter(stage: str, reason: str, subject: str, data: bytes, headers: dict | 
         retries = int((headers or {}).get(RETRY_HEADER, 0))
     except (TypeError, ValueError):
         retries = 0
+    # Everything but the payload copy is text someone else chose (a forged path, a header, an error
+    # quoting either): escaped, so the letter itself always travels and displays safely.
     return DeadLetter(
-        path=path[:4096] if path else None,
+        path=printable(path[:4096]) if path else None,
         transient=transient,
         retries=max(0, min(retries, 1000)),
         stage=stage,
-        reason=reason[:2000],
-        original_subject=subject,
+        reason=printable(reason[:2000]),
+        original_subject=printable(subject),
         original_payload=payload[:MAX_DEAD_LETTER_PAYLOAD],
-        original_headers={k: str(v)[:1000] for k, v in list((headers or {}).items())[:32]},
+        original_headers={printable(str(k))[:200]: printable(str(v)[:1000]) for k, v in list((headers or {}).items())[:32]},
         original_size=len(data),
         original_stream=stream,
         original_sequence=sequence,
         deliveries=deliveries,
-        camera=camera,
-        file_id=file_id,
+        camera=printable(camera[:200]) if camera else None,
+        file_id=printable(file_id[:200]) if file_id else None,
         failed_at=time.time(),
     )
 
@@ -408,13 +410,14 @@ async def stored_messages(js: JetStreamContext, stream: str, start: int = 0):
             continue
 
 
-def decode_or_none(msg: Msg, expected: type) -> msgspec.Struct | None:
-    """The message as `expected`, or None for anything undecodable or invalid (e.g. a bad camera id)."""
+def decode_as(msg: Msg, expected: type) -> msgspec.Struct | str:
+    """The message as `expected`, or why it is not one (undecodable, a bad camera id, a control
+    character in a text field, another type): the reason its dead letter gives."""
     try:
         value = proto.decode(msg.data, msg.headers)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-        return None
-    return value if isinstance(value, expected) else None
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        return f"payload is not a valid {expected.__name__}: {exc}"
+    return value if isinstance(value, expected) else f"payload is not a valid {expected.__name__}: a {type(value).__name__}"
 
 
 async def consume(

@@ -29,7 +29,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 import proto
-from proto import Heartbeat
+from proto import Heartbeat, printable
 from proto.topology import HEARTBEAT_BUCKET, token
 from services import VERSION
 from services.runtime import bus
@@ -177,7 +177,8 @@ class Runtime:
 
     def note_error(self, error: str) -> None:
         """Remember the latest error for the heartbeat (what `vigil status` shows as last error)."""
-        self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}"[:500]
+        # printable: an error can quote a file name or a message field (control characters, bad UTF-8)
+        self.last_error = printable(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}")[:500]
 
     async def _send_heartbeat(self, state: str | None = None) -> None:
         if self.js is None or self.nc is None or not self.nc.is_connected:

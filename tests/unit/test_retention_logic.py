@@ -100,8 +100,27 @@ def test_quota_never_takes_files_younger_than_min_keep():
 
 
 def test_scan_names_cameras_as_the_watcher_does(tmp_path):
-    (tmp_path / "Front Door").mkdir()
-    (tmp_path / "Front Door" / "a.jpg").write_bytes(b"x")
-    (tmp_path / ".hidden").mkdir()
-    (tmp_path / ".hidden" / "b.jpg").write_bytes(b"x")
-    assert [(x.rel, x.camera) for x in scan(tmp_path, "site2-")] == [("Front Door/a.jpg", "site2-Front_Door")]
+    """Only folders whose names are camera ids, and only names that can travel as text: "front.door"
+    is not folded into front_door (whose quota and evidence it would share), and a name that is not
+    UTF-8 never reaches a query (it stopped retention before)."""
+    for folder, name in (("front_door", "a.jpg"), ("front.door", "b.jpg"), ("front door", "c.jpg"), (".hidden", "d.jpg")):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(b"x")
+    (tmp_path / "front_door" / "ctl\x1b.jpg").write_bytes(b"x")
+    with open(os.path.join(os.fsencode(tmp_path), b"front_door", b"\xff.jpg"), "wb") as out:
+        out.write(b"x")
+    assert [(x.rel, x.camera) for x in scan(tmp_path, "site2-")] == [("front_door/a.jpg", "site2-front_door")]
+
+
+def test_watermark_takes_from_cameras_over_their_share_first():
+    """One camera filling the disk cannot push out another's evidence: under pressure the cameras above
+    an equal share give first, oldest first, and only while they stay above it."""
+    cfg = RetentionConfig(low_watermark="10%", high_watermark="12%", min_keep_seconds=0)
+    quiet = [f("quiet/1", 10), f("quiet/2", 9)]  # the oldest files on the disk
+    busy = [f(f"busy/{i}", 5 - i / 10) for i in range(8)]
+    files = quiet + busy
+    p = plan(files, {x.rel for x in files}, set(), cfg, NOW, free=9 * MiB, total=100 * MiB)  # needs 3 MiB
+    assert {x.rel for x, _ in p.delete} == {"busy/0", "busy/1", "busy/2"}  # oldest first would take quiet's
+    # past its share, a camera's oldest compete with everyone's again
+    p = plan(files, {x.rel for x in files}, set(), cfg, NOW, free=5 * MiB, total=100 * MiB)  # needs 7 MiB
+    assert {x.rel for x, _ in p.delete} == {"busy/0", "busy/1", "busy/2", "quiet/1", "quiet/2", "busy/3", "busy/4"}
