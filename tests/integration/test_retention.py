@@ -121,6 +121,27 @@ def test_symlinks_and_dotdot_paths_are_never_followed_or_deleted(tmp_path, media
     assert late.rows_deleted["detections"] == 3 and secret.exists()
 
 
+def test_names_that_are_not_text_or_not_cameras_never_stop_a_run(tmp_path, media, database):
+    """A Latin-1 name stopped retention before (the name cannot be queried); a folder "front.door" was
+    folded into front_door, its files counted against front_door's quota. Both are left alone now:
+    the watcher refused them visibly, so nothing was recorded for them."""
+    migrate(database)
+    now = time.time()
+    _, config = config_for(tmp_path, media, database, max_age_days=1.0, camera_max_bytes=8192)
+    put_file(media, os.fsdecode(b"front_door/caf\xe9.jpg"), now - 10 * DAY)
+    put_file(media, "front_door/esc\x1b[2J.jpg", now - 10 * DAY)
+    for i in range(4):  # 16 KiB in a folder that is not a camera id: front_door's quota must not see it
+        put_file(media, f"front.door/{i}.jpg", now - 0.5 * DAY)
+    put_file(media, "front_door/old.jpg", now - 10 * DAY)
+    record(database, "front_door/old.jpg", now - 10 * DAY)
+    put_file(media, "front_door/recent.jpg", now - 0.5 * DAY)
+    record(database, "front_door/recent.jpg", now - 0.5 * DAY)
+    report = run(config, now)
+    assert report.deleted_paths == ["front_door/old.jpg"] and report.errors == []
+    assert (media / "front_door" / "recent.jpg").exists() and len(list((media / "front.door").iterdir())) == 4
+    assert set(report.cameras) == {"front_door"} and report.cameras["front_door"].reasons == {"age": 1}
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="mounting a tmpfs needs root and unshare")
 def test_disk_pressure_on_a_small_tmpfs(tmp_path, database):
     """A burst fills a 24 MiB tmpfs below the low watermark; one run frees the oldest recorded files
