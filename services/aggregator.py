@@ -113,12 +113,11 @@ class Aggregator:
     async def load_state(self) -> None:
         """Read every camera's state; replace memory only if the whole read worked."""
         loaded: dict[str, CameraState] = {}
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        for key in keys:
-            entry = await self.kv.get(key)
+        for key in await bus.kv_keys(self.rt.nc, AGGREGATOR_STATE_BUCKET):
+            try:
+                entry = await self.kv.get(key)
+            except (nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError):
+                continue
             if not entry.value:
                 continue
             if key.startswith(STATE_PREFIX):
@@ -346,18 +345,15 @@ class Aggregator:
         return [ev for ev in found.values() if lo <= ev.started_at <= hi]
 
     async def read_index(self, pattern: str) -> list[EventState]:
-        """The index entries under one camera and hour. (nats-py's KeyValue.keys(filters=) reads every
-        key of the bucket and matches substrings, so a watch on the wildcard subject is used instead.)"""
-        watcher = await self.index.watch(pattern, ignore_deletes=True)
+        """The index entries under one camera and hour (bus.kv_keys: listing keys creates no consumer)."""
         out = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # the end of what is stored now
-                    break
-                if entry.value:
-                    out.append(_event_decoder.decode(entry.value))
-        finally:
-            await watcher.stop()
+        for key in await bus.kv_keys(self.rt.nc, EVENT_INDEX_BUCKET, pattern):
+            try:
+                entry = await self.index.get(key)
+            except (nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError):
+                continue  # expired or deleted since it was listed
+            if entry.value:
+                out.append(_event_decoder.decode(entry.value))
         return out
 
     def remember(self, ev: EventState) -> None:

@@ -70,6 +70,7 @@ def _operator_commands(sub) -> None:
     p = add("dlq", "dead letters: list, show SEQ, retry SEQ, purge")
     p.add_argument("action", choices=["list", "show", "retry", "purge"])
     p.add_argument("seq", nargs="?", type=int)
+    p.add_argument("--yes", action="store_true", help="retry without asking (it shows the target and asks otherwise)")
     p = add("events", "closed events from PostgreSQL; `events keep ID` keeps one (and its media) forever, `unkeep ID` undoes it")
     p.add_argument("action", nargs="?", choices=["list", "keep", "unkeep"], default="list")
     p.add_argument("event_id", nargs="?", default=None)

@@ -68,7 +68,7 @@ async def gather_status(config: Config) -> dict:
 
     nc = await connect(config)
     try:
-        return snapshot_json(await snapshot(nc.jetstream(), config))
+        return snapshot_json(await snapshot(nc, config))
     finally:
         await nc.close()
 
@@ -96,7 +96,8 @@ async def dead_letters(js) -> list[tuple[int, proto.DeadLetter]]:
     return [(seq, proto.decode(raw.data, raw.headers)) async for seq, raw in stored_messages(js, "DLQ")]
 
 
-async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
+async def dlq(config: Config, action: str, seq: int | None, confirm=lambda letter, subject: True) -> dict | list:
+    """`confirm(letter, subject)`: asked before a retry re-publishes, with the checked target."""
     nc = await connect(config)
     js = nc.jetstream()
     try:
@@ -121,10 +122,12 @@ async def dlq(config: Config, action: str, seq: int | None) -> dict | list:
             subject, data = dlq_retry.target(letter)
         except dlq_retry.NotRetryable as exc:
             raise LookupError(f"dead letter {seq} cannot be retried: {exc}") from None
+        if not confirm(letter, subject):
+            return {"retried": None, "seq": seq, "subject": subject, "cancelled": True}
         headers = dlq_retry.headers(letter, seq, letter.retries, f"retry-{seq}-{int(time.time())}")
         ack = await js.publish(subject, data, headers=headers)
         await js.delete_msg("DLQ", seq)
-        return {"retried": seq, "subject": letter.original_subject, "stream": ack.stream, "seq": ack.seq}
+        return {"retried": seq, "subject": subject, "stream": ack.stream, "seq": ack.seq}
     finally:
         await nc.close()
 
@@ -202,13 +205,13 @@ def print_retention(data: dict) -> None:
     table(f"retention ({'dry run' if data['dry_run'] else 'done'})", ["camera", "files", "bytes", "why"],
           [[c, v["files"], v["bytes"], ", ".join(f"{k} {n}" for k, n in v["reasons"].items())] for c, v in data["cameras"].items()])
     for path in data["deleted_paths"]:
-        print(f"{verb}: {path}")
+        print(f"{verb}: {human(path)}")
     print(f"rows {verb}: {data['rows_deleted'] or 'none'}; missing marked {data['missing_marked']}, restored {data['missing_restored']};"
           f" skipped: kept {data['kept_skipped']}, too young {data['young_skipped']}, not yet recorded {data['unrecorded_skipped']}")
     if data["unbounded_streams"]:
-        print(f"streams without bounds: {', '.join(data['unbounded_streams'])}")
+        print(f"streams without bounds: {human(', '.join(data['unbounded_streams']))}")
     for error in data["errors"]:
-        print(f"error: {error}")
+        print(f"error: {human(error)}")
 
 
 async def trace(config: Config, needle: str) -> dict:
@@ -249,9 +252,9 @@ async def tail(config: Config, kind: str, camera: str | None, count: int | None,
         nonlocal seen
         try:
             value = proto.decode(msg.data, msg.headers)
-            line = json.dumps(to_builtins(value)) if as_json else f"{msg.subject}  {one_line(value)}"
+            line = json.dumps(to_builtins(value)) if as_json else human(f"{msg.subject}  {one_line(value)}")
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            line = json.dumps({"subject": msg.subject, "undecodable": msg.data[:200].decode("utf-8", "replace")}) if as_json else f"{msg.subject}  (undecodable)"
+            line = json.dumps({"subject": msg.subject, "undecodable": msg.data[:200].decode("utf-8", "replace")}) if as_json else human(f"{msg.subject}  (undecodable)")
         print(line, flush=True)
         seen += 1
         if count and seen >= count:
@@ -280,17 +283,43 @@ def one_line(value) -> str:
     return str(value)
 
 
+def confirm_retry(letter, subject: str, yes: bool) -> bool:
+    """Show where a retry would publish (the target services/dlq_retry.py checked) and ask, unless --yes.
+    Without a terminal to ask on, --yes is required: a script must say it means it."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ValueError(f"would re-publish dead letter of stage {letter.stage} to {subject}: pass --yes to do it without asking")
+    print(human(f"stage {letter.stage}, camera {letter.camera or '-'}, path {letter.path or '-'}\nreason: {letter.reason}"))
+    return input(human(f"re-publish to {subject}? [y/N] ")).strip().lower() in ("y", "yes")
+
+
 # ---- printing -----------------------------------------------------------------------------------
+def human(value) -> str:
+    """Any value for a person's terminal: control characters (ESC sequences that move the cursor,
+    retitle the window or forge a hyperlink; a newline that forges a line) written as escapes."""
+    return proto.printable("" if value is None else str(value))
+
+
 def table(title: str, columns: list[str], rows: list[list]) -> None:
+    """Every cell is plain text: rich's markup (`[link=...]`, `[/bogus]`, which crashed `vigil status`)
+    is never read from data; a cell styled by us comes as a rich Text already."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    t = Table(title=title)
+    t = Table(title=Text(human(title)))
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*("" if v is None else str(v) for v in r))
+        t.add_row(*(v if isinstance(v, Text) else Text(human(v)) for v in r))
     Console().print(t)
+
+
+def styled(value, style: str):
+    from rich.text import Text
+
+    return Text(human(value), style=style)
 
 
 def print_status(data: dict) -> None:
@@ -300,7 +329,7 @@ def print_status(data: dict) -> None:
     colour = {"healthy": "green", "degraded": "yellow", "down": "red", "stale": "red"}
     rate = lambda s: ", ".join(f"{k} {v}" for k, v in s["counters"].items())  # noqa: E731
     table("services", ["service", "instance", "verdict", "reason", "uptime", "restarts", "in flight", "counters", "backend", "last error"],
-          [[s["service"], s["instance"] or "-", f"[{colour[s['verdict']]}]{s['verdict']}[/]", s["reason"], _age(s["uptime_s"]),
+          [[s["service"], s["instance"] or "-", styled(s["verdict"], colour[s["verdict"]]), s["reason"], _age(s["uptime_s"]),
             s["restarts"], s["in_flight"], rate(s), s["backend"], s["last_error"]] for s in data["services"]])
     table("backlog", ["stage", "stream", "pending", "ack pending", "redelivered", "oldest unacked", "dead letters"],
           [[st["consumer"], st["stream"], st["pending"], st["ack_pending"], st["redelivered"], _age(st["oldest_unacked_s"]),
@@ -313,9 +342,9 @@ def print_status(data: dict) -> None:
           [[d["path"], f"{d['free_pct']:.1f}% ({d['free_bytes'] / 2**30:.1f} GiB)", f"{d['total_bytes'] / 2**30:.1f} GiB"] for d in data["disks"]])
     if data.get("nodes"):
         table(f"NATS cluster: nodes {', '.join(data['nodes'])}", ["stream", "leader", "replicas (lag)", "messages"],
-              [[st["name"], st["leader"] or "[red]none[/]", ", ".join(f"{r['node']}{' offline' if r['offline'] else ''}"
+              [[st["name"], st["leader"] or styled("none", "red"), ", ".join(f"{r['node']}{' offline' if r['offline'] else ''}"
                f"{'' if r['current'] else ' behind'} ({r['lag']})" for r in st["replicas"]), st["messages"]] for st in data["streams"]])
-    print(f"systemd: {data['systemd']}")
+    print(f"systemd: {human(data['systemd'])}")
 
 
 def run_command(args) -> int:
@@ -356,7 +385,7 @@ def run_command(args) -> int:
                         ", ".join(f"{c['name']} {c['pending']}/{c['ack_pending']}" for c in s["consumers"])] for s in data])
             return 0
         if args.command == "dlq":
-            data = asyncio.run(dlq(config, args.action, args.seq))
+            data = asyncio.run(dlq(config, args.action, args.seq, confirm=lambda letter, subject: confirm_retry(letter, subject, args.yes)))
             if as_json or args.action != "list":
                 print(json.dumps(data))
             else:
@@ -399,7 +428,7 @@ def run_command(args) -> int:
     except KeyboardInterrupt:
         return 0
     except (LookupError, ValueError) as exc:
-        print(f"vigil {args.command}: {exc}", file=sys.stderr)
+        print(f"vigil {args.command}: {human(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"vigil {args.command}: cannot reach the server: {exc}", file=sys.stderr)

@@ -246,7 +246,7 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
         for camera in await asyncio.to_thread(camera_folders, config.media_root, config.watcher.camera_prefix):
             state.cameras.setdefault(camera, state.started_at)
         try:
-            snap = await asyncio.wait_for(snapshot(rt.js, config, now, gone), timeout=max(10.0, config.health.check_seconds))
+            snap = await asyncio.wait_for(snapshot(rt.nc, config, now, gone), timeout=max(10.0, config.health.check_seconds))
         except (asyncio.TimeoutError, *bus.TRANSIENT) as exc:
             rt.note_error(f"snapshot failed: {exc!r}")
             rt.log.warning("snapshot failed", error=repr(exc))

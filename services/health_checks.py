@@ -19,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -122,29 +123,39 @@ class UnitState(msgspec.Struct, kw_only=True):
 
 
 # ---- gathering -----------------------------------------------------------------------------------
-async def read_bucket(js, bucket: str, kind: type) -> list:
-    """Every value of type `kind` in a KV bucket; entries that vanish meanwhile or do not decode are skipped."""
+async def read_bucket(nc, bucket: str, kind: type) -> list[tuple[str, Any]]:
+    """Every (key, value of type `kind`) in a KV bucket; entries that vanish meanwhile or do not decode
+    are skipped."""
     import nats.js.errors
+
+    from services.runtime import bus
 
     out = []
     try:
-        kv = await js.key_value(bucket)
-        for key in await kv.keys():
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        kv = await nc.jetstream().key_value(bucket)
+        for key in await bus.kv_keys(nc, bucket):
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
                 value = proto.decode((await kv.get(key)).value)
                 if isinstance(value, kind):
-                    out.append(value)
+                    out.append((key, value))
     except (nats.js.errors.NoKeysError, nats.js.errors.BucketNotFoundError):
         pass
     return out
 
 
-async def read_heartbeats(js) -> list[Heartbeat]:
-    return await read_bucket(js, HEARTBEAT_BUCKET, Heartbeat)
+def trusted_heartbeats(entries: list[tuple[str, Heartbeat]]) -> list[Heartbeat]:
+    """Heartbeats whose service and instance are those of their key. Each service may write only
+    `<service>.>` keys (services/nats_auth.py), so the key says who wrote it; a payload that claims to
+    be another service or instance is someone posing, and is dropped."""
+    return [hb for key, hb in entries if key == f"{hb.service}.{hb.instance}"]
 
 
-async def read_gpus(js) -> list[GpuSample]:
-    return sorted(await read_bucket(js, GPU_BUCKET, GpuSample), key=lambda s: (s.host, s.index))
+async def read_heartbeats(nc) -> list[Heartbeat]:
+    return trusted_heartbeats(await read_bucket(nc, HEARTBEAT_BUCKET, Heartbeat))
+
+
+async def read_gpus(nc) -> list[GpuSample]:
+    return sorted((s for _, s in await read_bucket(nc, GPU_BUCKET, GpuSample)), key=lambda s: (s.host, s.index))
 
 
 def fmt_age(seconds: float | None) -> str:
@@ -343,13 +354,14 @@ def judge(heartbeats: list[Heartbeat], units: list[UnitState], expected: Iterabl
     return sorted(out.values(), key=lambda s: s.key)
 
 
-async def snapshot(js, config: Config, now: float | None = None, gone: dict[str, float] | None = None) -> Snapshot:
+async def snapshot(nc, config: Config, now: float | None = None, gone: dict[str, float] | None = None) -> Snapshot:
     """Everything at once; `vigil status --json` prints exactly this (health adds its memory via `gone`)."""
     import socket
 
     now = now or time.time()
-    heartbeats, stages, dead, gpus, streams = await asyncio.gather(read_heartbeats(js), read_stages(js, now), read_dead_letters(js),
-                                                                   read_gpus(js), read_streams(js))
+    js = nc.jetstream()
+    heartbeats, stages, dead, gpus, streams = await asyncio.gather(read_heartbeats(nc), read_stages(js, now), read_dead_letters(js),
+                                                                   read_gpus(nc), read_streams(js))
     nodes = sorted({n for st in streams for n in ([st.leader] if st.leader else []) + [r.node for r in st.replicas]})
     if config.health.systemd:
         units, systemd = await asyncio.to_thread(read_units)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EVENT_INDEX_BUCKET, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT
+from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EVENT_INDEX_BUCKET, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT, dlq_subject
 from services.cli import SERVICES  # every service gets a user
 
 ADMIN_USER = "vigil"
@@ -34,13 +34,15 @@ def inbox_prefix(user_name: str) -> str:
     return f"_INBOX_{user_name}"
 
 
-def _consume(durable: str) -> list[str]:
-    """Fetch from and ack one durable consumer, and move its exhausted messages to the DLQ."""
+def _consume(durable: str, stage: str) -> list[str]:
+    """Fetch from and ack one durable consumer, and move its exhausted messages to the DLQ: read the
+    message (MSG.GET), write the letter under the stage's own DLQ subjects, ack it on this consumer.
+    Never STREAM.MSG.DELETE: that would let one stage remove work another consumer has not seen."""
     spec = next(c for c in CONSUMERS if c.durable == durable)
     ex = f"{EXHAUSTED_PREFIX}{durable}"
     return [f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{durable}", f"$JS.ACK.{spec.stream}.{durable}.>",
             f"$JS.API.CONSUMER.MSG.NEXT.ADVISORIES.{ex}", f"$JS.ACK.ADVISORIES.{ex}.>",
-            f"$JS.API.STREAM.MSG.GET.{spec.stream}", f"$JS.API.STREAM.MSG.DELETE.{spec.stream}", "vigil.dlq.>"]
+            f"$JS.API.STREAM.MSG.GET.{spec.stream}", dlq_subject(stage, "*")]
 
 
 def _kv_write(bucket: str) -> list[str]:
@@ -48,22 +50,22 @@ def _kv_write(bucket: str) -> list[str]:
 
 
 def _kv_read(bucket: str) -> list[str]:
-    """get() (direct or not) and keys() (an ordered consumer, created and deleted)."""
+    """get() (direct or not); keys are listed from STREAM.INFO (bus.kv_keys). Never CONSUMER.CREATE: a
+    push consumer's deliver subject is not checked against its creator's publish permissions, so it
+    would let a reader write anywhere (vigil.uploads.front_door, say) through the server."""
     stream = f"KV_{bucket}"
-    return [f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}",
-            f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>",
-            f"$JS.FC.{stream}.>"]  # flow-control replies of the ordered consumer behind keys()
+    return [f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}"]
 
 
 # What every service does: look streams and consumers up.
 _COMMON_PUB = ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>"]
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
-    "watcher": {"publish": ["vigil.uploads.*", "vigil.dlq.watcher.*", RETENTION_CHECK_SUBJECT], "subscribe": []},
-    "detector": {"publish": ["vigil.detections.*", "vigil.alerts.system", *_consume("detector")], "subscribe": []},
-    "aggregator": {"publish": ["vigil.events.*", "vigil.alerts.*", *_consume("aggregator"), *_kv_write(AGGREGATOR_STATE_BUCKET),
+    "watcher": {"publish": ["vigil.uploads.*", dlq_subject("watcher", "*"), RETENTION_CHECK_SUBJECT], "subscribe": []},
+    "detector": {"publish": ["vigil.detections.*", "vigil.alerts.system", *_consume("detector", "detector")], "subscribe": []},
+    "aggregator": {"publish": ["vigil.events.*", "vigil.alerts.*", *_consume("aggregator", "aggregator"), *_kv_write(AGGREGATOR_STATE_BUCKET),
                                *_kv_read(AGGREGATOR_STATE_BUCKET), *_kv_write(EVENT_INDEX_BUCKET), *_kv_read(EVENT_INDEX_BUCKET)], "subscribe": []},
-    "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts") for p in _consume(d)],
+    "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts") for p in _consume(d, "recorder")],
                  "subscribe": []},
     "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},
     # health also re-publishes transient dead letters to their stage's input (services/dlq_retry.py)

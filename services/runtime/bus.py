@@ -310,7 +310,8 @@ async def exhausted_loop(rt: "Runtime", durable: str, stage: str) -> None:
     """Dead-letter the messages that used up `durable`'s max_deliver without an ack, nak or term -
     the process crashed on them, hung, or kept timing out - from the server's MAX_DELIVERIES
     advisories, kept in the ADVISORIES stream so none is missed while this service was down. The
-    message is copied to the DLQ, then deleted from its stream once no other consumer needs it."""
+    message is copied to the DLQ, then acked on this consumer alone: the server removes it once every
+    other consumer of the stream has acked it too (no stage may delete another's work)."""
     spec = next(c for c in CONSUMERS if c.durable == durable)
 
     async def handle(msgs: list[Msg]) -> None:
@@ -322,30 +323,23 @@ async def exhausted_loop(rt: "Runtime", durable: str, stage: str) -> None:
                 await m.term()
                 continue
             # the letter is written at the first two deliveries of the advisory (the second covers a crash
-            # in between; both lie within the DLQ's duplicate window, so it is recorded once); later
-            # deliveries only wait for the other consumers to get past the message, however long they lag
+            # in between; both lie within the DLQ's duplicate window, so it is recorded once)
             attempt = m.metadata.num_delivered if m.reply else 1
-            if await _move_exhausted(rt, spec, stage, seq, deliveries, write_letter=attempt <= 2):
-                await m.ack()
-            else:  # another consumer still needs the message: delete it once that one is past it
-                await m.nak(delay=min(30.0 * attempt, 300.0))
+            await _move_exhausted(rt, spec, stage, seq, deliveries, write_letter=attempt <= 2)
+            await m.ack()
 
     await consume(rt, f"{EXHAUSTED_PREFIX}{durable}", handle, batch=16, timeout=5.0, stage=stage)
 
 
-async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int, write_letter: bool = True) -> bool:
-    """Copy one exhausted message to the DLQ at once, and delete it from its stream once no other
-    consumer of the stream (the recorder, when the aggregator gave up) still needs it. False: the
-    letter is written, the deletion has to wait (the advisory comes back later, with no time limit)."""
+async def _move_exhausted(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int, write_letter: bool = True) -> None:
+    """Copy one exhausted message to the DLQ, then ack it on `spec`'s consumer. The ack subject is the
+    one the message was delivered with, minus what the server does not need for a late ack (consumer
+    sequence, time, pending: tests/integration/test_dead_letters.py holds the server to it); it needs
+    only the ack permission the consumer has anyway, where STREAM.MSG.DELETE let one stage delete a
+    message another had not seen yet."""
     if write_letter and not await _write_exhausted_letter(rt, spec, stage, seq, deliveries):
-        return True  # gone from the stream: nothing to delete either
-    for other in (c for c in CONSUMERS if c.stream == spec.stream and c.durable != spec.durable):
-        info = await rt.js.consumer_info(other.stream, other.durable)
-        if (info.ack_floor.stream_seq if info.ack_floor else 0) < seq:
-            return False
-    with contextlib.suppress(nats.js.errors.NotFoundError):
-        await rt.js.delete_msg(spec.stream, seq)
-    return True
+        return  # gone from the stream: nothing to ack either
+    await rt.nc.request(f"$JS.ACK.{spec.stream}.{spec.durable}.{deliveries}.{seq}.0.0.0", b"+ACK", timeout=5.0)
 
 
 async def _write_exhausted_letter(rt: "Runtime", spec: ConsumerSpec, stage: str, seq: int, deliveries: int) -> bool:
@@ -395,6 +389,27 @@ async def give_up_or_retry(rt: "Runtime", stage: str, durable: str, msgs: list[M
                 await msg.nak(delay=delay)
         except TRANSIENT as exc:  # the server is away: the message comes back after ack_wait anyway
             rt.log.warning("could not nak", error=repr(exc))
+
+
+async def kv_keys(nc, bucket: str, pattern: str = ">") -> list[str]:
+    """The keys of a KV bucket matching `pattern` (NATS wildcards), from the stream's per-subject
+    counts (STREAM.INFO with subjects_filter, page by page). nats-py's keys() and watch() create a
+    consumer, and a user allowed CONSUMER.CREATE on a bucket could aim a push consumer's deliver
+    subject at vigil.uploads.* and write into the pipeline without publish rights. Deleted keys stay
+    listed until compacted: their get() raises KeyDeletedError."""
+    prefix, keys, offset = f"$KV.{bucket}.", [], 0
+    while True:
+        req = json.dumps({"subjects_filter": prefix + pattern, "offset": offset}).encode()
+        resp = json.loads((await nc.request(f"$JS.API.STREAM.INFO.KV_{bucket}", req, timeout=5.0)).data)
+        if "error" in resp:
+            if resp["error"].get("err_code") == 10059:  # stream not found: an empty bucket is no error
+                return []
+            raise nats.js.errors.APIError.from_error(resp["error"])
+        page = list((resp.get("state") or {}).get("subjects") or {})
+        keys += [s.removeprefix(prefix) for s in page]
+        offset += len(page)
+        if not page or offset >= int(resp.get("total") or 0):
+            return keys
 
 
 async def stored_messages(js: JetStreamContext, stream: str, start: int = 0):

@@ -68,7 +68,12 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     assert vigil(stack.config, "trace", str(media / "backyard" / "broken.jpg"))["stage"] == "dead-lettered"
     assert vigil(stack.config, "trace", str(media / "front_door" / "astronaut.jpg"))["stage"] == "recorded"
     assert "decode" in vigil(stack.config, "dlq", "show", str(letter["seq"]))["reason"]
-    retried = vigil(stack.config, "dlq", "retry", str(letter["seq"]))
+    # a retry shows its checked target and asks; with no terminal to ask on, only --yes does it
+    asked = subprocess.run([sys.executable, "-m", "services.cli", "dlq", "retry", str(letter["seq"]), "--config", str(stack.config)],
+                           capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ, "VIGIL_CONFIG": ""}, stdin=subprocess.DEVNULL)
+    assert asked.returncode == 2 and "vigil.uploads.backyard: pass --yes" in asked.stderr
+    assert vigil(stack.config, "dlq", "list")[0]["seq"] == letter["seq"]  # nothing happened
+    retried = vigil(stack.config, "dlq", "retry", str(letter["seq"]), "--yes")
     assert retried["subject"] == "vigil.uploads.backyard"
     # still corrupt: dead-lettered again by the detector, once
     again = wait_until(lambda: (d := vigil(stack.config, "dlq", "list")) and d[0]["seq"] != letter["seq"] and d, what="re-dead-lettered")
@@ -102,7 +107,7 @@ def test_dlq_retry_of_a_fixed_problem_is_recorded_once(make_stack, media, databa
     # The file comes back (same bytes, hidden while written); the watcher's ledger already knows it
     # only if size and mtime match, so it may publish it again itself: either way, one row.
     path.write_bytes(saved)
-    vigil(stack.config, "dlq", "retry", str(letter["seq"]))
+    vigil(stack.config, "dlq", "retry", str(letter["seq"]), "--yes")
     wait_until(lambda: query(database, "SELECT count(*) FROM detections")[0][0] == 1, what="recorded after retry")
     wait_until(lambda: drained(nats_server.url), what="quiet")
     assert query(database, "SELECT count(*) FROM detections WHERE path = 'front_door/gone.jpg'")[0][0] == 1

@@ -4,11 +4,23 @@ installer's permissions, the running services."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
 
+import nats
 import psycopg
 import pytest
 
+import proto
+from proto.topology import AGGREGATOR_STATE_BUCKET, HEARTBEAT_BUCKET
+from services.health_checks import read_heartbeats
+from services.nats_auth import ADMIN_USER, user
 from services.recorder import is_bad_row
+from tests.integration.test_nats_permissions import attempt, locked_nats  # noqa: F401 - a fixture
+from tests.support import REPO, wait_until, write_config
 
 
 def test_a_nul_byte_is_a_bad_row_not_a_database_outage(database):
@@ -26,3 +38,122 @@ def test_a_nul_byte_is_a_bad_row_not_a_database_outage(database):
     with pytest.raises(psycopg.OperationalError) as away:
         psycopg.connect(database.rsplit("/", 1)[0] + "/no_such_database", connect_timeout=3)
     assert not is_bad_row(away.value)  # the database's state: hold the batch and wait
+
+
+# ---- the bus, with the installer's permissions ------------------------------------------------------
+def admin(url: str, passwords: dict, action):
+    async def go():
+        nc = await nats.connect(url, user=ADMIN_USER, password=passwords[ADMIN_USER])
+        try:
+            return await action(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def cli(config, creds, *args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "services.cli", *args, "--config", str(config)], capture_output=True, text=True, cwd=REPO,
+                          timeout=60, env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "VIGIL_CONFIG": ""}, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture
+def provisioned(locked_nats, tmp_path, media, database):
+    server, creds, passwords = locked_nats
+    config = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=server.url, dsn=database,
+                          model="none", models_dir=None)
+    out = cli(config, creds, "provision")
+    assert out.returncode == 0, out.stderr
+    return server, creds, passwords, config
+
+
+def violations(errors: list[str]) -> str:
+    return " ".join(errors).lower()
+
+
+def test_a_forged_dead_letter_cannot_be_retried_into_the_api(provisioned):
+    """As vigil-detector, a letter whose original subject is $JS.API.STREAM.DELETE.UPLOADS looked like an
+    ordinary decode failure, and `vigil dlq retry` (the admin) deleted the UPLOADS stream. Retry goes
+    only to the letter's own stage input, with its camera and a payload of that stage's type; and a
+    stage may write letters only under its own vigil.dlq.<stage>."""
+    server, creds, passwords, config = provisioned
+    detector = user("detector")
+    forged = proto.DeadLetter(stage="detector", reason="image could not be decoded", original_subject="$JS.API.STREAM.DELETE.UPLOADS",
+                              original_payload="", camera="front_door", path="front_door/x.jpg")
+
+    async def forge(nc):
+        await nc.publish("vigil.dlq.detector.front_door", proto.encode(forged), headers=proto.headers_for(forged))
+
+    async def forge_as_recorder(nc):
+        await nc.publish("vigil.dlq.recorder.front_door", proto.encode(forged), headers=proto.headers_for(forged))
+
+    assert attempt(server.url, detector, passwords[detector], forge) == []  # its own letters: allowed
+    assert "permissions violation for publish" in violations(attempt(server.url, detector, passwords[detector], forge_as_recorder))
+    (letter,) = wait_until(lambda: cli(config, creds, "dlq", "list", "--json").stdout.strip() not in ("", "[]")
+                           and json.loads(cli(config, creds, "dlq", "list", "--json").stdout), what="the forged letter")
+    assert letter["retry"].startswith("no:")
+    out = cli(config, creds, "dlq", "retry", str(letter["seq"]), "--yes", "--json")
+    assert out.returncode == 2 and "cannot be retried" in out.stderr
+
+    async def streams(nc):
+        return [s.config.name for s in await nc.jetstream().streams_info()]
+
+    assert "UPLOADS" in admin(server.url, passwords, streams)
+
+
+def test_no_stage_can_delete_or_redirect_another_stages_work(provisioned):
+    """STREAM.MSG.DELETE was granted to every consumer (the aggregator deleted a detection the recorder
+    had not seen); CONSUMER.CREATE on a KV bucket let the aggregator aim a push consumer at
+    vigil.uploads.front_door and write into UPLOADS without publish rights."""
+    server, creds, passwords, config = provisioned
+    aggregator, recorder = user("aggregator"), user("recorder")
+
+    async def delete_a_detection(nc):
+        await nc.publish("$JS.API.STREAM.MSG.DELETE.DETECTIONS", b'{"seq": 1}')
+
+    async def push_into_uploads(nc):
+        cfg = {"stream_name": f"KV_{AGGREGATOR_STATE_BUCKET}", "config": {"deliver_subject": "vigil.uploads.front_door", "ack_policy": "none"}}
+        await nc.publish(f"$JS.API.CONSUMER.CREATE.KV_{AGGREGATOR_STATE_BUCKET}", json.dumps(cfg).encode())
+
+    async def named_consumer(nc):
+        cfg = {"stream_name": f"KV_{AGGREGATOR_STATE_BUCKET}", "config": {"name": "x", "deliver_subject": "vigil.uploads.front_door"}}
+        await nc.publish(f"$JS.API.CONSUMER.CREATE.KV_{AGGREGATOR_STATE_BUCKET}.x", json.dumps(cfg).encode())
+
+    for who in (aggregator, recorder):
+        assert "permissions violation for publish" in violations(attempt(server.url, who, passwords[who], delete_a_detection)), who
+    for action in (push_into_uploads, named_consumer):
+        assert "permissions violation for publish" in violations(attempt(server.url, aggregator, passwords[aggregator], action))
+
+    async def consumers(nc):
+        return (await nc.jetstream().stream_info(f"KV_{AGGREGATOR_STATE_BUCKET}")).state.consumer_count
+
+    assert admin(server.url, passwords, consumers) == 0
+
+
+def test_no_service_can_speak_for_another_in_health(provisioned):
+    """Health took service and instance from the heartbeat's payload. Each service may write only its
+    own `<service>.>` keys, and a payload that names another service or instance than its key is dropped."""
+    server, creds, passwords, config = provisioned
+    detector = user("detector")
+    now = time.time()
+
+    def beat(service: str, instance: str) -> proto.Heartbeat:
+        return proto.Heartbeat(service=service, instance=instance, host="h", pid=1, version="1", started_at=now, sent_at=now, state="ready")
+
+    def put(key: str, hb: proto.Heartbeat):
+        async def go(nc):
+            await nc.publish(f"$KV.{HEARTBEAT_BUCKET}.{key}", proto.encode(hb))
+        return go
+
+    results = {}
+    for key, hb in (("recorder.box", beat("recorder", "box")), ("detector.box", beat("recorder", "box")),
+                    ("detector.a", beat("detector", "b")), ("detector.box", beat("detector", "box"))):
+        results[f"{key}/{hb.service}.{hb.instance}"] = attempt(server.url, detector, passwords[detector], put(key, hb))
+    assert "permissions violation for publish" in violations(results["recorder.box/recorder.box"])
+    assert all(errors == [] for key, errors in results.items() if key.startswith("detector."))
+
+    async def read(nc):
+        return await read_heartbeats(nc)
+
+    # detector.box was written twice: its last payload is an honest one
+    assert [(h.service, h.instance) for h in admin(server.url, passwords, read)] == [("detector", "box")]
