@@ -157,3 +157,34 @@ def test_no_service_can_speak_for_another_in_health(provisioned):
 
     # detector.box was written twice: its last payload is an honest one
     assert [(h.service, h.instance) for h in admin(server.url, passwords, read)] == [("detector", "box")]
+
+
+def test_markup_in_data_is_printed_as_text(nats_server, tmp_path, media, database):
+    """A heartbeat's last_error of "oops [/bogus]" crashed `vigil status` (rich MarkupError), and
+    "[link=...]" became a live hyperlink: every cell is plain text now."""
+    config = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=nats_server.url, dsn=database,
+                          model="none", models_dir=None, health={"systemd": False})
+    assert cli(config, tmp_path, "provision").returncode == 0
+    now = time.time()
+    error = "oops [/bogus] [link=https://evil.example]click me[/link] [bold red]"
+    hb = proto.Heartbeat(service="watcher", instance="box", host="h", pid=1, version="1", started_at=now, sent_at=now, state="ready",
+                         last_error=error, backend="[/]")
+
+    async def put(nc):
+        await nc.publish(f"$KV.{HEARTBEAT_BUCKET}.watcher.box", proto.encode(hb))
+        await nc.flush()
+
+    asyncio.run(_plain(nats_server.url, put))
+    out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=REPO,
+                         timeout=60, env={**os.environ, "VIGIL_CONFIG": "", "COLUMNS": "400", "TERM": "xterm-256color", "FORCE_COLOR": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "[/bogus]" in out.stdout and "[link=https://evil.example]click me[/link]" in out.stdout
+    assert "\x1b]8;" not in out.stdout  # no hyperlink escape was emitted
+
+
+async def _plain(url: str, action):
+    nc = await nats.connect(url)
+    try:
+        return await action(nc)
+    finally:
+        await nc.close()
