@@ -129,10 +129,17 @@ if [ "$ROLE" != detector ]; then
     if [ -n "$ROUTES" ]; then
         # Routes authenticate with the shared nats-route credential; put the nodes on a private network
         # (or a WireGuard link): the installer does not set up TLS.
-        ROUTE_PW=$(cat "$ETC/credentials/nats-route")
-        RLIST=$(echo "$ROUTES" | sed "s|nats-route://|nats-route://route:$ROUTE_PW@|g; s/[^,][^,]*/\"&\"/g; s/,/, /g")
+        # The password is handled by bash alone (read, expansion, the printf builtin): never in an argv
+        # (`sed "s|...|$ROUTE_PW|"` showed it to every local user in ps).
+        ROUTE_PW=$(<"$ETC/credentials/nats-route")
+        RLIST=
+        IFS=, read -ra ROUTE_URLS <<< "$ROUTES"
+        for url in "${ROUTE_URLS[@]}"; do
+            RLIST+="${RLIST:+, }\"${url/nats-route:\/\//nats-route://route:$ROUTE_PW@}\""
+        done
         printf 'cluster {\n  name: "vigil"\n  listen: "%s:6222"\n  authorization { user: "route", password: "%s" }\n  routes: [%s]\n}\n' \
             "$LISTEN" "$ROUTE_PW" "$RLIST" >> "$CONF"
+        unset ROUTE_PW RLIST
     fi
     # Users and their permissions come from services/nats_auth.py (bcrypt hashes only, never the passwords).
     "$PREFIX/venv/bin/python" -m services.nats_auth "$ETC/credentials" --bcrypt >> "$CONF"

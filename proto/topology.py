@@ -131,7 +131,7 @@ STREAMS: tuple[StreamSpec, ...] = (
         discard="old",
     ),
     StreamSpec(
-        name="DLQ",
+        name="DLQ",  # read by the recorder (table dead_letters), health and the CLI
         description="Dead letters: messages a stage gave up on, with stage, reason and original payload (vigil.dlq.<stage>.<camera>)",
         subjects=("vigil.dlq.>",),
         retention="limits",
@@ -195,6 +195,15 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         durable="recorder-alerts",
         description="Writes alerts to PostgreSQL; acks after commit",
         filter_subject="vigil.alerts.*",
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=1024,
+    ),
+    ConsumerSpec(
+        stream="DLQ",
+        durable="recorder-dlq",
+        description="Writes dead letters to PostgreSQL (what retention trusts); acks after commit",
+        filter_subject="vigil.dlq.>",
         ack_wait=30.0,
         max_deliver=20,
         max_ack_pending=1024,

@@ -41,6 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 import proto
 from services.health_checks import Snapshot, fmt_age, healthy_enough, snapshot_json
 from services.runtime.config import Config
+from services.runtime.http import host_guard
 
 
 class HealthState:
@@ -208,7 +209,7 @@ def make_app(state: HealthState):
     async def page(request):
         return web.Response(text=render_page(state), content_type="text/html")
 
-    app = web.Application()
+    app = web.Application(middlewares=[host_guard(state.config.health.allowed_hosts)])
     app.add_routes([web.get("/health/live", live), web.get("/health/ready", ready), web.get("/status", status),
                     web.get("/metrics", metrics), web.get("/", page)])
     return app

@@ -65,7 +65,8 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "detector": {"publish": ["vigil.detections.*", "vigil.alerts.system", *_consume("detector", "detector")], "subscribe": []},
     "aggregator": {"publish": ["vigil.events.*", "vigil.alerts.*", *_consume("aggregator", "aggregator"), *_kv_write(AGGREGATOR_STATE_BUCKET),
                                *_kv_read(AGGREGATOR_STATE_BUCKET), *_kv_write(EVENT_INDEX_BUCKET), *_kv_read(EVENT_INDEX_BUCKET)], "subscribe": []},
-    "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts") for p in _consume(d, "recorder")],
+    "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts", "recorder-dlq")
+                             for p in _consume(d, "recorder")],
                  "subscribe": []},
     "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},
     # health also re-publishes transient dead letters to their stage's input (services/dlq_retry.py)
@@ -73,7 +74,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
                            "vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.gpu.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET),
                            *_kv_read(HEALTH_BUCKET), *_kv_write(HEALTH_BUCKET)],
                "subscribe": ["vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.dlq.watcher.*"]},
-    "retention": {"publish": ["vigil.retention.report", "$JS.API.STREAM.MSG.GET.DLQ"], "subscribe": [RETENTION_CHECK_SUBJECT]},
+    "retention": {"publish": ["vigil.retention.report"], "subscribe": [RETENTION_CHECK_SUBJECT]},
 }
 
 

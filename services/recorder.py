@@ -1,4 +1,4 @@
-"""recorder: Detections, EventClosed and Alert -> PostgreSQL.
+"""recorder: Detections, EventClosed, Alert, GpuSample and DeadLetter -> PostgreSQL.
 
 Each consumer writes a fetched batch in one transaction (idempotent: ON CONFLICT on the message ids)
 and acks only after COMMIT. While PostgreSQL is away nothing is acked: the batch is held (with
@@ -17,7 +17,7 @@ import msgspec
 import psycopg
 from nats.aio.msg import Msg
 
-from proto import Alert, Detections, EventClosed, GpuSample
+from proto import Alert, DeadLetter, Detections, EventClosed, GpuSample
 from services.runtime import bus
 from services.runtime.config import Config, database_conninfo
 from services.runtime.service import Runtime
@@ -110,14 +110,45 @@ async def write_gpu_samples(cur: psycopg.AsyncCursor, items: list[GpuSample]) ->
     )
 
 
+class SeenLetter(msgspec.Struct):
+    """A dead letter with what the bus says about it: its DLQ sequence and the stage of its subject."""
+
+    dlq_seq: int
+    stage: str
+    letter: DeadLetter
+
+
+def trusted_letter(msg: Msg, letter: DeadLetter) -> SeenLetter | str:
+    """A letter as recorded, or why it is refused. Only the stage itself may publish under
+    vigil.dlq.<stage>.* (services/nats_auth.py), so the subject says who wrote it: a letter claiming
+    another stage (a detector posing as the watcher, say) is someone's forgery."""
+    parts = msg.subject.split(".")
+    stage = parts[2] if len(parts) == 4 and parts[:2] == ["vigil", "dlq"] else None
+    if stage != letter.stage:
+        return f"dead letter of stage {letter.stage!r} written under {msg.subject!r}"
+    return SeenLetter(msg.metadata.sequence.stream, stage, letter)
+
+
+async def write_dead_letters(cur: psycopg.AsyncCursor, items: list[SeenLetter]) -> None:
+    await cur.executemany(
+        "INSERT INTO dead_letters (dlq_seq, stage, camera, path, file_id, reason, transient, original_stream, original_sequence,"
+        " failed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT (dlq_seq) DO NOTHING",
+        [(s.dlq_seq, s.stage, s.letter.camera, s.letter.path, s.letter.file_id, s.letter.reason, s.letter.transient,
+          s.letter.original_stream, s.letter.original_sequence, s.letter.failed_at or 0.0) for s in items],
+    )
+
+
 Writer = Callable[[psycopg.AsyncCursor, list], Awaitable[None]]
 
 
 class TableWriter:
     """One consumer -> one connection -> one table family."""
 
-    def __init__(self, rt: Runtime, dsn: dict, durable: str, kind: type, write: Writer) -> None:
+    def __init__(self, rt: Runtime, dsn: dict, durable: str, kind: type, write: Writer, trust=None) -> None:
         self.rt, self.dsn, self.durable, self.kind, self.write = rt, dsn, durable, kind, write
+        # trust(msg, item) -> what to write, or why not (the dead-letter writer). Such a stream's refusals
+        # are logged and termed, never dead-lettered again: a letter about a letter would loop.
+        self.trust = trust
         self.conn: psycopg.AsyncConnection | None = None
 
     async def connection(self) -> psycopg.AsyncConnection:
@@ -134,7 +165,13 @@ class TableWriter:
         batch: list[tuple[Msg, msgspec.Struct]] = []
         for msg in msgs:
             item = bus.decode_as(msg, self.kind)
-            if isinstance(item, str):
+            if not isinstance(item, str) and self.trust is not None:
+                item = self.trust(msg, item)
+            if isinstance(item, str) and self.trust is not None:
+                self.rt.count("letters_refused")
+                self.rt.log.warning("dead letter refused, not recorded", subject=msg.subject, reason=item[:300])
+                await msg.term()
+            elif isinstance(item, str):
                 await bus.dead_letter(self.rt, STAGE, msg, item)
             else:
                 batch.append((msg, item))
@@ -222,6 +259,7 @@ async def run(config: Config) -> None:
             TableWriter(rt, dsn, "recorder-events", EventClosed, write_events),
             TableWriter(rt, dsn, "recorder-alerts", Alert, write_alerts),
             TableWriter(rt, dsn, "recorder-gpu", GpuSample, write_gpu_samples),
+            TableWriter(rt, dsn, "recorder-dlq", DeadLetter, write_dead_letters, trust=trusted_letter),
         ]
         try:
             async with asyncio.TaskGroup() as tg:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from pathlib import Path
@@ -44,26 +43,6 @@ CHUNK = 5000  # paths per `= ANY(%s)` query
 
 
 # ---- facts from the bus ----------------------------------------------------------------------------
-async def dead_lettered_paths(js) -> set[str]:
-    """Paths of files the detector gave up on: the pipeline is finished with them too."""
-    import nats.js.errors
-
-    out: set[str] = set()
-    try:
-        async for _, raw in bus.stored_messages(js, "DLQ"):
-            # one odd letter (a payload that is JSON but not an object, say) must not stop retention
-            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError):
-                letter = proto.decode(raw.data)
-                if isinstance(letter, proto.DeadLetter) and letter.stage == "detector":
-                    payload = json.loads(letter.original_payload)
-                    path = payload.get("path") if isinstance(payload, dict) else None
-                    if isinstance(path, str):
-                        out.add(path)
-    except nats.js.errors.NotFoundError:
-        pass  # no DLQ stream yet: nothing dead-lettered
-    return out
-
-
 async def unbounded_streams(js) -> list[str]:
     """Streams on the server without an age or size bound (someone edited one by hand, or a stream
     that vigil does not declare bounds for)."""
@@ -95,6 +74,19 @@ def recorded(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> di
             "SELECT path, extract(epoch from max(captured_at)), extract(epoch from max(coalesce(published_at, captured_at))),"
             " max(file_size), max(file_mtime)"
             f" FROM detections d WHERE path = ANY(%s) AND {_MINE} GROUP BY path", (chunk, _like(prefix)))})
+    return out
+
+
+def dead_lettered(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> set[str]:
+    """Files the detector gave up on for their content (not a crash or an outage: those are retried):
+    the pipeline is finished with them too. From the recorder's dead_letters rows only, whose stage is
+    the subject's (services/recorder.py: trusted_letter): anyone who can write into the DLQ stream could
+    otherwise mark any file finished and have it deleted unrecorded."""
+    out: set[str] = set()
+    for chunk in _chunks(paths):
+        out.update(r[0] for r in conn.execute(
+            f"SELECT DISTINCT path FROM dead_letters d WHERE path = ANY(%s) AND stage = 'detector' AND NOT transient AND {_MINE}",
+            (chunk, _like(prefix))))
     return out
 
 
@@ -216,7 +208,7 @@ def missing(conn: psycopg.Connection, root: Path, on_disk: set[str], scan_starte
 
 # ---- one run ---------------------------------------------------------------------------------------
 def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str, dry_run: bool,
-             dead_lettered: set[str] = frozenset(), unbounded: list[str] = ()) -> RetentionReport:
+             unbounded: list[str] = ()) -> RetentionReport:
     """Everything one run does (blocking: call in a thread). `now` is a parameter so tests control
     the clock; the database's own clock is never used for a cutoff."""
     r = config.retention
@@ -229,7 +221,7 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
     files = scan(root, config.watcher.camera_prefix)
     prefix = config.watcher.camera_prefix
     files, finished = with_pipeline_times(files, recorded(conn, [f.rel for f in files], prefix))
-    finished |= dead_lettered & {f.rel for f in files}
+    finished |= dead_lettered(conn, [f.rel for f in files], prefix)
     decided = plan(files, finished, kept_paths(conn, prefix), r, now, free, total)
     report.kept_skipped, report.young_skipped, report.unrecorded_skipped = decided.kept_skipped, decided.young_skipped, decided.unrecorded_skipped
     deleted: list[str] = []
@@ -271,13 +263,12 @@ def connect(config: Config) -> psycopg.Connection:
 
 
 async def gather_and_run(config: Config, js, trigger: str, dry_run: bool, now: float | None = None) -> RetentionReport:
-    """The bus facts (dead letters, stream bounds), then the blocking run in a thread."""
-    dead = await dead_lettered_paths(js) if js is not None else set()
+    """The bus facts (stream bounds), then the blocking run in a thread."""
     unbounded = await unbounded_streams(js) if js is not None else []
 
     def blocking() -> RetentionReport:
         with connect(config) as conn:
-            return run_once(config, conn, now or time.time(), trigger, dry_run, dead, unbounded)
+            return run_once(config, conn, now or time.time(), trigger, dry_run, unbounded)
 
     return await asyncio.to_thread(blocking)
 

@@ -151,6 +151,9 @@ class HealthConfig(_Section):
     # default: the page is read-only but shows camera names and errors.
     http_host: str = "127.0.0.1"
     http_port: int = 9470  # 0 turns the HTTP server off
+    # Host names answered besides loopback ones (localhost, 127.0.0.1, [::1]), e.g. ["vigil.lan"] when
+    # http_host is a LAN address. Any other Host header gets 421: DNS rebinding protection.
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
     check_seconds: float = 2.0  # how often verdicts are recomputed
     # A heartbeat older than this is stale (default 1.5 x heartbeat_seconds, so a dead process shows
     # within two heartbeat intervals).

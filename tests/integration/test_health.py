@@ -189,6 +189,17 @@ def test_metrics_and_status_agree_with_the_cli(make_stack, nats_server, media):
         except urllib.error.HTTPError as exc:
             assert exc.code == 405, (method, exc.code)
 
+    # DNS rebinding: a hostile name resolved to 127.0.0.1 reaches the port, with its own Host header
+    for host, code in (("evil.example", 421), ("evil.example:9470", 421), ("127.0.0.1.nip.io", 421), ("", 421),
+                       (f"localhost:{port}", 200), (f"[::1]:{port}", 200), ("127.0.0.1", 200)):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/status", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                got = resp.status
+        except urllib.error.HTTPError as exc:
+            got = exc.code
+        assert got == code, (host, got)
+
     stack.procs["health"].send_signal(signal.SIGTERM)
     assert stack.procs["health"].wait(20) == 0
 

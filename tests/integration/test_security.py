@@ -20,7 +20,7 @@ from services.health_checks import read_heartbeats
 from services.nats_auth import ADMIN_USER, user
 from services.recorder import is_bad_row
 from tests.integration.test_nats_permissions import attempt, locked_nats  # noqa: F401 - a fixture
-from tests.support import REPO, wait_until, write_config
+from tests.support import REPO, query, wait_until, write_config
 
 
 def test_a_nul_byte_is_a_bad_row_not_a_database_outage(database):
@@ -188,3 +188,43 @@ async def _plain(url: str, action):
         return await action(nc)
     finally:
         await nc.close()
+
+
+def test_retention_trusts_only_dead_letters_the_recorder_saw_from_their_own_stage(make_stack, media, database, nats_server):
+    """Retention took anything in the DLQ stream as "finished with" and deleted files nothing had
+    recorded. Now the recorder writes dead_letters rows with the stage of the subject (which only that
+    stage may publish to); retention deletes an unrecorded file only for a permanent detector letter."""
+    from services.retention import connect, run_once
+    from services.runtime.config import load_config
+    from tests.integration.retention_support import DAY, put_file
+
+    stack = make_stack(model="none", retention={"max_age_days": 1.0})
+    stack.start("recorder")
+    stack.wait_ready("recorder")
+    old = time.time() - 10 * DAY
+    for rel in ("front_door/evidence.jpg", "front_door/claimed.jpg", "front_door/bad.jpg", "front_door/crashed.jpg"):
+        put_file(media, rel, old)
+
+    def letter(stage: str, path: str, transient: bool = False) -> proto.DeadLetter:
+        return proto.DeadLetter(stage=stage, reason="image could not be decoded", original_subject="vigil.uploads.front_door",
+                                original_payload=json.dumps({"type": "FileUploaded", "path": path}), camera="front_door", path=path,
+                                transient=transient, failed_at=time.time())
+
+    async def publish(nc):
+        js = nc.jetstream()
+        for subject, value in (("vigil.dlq.aggregator.front_door", letter("detector", "front_door/evidence.jpg")),  # posing
+                               ("vigil.dlq.aggregator.front_door", letter("aggregator", "front_door/claimed.jpg")),
+                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/bad.jpg")),
+                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/crashed.jpg", transient=True))):
+            await js.publish(subject, proto.encode(value), headers=proto.headers_for(value))
+
+    asyncio.run(_plain(nats_server.url, publish))
+    rows = wait_until(lambda: len(r := query(database, "SELECT stage, path FROM dead_letters ORDER BY dlq_seq")) == 3 and r,
+                      what="three letters recorded")
+    assert rows == [("aggregator", "front_door/claimed.jpg"), ("detector", "front_door/bad.jpg"), ("detector", "front_door/crashed.jpg")]
+    assert "dead letter refused" in stack.log("recorder")
+    config = load_config(stack.config, environ={})
+    with connect(config) as conn:
+        report = run_once(config, conn, time.time(), "cli", False)
+    assert report.deleted_paths == ["front_door/bad.jpg"]
+    assert all((media / "front_door" / n).exists() for n in ("evidence.jpg", "claimed.jpg", "crashed.jpg"))

@@ -95,7 +95,10 @@ def appliance(tmp_path_factory):
         (root / "etc/systemd/system/vigil-.service.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/systemd/system/vigil-.service.d/test.conf").write_text(
             "[Service]\nProtectHome=read-only\nUser=root\nGroup=root\nStateDirectoryMode=0755\nLoadCredential=\n"
-            "Environment=CREDENTIALS_DIRECTORY=/etc/vigil/credentials\n")
+            # /etc/vigil/credentials itself is hidden from every unit (InaccessiblePaths=): a bind mount
+            # elsewhere stands in for the copy LoadCredential= makes
+            "BindReadOnlyPaths=/etc/vigil/credentials:/run/vigil-test-credentials\n"
+            "Environment=CREDENTIALS_DIRECTORY=/run/vigil-test-credentials\n")
         (root / "etc/systemd/system/vigil-postgresql.service.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/systemd/system/vigil-postgresql.service.d/zz-test-postgres.conf").write_text("[Service]\nUser=vigil\nGroup=vigil\nStateDirectoryMode=0700\nUnsetEnvironment=CREDENTIALS_DIRECTORY\n")
         (root / "etc/systemd/system/vigil-detector@.service.d").mkdir(parents=True, exist_ok=True)

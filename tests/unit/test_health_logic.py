@@ -153,3 +153,14 @@ def test_disk_alert_clears_only_with_some_margin():
     assert "disk_low:/srv" in observe(snap(110), state, config, BacklogTrend(), NOW, frozenset({"disk_low:/srv"}))  # 11 %: still low
     assert observe(snap(125), state, config, BacklogTrend(), NOW, frozenset({"disk_low:/srv"})) == {}  # 12.5 %: clear
     assert observe(snap(110), state, config, BacklogTrend(), NOW) == {}  # 11 % without a firing alert: fine
+
+
+def test_only_loopback_host_names_are_served():
+    """DNS rebinding: a page on the internet makes the browser send its own name to 127.0.0.1."""
+    from services.runtime.http import host_allowed
+
+    for ok in ("localhost", "localhost:9470", "127.0.0.1", "127.0.0.1:9470", "127.8.9.10", "[::1]:9470", "[::1]", "LOCALHOST"):
+        assert host_allowed(ok), ok
+    for bad in ("evil.example", "evil.example:9470", "localhost.evil.example", "127.0.0.1.nip.io", "10.0.0.5", "[fe80::1]:80", "", None):
+        assert not host_allowed(bad), bad
+    assert host_allowed("vigil.lan:9470", ["Vigil.LAN"]) and not host_allowed("vigil.lan.evil", ["vigil.lan"])
