@@ -62,6 +62,14 @@ say() { printf 'vigil install: %s\n' "$*"; }
 getent group vigil >/dev/null || groupadd --system vigil
 getent passwd vigil >/dev/null || useradd --system --gid vigil --home-dir /var/lib/vigil --no-create-home --shell /usr/sbin/nologin vigil
 say "user vigil ok"
+# Each unit's private state folder exists before any unit starts: the others hide it with
+# InaccessiblePaths=-..., which skips a path that does not exist yet (and would then show it later).
+# (Only what is missing: systemd's StateDirectory= owns modes and owners from then on.)
+[ -d /var/lib/vigil ] || install -d -m 0755 /var/lib/vigil
+for d in nats watcher engines; do
+    [ -d "/var/lib/vigil/$d" ] || install -d -m 0750 -o vigil -g vigil "/var/lib/vigil/$d"
+done
+[ -d /var/lib/vigil/postgresql ] || install -d -m 0700 -o vigil -g vigil /var/lib/vigil/postgresql
 
 install -d -m 0755 "$PREFIX" "$PREFIX/src"
 cp "$SRC/README.md" "$PREFIX/src/README.md"
@@ -129,14 +137,15 @@ if [ "$ROLE" != detector ]; then
     if [ -n "$ROUTES" ]; then
         # Routes authenticate with the shared nats-route credential; put the nodes on a private network
         # (or a WireGuard link): the installer does not set up TLS.
-        # The password is handled by bash alone (read, expansion, the printf builtin): never in an argv
-        # (`sed "s|...|$ROUTE_PW|"` showed it to every local user in ps).
-        ROUTE_PW=$(<"$ETC/credentials/nats-route")
+        # The password is handled by the shell alone (parameter expansion, the printf builtin): never in
+        # an argv (`sed "s|...|$ROUTE_PW|"` showed it to every local user in ps).
+        ROUTE_PW=$(cat "$ETC/credentials/nats-route")
         RLIST=
-        IFS=, read -ra ROUTE_URLS <<< "$ROUTES"
-        for url in "${ROUTE_URLS[@]}"; do
-            RLIST+="${RLIST:+, }\"${url/nats-route:\/\//nats-route://route:$ROUTE_PW@}\""
+        OLD_IFS=$IFS; IFS=,; set -f
+        for url in $ROUTES; do
+            RLIST="${RLIST:+$RLIST, }\"nats-route://route:$ROUTE_PW@${url#nats-route://}\""
         done
+        IFS=$OLD_IFS; set +f
         printf 'cluster {\n  name: "vigil"\n  listen: "%s:6222"\n  authorization { user: "route", password: "%s" }\n  routes: [%s]\n}\n' \
             "$LISTEN" "$ROUTE_PW" "$RLIST" >> "$CONF"
         unset ROUTE_PW RLIST

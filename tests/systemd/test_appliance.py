@@ -141,6 +141,24 @@ def test_units_verify(appliance):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_each_unit_sees_only_its_own_state(appliance):
+    """One system user for every unit: without InaccessiblePaths= the detector (which decodes hostile
+    files) could rewrite pg_hba.conf, the JetStream store, the watcher's ledger, or read the route
+    password in nats.conf and every credential. Checked inside each running unit's mount namespace
+    (a hidden file is an empty node there, a hidden folder an empty one: `test -s` sees neither)."""
+    private = {"vigil-postgresql": "/var/lib/vigil/postgresql/PG_VERSION", "vigil-nats": "/etc/vigil/nats.conf",
+               "vigil-watcher": "/var/lib/vigil/watcher/ledger.sqlite3"}
+    for path in [*private.values(), "/etc/vigil/credentials/db-password"]:
+        assert appliance.sd.run("test", "-s", path, check=False).returncode == 0, f"{path} missing on the appliance itself"
+    for unit in SERVICES:
+        pid = appliance.state(unit)["MainPID"]
+        probe = appliance.sd.run("nsenter", "-t", pid, "-m", "-r", "test", "-e", "/etc/vigil/vigil.toml", check=False)
+        assert probe.returncode == 0, (unit, probe.stderr)  # the probe itself works in that namespace
+        seen = {path for path in [*private.values(), "/etc/vigil/credentials/db-password"]
+                if appliance.sd.run("nsenter", "-t", pid, "-m", "-r", "test", "-s", path, check=False).returncode == 0}
+        assert seen == ({private[unit]} if unit in private else set()), unit
+
+
 def test_journal_has_structured_fields(appliance):
     """Log records reach the journal as fields: `journalctl -u vigil-detector@cpu CAMERA=front_door` works."""
     good = photo_bytes("coffee")
