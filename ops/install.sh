@@ -88,7 +88,7 @@ install -d -m 0700 "$ETC/credentials"
 if [ "$ROLE" = detector ]; then
     NEED="nats-detector nats-gpu-stats"
 else
-    NEED="nats-password db-password nats-route nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention"
+    NEED="nats-password db-password db-recorder db-retention db-health nats-route nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention"
 fi
 for name in $NEED; do
     if [ -n "$CREDS_FROM" ] && [ -s "$CREDS_FROM/$name" ]; then  # a cluster shares users and passwords
@@ -115,6 +115,11 @@ configure() {
     if ! grep -q '^per_service_users' "$1"; then
         sed -i '/^\[nats\]/a per_service_users = true\nprovision = false' "$1"
         say "$1: added per_service_users = true, provision = false under [nats]"
+    fi
+    # and before per-service PostgreSQL roles (vigil-postgresql makes them at its start)
+    if ! grep -q '^per_service_roles' "$1"; then
+        sed -i '/^\[database\]/a per_service_roles = true' "$1"
+        say "$1: added per_service_roles = true under [database]"
     fi
 }
 sed "s|@MEDIA@|$MEDIA|" "$SRC/ops/vigil.toml" > "$ETC/vigil.toml.new"

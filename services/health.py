@@ -168,7 +168,7 @@ def seed_from_database(config: Config) -> tuple[dict[str, float], list[dict]]:
 
     from services.runtime.config import database_conninfo
 
-    with psycopg.connect(**database_conninfo(config), connect_timeout=3) as conn:
+    with psycopg.connect(**database_conninfo(config, "health"), connect_timeout=3) as conn:
         cams = conn.execute("SELECT camera, extract(epoch from max(captured_at)) FROM detections GROUP BY camera").fetchall()
         events = conn.execute("SELECT event_id, camera, extract(epoch from started_at), extract(epoch from ended_at), labels"
                               " FROM events ORDER BY started_at DESC LIMIT 20").fetchall()

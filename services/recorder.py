@@ -27,15 +27,20 @@ _MIGRATION_LOCK = 0x76696731  # "vig1": one migrator at a time
 
 
 async def migrate(conn: psycopg.AsyncConnection, log) -> None:
-    """Apply services/recorder_schema/NNN_*.sql in order, each once, under an advisory lock."""
+    """Apply services/recorder_schema/NNN_*.sql in order, each once, under an advisory lock. A schema
+    that is current costs no DDL, so a role without CREATE (per_service_roles) passes; one that is
+    behind raises InsufficientPrivilege for such a role (the owner, vigil-postgres, migrates)."""
+    files = sorted(f for f in resources.files("services.recorder_schema").iterdir() if f.name.endswith(".sql"))
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        exists = (await (await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")).fetchone())[0]
+        done = {r[0] for r in await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()} if exists else set()
+        if {int(f.name.split("_", 1)[0]) for f in files} <= done:
+            return
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r[0] for r in await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()}
-        files = sorted(f for f in resources.files("services.recorder_schema").iterdir() if f.name.endswith(".sql"))
         for f in files:
             version = int(f.name.split("_", 1)[0])
             if version not in done:
@@ -242,8 +247,9 @@ async def wait_for_database(rt: Runtime, dsn: dict) -> None:
             async with await psycopg.AsyncConnection.connect(**dsn, connect_timeout=5) as conn:
                 await migrate(conn, rt.log)
             return
-        except psycopg.OperationalError as exc:
-            rt.log.warning("database not reachable yet, retrying", error=str(exc).strip()[:200])
+        except (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege) as exc:
+            # InsufficientPrivilege: our own role may not migrate; the owner (vigil-postgres at its start) does
+            rt.log.warning("database not reachable or schema not current yet, retrying", error=str(exc).strip()[:200])
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(rt.stopping.wait(), timeout=delay)
             delay = min(delay * 2, 5.0)
@@ -252,7 +258,7 @@ async def wait_for_database(rt: Runtime, dsn: dict) -> None:
 async def run(config: Config) -> None:
     cfg = config.recorder
     async with Runtime.start("recorder", config) as rt:
-        dsn = database_conninfo(config)
+        dsn = database_conninfo(config, "recorder")
         await wait_for_database(rt, dsn)
         writers = [
             TableWriter(rt, dsn, "recorder-detections", Detections, write_detections),

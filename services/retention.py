@@ -259,7 +259,7 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
 
 
 def connect(config: Config) -> psycopg.Connection:
-    return psycopg.connect(**database_conninfo(config), connect_timeout=5, autocommit=True)
+    return psycopg.connect(**database_conninfo(config, "retention"), connect_timeout=5, autocommit=True)
 
 
 async def gather_and_run(config: Config, js, trigger: str, dry_run: bool, now: float | None = None) -> RetentionReport:

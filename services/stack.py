@@ -264,6 +264,27 @@ class Postgres:
         _stop(self.proc, signal.SIGKILL, 5)
 
 
+def prepare_schema(pg: "Postgres") -> list[str]:
+    """As the owner: migrate vigil's schema, then create or update each service's role
+    (services/database.py) with the password of its credential (db-recorder, ...) where one is given."""
+    import asyncio
+
+    import psycopg
+    import structlog
+
+    from services.database import GRANTS, credential_name, setup_roles
+    from services.recorder import migrate
+    from services.runtime.config import credential
+
+    async def run_migrations() -> None:
+        async with await psycopg.AsyncConnection.connect(pg.dsn(), password=pg.password, connect_timeout=10) as conn:
+            await migrate(conn, structlog.get_logger())
+
+    asyncio.run(run_migrations())
+    with psycopg.connect(pg.dsn(), password=pg.password, connect_timeout=10, autocommit=True) as conn:
+        return setup_roles(conn, {s: credential(credential_name(s)) for s in GRANTS})
+
+
 def postgres_unit_main(argv: list[str] | None = None) -> int:
     """`vigil-postgres DATA_DIR [--port 5432]`: the bundled PostgreSQL as a systemd Type=notify service.
 
@@ -291,6 +312,7 @@ def postgres_unit_main(argv: list[str] | None = None) -> int:
     # `systemctl reload`: PostgreSQL re-reads its configuration on SIGHUP; the wrapper must not die of it.
     signal.signal(signal.SIGHUP, lambda signum, frame: pg.proc and pg.proc.poll() is None and pg.proc.send_signal(signal.SIGHUP))
     pg.start()
+    prepare_schema(pg)
     notifier.ready(f"accepting connections on 127.0.0.1:{args.port}")
     while not stop["requested"] and pg.proc.poll() is None:
         time.sleep(0.5)

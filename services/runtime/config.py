@@ -55,6 +55,10 @@ class DatabaseConfig(_Section):
     dsn: str = "postgresql://vigil@127.0.0.1:5432/vigil"
     # Name of the systemd credential holding the password (added to the DSN at connect time).
     password_credential: str = "db-password"
+    # Each service logs in as its own role (vigil_recorder, vigil_retention, vigil_health) with its own
+    # credential (db-<service>), with only the rights its work needs (services/database.py). The
+    # installer turns it on; the owner role above then migrates (vigil-postgres) and serves the CLI.
+    per_service_roles: bool = False
 
 
 class WatcherConfig(_Section):
@@ -256,8 +260,14 @@ def credential(name: str, environ: Mapping[str, str] | None = None) -> str | Non
         raise ConfigError(f"config error: credential {name} in {directory} is not readable by this service") from None
 
 
-def database_conninfo(config: "Config") -> dict[str, Any]:
-    """psycopg connect() arguments: the DSN plus the credential's password, if systemd gave one."""
+def database_conninfo(config: "Config", service: str | None = None) -> dict[str, Any]:
+    """psycopg connect() arguments: the DSN plus the credential's password, if systemd gave one. With
+    per_service_roles, `service` logs in as its own role with its own credential."""
+    if service is not None and config.database.per_service_roles:
+        from services.database import credential_name, role_name
+
+        password = credential(credential_name(service))
+        return {"conninfo": config.database.dsn, "user": role_name(service), **({"password": password} if password else {})}
     password = credential(config.database.password_credential)
     return {"conninfo": config.database.dsn, **({"password": password} if password else {})}
 

@@ -228,3 +228,60 @@ def test_retention_trusts_only_dead_letters_the_recorder_saw_from_their_own_stag
         report = run_once(config, conn, time.time(), "cli", False)
     assert report.deleted_paths == ["front_door/bad.jpg"]
     assert all((media / "front_door" / n).exists() for n in ("evidence.jpg", "claimed.jpg", "crashed.jpg"))
+
+
+# ---- PostgreSQL: a role per service -----------------------------------------------------------------
+def test_each_service_role_has_only_the_rights_its_work_needs(postgres, database):
+    """One superuser for everything let code run in any service drop every table. Roles made by
+    vigil-postgres at start: the recorder writes but never deletes, retention deletes and marks
+    missing media but never writes rows, health only reads; none can change the schema."""
+    import asyncio as aio
+
+    import psycopg.errors
+    import structlog
+
+    from services.database import setup_roles
+    from services.recorder import migrate
+
+    async def schema():
+        async with await psycopg.AsyncConnection.connect(database) as conn:
+            await migrate(conn, structlog.get_logger())
+
+    aio.run(schema())
+    with psycopg.connect(database, autocommit=True) as conn:
+        setup_roles(conn, {"recorder": "r-pw", "retention": "t-pw", "health": "h-pw"})
+        setup_roles(conn, {"recorder": "r-pw", "retention": "t-pw", "health": "h-pw"})  # every start: idempotent
+
+    def as_role(role: str, password: str, statement: str, *params) -> str:
+        try:
+            with psycopg.connect(database, user=role, password=password, autocommit=True) as conn:
+                conn.execute(statement, params)
+            return "ok"
+        except psycopg.errors.InsufficientPrivilege:
+            return "denied"
+
+    insert = ("INSERT INTO alerts (alert_id, camera, kind, severity, message, created_at, state) VALUES (%s, 'c', 'k', 'info', 'm', now(),"
+              " 'firing')")
+    checks = {
+        ("vigil_recorder", "insert"): as_role("vigil_recorder", "r-pw", insert, "a1"),
+        ("vigil_recorder", "upsert"): as_role("vigil_recorder", "r-pw", insert + " ON CONFLICT (alert_id) DO UPDATE SET message = 'n'", "a1"),
+        ("vigil_recorder", "delete"): as_role("vigil_recorder", "r-pw", "DELETE FROM alerts"),
+        ("vigil_retention", "select"): as_role("vigil_retention", "t-pw", "SELECT count(*) FROM detections"),
+        ("vigil_retention", "mark missing"): as_role("vigil_retention", "t-pw", "UPDATE detections SET missing_since = now() WHERE false"),
+        ("vigil_retention", "delete"): as_role("vigil_retention", "t-pw", "DELETE FROM alerts"),
+        ("vigil_retention", "insert"): as_role("vigil_retention", "t-pw", insert, "a2"),
+        ("vigil_retention", "rewrite a row"): as_role("vigil_retention", "t-pw", "UPDATE detections SET path = 'x' WHERE false"),
+        ("vigil_health", "select"): as_role("vigil_health", "h-pw", "SELECT count(*) FROM events"),
+        ("vigil_health", "update"): as_role("vigil_health", "h-pw", "UPDATE events SET keep = true WHERE false"),
+        ("vigil_health", "delete"): as_role("vigil_health", "h-pw", "DELETE FROM events"),
+    }
+    for role, pw in (("vigil_recorder", "r-pw"), ("vigil_retention", "t-pw"), ("vigil_health", "h-pw")):
+        checks[(role, "drop a table")] = as_role(role, pw, "DROP TABLE detections")
+        checks[(role, "create a table")] = as_role(role, pw, "CREATE TABLE evil (x int)")
+    assert checks == {
+        ("vigil_recorder", "insert"): "ok", ("vigil_recorder", "upsert"): "ok", ("vigil_recorder", "delete"): "denied",
+        ("vigil_retention", "select"): "ok", ("vigil_retention", "mark missing"): "ok", ("vigil_retention", "delete"): "ok",
+        ("vigil_retention", "insert"): "denied", ("vigil_retention", "rewrite a row"): "denied",
+        ("vigil_health", "select"): "ok", ("vigil_health", "update"): "denied", ("vigil_health", "delete"): "denied",
+        **{(r, a): "denied" for r in ("vigil_recorder", "vigil_retention", "vigil_health") for a in ("drop a table", "create a table")},
+    }

@@ -159,6 +159,17 @@ def test_each_unit_sees_only_its_own_state(appliance):
         assert seen == ({private[unit]} if unit in private else set()), unit
 
 
+def test_services_use_their_own_database_roles(appliance):
+    """The installer turns per_service_roles on; vigil-postgresql made the roles at its start, and the
+    recorder writes as vigil_recorder (services/database.py), not as the owner."""
+    assert "per_service_roles = true" in (appliance.sd.root / "etc/vigil/vigil.toml").read_text()
+    roles = {r[0] for r in appliance.sql("SELECT rolname FROM pg_roles WHERE rolname LIKE 'vigil\\_%'")}
+    assert roles >= {"vigil_recorder", "vigil_retention", "vigil_health"}, roles
+    users = wait_until(lambda: {r[0] for r in appliance.sql("SELECT usename FROM pg_stat_activity WHERE usename IS NOT NULL")} & {"vigil_recorder"},
+                       what="the recorder connected as its own role")
+    assert users == {"vigil_recorder"}
+
+
 def test_journal_has_structured_fields(appliance):
     """Log records reach the journal as fields: `journalctl -u vigil-detector@cpu CAMERA=front_door` works."""
     good = photo_bytes("coffee")

@@ -1,0 +1,55 @@
+"""PostgreSQL roles: one per service that uses the database, with only the rights its work needs.
+
+The owner role (`vigil`, credential `db-password`) owns the schema and migrates it; the CLI uses it.
+With `[database] per_service_roles = true` (what the installer writes) each service logs in as its own
+role with its own credential instead, so code run inside one service cannot do what its work does not
+need: the recorder cannot delete, retention cannot write rows, health can only read.
+`vigil-postgres` (the bundled server's unit) migrates and sets these roles up at every start.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+TABLES = ("detections", "events", "event_detections", "alerts", "gpu_samples", "dead_letters")
+
+# service -> (privileges, tables) grants; every role also reads schema_migrations (to know the schema is current)
+GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "recorder": [("SELECT, INSERT, UPDATE", TABLES)],  # ON CONFLICT DO UPDATE needs UPDATE
+    "retention": [("SELECT, DELETE", TABLES), ("UPDATE (missing_since)", ("detections",))],
+    "health": [("SELECT", TABLES)],
+}
+
+
+def role_name(service: str) -> str:
+    return f"vigil_{service.replace('-', '_')}"
+
+
+def credential_name(service: str) -> str:
+    return f"db-{service}"
+
+
+def setup_roles(conn: psycopg.Connection, passwords: dict[str, str | None]) -> list[str]:
+    """Create or update every service role (as the owner, after migrating): LOGIN, its password when one
+    is given (none: it can log in only where pg_hba trusts), exactly its grants. Returns the role names."""
+    db = conn.execute("SELECT current_database()").fetchone()[0]
+    made = []
+    with conn.transaction():
+        # PostgreSQL before 15 lets every role create tables in public: only the owner may change the schema
+        conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        for service, grants in GRANTS.items():
+            role = sql.Identifier(role_name(service))
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role_name(service),)).fetchone()
+            if not exists:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(role))
+            password = passwords.get(service)
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password) if password else sql.NULL))
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(db), role))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
+            conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(role))
+            conn.execute(sql.SQL("GRANT SELECT ON schema_migrations TO {}").format(role))
+            for privileges, tables in grants:
+                conn.execute(sql.SQL("GRANT " + privileges + " ON {} TO {}").format(sql.SQL(", ").join(map(sql.Identifier, tables)), role))
+            made.append(role_name(service))
+    return made
