@@ -21,11 +21,14 @@ RETRY_HEADER = "Vigil-Retry"  # on a message re-published from the DLQ: how many
 
 # Text that must never travel in a message: C0 and C1 control characters (NUL stalls PostgreSQL, ESC
 # drives the operator's terminal, a newline forges log lines) and lone surrogates (a file name that is
-# not UTF-8, as Python's surrogateescape decodes it).
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# not UTF-8, as Python's surrogateescape decodes it), and the invisible characters that reorder or
+# break what a person reads (bidirectional overrides and isolates, LRM/RLM, line/paragraph separators):
+# "gpj.exe" shown as "exe.jpg".
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 # The same as they look in encoded JSON: a cheap scan of the bytes decides whether a message needs the
 # field-by-field check (false alarms such as an escaped backslash before "n" only cost that check).
-_UNSAFE_JSON = re.compile(rb"\\(?:u00[0189][0-9a-fA-F]|u007[fF]|[bfnrt])|\x7f|\xc2[\x80-\x9f]")
+_UNSAFE_JSON = re.compile(rb"\\(?:u00[0189][0-9a-fA-F]|u007[fF]|[bfnrt]|u200[eEfF]|u202[89a-eA-E]|u206[6-9])"
+                          rb"|\x7f|\xc2[\x80-\x9f]|\xe2\x80[\x8e\x8f\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
 # Fields that keep foreign bytes on purpose: a dead letter's copy of the message it could not use.
 _RAW_FIELDS = {("DeadLetter", "original_payload")}
 

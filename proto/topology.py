@@ -56,6 +56,14 @@ def dlq_subject(stage: str, camera: str | None) -> str:
     return f"vigil.dlq.{stage}.{camera or '_'}"
 
 
+def dlq_subject_stage(subject: str) -> str | None:
+    """The stage a dead letter was written by, from its subject: only that stage's NATS user may publish
+    under vigil.dlq.<stage>.* (services/nats_auth.py), so this - never the letter's own `stage` - is
+    who wrote it."""
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 4 and parts[:2] == ["vigil", "dlq"] else None
+
+
 # discard="new": a full stream refuses the publish (the publisher retries with backoff) instead of
 # silently dropping the oldest unprocessed work.
 STREAMS: tuple[StreamSpec, ...] = (

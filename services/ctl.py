@@ -27,7 +27,7 @@ import msgspec
 
 import proto
 from services import dlq_retry
-from proto.topology import CONSUMERS, STREAMS
+from proto.topology import CONSUMERS, STREAMS, dlq_subject_stage
 from services.runtime.config import Config, ConfigError, credential, database_conninfo, load_config
 
 TAIL_SUBJECTS = {"uploads": "vigil.uploads", "detections": "vigil.detections", "events": "vigil.events",
@@ -90,10 +90,19 @@ async def gather_streams(config: Config) -> list[dict]:
     return out
 
 
-async def dead_letters(js) -> list[tuple[int, proto.DeadLetter]]:
+async def dead_letters(js) -> list[tuple[int, str, proto.DeadLetter | str]]:
+    """(sequence, subject, the letter or why it does not decode) for every message in the DLQ: one bad
+    message (any stage can write one) must not hide the others from `vigil dlq` and `vigil trace`."""
     from services.runtime.bus import stored_messages
 
-    return [(seq, proto.decode(raw.data, raw.headers)) async for seq, raw in stored_messages(js, "DLQ")]
+    out: list[tuple[int, str, proto.DeadLetter | str]] = []
+    async for seq, raw in stored_messages(js, "DLQ"):
+        try:
+            value = proto.decode(raw.data, raw.headers)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            value = f"undecodable dead letter: {exc}"
+        out.append((seq, raw.subject, value if isinstance(value, (proto.DeadLetter, str)) else f"not a dead letter: {type(value).__name__}"))
+    return out
 
 
 async def dlq(config: Config, action: str, seq: int | None, confirm=lambda letter, subject: True) -> dict | list:
@@ -101,25 +110,35 @@ async def dlq(config: Config, action: str, seq: int | None, confirm=lambda lette
     nc = await connect(config)
     js = nc.jetstream()
     try:
+        if action == "purge":  # without reading the letters: an undecodable one must not stop a purge
+            messages = (await js.stream_info("DLQ")).state.messages
+            await js.purge_stream("DLQ")
+            return {"purged": messages}
         letters = await dead_letters(js)
         if action == "list":
             h = config.health
             return [{"seq": s, "stage": d.stage, "reason": d.reason, "camera": d.camera, "file_id": d.file_id, "path": d.path,
                      "original_subject": d.original_subject, "failed_at": d.failed_at, "transient": d.transient, "retries": d.retries,
-                     "retry_at": (p := dlq_retry.plan(d, h.dlq_retry_seconds, h.dlq_retry_max))[0], "retry": p[1]} for s, d in letters]
-        if action == "purge":
-            await js.purge_stream("DLQ")
-            return {"purged": len(letters)}
-        letter = dict(letters).get(seq)
-        if letter is None:
+                     "retry_at": (p := dlq_retry.plan(d, subj, h.dlq_retry_seconds, h.dlq_retry_max))[0], "retry": p[1]}
+                    if isinstance(d, proto.DeadLetter) else
+                    {"seq": s, "stage": dlq_subject_stage(subj), "reason": d, "camera": None, "file_id": None, "path": None,
+                     "original_subject": None, "failed_at": None, "transient": False, "retries": 0, "retry_at": None, "retry": "no: undecodable"}
+                    for s, subj, d in letters]
+        found = {s: (subj, d) for s, subj, d in letters}.get(seq)
+        if found is None:
             raise LookupError(f"no dead letter with sequence {seq}")
+        letter_subject, letter = found
+        if isinstance(letter, str):
+            if action == "show":
+                return {"seq": seq, "subject": letter_subject, "undecodable": letter}
+            raise LookupError(f"dead letter {seq} cannot be retried: {letter}")
         if action == "show":
             return {"seq": seq, **to_builtins(letter)}
         # retry: the original message goes back onto its stage's input subject (checked: services/dlq_retry.py),
         # so the stage that refused it sees it again. A fresh Nats-Msg-Id bypasses the duplicate window;
         # downstream writes are idempotent.
         try:
-            subject, data = dlq_retry.target(letter)
+            subject, data = dlq_retry.target(letter, letter_subject)
         except dlq_retry.NotRetryable as exc:
             raise LookupError(f"dead letter {seq} cannot be retried: {exc}") from None
         if not confirm(letter, subject):
@@ -230,8 +249,9 @@ async def trace(config: Config, needle: str) -> dict:
                    "recorded_at": float(r[6]), "event_id": r[7]} for r in rows]
     file_ids = {d["file_id"] for d in detections}
     nc = await connect(config)
-    letters = [{"seq": s, "stage": d.stage, "reason": d.reason, "path": d.path} for s, d in await dead_letters(nc.jetstream())
-               if d.file_id in file_ids or d.file_id == needle or d.path == needle or needle in d.original_payload]
+    letters = [{"seq": s, "stage": d.stage, "reason": d.reason, "path": d.path} for s, _, d in await dead_letters(nc.jetstream())
+               if isinstance(d, proto.DeadLetter)
+               and (d.file_id in file_ids or d.file_id == needle or d.path == needle or needle in d.original_payload)]
     await nc.close()
     rejected = [d for d in letters if d["stage"] == "watcher"]
     stage = ("recorded" if detections else rejected[-1]["reason"] if rejected else "dead-lettered" if letters

@@ -16,7 +16,10 @@ TABLES = ("detections", "events", "event_detections", "alerts", "gpu_samples", "
 
 # service -> (privileges, tables) grants; every role also reads schema_migrations (to know the schema is current)
 GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "recorder": [("SELECT, INSERT, UPDATE", TABLES)],  # ON CONFLICT DO UPDATE needs UPDATE
+    # every write is ON CONFLICT DO NOTHING but an event's new revision: UPDATE on those columns alone
+    # (never `keep`, which would let it expose evidence to retention)
+    "recorder": [("SELECT, INSERT", TABLES),
+                 ("UPDATE (started_at, ended_at, detection_count, labels, best_file_id, close_reason, revision)", ("events",))],
     "retention": [("SELECT, DELETE", TABLES), ("UPDATE (missing_since)", ("detections",))],
     "health": [("SELECT", TABLES)],
 }

@@ -20,6 +20,7 @@ import msgspec
 
 import proto
 from proto.messages import RETRY_HEADER, TYPE_HEADER, VERSION_HEADER, valid_camera
+from proto.topology import dlq_subject_stage
 from proto.topology import token as subject_token
 
 # stage -> stream it consumes -> (subject kind, message type)
@@ -35,8 +36,12 @@ class NotRetryable(ValueError):
     """The letter cannot go back into the pipeline (and why)."""
 
 
-def target(letter: proto.DeadLetter) -> tuple[str, bytes]:
-    """(subject, payload) a retry of `letter` publishes, or NotRetryable with the reason."""
+def target(letter: proto.DeadLetter, letter_subject: str) -> tuple[str, bytes]:
+    """(subject, payload) a retry of `letter` (stored under `letter_subject`) publishes, or NotRetryable
+    with the reason. The stage is the one of the letter's subject: a letter written by the aggregator
+    that claims to be the detector's would otherwise be re-published into UPLOADS by health or the admin."""
+    if dlq_subject_stage(letter_subject) != letter.stage:
+        raise NotRetryable(f"a letter of stage {letter.stage!r} written under {letter_subject!r}: not its stage's letter")
     inputs = STAGE_INPUTS.get(letter.stage)
     if inputs is None:
         raise NotRetryable(f"stage {letter.stage!r} takes no messages from the bus (a watcher letter is a refused file:"
@@ -71,7 +76,7 @@ def headers(letter: proto.DeadLetter, seq: int, retries: int, msg_id: str) -> di
     return out
 
 
-def plan(letter: proto.DeadLetter, first_delay: float, max_retries: int) -> tuple[float | None, str]:
+def plan(letter: proto.DeadLetter, letter_subject: str, first_delay: float, max_retries: int) -> tuple[float | None, str]:
     """(when it will be retried automatically, or None; what to tell the operator)."""
     if not letter.transient:
         return None, "no: its content was refused (fix it, then `vigil dlq retry`)"
@@ -80,7 +85,7 @@ def plan(letter: proto.DeadLetter, first_delay: float, max_retries: int) -> tupl
     if letter.retries >= max_retries:
         return None, f"no: {letter.retries} automatic retries used"
     try:
-        target(letter)
+        target(letter, letter_subject)
     except NotRetryable as exc:
         return None, f"no: {exc}"
     when = letter.failed_at + first_delay * 4**letter.retries
@@ -94,7 +99,7 @@ class RetryBook:
     def __init__(self, first_delay: float, max_retries: int) -> None:
         self.first_delay, self.max_retries = first_delay, max_retries
         self.next_seq = 0
-        self.due: dict[int, tuple[float, proto.DeadLetter]] = {}  # seq -> (when, letter)
+        self.due: dict[int, tuple[float, proto.DeadLetter, str]] = {}  # seq -> (when, letter, its subject)
 
     async def scan(self, js) -> None:
         import nats.js.errors
@@ -110,9 +115,9 @@ class RetryBook:
                 except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                     continue
                 if isinstance(letter, proto.DeadLetter):
-                    when, _ = plan(letter, self.first_delay, self.max_retries)
+                    when, _ = plan(letter, raw.subject, self.first_delay, self.max_retries)
                     if when is not None:
-                        self.due[seq] = (when, letter)
+                        self.due[seq] = (when, letter, raw.subject)
         except nats.js.errors.NotFoundError:
             return
         for seq in [s for s in self.due if s < first]:
@@ -123,10 +128,10 @@ class RetryBook:
         import nats.js.errors
 
         done = 0
-        for seq, (when, letter) in sorted(self.due.items()):
+        for seq, (when, letter, letter_subject) in sorted(self.due.items()):
             if when > now or letter.stage not in healthy:
                 continue
-            subject, data = target(letter)
+            subject, data = target(letter, letter_subject)
             n = letter.retries + 1
             await js.publish(subject, data, headers=headers(letter, seq, n, f"autoretry-{seq}-{n}"))
             try:

@@ -17,7 +17,9 @@ import msgspec
 import psycopg
 from nats.aio.msg import Msg
 
-from proto import Alert, DeadLetter, Detections, EventClosed, GpuSample
+import proto
+from proto import Alert, DeadLetter, Detections, EventClosed, FileUploaded, GpuSample
+from proto.topology import dlq_subject_stage
 from services.runtime import bus
 from services.runtime.config import Config, database_conninfo
 from services.runtime.service import Runtime
@@ -121,25 +123,33 @@ class SeenLetter(msgspec.Struct):
     dlq_seq: int
     stage: str
     letter: DeadLetter
+    file_size: int | None = None  # of the FileUploaded it was about (its mtime as on disk)
+    file_mtime: float | None = None
 
 
 def trusted_letter(msg: Msg, letter: DeadLetter) -> SeenLetter | str:
     """A letter as recorded, or why it is refused. Only the stage itself may publish under
     vigil.dlq.<stage>.* (services/nats_auth.py), so the subject says who wrote it: a letter claiming
     another stage (a detector posing as the watcher, say) is someone's forgery."""
-    parts = msg.subject.split(".")
-    stage = parts[2] if len(parts) == 4 and parts[:2] == ["vigil", "dlq"] else None
+    stage = dlq_subject_stage(msg.subject)
     if stage != letter.stage:
         return f"dead letter of stage {letter.stage!r} written under {msg.subject!r}"
-    return SeenLetter(msg.metadata.sequence.stream, stage, letter)
+    seen = SeenLetter(msg.metadata.sequence.stream, stage, letter)
+    try:
+        up = proto.decode(letter.original_payload.encode())
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        up = None
+    if isinstance(up, FileUploaded):
+        seen.file_size, seen.file_mtime = up.size, up.camera_mtime if up.clock_suspect and up.camera_mtime is not None else up.mtime
+    return seen
 
 
 async def write_dead_letters(cur: psycopg.AsyncCursor, items: list[SeenLetter]) -> None:
     await cur.executemany(
         "INSERT INTO dead_letters (dlq_seq, stage, camera, path, file_id, reason, transient, original_stream, original_sequence,"
-        " failed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT (dlq_seq) DO NOTHING",
+        " file_size, file_mtime, failed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT (dlq_seq) DO NOTHING",
         [(s.dlq_seq, s.stage, s.letter.camera, s.letter.path, s.letter.file_id, s.letter.reason, s.letter.transient,
-          s.letter.original_stream, s.letter.original_sequence, s.letter.failed_at or 0.0) for s in items],
+          s.letter.original_stream, s.letter.original_sequence, s.file_size, s.file_mtime, s.letter.failed_at or 0.0) for s in items],
     )
 
 

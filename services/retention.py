@@ -34,7 +34,7 @@ import psycopg.errors
 import proto
 from proto.messages import MAX_REPORTED_PATHS, CameraFreed, RetentionReport
 from proto.topology import RETENTION_CHECK_SUBJECT, STREAMS
-from services.retention_media import DAY, check_root, free_space, plan, present, scan, unlink_under, watermark_bytes
+from services.retention_media import DAY, MediaFile, check_root, free_space, plan, present, scan, unlink_under, watermark_bytes
 from services.runtime import bus
 from services.runtime.config import Config, database_conninfo
 from services.runtime.service import Runtime
@@ -77,17 +77,19 @@ def recorded(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> di
     return out
 
 
-def dead_lettered(conn: psycopg.Connection, paths: list[str], prefix: str = "") -> set[str]:
+def dead_lettered(conn: psycopg.Connection, files: list[MediaFile], prefix: str = "") -> set[str]:
     """Files the detector gave up on for their content (not a crash or an outage: those are retried):
     the pipeline is finished with them too. From the recorder's dead_letters rows only, whose stage is
     the subject's (services/recorder.py: trusted_letter): anyone who can write into the DLQ stream could
-    otherwise mark any file finished and have it deleted unrecorded."""
-    out: set[str] = set()
-    for chunk in _chunks(paths):
-        out.update(r[0] for r in conn.execute(
-            f"SELECT DISTINCT path FROM dead_letters d WHERE path = ANY(%s) AND stage = 'detector' AND NOT transient AND {_MINE}",
-            (chunk, _like(prefix))))
-    return out
+    otherwise mark any file finished and have it deleted unrecorded. Only for the very file the letter
+    was about (same size and mtime): a new upload at the same path is still pending."""
+    seen: dict[str, set[tuple[int, float]]] = {}
+    for chunk in _chunks([f.rel for f in files]):
+        for path, size, mtime in conn.execute(
+                "SELECT path, file_size, file_mtime FROM dead_letters d WHERE path = ANY(%s) AND stage = 'detector' AND NOT transient"
+                f" AND file_size IS NOT NULL AND file_mtime IS NOT NULL AND {_MINE}", (chunk, _like(prefix))):
+            seen.setdefault(path, set()).add((int(size), float(mtime)))
+    return {f.rel for f in files if any(size == f.size and abs(mtime - f.mtime) < 1e-3 for size, mtime in seen.get(f.rel, ()))}
 
 
 def with_pipeline_times(files: list[MediaFile], times: dict[str, tuple]) -> tuple[list[MediaFile], set[str]]:
@@ -152,7 +154,7 @@ def delete_rows_for_paths(conn: psycopg.Connection, paths: list[str], dry_run: b
 def sweep(conn: psycopg.Connection, table: str, where: str, params: dict, batch: int, dry_run: bool) -> int:
     """DELETE ... WHERE <where> in batches of `batch` rows, one short transaction each (row locks
     held for milliseconds; autovacuum keeps up instead of facing one huge dead-tuple wave)."""
-    key = {"detections": "detection_id", "events": "event_id", "alerts": "alert_id", "gpu_samples": "ctid"}[table]
+    key = {"detections": "detection_id", "events": "event_id", "alerts": "alert_id", "gpu_samples": "ctid", "dead_letters": "dlq_seq"}[table]
     if dry_run:
         return conn.execute(f"SELECT count(*) FROM {table} d WHERE {where}", params).fetchone()[0]
     total = 0
@@ -179,6 +181,9 @@ def sweep_all(conn: psycopg.Connection, config: Config, now: float, dry_run: boo
         "events": sweep(conn, "events", "started_at < to_timestamp(%(cutoff)s) AND NOT keep", cut(r.events_days), r.delete_batch, dry_run),
         "alerts": sweep(conn, "alerts", "created_at < to_timestamp(%(cutoff)s)", cut(r.alerts_days), r.delete_batch, dry_run),
         "gpu_samples": sweep(conn, "gpu_samples", "minute < to_timestamp(%(cutoff)s)", cut(r.gpu_samples_days), r.delete_batch, dry_run),
+        # a dead letter stands in for the detections its file never got: it lasts as long as they would
+        "dead_letters": sweep(conn, "dead_letters", "failed_at < to_timestamp(%(cutoff)s)", cut(r.detections_days + 1), r.delete_batch,
+                              dry_run),
     }
 
 
@@ -220,8 +225,9 @@ def run_once(config: Config, conn: psycopg.Connection, now: float, trigger: str,
     report.free_bytes_before, report.total_bytes = free, total
     files = scan(root, config.watcher.camera_prefix)
     prefix = config.watcher.camera_prefix
-    files, finished = with_pipeline_times(files, recorded(conn, [f.rel for f in files], prefix))
-    finished |= dead_lettered(conn, [f.rel for f in files], prefix)
+    finished = dead_lettered(conn, files, prefix)  # before the pipeline's times replace the files' mtimes
+    files, recorded_finished = with_pipeline_times(files, recorded(conn, [f.rel for f in files], prefix))
+    finished |= recorded_finished
     decided = plan(files, finished, kept_paths(conn, prefix), r, now, free, total)
     report.kept_skipped, report.young_skipped, report.unrecorded_skipped = decided.kept_skipped, decided.young_skipped, decided.unrecorded_skipped
     deleted: list[str] = []

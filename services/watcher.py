@@ -40,6 +40,8 @@ from services.watcher_files import (
 
 # Longest a settled file waits for an earlier file of its camera that is still being written.
 HOLD_FOR_EARLIER = 60.0
+# Shortest time between two full scans asked for by watch failures (the regular ones: rescan_seconds).
+RESCAN_MIN_GAP = 10.0
 
 
 class Rejected(NamedTuple):
@@ -159,16 +161,20 @@ class Watcher:
     async def rescan_loop(self) -> None:
         while not self.rt.stopping.is_set():
             started = time.monotonic()
+            self.rescan_now.clear()  # before the scan: a watch failure during it asks for the next one
             n = await self.scan()
             self.scanned.set()
             self.rt.log.info("scan done", files=n, pending=len(self.settler), seconds=round(time.monotonic() - started, 3))
-            self.rescan_now.clear()
             waits = [asyncio.ensure_future(self.rt.stopping.wait()), asyncio.ensure_future(self.rescan_now.wait())]
             try:
                 await asyncio.wait(waits, timeout=self.cfg.rescan_seconds, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
+            # a camera that keeps writing names watchfiles cannot decode must not turn this into a busy
+            # loop of full scans: at most one asked-for scan every RESCAN_MIN_GAP seconds
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), timeout=max(0.0, started + RESCAN_MIN_GAP - time.monotonic()))
 
     # ---- publishing settled files -------------------------------------------------------
     async def settle_loop(self) -> None:

@@ -42,7 +42,7 @@ def name_problem(rel: str, prefix: str = "") -> str | None:
     except UnicodeEncodeError:
         return "file name is not valid UTF-8"
     if unsafe_char(rel):
-        return "file name contains control characters"
+        return "file name contains control characters (or invisible direction marks)"
     folder = rel.split("/", 1)[0]
     if camera_id(folder, prefix) is None:
         return (f"camera folder {folder!r} is not a camera id (letters, digits, '-' and '_', at most 128"

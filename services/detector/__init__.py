@@ -29,6 +29,7 @@ from services.detector.backends import Backend, OnnxRuntimeBackend, gpu_factory
 from services.detector.decoders import Letterboxed
 from services.detector.fallback import FallbackBackend
 from services.detector.media import Undecodable, decode_image, read_media, sample_clip
+from services.watcher_files import camera_id
 from services.detector.model import ModelInfo, find_model, inspect_model
 from services.runtime import bus
 from services.runtime.config import Config, DetectorConfig
@@ -131,6 +132,7 @@ class Detector:
         self.rt = rt
         self.cfg = config.detector
         self.root = Path(config.media_root)
+        self.camera_prefix = config.watcher.camera_prefix
         self.engine = engine
         self.decoders = ThreadPoolExecutor(max_workers=self.cfg.decode_threads, thread_name_prefix="decode")
         # One inference thread: a hung inference stalls the infer loop, which stops the watchdog pings.
@@ -143,6 +145,10 @@ class Detector:
         """Decoder thread: read, decode and letterbox one file's frames; errors land in unit.error."""
         unit = Unit(msg, up, start=up.mtime)
         try:
+            if camera_id(up.path.split("/", 1)[0], self.camera_prefix) != up.camera:
+                # the watcher names a file's camera after its folder; anything else is forged (a retried
+                # letter, another user's upload), and would put one camera's file into another's events
+                raise Undecodable(f"path {up.path!r} is not in camera {up.camera}'s folder")
             if up.kind == "clip":
                 frames, duration = sample_clip(self.root, up.path, self.cfg.clip_fps, self.cfg.clip_max_frames, self.cfg.max_file_bytes)
                 unit.start = up.mtime - duration  # a clip's mtime is when recording ended

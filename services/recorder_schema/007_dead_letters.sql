@@ -12,6 +12,9 @@ CREATE TABLE dead_letters (
     transient boolean NOT NULL,
     original_stream text,
     original_sequence bigint,
+    -- the file as the letter's FileUploaded saw it: retention takes the letter only for that very file
+    file_size bigint,
+    file_mtime double precision,
     failed_at timestamptz NOT NULL,
     recorded_at timestamptz NOT NULL DEFAULT now()
 );

@@ -294,6 +294,8 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
     up = dict(file_id="m1", camera="front_door", path="front_door/good.jpg", size=1, mtime=time.time(), sha256="0" * 64, kind="image")
     publish(url, "vigil.uploads.front_door", b"\x00not json")
     publish(url, "vigil.uploads.ghost", proto.encode(proto.FileUploaded(**{**up, "file_id": "m2", "camera": "ghost", "path": "ghost/x.jpg"})))
+    # another camera's file under this camera's name (a forged upload or retried letter)
+    publish(url, "vigil.uploads.backyard", proto.encode(proto.FileUploaded(**{**up, "file_id": "m6", "camera": "backyard"})))
     publish(url, "vigil.uploads.front_door", json.dumps({**up, "type": "FileUploaded", "file_id": "m3", "camera": "../etc"}).encode())
     publish(url, "vigil.uploads.front_door", proto.encode(proto.FileUploaded(**{**up, "file_id": "m4", "path": "../../etc/passwd"})))
     publish(url, "vigil.uploads.front_door", proto.encode(proto.FileUploaded(**{**up, "file_id": "m5"})), {"Vigil-Version": "99"})
@@ -308,6 +310,7 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
     expected_messages = {  # (stage, original subject) -> reason substring
         ("detector", "vigil.uploads.front_door", "not a valid FileUploaded"): 3,  # garbage, bad camera id, unknown version
         ("detector", "vigil.uploads.ghost", "vanished"): 1,
+        ("detector", "vigil.uploads.backyard", "is not in camera backyard's folder"): 1,
         ("detector", "vigil.uploads.front_door", "escapes the media root"): 1,
         ("aggregator", "vigil.detections.front_door", ""): 1,
         ("recorder", "vigil.detections.front_door", ""): 1,

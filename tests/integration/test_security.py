@@ -202,32 +202,36 @@ def test_retention_trusts_only_dead_letters_the_recorder_saw_from_their_own_stag
     stack.start("recorder")
     stack.wait_ready("recorder")
     old = time.time() - 10 * DAY
-    for rel in ("front_door/evidence.jpg", "front_door/claimed.jpg", "front_door/bad.jpg", "front_door/crashed.jpg"):
+    for rel in ("front_door/evidence.jpg", "front_door/claimed.jpg", "front_door/bad.jpg", "front_door/crashed.jpg", "front_door/reused.jpg"):
         put_file(media, rel, old)
 
-    def letter(stage: str, path: str, transient: bool = False) -> proto.DeadLetter:
+    def letter(stage: str, path: str, transient: bool = False, size: int = 4096) -> proto.DeadLetter:
+        up = proto.FileUploaded(file_id=path, camera="front_door", path=path, size=size, mtime=old, sha256="0" * 64, kind="image")
         return proto.DeadLetter(stage=stage, reason="image could not be decoded", original_subject="vigil.uploads.front_door",
-                                original_payload=json.dumps({"type": "FileUploaded", "path": path}), camera="front_door", path=path,
-                                transient=transient, failed_at=time.time())
+                                original_payload=proto.encode(up).decode(), camera="front_door", path=path, transient=transient,
+                                failed_at=time.time())
 
     async def publish(nc):
         js = nc.jetstream()
         for subject, value in (("vigil.dlq.aggregator.front_door", letter("detector", "front_door/evidence.jpg")),  # posing
                                ("vigil.dlq.aggregator.front_door", letter("aggregator", "front_door/claimed.jpg")),
                                ("vigil.dlq.detector.front_door", letter("detector", "front_door/bad.jpg")),
-                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/crashed.jpg", transient=True))):
+                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/crashed.jpg", transient=True)),
+                               # a letter about an earlier file at this path: the file there now is another, still pending
+                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/reused.jpg", size=999))):
             await js.publish(subject, proto.encode(value), headers=proto.headers_for(value))
 
     asyncio.run(_plain(nats_server.url, publish))
-    rows = wait_until(lambda: len(r := query(database, "SELECT stage, path FROM dead_letters ORDER BY dlq_seq")) == 3 and r,
-                      what="three letters recorded")
-    assert rows == [("aggregator", "front_door/claimed.jpg"), ("detector", "front_door/bad.jpg"), ("detector", "front_door/crashed.jpg")]
+    rows = wait_until(lambda: len(r := query(database, "SELECT stage, path FROM dead_letters ORDER BY dlq_seq")) == 4 and r,
+                      what="four letters recorded")
+    assert rows == [("aggregator", "front_door/claimed.jpg"), ("detector", "front_door/bad.jpg"), ("detector", "front_door/crashed.jpg"),
+                    ("detector", "front_door/reused.jpg")]
     assert "dead letter refused" in stack.log("recorder")
     config = load_config(stack.config, environ={})
     with connect(config) as conn:
         report = run_once(config, conn, time.time(), "cli", False)
     assert report.deleted_paths == ["front_door/bad.jpg"]
-    assert all((media / "front_door" / n).exists() for n in ("evidence.jpg", "claimed.jpg", "crashed.jpg"))
+    assert all((media / "front_door" / n).exists() for n in ("evidence.jpg", "claimed.jpg", "crashed.jpg", "reused.jpg"))
 
 
 # ---- PostgreSQL: a role per service -----------------------------------------------------------------
@@ -266,6 +270,8 @@ def test_each_service_role_has_only_the_rights_its_work_needs(postgres, database
         ("vigil_recorder", "insert"): as_role("vigil_recorder", "r-pw", insert, "a1"),
         ("vigil_recorder", "upsert"): as_role("vigil_recorder", "r-pw", insert + " ON CONFLICT (alert_id) DO UPDATE SET message = 'n'", "a1"),
         ("vigil_recorder", "delete"): as_role("vigil_recorder", "r-pw", "DELETE FROM alerts"),
+        ("vigil_recorder", "unkeep an event"): as_role("vigil_recorder", "r-pw", "UPDATE events SET keep = false WHERE false"),
+        ("vigil_recorder", "rewrite a detection"): as_role("vigil_recorder", "r-pw", "UPDATE detections SET path = 'x' WHERE false"),
         ("vigil_retention", "select"): as_role("vigil_retention", "t-pw", "SELECT count(*) FROM detections"),
         ("vigil_retention", "mark missing"): as_role("vigil_retention", "t-pw", "UPDATE detections SET missing_since = now() WHERE false"),
         ("vigil_retention", "delete"): as_role("vigil_retention", "t-pw", "DELETE FROM alerts"),
@@ -275,11 +281,27 @@ def test_each_service_role_has_only_the_rights_its_work_needs(postgres, database
         ("vigil_health", "update"): as_role("vigil_health", "h-pw", "UPDATE events SET keep = true WHERE false"),
         ("vigil_health", "delete"): as_role("vigil_health", "h-pw", "DELETE FROM events"),
     }
+    async def every_recorder_write(revision: int) -> None:  # the recorder's own statements, a new revision included
+        from services.recorder import write_detections, write_events
+
+        now = time.time()
+        ev = proto.EventClosed(event_id="e1", camera="c", started_at=now, ended_at=now, file_ids=["f1"], labels={}, best_file_id="f1",
+                               close_reason="idle", revision=revision)
+        det = proto.Detections(file_id="f1", camera="c", path="c/a.jpg", captured_at=now, width=1, height=1, model="m", inference_ms=1.0)
+        async with await psycopg.AsyncConnection.connect(database, user="vigil_recorder", password="r-pw") as conn:
+            async with conn.transaction(), conn.cursor() as cur:
+                await write_events(cur, [ev])
+                await write_detections(cur, [det])
+
+    aio.run(every_recorder_write(1))
+    aio.run(every_recorder_write(2))
+    assert query(database, "SELECT revision FROM events WHERE event_id = 'e1'") == [(2,)]
     for role, pw in (("vigil_recorder", "r-pw"), ("vigil_retention", "t-pw"), ("vigil_health", "h-pw")):
         checks[(role, "drop a table")] = as_role(role, pw, "DROP TABLE detections")
         checks[(role, "create a table")] = as_role(role, pw, "CREATE TABLE evil (x int)")
     assert checks == {
-        ("vigil_recorder", "insert"): "ok", ("vigil_recorder", "upsert"): "ok", ("vigil_recorder", "delete"): "denied",
+        ("vigil_recorder", "insert"): "ok", ("vigil_recorder", "upsert"): "denied", ("vigil_recorder", "delete"): "denied",
+        ("vigil_recorder", "unkeep an event"): "denied", ("vigil_recorder", "rewrite a detection"): "denied",
         ("vigil_retention", "select"): "ok", ("vigil_retention", "mark missing"): "ok", ("vigil_retention", "delete"): "ok",
         ("vigil_retention", "insert"): "denied", ("vigil_retention", "rewrite a row"): "denied",
         ("vigil_health", "select"): "ok", ("vigil_health", "update"): "denied", ("vigil_health", "delete"): "denied",

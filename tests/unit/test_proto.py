@@ -49,3 +49,24 @@ def test_every_consumer_has_a_stream_and_sane_limits():
         assert c.stream in names
         assert c.max_deliver == -1 or c.max_deliver >= len(c.backoff)  # -1: never given up (the exhausted-* advisories)
         assert c.max_ack_pending > 0 and c.ack_wait > 0
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\n", "\x7f", "\x85", "\x9b", "\u202e", "\u2066", "\u200f", "\u2028"])
+def test_text_with_control_or_direction_characters_is_refused_both_ways(char):
+    """NUL stalls PostgreSQL, ESC and CSI drive terminals, U+202E shows "evil\u202egpj.exe" as "evilexe.jpg":
+    refused at encode (where the message is made) and at decode (whatever another process sent), escaped or raw."""
+    det = Detections(file_id="f", camera="cam", path=f"cam/a{char}.jpg", captured_at=1.0, width=1, height=1, model="m", inference_ms=1.0,
+                     boxes=[Box("person", 0.9, 1, 2, 3, 4)])
+    with pytest.raises(ValueError, match="`path`"):
+        proto.encode(det)
+    doc = json.loads(proto.encode(Detections(**{**msgspec.structs.asdict(det), "path": "cam/a.jpg"})))
+    doc["boxes"][0][0] = f"per{char}son"
+    for raw in (json.dumps(doc).encode(), json.dumps(doc, ensure_ascii=False).encode()):
+        with pytest.raises(msgspec.ValidationError, match=r"`boxes\[0\]\.label`"):
+            proto.decode(raw)
+    assert "\\" in proto.printable(f"a{char}b") and not proto.unsafe_field(proto.printable(f"a{char}b"))
+
+
+def test_a_dead_letter_keeps_the_bytes_it_could_not_use():
+    letter = proto.DeadLetter(stage="s", reason="r", original_subject="x", original_payload='{"path": "a\\u0000"}\x00\x1b')
+    assert proto.decode(proto.encode(letter)).original_payload == letter.original_payload

@@ -63,6 +63,8 @@ def test_camera_id_is_the_folder_name_or_nothing():
     ("front_door/a\x1b[31m.jpg", "control characters"),
     ("front_door/a\nb.jpg", "control characters"),
     ("front_door/a\u0085.jpg", "control characters"),
+    ("front_door/evil\u202egpj.exe", "control characters"),  # shown as "evilexe.jpg"
+    ("front_door/a\u2028b.jpg", "control characters"),
     ("front.door/a.jpg", "not a camera id"),
     ("front door/a.jpg", "not a camera id"),
 ])
@@ -73,6 +75,7 @@ def test_names_that_cannot_travel_are_refused(rel, why):
 
 def test_good_names_pass():
     assert name_problem("front_door/2026/12/01/Caf\u00e9 \u00e0 10h.jpg") is None
+    assert name_problem("front_door/\U0001f468\u200d\U0001f469.jpg") is None  # a zero-width joiner in an emoji is text
     assert name_problem("cam/a.jpg", "site-") is None
     assert "after the prefix" in name_problem("cam/a.jpg", "bad prefix ")
 
