@@ -29,6 +29,7 @@ from services.detector.backends import Backend, OnnxRuntimeBackend, gpu_factory
 from services.detector.decoders import Letterboxed
 from services.detector.fallback import FallbackBackend
 from services.detector.media import Undecodable, decode_image, read_media, sample_clip
+from services.runtime.files import safe_parts
 from services.watcher_files import camera_id
 from services.detector.model import ModelInfo, find_model, inspect_model
 from services.runtime import bus
@@ -145,6 +146,10 @@ class Detector:
         """Decoder thread: read, decode and letterbox one file's frames; errors land in unit.error."""
         unit = Unit(msg, up, start=up.mtime)
         try:
+            try:
+                safe_parts(up.path)
+            except ValueError:
+                raise Undecodable(f"path {up.path!r} escapes the media root") from None
             if camera_id(up.path.split("/", 1)[0], self.camera_prefix) != up.camera:
                 # the watcher names a file's camera after its folder; anything else is forged (a retried
                 # letter, another user's upload), and would put one camera's file into another's events
