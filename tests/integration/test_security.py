@@ -307,3 +307,47 @@ def test_each_service_role_has_only_the_rights_its_work_needs(postgres, database
         ("vigil_health", "select"): "ok", ("vigil_health", "update"): "denied", ("vigil_health", "delete"): "denied",
         **{(r, a): "denied" for r in ("vigil_recorder", "vigil_retention", "vigil_health") for a in ("drop a table", "create a table")},
     }
+
+
+def test_every_login_can_publish_exactly_its_own_subjects(provisioned):
+    """Forged messages from each service's credentials: a hand-written table of who may write where
+    (not derived from services/nats_auth.py, so a grant widened there turns this red)."""
+    import re
+
+    from services.nats_auth import SERVICES
+
+    server, creds, passwords, config = provisioned
+    stages = ("watcher", "detector", "aggregator", "recorder")
+    allowed = {
+        "vigil.uploads.cam": {"watcher", "health"},  # health: automatic retries of transient letters
+        "vigil.detections.cam": {"detector", "health"},
+        "vigil.events.cam": {"aggregator", "health"},
+        "vigil.alerts.cam": {"aggregator", "health"},
+        "vigil.alerts.system": {"aggregator", "health", "detector"},
+        "vigil.gpu.host": {"gpu-stats", "health"},
+        "vigil.health.watcher": {"health"},
+        "vigil.retention.report": {"retention"},
+        "vigil.control.retention": {"watcher"},
+        **{f"vigil.dlq.{s}.cam": {s} for s in stages},
+        **{f"$KV.{HEARTBEAT_BUCKET}.{s}.box": {s} for s in SERVICES},
+        **{f"$JS.API.STREAM.MSG.DELETE.{s}": set() for s in ("UPLOADS", "DETECTIONS", "EVENTS", "ALERTS", "GPU")},
+        "$JS.API.STREAM.MSG.DELETE.DLQ": {"health"},  # a retried letter leaves the DLQ
+        "$JS.API.STREAM.DELETE.UPLOADS": set(),
+        f"$JS.API.CONSUMER.CREATE.KV_{HEARTBEAT_BUCKET}": set(),
+    }
+    got: dict[str, set[str]] = {subject: set() for subject in allowed}
+    for service in SERVICES:
+        name = user(service)
+
+        async def publish_all(nc):
+            for subject in allowed:
+                payload = b"{}" if not subject.startswith("$JS.API") else b'{"seq": 999999}'
+                await nc.publish(subject, payload)
+
+        errors = attempt(server.url, name, passwords[name], publish_all)
+        # nats-py lower-cases the server's -ERR text
+        refused = {m.group(1) for e in errors for m in [re.search(r'publish to "([^"]+)"', e, re.I)] if m}
+        for subject in allowed:
+            if subject.lower() not in refused:
+                got[subject].add(service)
+    assert got == allowed
