@@ -59,17 +59,26 @@ if [ "$ROLE" = detector ] && { [ -z "$SERVERS" ] || [ -z "$CREDS_FROM" ]; }; the
 fi
 say() { printf 'vigil install: %s\n' "$*"; }
 
+# Group vigil: the media folder (its members read camera files; retention deletes them). User vigil:
+# the owner of what units created before every unit had its own user.
 getent group vigil >/dev/null || groupadd --system vigil
 getent passwd vigil >/dev/null || useradd --system --gid vigil --home-dir /var/lib/vigil --no-create-home --shell /usr/sbin/nologin vigil
-say "user vigil ok"
+# One system user per unit: code run by one (the detector decodes hostile files) cannot open another's
+# state, credentials or /proc/<pid>/root. Those that read or delete media are also in group vigil.
+for u in nats postgres watcher detector aggregator recorder gpu-stats health retention; do
+    getent passwd "vigil-$u" >/dev/null ||
+        useradd --system --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin "vigil-$u"
+done
+for u in watcher detector retention; do usermod -a -G vigil "vigil-$u"; done
+say "users vigil-* ok"
 # Each unit's private state folder exists before any unit starts: the others hide it with
 # InaccessiblePaths=-..., which skips a path that does not exist yet (and would then show it later).
-# (Only what is missing: systemd's StateDirectory= owns modes and owners from then on.)
-[ -d /var/lib/vigil ] || install -d -m 0755 /var/lib/vigil
-for d in nats watcher engines; do
-    [ -d "/var/lib/vigil/$d" ] || install -d -m 0750 -o vigil -g vigil "/var/lib/vigil/$d"
+# The parent belongs to root now (each unit's StateDirectory= is its own folder below it); systemd
+# gives a folder made by an older install to its unit's user at the unit's next start.
+install -d -m 0755 -o root -g root /var/lib/vigil
+for d in nats:vigil-nats watcher:vigil-watcher engines:vigil-detector postgresql:vigil-postgres; do
+    [ -d "/var/lib/vigil/${d%%:*}" ] || install -d -m 0700 -o "${d#*:}" -g "${d#*:}" "/var/lib/vigil/${d%%:*}"
 done
-[ -d /var/lib/vigil/postgresql ] || install -d -m 0700 -o vigil -g vigil /var/lib/vigil/postgresql
 
 install -d -m 0755 "$PREFIX" "$PREFIX/src"
 cp "$SRC/README.md" "$PREFIX/src/README.md"
@@ -158,7 +167,7 @@ if [ "$ROLE" != detector ]; then
     # Users and their permissions come from services/nats_auth.py (bcrypt hashes only, never the passwords).
     "$PREFIX/venv/bin/python" -m services.nats_auth "$ETC/credentials" --bcrypt >> "$CONF"
     "$PREFIX/venv/bin/nats-server" -t -c "$CONF" >/dev/null
-    chown root:vigil "$CONF"
+    chown root:vigil-nats "$CONF"  # the route password: nats-server alone reads it
     chmod 0640 "$CONF"
     mv "$CONF" "$ETC/nats.conf"
 fi

@@ -18,7 +18,9 @@ systemctl daemon-reload
 rm -rf /opt/vigil
 if [ "$PURGE" = yes ]; then
     rm -rf /etc/vigil /var/lib/vigil
-    userdel vigil 2>/dev/null || true
+    for u in vigil vigil-nats vigil-postgres vigil-watcher vigil-detector vigil-aggregator vigil-recorder vigil-gpu-stats vigil-health vigil-retention; do
+        userdel "$u" 2>/dev/null || true
+    done
     echo "vigil removed, with its configuration, database and JetStream store"
 else
     echo "vigil removed; kept /etc/vigil and /var/lib/vigil (run with --purge to delete them)"

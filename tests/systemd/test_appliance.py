@@ -85,22 +85,27 @@ def appliance(tmp_path_factory):
         # Test-only drop-ins, for this sandbox rather than for vigil:
         # - CI's Python lives under /root/.pyenv, which ProtectHome=yes would hide (appliances use /usr/bin/python3);
         # - systemd 252 booted inside these namespaces does not deliver LoadCredential= (the directory it
-        #   names in $CREDENTIALS_DIRECTORY does not exist in the service's mount namespace, and is not
-        #   readable by the service user from outside). So here the services run as root and get
-        #   CREDENTIALS_DIRECTORY pointed at /etc/vigil/credentials, which is what LoadCredential= copies
-        #   from on a real appliance; PostgreSQL (which refuses root) runs as vigil without its credential,
-        #   i.e. with trust authentication on the test's private loopback;
+        #   names in $CREDENTIALS_DIRECTORY does not exist in the service's mount namespace). So each unit
+        #   gets what LoadCredential= would give it - its own credentials only, owned by its own user,
+        #   mode 0400 - bind-mounted where CREDENTIALS_DIRECTORY points. Every unit runs as its real user;
         # - a short detector watchdog so the hang test takes seconds.
         # (Drop-ins apply in file-name order across the prefix and unit directories: zz- comes last.)
         (root / "etc/systemd/system/vigil-.service.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/systemd/system/vigil-.service.d/test.conf").write_text(
-            "[Service]\nProtectHome=read-only\nUser=root\nGroup=root\nStateDirectoryMode=0755\nLoadCredential=\n"
-            # /etc/vigil/credentials itself is hidden from every unit (InaccessiblePaths=): a bind mount
-            # elsewhere stands in for the copy LoadCredential= makes
-            "BindReadOnlyPaths=/etc/vigil/credentials:/run/vigil-test-credentials\n"
-            "Environment=CREDENTIALS_DIRECTORY=/run/vigil-test-credentials\n")
-        (root / "etc/systemd/system/vigil-postgresql.service.d").mkdir(parents=True, exist_ok=True)
-        (root / "etc/systemd/system/vigil-postgresql.service.d/zz-test-postgres.conf").write_text("[Service]\nUser=vigil\nGroup=vigil\nStateDirectoryMode=0700\nUnsetEnvironment=CREDENTIALS_DIRECTORY\n")
+            "[Service]\nProtectHome=read-only\nLoadCredential=\nEnvironment=CREDENTIALS_DIRECTORY=/run/vigil-test-credentials\n")
+        for unit_file in sorted((root / "etc/systemd/system").glob("vigil-*.service")):
+            text = unit_file.read_text()
+            owner = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("User="))
+            store = f"/var/lib/vigil-test-creds/{unit_file.name}"
+            script = [f"install -d -m 0500 -o {owner} -g {owner} {store}"]
+            for line in text.splitlines():
+                if line.startswith("LoadCredential="):
+                    name, src = line.split("=", 1)[1].split(":", 1)
+                    script.append(f"install -m 0400 -o {owner} -g {owner} {src} {store}/{name}")
+            sd.run("sh", "-c", " && ".join(script))
+            (root / f"etc/systemd/system/{unit_file.name}.d").mkdir(parents=True, exist_ok=True)
+            (root / f"etc/systemd/system/{unit_file.name}.d/test-credentials.conf").write_text(
+                f"[Service]\nBindReadOnlyPaths={store}:/run/vigil-test-credentials\n")
         (root / "etc/systemd/system/vigil-detector@.service.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/systemd/system/vigil-detector@.service.d/zz-test-watchdog.conf").write_text("[Service]\nWatchdogSec=6\nRestartSec=1\n")
         models = find_models_dir()
@@ -112,6 +117,7 @@ def appliance(tmp_path_factory):
             config = config.replace('models_dir = "/var/lib/vigil/models"', f'models_dir = "{models}"')
         (root / "etc/vigil/vigil.toml").write_text(config)
         sd.run("systemctl", "daemon-reload")
+        sd.run("systemctl", "start", "dbus.socket", check=False)  # health asks systemd over the system bus, as a real box has it
         sd.run("systemctl", "start", "--no-block", "vigil.target")
         app = Appliance(sd)
         for unit in SERVICES:
@@ -157,6 +163,28 @@ def test_each_unit_sees_only_its_own_state(appliance):
         seen = {path for path in [*private.values(), "/etc/vigil/credentials/db-password"]
                 if appliance.sd.run("nsenter", "-t", pid, "-m", "-r", "test", "-s", path, check=False).returncode == 0}
         assert seen == ({private[unit]} if unit in private else set()), unit
+    # and not around the fence: with one user for every unit, /proc/<pid>/root of another unit led to
+    # its files (the review appended to pg_hba.conf that way); with a user per unit the kernel says no
+    pg = appliance.state("vigil-postgresql")["MainPID"]
+
+    def read_as(user: str) -> int:
+        return appliance.sd.run("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "cat",
+                                f"/proc/{pg}/root/var/lib/vigil/postgresql/PG_VERSION", check=False).returncode
+
+    assert read_as("vigil-postgres") == 0  # the probe works
+    for other in ("vigil-detector", "vigil-watcher", "vigil-recorder", "vigil-nats", "vigil"):
+        assert read_as(other) != 0, other
+
+
+def test_every_unit_runs_as_its_own_user(appliance):
+    users = {}
+    for unit in SERVICES:
+        pid = appliance.state(unit)["MainPID"]
+        uid = appliance.sd.run("stat", "-c", "%U", f"/proc/{pid}").stdout.strip()
+        users[unit] = uid
+    assert len(set(users.values())) == len(users) and all(u.startswith("vigil-") for u in users.values()), users
+    conf = appliance.sd.run("stat", "-c", "%U:%G %a", "/etc/vigil/nats.conf").stdout.strip()
+    assert conf == "root:vigil-nats 640"  # the route password: nats-server alone
 
 
 def test_services_use_their_own_database_roles(appliance):
