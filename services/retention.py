@@ -89,7 +89,12 @@ def dead_lettered(conn: psycopg.Connection, files: list[MediaFile], prefix: str 
                 "SELECT path, file_size, file_mtime FROM dead_letters d WHERE path = ANY(%s) AND stage = 'detector' AND NOT transient"
                 f" AND file_size IS NOT NULL AND file_mtime IS NOT NULL AND {_MINE}", (chunk, _like(prefix))):
             seen.setdefault(path, set()).add((int(size), float(mtime)))
-    return {f.rel for f in files if any(size == f.size and abs(mtime - f.mtime) < 1e-3 for size, mtime in seen.get(f.rel, ()))}
+    return {f.rel for f in files if any(same_file(f, size, mtime) for size, mtime in seen.get(f.rel, ()))}
+
+
+def same_file(f: MediaFile, size, mtime) -> bool:
+    """`f` is the file the pipeline saw (its size and on-disk mtime; None: a row from before vigil kept them)."""
+    return (size is None or size == f.size) and (mtime is None or abs(float(mtime) - f.mtime) < 1e-3)
 
 
 def with_pipeline_times(files: list[MediaFile], times: dict[str, tuple]) -> tuple[list[MediaFile], set[str]]:
@@ -102,7 +107,7 @@ def with_pipeline_times(files: list[MediaFile], times: dict[str, tuple]) -> tupl
             out.append(f)
             continue
         captured, arrived, size, mtime = t
-        if (size is None or size == f.size) and (mtime is None or abs(float(mtime) - f.mtime) < 1e-3):
+        if same_file(f, size, mtime):
             finished.add(f.rel)
             out.append(f._replace(mtime=captured, arrived=arrived))
         else:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from services.watcher_files import camera_id, name_problem
 from services.runtime.config import ConfigError, RetentionConfig, parse_watermark
+from services.runtime.files import safe_parts
 
 DAY = 86400.0
 
@@ -166,13 +167,6 @@ def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: Retent
     return Plan(order, len(skipped_kept - chosen.keys()), len(young_set), len(skipped_unrecorded - chosen.keys()))
 
 
-def _parts(rel: str) -> list[str]:
-    parts = rel.split("/")
-    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"unsafe path {rel!r}")
-    return parts
-
-
 def _open_folders(root: Path, parts: list[str]) -> list[int]:
     """fds of root and each folder of `parts[:-1]`, each opened with O_NOFOLLOW relative to its
     parent: a symlink anywhere on the way raises ValueError, a missing folder FileNotFoundError."""
@@ -196,7 +190,7 @@ def _open_folders(root: Path, parts: list[str]) -> list[int]:
 def lstat_under(root: Path, rel: str) -> os.stat_result | None:
     """The file's own stat if <root>/<rel> exists without a symlink at any level, else None."""
     try:
-        parts = _parts(rel)
+        parts = safe_parts(rel)
         fds = _open_folders(root, parts)
     except (OSError, ValueError):
         return None
@@ -212,7 +206,7 @@ def lstat_under(root: Path, rel: str) -> os.stat_result | None:
 def unlink_under(root: Path, rel: str) -> int:
     """Delete <root>/<rel> if, and only if, it is a regular file reached without any symlink.
     Returns the bytes freed (0 if it was already gone); raises ValueError for an unsafe path."""
-    parts = _parts(rel)
+    parts = safe_parts(rel)
     try:
         fds = _open_folders(root, parts)
     except FileNotFoundError:
