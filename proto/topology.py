@@ -156,10 +156,14 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         durable="detector",
         description="Shared by every detector process; in_progress() keeps long batches alive",
         filter_subject="vigil.uploads.*",
-        ack_wait=15.0,
+        # with a backoff the server waits backoff[0] before the first redelivery (ack_wait follows it).
+        # The first two redeliveries (an upload held by a detector killed twice) come back within 25 s,
+        # inside the aggregator's default reorder_seconds (30): its events stay exactly the contract's.
+        # The later ones are spaced out so a file that keeps crashing detectors cannot crash-loop them.
+        ack_wait=10.0,
         max_deliver=5,
         max_ack_pending=512,
-        backoff=(15.0, 30.0, 60.0, 120.0),
+        backoff=(10.0, 15.0, 60.0, 120.0),
     ),
     ConsumerSpec(
         stream="DETECTIONS",

@@ -156,11 +156,19 @@ class Aggregator:
         self.rt.counters["held"] = len(self.buffer)
         await self.step()
 
+    def held_sequences(self) -> set[int]:
+        """The DETECTIONS stream sequences this process holds unacked (a redelivery is the same one)."""
+        return {m.metadata.sequence.stream for held in self.buffer.all() for m in held.msgs if m.reply}
+
     async def caught_up(self) -> bool:
         """Nothing left upstream that could still bring an earlier detection: the detectors hold no
-        upload (pending or unacked) and everything the server delivered to us has reached the buffer.
-        The detector is asked first: an upload it acks after that point was published to DETECTIONS
-        before the ack, so the second question sees it."""
+        upload (pending or unacked), everything the server delivered to us has reached the buffer, and
+        every detection the server counts as unacked is one we hold (not one a killed predecessor held,
+        waiting for its redelivery). The detector is asked first: an upload it acks after that point was
+        published to DETECTIONS before the ack, so the second question sees it. Call it with the lock
+        held: then nothing leaves the buffer meanwhile, and what arrives meanwhile is only ever counted
+        against us (the server counted it too, or it came after)."""
+        mine = len(self.held_sequences())
         try:
             det = consumer("detector")
             upstream = await self.rt.js.consumer_info(det.stream, det.durable)
@@ -171,15 +179,16 @@ class Aggregator:
         except (*bus.TRANSIENT, nats.js.errors.NotFoundError):
             return False
         delivered = info.delivered.stream_seq if info.delivered else 0
-        return not info.num_pending and self.max_seen_seq >= (delivered or 0)
+        return not info.num_pending and self.max_seen_seq >= (delivered or 0) and (info.num_ack_pending or 0) <= mine
 
     async def tick_loop(self) -> None:
         self.rt.beat("tick")
         while not self.rt.stopping.is_set():
             # what is held before the question is asked: a detection that arrives while it is being
             # answered may have an earlier one still on its way, and must wait for the next tick
-            held_before = self.buffer.latest()
-            caught_up = bool(held_before) and await self.caught_up()
+            async with self.lock:
+                held_before = self.buffer.latest()
+                caught_up = bool(held_before) and await self.caught_up()
             await self.step(caught_up_to=held_before if caught_up else None, quiet=True)
             self.rt.beat("tick")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -320,6 +329,12 @@ class Aggregator:
             self.rt.count("duplicates")
             return None
         self.rt.count("late")
+        # beyond the reorder bound (re-published, retried from the DLQ, or a detector that kept crashing
+        # on it): it joins the right files, but an event it would have started keeps its published id
+        sealed = state.sealed()
+        self.rt.log.info("late detection", camera=det.camera, file_id=det.file_id, placed=where,
+                         event_id=ev.event_id if ev is not None else None,
+                         behind_seconds=round(sealed[0] - det.captured_at, 3) if sealed else None)
         if ev is None:
             ev = new_event(det)
         is_current = state.current is not None and state.current.event_id == ev.event_id

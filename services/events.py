@@ -329,6 +329,9 @@ class ReorderBuffer:
             c = self.cameras[name]
             c.arrivals = deque(sorted(c.arrivals, key=lambda a: a[0]))
 
+    def all(self) -> list[Held]:
+        return [h for c in self.cameras.values() for h in c.held.values()]
+
     def stale(self, now: float, older_than: float) -> list[Held]:
         """Held long enough that their ack_wait needs refreshing (in_progress)."""
         out = []

@@ -139,8 +139,9 @@ class AggregatorConfig(_Section):
     batch_size: int = 256
     # The reorder bound: a detection may arrive up to reorder_window detections of its camera, or up
     # to reorder_seconds, after one captured later, and still be grouped as if all came in order
-    # (several detectors x their batch size; a detector that crashed comes back after its ack_wait,
-    # 15 s). Once the detectors and this stage have caught up, nothing waits.
+    # (several detectors x their batch size; an upload held by a detector that was killed comes back
+    # after 10 s, after 25 s if that happens twice: proto/topology.py). Once the detectors and this
+    # stage have caught up, nothing waits.
     reorder_window: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 512
     reorder_seconds: Annotated[float, msgspec.Meta(ge=0, le=600)] = 30.0
 

@@ -82,17 +82,22 @@ class JS:
         return getattr(self._js, name)
 
 
-async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool) -> tuple[int, dict, list, int]:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    # fresh streams and buckets (a purge would keep the duplicate windows, which would swallow this run)
+async def fresh_streams(js, detections) -> None:
+    """Fresh streams and buckets (a purge would keep the duplicate windows, which would swallow a run),
+    then `detections` published in that order."""
     for stream in ("DETECTIONS", "EVENTS", "ALERTS", f"KV_{AGGREGATOR_STATE_BUCKET}", f"KV_{EVENT_INDEX_BUCKET}"):
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(stream)
     await bus.provision(js, structlog.get_logger())
-    spec = consumer("aggregator")
-    for d in arrivals:
+    for d in detections:
         await js.publish(proto.subject("detections", d.camera), proto.encode(d), headers=proto.headers_for(d, f"det-{d.key}"))
+
+
+async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool) -> tuple[int, dict, list, int]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await fresh_streams(js, arrivals)
+    spec = consumer("aggregator")
     counter = Counter(crash_at, after)
     sub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
     crashes = 0
@@ -263,3 +268,50 @@ def test_timeouts_at_any_put_including_the_reload_flush(setup, monkeypatch):
         assert len(alerts) == len(set(alerts))
 
     check()
+
+
+def test_a_detection_a_killed_predecessor_holds_keeps_the_stage_from_catching_up(tmp_path, nats_server):
+    """Chaos finding: an aggregator killed while holding the first detection of an event leaves it
+    unacked on the server until ack_wait; a successor that sees only later detections, with the detectors
+    idle and nothing pending, must not call itself caught up (it would group the later one first and the
+    event would get the wrong id). Only once the held one is back does everything go."""
+    (tmp_path / "c.toml").write_text(f'[nats]\nservers = ["{nats_server.url}"]\n[aggregator]\nidle_seconds = 3.0\n')
+    config = load_config(tmp_path / "c.toml", environ={})
+    rules = Rules(3.0, config.aggregator.max_seconds, config.aggregator.max_detections)
+    base = time.time() - 600
+    first, later = (proto.Detections(file_id=f"f{i}", camera="front_door", path=f"front_door/f{i}.jpg", captured_at=base + i,
+                                     width=64, height=48, model="test", inference_ms=1.0,
+                                     boxes=[proto.Box("cat", 0.8, 0, 0, 10, 10)]) for i in (0, 1))
+
+    async def go():
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        await fresh_streams(js, [first, later])
+        spec = consumer("aggregator")
+        predecessor = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        (held,) = await predecessor.fetch(1, timeout=2.0)  # the killed process had this one
+        rt = Runtime("aggregator", config, structlog.get_logger())
+        rt.nc, rt.js = nc, js
+        agg = Aggregator(rt, config, await js.key_value(AGGREGATOR_STATE_BUCKET), await js.key_value(EVENT_INDEX_BUCKET))
+        sub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        await agg.handle_batch(await sub.fetch(1, timeout=2.0))
+        assert len(agg.buffer) == 1
+        async with agg.lock:
+            assert not await agg.caught_up()
+        await held.nak()  # its ack_wait ran out: redelivered, now to the successor
+        await agg.handle_batch(await sub.fetch(1, timeout=2.0))
+        async with agg.lock:
+            latest = agg.buffer.latest()
+            assert await agg.caught_up()
+        await agg.step(caught_up_to=latest)
+        agg.last_change = {c: -1e9 for c in agg.cameras}
+        await agg.step(quiet=True)
+        events = {}
+        async for _, raw in bus.stored_messages(js, "EVENTS"):
+            e = proto.decode(raw.data, raw.headers)
+            events[e.event_id] = e
+        await nc.close()
+        return events
+
+    events = asyncio.run(go())
+    assert summary(events) == summary(reference_events([first, later], rules))

@@ -252,3 +252,15 @@ def test_the_previous_aggregators_open_event_survives_an_upgrade():
     _, alert = group_in_order(state, det("c", 25), RULES, 0.0)  # goes on in the same event, no second alert
     assert state.current.event_id == "ev-1" and alert is None
     assert from_legacy(b"garbage") is None
+
+
+def test_a_detector_killed_twice_hands_its_uploads_back_inside_the_reorder_bound():
+    """An upload held by a detector that is killed comes back after backoff[0], and after backoff[1]
+    more if its next holder is killed too (the chaos run does that): both must fit in the default
+    reorder_seconds, with room for the inference, or the event it starts gets the wrong id."""
+    from proto.topology import consumer
+    from services.runtime.config import AggregatorConfig
+
+    spec = consumer("detector")
+    assert spec.ack_wait == spec.backoff[0]  # the server uses backoff[0]; say what it does
+    assert spec.backoff[0] + spec.backoff[1] + 5.0 <= AggregatorConfig().reorder_seconds
