@@ -58,6 +58,24 @@ class NvmlReader:
         self.nvml = pynvml
         self.count = pynvml.nvmlDeviceGetCount()
 
+    @property
+    def errors(self) -> tuple[type[Exception], ...]:
+        # NVMLLibraryMismatchError (an unversioned call the driver's NVML lacks) is not an NVMLError
+        n = self.nvml
+        return (n.NVMLError, getattr(n, "NVMLLibraryMismatchError", n.NVMLError))
+
+    def first(self, handle, *names: str):
+        """The first of these NVML calls that this nvidia-ml-py has and this driver answers, else None."""
+        for name in names:
+            fn = getattr(self.nvml, name, None)
+            if fn is None:
+                continue
+            try:
+                return fn(handle)
+            except self.errors:
+                continue
+        return None
+
     def read(self, host: str) -> list[GpuSample]:
         n, now, out = self.nvml, time.time(), []
         for i in range(self.count):
@@ -66,32 +84,37 @@ class NvmlReader:
             def get(fn, *args, _h=h):
                 try:
                     return fn(_h, *args)
-                except n.NVMLError:
+                except self.errors:
                     return None
 
             mem = get(n.nvmlDeviceGetMemoryInfo)
             util = get(n.nvmlDeviceGetUtilizationRates)
             power = get(n.nvmlDeviceGetPowerUsage)
             limit = get(n.nvmlDeviceGetEnforcedPowerLimit)
-            reasons = get(n.nvmlDeviceGetCurrentClocksThrottleReasons) or 0
-            procs = get(n.nvmlDeviceGetComputeRunningProcesses) or []
+            reasons = self.first(h, "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons") or 0
+            # the unversioned name is _v3 (driver >= 510); an older driver lacks it: _v2
+            procs = self.first(h, "nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2") or []
             out.append(GpuSample(
                 host=host, index=i, name=str(get(n.nvmlDeviceGetName)), uuid=str(get(n.nvmlDeviceGetUUID)), source="nvml", sampled_at=now,
                 util_pct=util.gpu if util else None, mem_used_mb=mem.used / 2**20 if mem else None,
                 mem_total_mb=mem.total / 2**20 if mem else None, temp_c=get(n.nvmlDeviceGetTemperature, n.NVML_TEMPERATURE_GPU),
                 power_w=power / 1000 if power is not None else None, power_limit_w=limit / 1000 if limit is not None else None,
                 sm_clock_mhz=get(n.nvmlDeviceGetClockInfo, n.NVML_CLOCK_SM), mem_clock_mhz=get(n.nvmlDeviceGetClockInfo, n.NVML_CLOCK_MEM),
-                throttle_reasons=[name for name, bit in _THROTTLE.items() if reasons & getattr(n, bit, 0)],
+                throttle_reasons=[name for name, bits in _THROTTLE.items() if reasons & next((getattr(n, b) for b in bits if hasattr(n, b)), 0)],
                 processes=[GpuProcess(pid=p.pid, used_mb=int((p.usedGpuMemory or 0) / 2**20), unit=unit_of(p.pid)) for p in procs],
             ))
         return out
 
 
+# Throttle reasons by our name: NVML's current constant (...ClocksEventReason..., driver 535+), then
+# the deprecated one older nvidia-ml-py releases have.
 _THROTTLE = {
-    "gpu_idle": "nvmlClocksThrottleReasonGpuIdle", "applications_clocks": "nvmlClocksThrottleReasonApplicationsClocksSetting",
-    "sw_power_cap": "nvmlClocksThrottleReasonSwPowerCap", "hw_slowdown": "nvmlClocksThrottleReasonHwSlowdown",
-    "sw_thermal": "nvmlClocksThrottleReasonSwThermalSlowdown", "hw_thermal": "nvmlClocksThrottleReasonHwThermalSlowdown",
-    "hw_power_brake": "nvmlClocksThrottleReasonHwPowerBrakeSlowdown",
+    name: (f"nvmlClocksEventReason{suffix}", f"nvmlClocksThrottleReason{suffix}")
+    for name, suffix in (
+        ("gpu_idle", "GpuIdle"), ("applications_clocks", "ApplicationsClocksSetting"), ("sw_power_cap", "SwPowerCap"),
+        ("hw_slowdown", "HwSlowdown"), ("sw_thermal", "SwThermalSlowdown"), ("hw_thermal", "HwThermalSlowdown"),
+        ("hw_power_brake", "HwPowerBrakeSlowdown"),
+    )
 }
 
 

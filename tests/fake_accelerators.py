@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from services.detector.backends import OnnxRuntimeBackend
 
@@ -25,6 +26,48 @@ class FailsAfterBatches:
 
     def infer(self, batch):
         if self.left <= 0:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            raise RuntimeError("CUDA error: out of memory")  # recoverable (not sticky): the GPU is retried later
         self.left -= 1
         return self.inner.infer(batch)
+
+
+def illegal_address():
+    """cudaErrorIllegalAddress as services/detector/trt.check raises it: the real cuda.bindings enum and
+    text where cuda-python is installed (the dev extra), the same numbers otherwise."""
+    from services.detector.gpu_errors import CudaError
+
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return CudaError(700, "cudaErrorIllegalAddress", "an illegal memory access was encountered", "cudaStreamSynchronize")
+    err = cudart.cudaError_t.cudaErrorIllegalAddress
+    return CudaError(int(err), err.name, cudart.cudaGetErrorString(err)[1].decode(), "cudaStreamSynchronize")
+
+
+class StickyAfterBatches(FailsAfterBatches):
+    """A GPU that works for FAIL_AFTER batches, then hits an illegal address: the context is poisoned."""
+
+    def infer(self, batch):
+        if self.left <= 0:
+            raise illegal_address()
+        self.left -= 1
+        return self.inner.infer(batch)
+
+
+class SlowBuild:
+    """An accelerator whose engine build never finishes: the build writes its temporary file, then
+    hangs (what a stuck TensorRT builder looks like from outside). Its pid goes to the log line."""
+
+    @staticmethod
+    def build_job(info, cfg, cache_dir):
+        from services.detector.backends import BuildJob
+
+        target = cache_dir / "slow-test.engine"
+        script = ("import os, pathlib, time; p = pathlib.Path(%r); "
+                  "p.with_name(f'{p.name}.{os.getpid()}.tmp').write_bytes(b'half an engine'); time.sleep(3600)") % str(target)
+        return BuildJob([sys.executable, "-c", script], "slow test engine", target)
+
+    def __init__(self, info, cfg):
+        from services.detector.gpu_errors import EngineNotBuilt
+
+        raise EngineNotBuilt("no slow-test.engine")

@@ -20,21 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats.errors
+import structlog
 from nats.aio.msg import Msg
 
 from proto import Alert, Box, Detections, FileUploaded, subject
 from proto.topology import consumer
 from services.detector import decoders
-from services.detector.backends import Backend, OnnxRuntimeBackend, gpu_factory
+from services.detector.backends import Backend, BuildJob, OnnxRuntimeBackend, build_job, gpu_factory
 from services.detector.decoders import Letterboxed
+from services.detector.engine_build import PreReady, build_engine
 from services.detector.fallback import FallbackBackend
+from services.detector.gpu_errors import EngineNotBuilt
 from services.detector.media import Undecodable, decode_image, read_media, sample_clip
 from services.runtime.files import safe_parts
 from services.watcher_files import camera_id
 from services.detector.model import ModelInfo, find_model, inspect_model
 from services.runtime import bus
 from services.runtime.config import Config, DetectorConfig
-from services.runtime.service import Runtime
+from services.runtime.service import RestartRequested, Runtime, StoppedBeforeReady
 
 STAGE = "detector"
 # Models that run no inference: "none" finds nothing, "synthetic" finds one whole-frame person in every
@@ -54,12 +57,16 @@ class Unit:
 
 
 class Engine:
-    """The model plus the backend that runs it (or nothing, for models "none" and "synthetic")."""
+    """The model plus the backend that runs it (or nothing, for models "none" and "synthetic").
 
-    def __init__(self, cfg: DetectorConfig, cache_dir: Path, on_change) -> None:
-        self.cfg = cfg
+    `start=False` opens only the model and its CPU session; the detector then builds whatever engine
+    the accelerator lacks (build_job) before READY and opens the backends with start_backend()."""
+
+    def __init__(self, cfg: DetectorConfig, cache_dir: Path, on_change, start: bool = True) -> None:
+        self.cfg, self.cache_dir, self.on_change = cfg, cache_dir, on_change
         self.info: ModelInfo | None = None
         self.backend: Backend | None = None
+        self.make_gpu = None
         if cfg.model in NO_MODEL:
             return
         path = find_model(cfg)  # refuses to start without a model, naming the fix
@@ -70,15 +77,44 @@ class Engine:
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.info = info = inspect_model(path, cfg, session)
-        make_cpu = lambda: OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"], session=session)  # noqa: E731
-        make_gpu = gpu_factory(cfg, info, cache_dir)
-        if make_gpu is None:
-            self.backend = make_cpu()
-        else:
-            self.backend = FallbackBackend(
-                make_gpu, make_cpu, max_errors=cfg.gpu_max_errors, retry=cfg.gpu_retry_seconds,
-                retry_max=cfg.gpu_retry_max_seconds, on_change=on_change,
-            )
+        self.make_cpu = lambda: OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"], session=session)
+        self.make_gpu = gpu_factory(cfg, info, cache_dir)
+        if start:
+            self.start_backend()
+
+    def build_job(self) -> BuildJob | None:
+        """The accelerator engine to build before READY, if the cache lacks it. Any error here (no
+        driver, no GPU) is left to start_backend, whose failure is what gets reported."""
+        if self.make_gpu is None or self.info is None:
+            return None
+        try:
+            return build_job(self.cfg, self.info, self.cache_dir)
+        except Exception:  # noqa: BLE001 - see above
+            return None
+
+    def start_backend(self, build_failure: str | None = None) -> None:
+        """Open the backend: the CPU, or the GPU wrapped in the CPU fallback. Never builds an engine."""
+        if self.backend is not None or self.info is None:
+            return
+        if self.make_gpu is None:
+            self.backend = self.make_cpu()
+            return
+        make_gpu = self.make_gpu
+        if build_failure is not None:
+            def make_gpu(inner=self.make_gpu):
+                try:
+                    return inner()
+                except EngineNotBuilt as exc:  # say why the engine is missing, not only that it is
+                    raise EngineNotBuilt(build_failure) from exc
+        self.backend = FallbackBackend(
+            make_gpu, self.make_cpu, max_errors=self.cfg.gpu_max_errors, retry=self.cfg.gpu_retry_seconds,
+            retry_max=self.cfg.gpu_retry_max_seconds, on_change=self.on_change,
+        )
+
+    @property
+    def restart_reason(self) -> str | None:
+        """Set after a sticky CUDA error: only a new process can use the GPU again."""
+        return getattr(self.backend, "restart_reason", None)
 
     @property
     def name(self) -> str:
@@ -307,6 +343,8 @@ class Detector:
             self.rt.count("detected", len(good))
             self.rt.count("frames", len(frames))
             self.rt.beat("infer")
+            if self.engine.restart_reason is not None:  # this batch is done (on the CPU) and acked: now go
+                raise RestartRequested(f"sticky CUDA error, a new process gets a fresh CUDA context: {self.engine.restart_reason}")
 
     async def dead_letter(self, msg: Msg, reason: str, up: FileUploaded | None = None) -> None:
         await bus.dead_letter(self.rt, STAGE, msg, reason, camera=up.camera if up else None, file_id=up.file_id if up else None)
@@ -341,12 +379,31 @@ class Detector:
         await bus.publish(self.rt, subject("alerts", "system"), alert, msg_id=alert.alert_id)
 
 
+async def open_engine(engine: Engine, config: Config) -> bool:
+    """Before READY: build the engine the accelerator lacks (a child process, with systemd's start
+    timeout extended), then open the backends. False when a stop was asked for meanwhile."""
+    async with PreReady(structlog.get_logger(service=STAGE)) as pre:
+        job = await asyncio.to_thread(engine.build_job)
+        failure = None
+        if job is not None:
+            failure = await build_engine(pre, job.command, job.what, job.target, config.detector.engine_build_timeout_seconds)
+            if pre.stopping.is_set():
+                return False
+        opening = asyncio.ensure_future(asyncio.to_thread(engine.start_backend, failure))
+        if not await pre.wait(opening, "opening the inference backend"):
+            return False  # the thread is not waited for: main() exits without it
+        opening.result()
+    return True
+
+
 async def run(config: Config) -> None:
     # OpenCV's own guard against decompression bombs, read on first decode.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(config.detector.max_pixels)
     cache_dir = Path(config.detector.engine_cache_dir or Path(config.state_dir) / "engines")
     pending: list = []
-    engine = Engine(config.detector, cache_dir, on_change=lambda *a: pending.append(a))
+    engine = Engine(config.detector, cache_dir, on_change=lambda *a: pending.append(a), start=False)
+    if not await open_engine(engine, config):
+        raise StoppedBeforeReady
     async with Runtime.start("detector", config) as rt:
         detector = Detector(rt, config, engine)
         if isinstance(engine.backend, FallbackBackend):

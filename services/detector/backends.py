@@ -8,9 +8,13 @@ GPU code is imported lazily, so a machine without CUDA or TensorRT never loads i
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import importlib.util
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -24,22 +28,34 @@ class Backend(Protocol):
 
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
+    # optional: def close(self) -> None - free device memory (called when the GPU is dropped)
+
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
 
 class OnnxRuntimeBackend:
-    """onnxruntime with the given execution providers (TensorRT EP, CUDA EP, CPU)."""
+    """onnxruntime with the given execution providers (TensorRT EP, CUDA EP, CPU).
 
-    def __init__(self, info: ModelInfo, cfg: DetectorConfig, providers: list, session=None) -> None:
+    `gpu=True`: the session must run on one of GPU_PROVIDERS, whichever of those onnxruntime could
+    load (it skips a listed provider it cannot load, with a warning); a session that ends up on the CPU
+    is refused, so the fallback wrapper reports the GPU as failed instead of calling the CPU a GPU.
+    `enable_fallback=0`: onnxruntime's Python wrapper would otherwise retry a failed session creation
+    with a provider list of its own and no provider options (device_id dropped: the wrong GPU)."""
+
+    def __init__(self, info: ModelInfo, cfg: DetectorConfig, providers: list, session=None, gpu: bool = False) -> None:
         import onnxruntime as ort
 
         if session is None:
             options = ort.SessionOptions()
             options.intra_op_num_threads = cfg.threads
             options.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(info.path), options, providers=providers)
+            session = ort.InferenceSession(str(info.path), options, providers=providers, enable_fallback=0)
         used = session.get_providers()
-        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        if wanted != "CPUExecutionProvider" and used[0] != wanted:
-            raise RuntimeError(f"{wanted} requested but onnxruntime chose {used}")
+        asked = [p[0] if isinstance(p, tuple) else p for p in providers]
+        if gpu and used[0] not in GPU_PROVIDERS:
+            raise RuntimeError(f"onnxruntime could load none of the GPU providers asked for ({', '.join(a for a in asked if a in GPU_PROVIDERS)}); "
+                               f"it runs {used}")
         self.session = session
         self.info = info
         self.name = "onnxruntime:cpu" if used[0] == "CPUExecutionProvider" else f"onnxruntime:{used[0].removesuffix('ExecutionProvider').lower()}:{cfg.device}"
@@ -57,24 +73,62 @@ class OnnxRuntimeBackend:
             out.append(self.session.run(None, {self.info.input_name: chunk})[0][: min(fixed, len(batch) - i)])
         return np.concatenate(out)
 
+    def close(self) -> None:
+        self.session = None  # onnxruntime frees the session's device memory with the object
+
 
 def cpu_backend(info: ModelInfo, cfg: DetectorConfig) -> OnnxRuntimeBackend:
     return OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"])
 
 
-def cuda_backend(info: ModelInfo, cfg: DetectorConfig) -> OnnxRuntimeBackend:
-    """onnxruntime on the GPU: its TensorRT EP when present, else its CUDA EP."""
+def tensorrt_library() -> str | None:
+    """The TensorRT library (libnvinfer) if the dynamic loader can load it here, else None.
+
+    onnxruntime lists its TensorRT EP whenever the wheel was built with it (onnxruntime-gpu always is),
+    whether or not TensorRT is installed; only a library that loads makes the EP usable. pip's tensorrt
+    wheels keep it in the `tensorrt_libs` package folder, outside the loader's path: loading it from
+    there by full path makes the EP's own dlopen by soname find it (what onnxruntime.preload_dlls does).
+    """
+    folders = []
+    spec = importlib.util.find_spec("tensorrt_libs")
+    if spec is not None and spec.submodule_search_locations:
+        folders = list(spec.submodule_search_locations)
+    for soname in ("libnvinfer.so.10", "libnvinfer.so.11"):
+        for candidate in [*(os.path.join(folder, soname) for folder in folders), soname]:
+            try:
+                ctypes.CDLL(candidate)
+                return candidate
+            except OSError:
+                continue
+    return None
+
+
+def gpu_providers(cfg: DetectorConfig, available: list[str], tensorrt_loads: bool, cache_dir: Path) -> list:
+    """The onnxruntime provider chain for the GPU: the TensorRT EP only where TensorRT loads (engine
+    and timing caches in the state directory, or it rebuilds its engines at every start), then CUDA."""
+    chain: list = []
+    if "TensorrtExecutionProvider" in available and tensorrt_loads:
+        caches = str(cache_dir / "onnxruntime-trt")
+        chain.append(("TensorrtExecutionProvider", {
+            "device_id": cfg.device, "trt_fp16_enable": cfg.precision == "fp16",
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": caches,
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": caches,
+        }))
+    if "CUDAExecutionProvider" in available:
+        chain.append(("CUDAExecutionProvider", {"device_id": cfg.device}))
+    return chain
+
+
+def cuda_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir: Path) -> OnnxRuntimeBackend:
+    """onnxruntime on the GPU: its TensorRT EP where TensorRT loads, else its CUDA EP."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    chain: list = []
-    if "TensorrtExecutionProvider" in available:
-        chain.append(("TensorrtExecutionProvider", {"device_id": cfg.device, "trt_fp16_enable": cfg.precision == "fp16"}))
-    if "CUDAExecutionProvider" in available:
-        chain.append(("CUDAExecutionProvider", {"device_id": cfg.device}))
+    chain = gpu_providers(cfg, available, tensorrt_library() is not None, cache_dir)
     if not chain:
         raise RuntimeError(f"onnxruntime has no GPU execution provider here (available: {available})")
-    return OnnxRuntimeBackend(info, cfg, chain + ["CPUExecutionProvider"])
+    (cache_dir / "onnxruntime-trt").mkdir(parents=True, exist_ok=True)
+    return OnnxRuntimeBackend(info, cfg, chain + ["CPUExecutionProvider"], gpu=True)
 
 
 def tensorrt_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend:
@@ -83,10 +137,38 @@ def tensorrt_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend
     return TensorRTBackend(info, cfg, cache_dir)
 
 
+def plugin_class(spec: str):
+    _, module, cls = spec.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 def plugin_backend(spec: str, info: ModelInfo, cfg: DetectorConfig) -> Backend:
     """`plugin:package.module:Class` - a backend class taking (info, cfg), e.g. for other accelerators."""
-    _, module, cls = spec.split(":")
-    return getattr(importlib.import_module(module), cls)(info, cfg)
+    return plugin_class(spec)(info, cfg)
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """An engine to build before READY (services/detector/engine_build.py)."""
+
+    command: list[str]
+    what: str
+    target: Path
+
+
+def build_job(cfg: DetectorConfig, info: ModelInfo, cache_dir: Path) -> BuildJob | None:
+    """The engine this config needs and the cache lacks, if any. A plugin class may offer one too, with
+    a static `build_job(info, cfg, cache_dir)`."""
+    if cfg.backend.startswith("plugin:"):
+        make = getattr(plugin_class(cfg.backend), "build_job", None)
+        return make(info, cfg, cache_dir) if make is not None else None
+    if cfg.backend == "tensorrt" or (cfg.backend == "auto" and importlib.util.find_spec("tensorrt") is not None):
+        from services.detector.trt import plan_engine
+
+        plan = plan_engine(info, cfg, cache_dir)
+        if not plan.path.exists():
+            return BuildJob(plan.command(), f"TensorRT engine for {info.name} ({plan.precision})", plan.path)
+    return None
 
 
 def gpu_factory(cfg: DetectorConfig, info: ModelInfo, cache_dir) -> Callable[[], Backend] | None:
@@ -96,7 +178,7 @@ def gpu_factory(cfg: DetectorConfig, info: ModelInfo, cache_dir) -> Callable[[],
     if cfg.backend == "tensorrt":
         return lambda: tensorrt_backend(info, cfg, cache_dir)
     if cfg.backend == "cuda":
-        return lambda: cuda_backend(info, cfg)
+        return lambda: cuda_backend(info, cfg, cache_dir)
     if cfg.backend.startswith("plugin:"):
         return lambda: plugin_backend(cfg.backend, info, cfg)
     # auto: a machine with no accelerator stack at all is a CPU machine, not a degraded GPU one
@@ -119,7 +201,7 @@ def _best_gpu(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend:
         except Exception as exc:  # noqa: BLE001 - reported with the next candidate's error
             errors.append(f"tensorrt: {exc}")
     try:
-        return cuda_backend(info, cfg)
+        return cuda_backend(info, cfg, cache_dir)
     except Exception as exc:  # noqa: BLE001
         errors.append(f"onnxruntime-gpu: {exc}")
     raise RuntimeError("; ".join(errors))

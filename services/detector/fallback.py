@@ -1,8 +1,14 @@
 """GPU first, CPU when the GPU fails: the detector keeps detecting instead of crash-looping.
 
 Runs inside the inference thread. A GPU backend that fails to initialise, or raises on
-`max_errors` consecutive batches, is dropped for the CPU backend; every failed batch is re-run on the
-CPU, so no frame is lost. The GPU is tried again after `retry` seconds, doubling up to `retry_max`.
+`max_errors` consecutive batches, is dropped (and closed: its device memory freed) for the CPU
+backend; every failed batch is re-run on the CPU, so no frame is lost. The GPU is tried again after
+`retry` seconds, doubling up to `retry_max`.
+
+A sticky CUDA error (services/detector/gpu_errors.py: an illegal address, a launch failure...) is
+different: this process can never use CUDA again, so the GPU is dropped at once and never retried
+here; `restart_reason` is set, and the detector finishes the batch on the CPU, acks it, and exits for
+systemd to start it again with a fresh CUDA context.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from services.detector.backends import Backend
+from services.detector.gpu_errors import is_sticky
 
 
 class FallbackBackend:
@@ -36,6 +43,7 @@ class FallbackBackend:
         self.errors = 0
         self.backoff = retry
         self.next_retry = 0.0
+        self.restart_reason: str | None = None  # a sticky CUDA error: only a new process can use the GPU
         self._try_gpu()
 
     @property
@@ -49,7 +57,7 @@ class FallbackBackend:
         return self.gpu is None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        if self.gpu is None and self.clock() >= self.next_retry:
+        if self.gpu is None and self.restart_reason is None and self.clock() >= self.next_retry:
             self._try_gpu()
         if self.gpu is not None:
             try:
@@ -58,7 +66,10 @@ class FallbackBackend:
                 return out
             except Exception as exc:  # noqa: BLE001 - any device error counts; the batch is re-run below
                 self.errors += 1
-                if self.errors >= self.max_errors:
+                if is_sticky(exc):
+                    self.restart_reason = f"{type(exc).__name__}: {exc}"[:300]
+                    self._fall_back(f"sticky CUDA error, the detector restarts for a fresh CUDA context: {self.restart_reason}")
+                elif self.errors >= self.max_errors:
                     self._fall_back(f"{self.errors} consecutive errors, last: {type(exc).__name__}: {exc}")
         return self._cpu().infer(batch)
 
@@ -81,7 +92,13 @@ class FallbackBackend:
             self.on_change("restored", None)
 
     def _fall_back(self, reason: str, retrying: bool = False) -> None:
-        self.gpu = None
+        gpu, self.gpu = self.gpu, None
+        close = getattr(gpu, "close", None)
+        if close is not None:
+            try:
+                close()  # its device memory: a GPU dropped and restored every hour must not leak
+            except Exception:  # noqa: BLE001 - a broken device may fail to free; the process goes on
+                pass
         if retrying:  # still broken: wait longer before the next try, keep the first reason visible
             self.backoff = min(self.backoff * 2, self.retry_max)
         else:

@@ -124,6 +124,10 @@ class DetectorConfig(_Section):
     gpu_retry_seconds: float = 60.0
     gpu_retry_max_seconds: float = 1800.0
     engine_cache_dir: str | None = None  # default: <state_dir>/engines
+    # A TensorRT engine missing from the cache is built once, at start, before READY (systemd's start
+    # timeout is extended meanwhile). A build that takes longer is stopped: the detector starts on the
+    # CPU (degraded, with the reason) and builds again at its next start.
+    engine_build_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 1800.0
     cameras: dict[str, CameraFilter] = msgspec.field(default_factory=dict)
 
 

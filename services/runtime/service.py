@@ -19,6 +19,7 @@ import socket
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -42,8 +43,16 @@ _current_loop: contextvars.ContextVar[str | None] = contextvars.ContextVar("vigi
 EX_CONFIG = 78  # sysexits.h; the systemd units set RestartPreventExitStatus=78 so a bad config does not crash-loop
 
 
+EX_TEMPFAIL = 75  # sysexits.h: "try again later"; Restart=on-failure starts the service again
+
+
 class StoppedBeforeReady(Exception):
-    """A stop signal arrived while still waiting for NATS: nothing to drain, exit 0."""
+    """A stop signal arrived before READY (waiting for NATS, building an engine): nothing to drain, exit 0."""
+
+
+class RestartRequested(Exception):
+    """Only a new process can go on (e.g. a sticky CUDA error poisoned this one's context): after a
+    clean stop, exit EX_TEMPFAIL so systemd starts the service again. Not 78, which prevents restarts."""
 
 
 class Runtime:
@@ -238,7 +247,19 @@ def main(service: str, run: Callable[[Config], Awaitable[None]], config_path: st
         sys.stderr.flush()
         os._exit(0)
     except StoppedBeforeReady:
-        pass
+        if threading.active_count() > 1:  # a worker still busy (a backend still opening): do not wait for it
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+    except (RestartRequested, BaseExceptionGroup) as exc:
+        # raised in a service's body, it arrives wrapped in the TaskGroups it passed through
+        found = exc if isinstance(exc, RestartRequested) else exc.subgroup(RestartRequested)
+        if found is None:
+            raise
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        log.error("exiting for a restart", reason=str(found), exit_code=EX_TEMPFAIL)
+        return EX_TEMPFAIL
     except ConfigError as exc:  # a service may validate more at start (e.g. the models dir)
         log.error("config error", error=str(exc))
         return EX_CONFIG

@@ -13,7 +13,7 @@ class Backend:
     def infer(self, batch):
         self.calls += 1
         if self.fail_after is not None and self.calls > self.fail_after:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            raise RuntimeError("CUDA error: out of memory")  # recoverable (not sticky): the GPU is retried later
         return np.full((len(batch), 1), 1.0 if self.name == "gpu" else 2.0)
 
 
@@ -47,7 +47,7 @@ def test_repeated_device_errors_switch_to_cpu_without_losing_a_batch():
     fb = make(lambda: gpu, clock, events, max_errors=3)
     results = [fb.infer(np.zeros((1, 3)))[0, 0] for _ in range(6)]
     assert results == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]  # every failed GPU batch was re-run on the CPU
-    assert fb.degraded and "3 consecutive errors" in fb.reason and "illegal memory access" in fb.reason
+    assert fb.degraded and "3 consecutive errors" in fb.reason and "out of memory" in fb.reason
     assert [e[0] for e in events] == ["degraded"]
 
 
@@ -91,3 +91,87 @@ def test_isolated_errors_below_threshold_keep_the_gpu(errors_before_success):
     for _ in range(4):
         fb.infer(np.zeros((1, 1)))
     assert not fb.degraded and events == []
+
+
+def cuda_error(code: int):
+    """The error a cuda-python call returns, as our check() raises it: the real cuda.bindings enum and
+    cudaGetErrorString text where cuda-python is installed (the dev extra), else the same numbers."""
+    from services.detector.gpu_errors import STICKY, CudaError
+
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        return CudaError(code, STICKY.get(code, f"cudaError {code}"), "")
+    err = cudart.cudaError_t(code)
+    return CudaError(code, err.name, cudart.cudaGetErrorString(err)[1].decode(), "cudaStreamSynchronize")
+
+
+@pytest.mark.parametrize("error", [
+    lambda: cuda_error(700), lambda: cuda_error(719),
+    # onnxruntime's CUDA EP reports it as text (cuda_call.cc: "CUDA failure <code>: <cudaGetErrorString>")
+    lambda: RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access was encountered ; GPU=0 ; "
+                         "hostname=box ; file=cuda_call.cc ; line=123 ; expr=cudaStreamSynchronize(stream);"),
+    lambda: RuntimeError("TensorRT execute_async_v3 failed: unspecified launch failure"),
+], ids=["cuda-700", "cuda-719", "onnxruntime-text", "tensorrt-text"])
+def test_a_sticky_cuda_error_drops_the_gpu_for_good_and_asks_for_a_restart(error):
+    """After an illegal address or a launch failure the process can never use CUDA again: the batch
+    is re-run on the CPU at once (no max_errors), the GPU is closed and never retried in this process,
+    and restart_reason tells the detector to exit for a fresh context."""
+    events, clock, made, closed = [], Clock(), [], []
+
+    class Poisoned(Backend):
+        def infer(self, batch):
+            self.calls += 1
+            if self.calls > 1:
+                raise error()
+            return super().infer(batch)
+
+        def close(self):
+            closed.append(self)
+
+    def factory():
+        made.append(Poisoned("gpu"))
+        return made[-1]
+
+    fb = make(factory, clock, events, max_errors=3, retry=1)
+    assert fb.infer(np.zeros((1, 1)))[0, 0] == 1.0 and fb.restart_reason is None
+    assert fb.infer(np.zeros((1, 1)))[0, 0] == 2.0  # the failed batch, on the CPU
+    assert fb.restart_reason and fb.degraded and "sticky CUDA error" in fb.reason
+    assert closed == made
+    clock.now = 10_000
+    fb.infer(np.zeros((1, 1)))
+    assert len(made) == 1  # never retried in this process
+
+
+@pytest.mark.parametrize("error", [cuda_error(2), cuda_error(35), RuntimeError("CUDA failure 2: out of memory"), RuntimeError("transient")],
+                         ids=["oom", "insufficient-driver", "oom-text", "other"])
+def test_errors_a_process_recovers_from_are_not_sticky(error):
+    from services.detector.gpu_errors import is_sticky
+
+    assert not is_sticky(error)
+    assert is_sticky(RuntimeError("wrapped")) is False
+    try:
+        raise RuntimeError("inference failed") from cuda_error(700)
+    except RuntimeError as wrapped:
+        assert is_sticky(wrapped)  # found through the cause
+
+
+def test_a_dropped_gpu_is_closed_each_time_it_is_dropped():
+    """Degrade/restore cycles: every GPU backend made is closed when dropped (device memory freed)."""
+    events, clock, made = [], Clock(), []
+
+    class Closing(Backend):
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    def factory():
+        made.append(Closing("gpu", fail_after=0))
+        return made[-1]
+
+    fb = make(factory, clock, events, max_errors=1, retry=1, retry_max=1)
+    for t in range(4):
+        clock.now = t * 2
+        fb.infer(np.zeros((1, 1)))
+    assert len(made) == 4 and all(b.closed for b in made)

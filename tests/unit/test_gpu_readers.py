@@ -28,3 +28,76 @@ def test_unit_of_this_process_is_read_from_its_cgroup():
     unit = unit_of(os.getpid())
     assert unit is None or unit.endswith(".service")
     assert unit_of(2**22 + 7) is None  # no such process
+
+
+class Driver:
+    """An older driver's libnvidia-ml as nvidia-ml-py meets it, answering through the real module's
+    error classes: no _v3 process query (the unversioned call raises NVMLLibraryMismatchError, which is
+    not an NVMLError), no ClocksEventReasons yet, and one unsupported reading."""
+
+    def __init__(self, pynvml):
+        self.real = pynvml
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return f"gpu{i}"
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        raise self.real.NVMLLibraryMismatchError("Unversioned function called and the pyNVML version does not match the NVML lib version")
+
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, h):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(pid=os.getpid(), usedGpuMemory=512 * 2**20)]
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        raise self.real.NVMLError(self.real.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h):
+        return self.real.nvmlClocksThrottleReasonSwPowerCap | self.real.nvmlClocksThrottleReasonGpuIdle
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        raise self.real.NVMLError(self.real.NVML_ERROR_NOT_SUPPORTED)
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(used=2**30, total=8 * 2**30)
+
+    def nvmlDeviceGetName(self, h):
+        return "NVIDIA T4"
+
+    def nvmlDeviceGetUUID(self, h):
+        return "GPU-1"
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(gpu=40)
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 70_000
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 50
+
+    def nvmlDeviceGetClockInfo(self, h, clock):
+        return 1500
+
+
+def test_nvml_reader_survives_an_older_driver():
+    """A driver without the _v3 process query must not lose every sample (NVMLLibraryMismatchError
+    escaped the NVMLError handler); throttle reasons come from whichever name the driver has."""
+    import pytest
+
+    pynvml = pytest.importorskip("pynvml")
+    from services.gpu_stats_readers import NvmlReader
+
+    reader = object.__new__(NvmlReader)  # no libnvidia-ml here: nvmlInit would fail
+    reader.nvml, reader.count = Driver(pynvml), 1
+    (s,) = reader.read("box")
+    assert s.name == "NVIDIA T4" and s.util_pct == 40 and s.power_w is None and s.power_limit_w == 70.0
+    assert [(p.pid, p.used_mb) for p in s.processes] == [(os.getpid(), 512)]
+    assert sorted(s.throttle_reasons) == ["gpu_idle", "sw_power_cap"]

@@ -39,3 +39,117 @@ def test_output_shape_resolves_dynamic_batch():
     assert output_shape((1, 300, 6), 1) == (1, 300, 6)
     with pytest.raises(ValueError):
         output_shape((-1, -1, 6), 2)
+
+
+# ---- against the real cuda-python (dev extra): its enums, its answers on a machine without a driver --
+cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (dev extra) not installed")
+
+
+class Cudart:
+    """cuda-python's runtime module with chosen answers: real cudaError_t values, real error strings,
+    pointers from a counter; every malloc and free recorded."""
+
+    def __init__(self, fail_malloc_at: int | None = None, driver: int = 12040, runtime: int = 12090) -> None:
+        self.cudaError_t, self.cudaGetErrorString = cudart.cudaError_t, cudart.cudaGetErrorString
+        self.next, self.live, self.frees = 0x1000, set(), []
+        self.mallocs = 0
+        self.fail_malloc_at, self.driver, self.runtime = fail_malloc_at, driver, runtime
+
+    ok = property(lambda self: cudart.cudaError_t.cudaSuccess)
+
+    def _alloc(self, nbytes):
+        self.mallocs += 1
+        if self.mallocs == self.fail_malloc_at:
+            return cudart.cudaError_t.cudaErrorMemoryAllocation, 0
+        self.next += 0x1000
+        self.live.add(self.next)
+        return self.ok, self.next
+
+    def _free(self, ptr):
+        self.frees.append(ptr)
+        if ptr not in self.live:  # what the real driver would do with a double free, at best
+            return (cudart.cudaError_t.cudaErrorInvalidValue,)
+        self.live.remove(ptr)
+        return (self.ok,)
+
+    cudaMalloc = cudaMallocHost = _alloc
+    cudaFree = cudaFreeHost = _free
+
+    def cudaStreamDestroy(self, stream):
+        self.frees.append(("stream", stream))
+        return (self.ok,)
+
+    def cudaDriverGetVersion(self):
+        return self.ok, self.driver
+
+    def cudaRuntimeGetVersion(self):
+        return self.ok, self.runtime
+
+
+def backend_with(fake: Cudart):
+    from services.detector.trt import TensorRTBackend
+
+    b = object.__new__(TensorRTBackend)  # no tensorrt here: the buffer and close logic alone
+    b.cudart, b.buffers, b.hosts, b.stream, b.engine, b.context = fake, {}, {}, "stream-1", object(), object()
+    return b
+
+
+def test_check_raises_the_cuda_error_with_its_name_and_text():
+    from services.detector.gpu_errors import CudaError, is_sticky
+    from services.detector.trt import check
+
+    assert check(cudart, (cudart.cudaError_t.cudaSuccess, 7)) == 7
+    with pytest.raises(CudaError) as e:
+        check(cudart, (cudart.cudaError_t.cudaErrorIllegalAddress,), "cudaStreamSynchronize")
+    assert e.value.code == 700 and "cudaErrorIllegalAddress" in str(e.value) and "illegal memory access" in str(e.value)
+    assert is_sticky(e.value)
+
+
+def test_a_failed_malloc_never_leaves_a_freed_pointer_to_be_used_or_freed_again():
+    """Growing a buffer frees the old one, then the malloc fails: the table must not keep the freed
+    pointer (the next batch would hand it to TensorRT; close() would free it twice)."""
+    from services.detector.gpu_errors import CudaError
+
+    fake = Cudart(fail_malloc_at=2)
+    b = backend_with(fake)
+    first = b._buffer("images", 100)
+    with pytest.raises(CudaError, match="cudaErrorMemoryAllocation"):
+        b._buffer("images", 200)
+    assert "images" not in b.buffers and first not in fake.live
+    b.close()
+    assert fake.frees.count(first) == 1  # freed exactly once
+    assert b._buffer("images", 200) in fake.live  # and the next batch gets a fresh one
+
+
+def test_close_frees_every_device_and_pinned_buffer_and_the_stream():
+    fake = Cudart()
+    b = backend_with(fake)
+    b._buffer("images", 64)
+    b._buffer("output", 128)
+    b._buffer("output", 256)  # grown: the smaller one already freed
+    b.hosts["images"] = fake._alloc(24)[1], 24  # a pinned host buffer (not touched: the pointers are made up)
+    b.close()
+    assert not fake.live and ("stream", "stream-1") in fake.frees
+    assert b.buffers == {} and b.hosts == {} and b.stream is None and b.engine is None
+    b.close()  # twice is harmless
+    assert len([f for f in fake.frees if f == ("stream", "stream-1")]) == 1
+
+
+def test_the_driver_check_names_the_fix():
+    from services.detector.trt import DriverMismatch, check_driver
+
+    assert check_driver(Cudart(driver=12040, runtime=12090)) == "driver CUDA 12.4, runtime CUDA 12.9"  # minor versions mix
+    with pytest.raises(DriverMismatch, match=r"supports CUDA 12\.4.*CUDA 13\.0.*cuda-python>=12,<13"):
+        check_driver(Cudart(driver=12040, runtime=13000))
+    # the real cuda-python on this machine, which has no NVIDIA driver: it reports version 0
+    with pytest.raises(DriverMismatch, match="no NVIDIA driver is loaded"):
+        check_driver(cudart)
+
+
+def test_precision_follows_the_tensorrt_version():
+    from services.detector.trt import precision_plan
+
+    assert precision_plan("fp16", True, (8, 9)) == "fp16"  # TensorRT 10: fp16 is a builder flag
+    assert precision_plan("fp16", True, (5, 0)) == "fp32"  # no fast fp16 on that GPU
+    assert precision_plan("fp32", True, (9, 0)) == "fp32"
+    assert precision_plan("fp16", False, (9, 0)) == "as-exported"  # TensorRT 11: no flag, strongly typed

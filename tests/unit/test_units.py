@@ -58,3 +58,12 @@ def test_every_unit_exposure_is_ok():
         scores[unit.name] = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", out).group(1))
     print("\nexposure: " + ", ".join(f"{k} {v}" for k, v in scores.items()))
     assert all(v <= 2.0 for v in scores.values()), scores
+
+
+def test_gpu_units_may_open_the_nvidia_nodes_read_write():
+    """NVML and CUDA are clients of the driver's resource manager: they open /dev/nvidiactl and the
+    GPU nodes O_RDWR, which a device cgroup allowing only "r" refuses (every GPU figure would be lost)."""
+    for name in ("vigil-gpu-stats.service", "vigil-detector@.service"):
+        allowed = re.findall(r"^DeviceAllow=(\S+) (\w+)$", (REPO / "systemd" / name).read_text(), re.M)
+        assert allowed and all("r" in mode and "w" in mode for _, mode in allowed), (name, allowed)
+        assert any(node in ("/dev/nvidiactl", "char-nvidia-frontend") for node, _ in allowed)
