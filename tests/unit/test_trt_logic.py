@@ -153,3 +153,92 @@ def test_precision_follows_the_tensorrt_version():
     assert precision_plan("fp16", True, (5, 0)) == "fp32"  # no fast fp16 on that GPU
     assert precision_plan("fp32", True, (9, 0)) == "fp32"
     assert precision_plan("fp16", False, (9, 0)) == "as-exported"  # TensorRT 11: no flag, strongly typed
+
+
+class FakeTensorRT:
+    """The parts of the tensorrt module the backend touches when an engine is cached; a Builder must
+    never be made then (TensorRT 11 has no platform_has_fast_fp16 to ask it, and it costs a context)."""
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    class TensorIOMode:
+        INPUT, OUTPUT = 0, 1
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 5
+
+    class Builder:
+        def __init__(self, logger):
+            raise AssertionError("a Builder was made although the engine is cached")
+
+    class Engine:
+        num_io_tensors = 2
+
+        def get_tensor_name(self, i):
+            return ("images", "output")[i]
+
+        def get_tensor_mode(self, name):
+            return FakeTensorRT.TensorIOMode.OUTPUT if name == "output" else FakeTensorRT.TensorIOMode.INPUT
+
+        def create_execution_context(self):
+            return object()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return FakeTensorRT.Engine() if data == b"engine" else None
+
+    def __init__(self, version: str, fp16_flag: bool) -> None:
+        self.__version__ = version
+        self.BuilderFlag = type("BuilderFlag", (), {"FP16": 1} if fp16_flag else {})
+
+
+class DeviceCudart(Cudart):
+    """A GPU as cuda-python reports it: an H200, a stream."""
+
+    def cudaSetDevice(self, device):
+        return (self.ok,)
+
+    def cudaGetDeviceProperties(self, device):
+        from types import SimpleNamespace
+
+        return self.ok, SimpleNamespace(name=b"NVIDIA H200", major=9, minor=0)
+
+    def cudaStreamCreate(self):
+        return self.ok, "stream-1"
+
+
+@pytest.mark.parametrize("version, fp16_flag, precision", [("10.16.1", True, "fp16"), ("11.0.0", False, "as-exported")])
+def test_a_cached_engine_loads_without_a_builder_and_a_missing_one_is_never_built_here(tmp_path, monkeypatch, version, fp16_flag, precision):
+    import sys
+
+    from services.detector import trt
+    from services.detector.gpu_errors import EngineNotBuilt
+    from services.detector.model import ModelInfo
+    from services.runtime.config import DetectorConfig
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(version, fp16_flag))
+    monkeypatch.setattr(trt, "cuda_runtime", lambda: DeviceCudart())
+    info = ModelInfo(tmp_path / "m.onnx", "a" * 64, "yolox", "images", 416, 1, ("person",))
+    cfg = DetectorConfig(precision="fp16")
+    plan = trt.plan_engine(info, cfg, tmp_path)
+    assert plan.precision == precision and plan.profile == (1, 1, 1) and plan.trt_version == version
+    assert plan.command()[1:3] == ["-m", "services.detector.trt"]  # built by a child process, not here
+    with pytest.raises(EngineNotBuilt, match="built at start"):
+        trt.TensorRTBackend(info, cfg, tmp_path)  # the retry path: no engine, no build
+    plan.path.write_bytes(b"engine")
+    backend = trt.TensorRTBackend(info, cfg, tmp_path)
+    assert backend.name == f"tensorrt:cuda:0:{precision}" and backend.outputs == ["output"]
+    plan.path.write_bytes(b"from another TensorRT")
+    with pytest.raises(EngineNotBuilt, match="could not deserialize"):
+        trt.TensorRTBackend(info, cfg, tmp_path)
+    assert not plan.path.exists()  # removed: rebuilt at the next start
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("9.3.0", True))
+    with pytest.raises(RuntimeError, match="TensorRT 9.3.0 is not supported"):
+        trt.plan_engine(info, cfg, tmp_path)
