@@ -13,8 +13,14 @@ up *ARGS:
     vigil up {{ARGS}}
 
 # the whole test suite: unit tests, then integration tests against real servers and processes
-test *ARGS:
+test *ARGS: lint
     python -m pytest -q -rs {{ARGS}}
+
+# ruff (lint and format, line length 120) on everything, mypy on proto/ and services/runtime/ (pyproject.toml)
+lint:
+    ruff check .
+    ruff format --check .
+    mypy
 
 # unit tests only (no servers)
 unit *ARGS:

@@ -164,8 +164,8 @@ if [ "$ROLE" != detector ]; then
             "$LISTEN" "$ROUTE_PW" "$RLIST" >> "$CONF"
         unset ROUTE_PW RLIST
     fi
-    # Users and their permissions come from services/nats_auth.py (bcrypt hashes only, never the passwords).
-    "$PREFIX/venv/bin/python" -m services.nats_auth "$ETC/credentials" --bcrypt >> "$CONF"
+    # Users and their permissions come from services/runtime/nats_auth.py (bcrypt hashes only, never the passwords).
+    "$PREFIX/venv/bin/python" -m services.runtime.nats_auth "$ETC/credentials" --bcrypt >> "$CONF"
     "$PREFIX/venv/bin/nats-server" -t -c "$CONF" >/dev/null
     chown root:vigil-nats "$CONF"  # the route password: nats-server alone reads it
     chmod 0640 "$CONF"

@@ -27,9 +27,10 @@ from proto.messages import (
 from proto.topology import CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, subject
 
 __all__ = [
+    "CONSUMERS",
+    "STREAMS",
     "Alert",
     "Box",
-    "CONSUMERS",
     "ConsumerSpec",
     "DeadLetter",
     "Detections",
@@ -42,12 +43,11 @@ __all__ = [
     "LabelSummary",
     "Message",
     "RetentionReport",
-    "STREAMS",
     "StreamSpec",
     "decode",
     "encode",
     "headers_for",
     "printable",
-    "unsafe_field",
     "subject",
+    "unsafe_field",
 ]

@@ -7,6 +7,7 @@ import re
 from typing import Annotated, Literal
 
 import msgspec
+from nats.js.api import Header
 
 VERSION = 1
 # A camera id is a NATS subject token: vigil.<kind>.<camera>. Anything else is refused at decode.
@@ -27,8 +28,10 @@ RETRY_HEADER = "Vigil-Retry"  # on a message re-published from the DLQ: how many
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 # The same as they look in encoded JSON: a cheap scan of the bytes decides whether a message needs the
 # field-by-field check (false alarms such as an escaped backslash before "n" only cost that check).
-_UNSAFE_JSON = re.compile(rb"\\(?:u00[0189][0-9a-fA-F]|u007[fF]|[bfnrt]|u200[eEfF]|u202[89a-eA-E]|u206[6-9])"
-                          rb"|\x7f|\xc2[\x80-\x9f]|\xe2\x80[\x8e\x8f\xa8-\xae]|\xe2\x81[\xa6-\xa9]")
+_UNSAFE_JSON = re.compile(
+    rb"\\(?:u00[0189][0-9a-fA-F]|u007[fF]|[bfnrt]|u200[eEfF]|u202[89a-eA-E]|u206[6-9])"
+    rb"|\x7f|\xc2[\x80-\x9f]|\xe2\x80[\x8e\x8f\xa8-\xae]|\xe2\x81[\xa6-\xa9]"
+)
 # Fields that keep foreign bytes on purpose: a dead letter's copy of the message it could not use.
 _RAW_FIELDS = {("DeadLetter", "original_payload")}
 
@@ -146,7 +149,7 @@ CloseReason = Literal["idle", "max_window", "max_detections"]
 
 
 class EventClosed(_Msg, kw_only=True):
-    """A group of detections on one camera (services/events.py: the grouping contract).
+    """A group of detections on one camera (services/aggregator/grouping.py: the grouping contract).
 
     Published when the event is cut (the next detection is more than idle_seconds later, or would make
     it longer than max_seconds or larger than max_detections) and when its camera has been quiet for
@@ -198,7 +201,7 @@ class DeadLetter(_Msg, kw_only=True):
     path: str | None = None  # the media file, relative to the media root, when one is known
     # True when the cause could pass (deliveries used up by a crash, a hang or a timeout; a server or
     # database away): such letters are retried automatically once their stage is healthy
-    # (services/dlq_retry.py). False: bad content, which no retry fixes.
+    # (services/runtime/dlq_retry.py). False: bad content, which no retry fixes.
     transient: bool = False
     retries: int = 0  # automatic retries that came before this letter (header Vigil-Retry)
 
@@ -297,7 +300,17 @@ class RetentionReport(_Msg, kw_only=True):
 MAX_REPORTED_PATHS = 1000
 
 
-Message = FileUploaded | Detections | EventClosed | Alert | DeadLetter | Heartbeat | GpuSample | HealthChanged | RetentionReport
+Message = (
+    FileUploaded
+    | Detections
+    | EventClosed
+    | Alert
+    | DeadLetter
+    | Heartbeat
+    | GpuSample
+    | HealthChanged
+    | RetentionReport
+)
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Message)
@@ -310,7 +323,9 @@ def encode(msg: Message) -> bytes:
     if _UNSAFE_JSON.search(data):
         where = unsafe_field(msg)
         if where:
-            raise ValueError(f"control character in text field `{where}` of {type(msg).__name__}: use proto.printable()")
+            raise ValueError(
+                f"control character in text field `{where}` of {type(msg).__name__}: use proto.printable()"
+            )
     return data
 
 
@@ -318,7 +333,7 @@ def headers_for(msg: Message, msg_id: str | None = None) -> dict[str, str]:
     """The headers every vigil message carries; `msg_id` becomes JetStream's Nats-Msg-Id for dedupe."""
     headers = {TYPE_HEADER: type(msg).__name__, VERSION_HEADER: str(VERSION)}
     if msg_id is not None:
-        headers["Nats-Msg-Id"] = msg_id
+        headers[Header.MSG_ID.value] = msg_id
     return headers
 
 

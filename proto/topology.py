@@ -52,13 +52,40 @@ def subject(kind: str, camera: str) -> str:
     return f"vigil.{kind}.{camera}"
 
 
+def every(kind: str) -> str:
+    """`vigil.<kind>.*`: the subjects of one kind, for every camera (or host, service)."""
+    return subject(kind, "*")
+
+
 def dlq_subject(stage: str, camera: str | None) -> str:
     return f"vigil.dlq.{stage}.{camera or '_'}"
 
 
+DLQ_ALL = "vigil.dlq.>"  # every stage's dead letters
+
+
+def dlq_filter(stage: str = "*", camera: str = "*") -> str:
+    """Dead letters of one stage and/or camera (`*` for any)."""
+    return f"vigil.dlq.{stage}.{camera}"
+
+
+# The retention run's report (stream RETENTION); one subject, not per camera.
+RETENTION_REPORT_SUBJECT = "vigil.retention.report"
+# Plain NATS (not stored): the watcher asks retention for an immediate free-space check.
+RETENTION_CHECK_SUBJECT = "vigil.control.retention"
+
+# The services, each its own process, systemd unit (vigil-<name>.service; the detector is the template
+# vigil-detector@<gpu>.service: one per GPU) and NATS user. vigil-nats and vigil-postgresql run the
+# servers and are not in this list. ops/install.sh and systemd/ follow it (tests/unit/test_architecture.py).
+SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats", "health", "retention")
+# What health watches go by as plain subscriptions (never holding anything back): uploads, detections
+# and events for camera activity, the watcher's rejections.
+HEALTH_OBSERVES = (every("uploads"), every("detections"), every("events"), dlq_filter("watcher"))
+
+
 def dlq_subject_stage(subject: str) -> str | None:
     """The stage a dead letter was written by, from its subject: only that stage's NATS user may publish
-    under vigil.dlq.<stage>.* (services/nats_auth.py), so this - never the letter's own `stage` - is
+    under vigil.dlq.<stage>.* (services/runtime/nats_auth.py), so this - never the letter's own `stage` - is
     who wrote it."""
     parts = subject.split(".")
     return parts[2] if len(parts) == 4 and parts[:2] == ["vigil", "dlq"] else None
@@ -70,7 +97,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="UPLOADS",
         description="Settled camera files awaiting detection (vigil.uploads.<camera>); work queue of the detectors",
-        subjects=("vigil.uploads.*",),
+        subjects=(every("uploads"),),
         retention="workqueue",
         max_age=7 * DAY,
         max_bytes=1024 * MiB,
@@ -78,7 +105,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="DETECTIONS",
         description="Detector results per file (vigil.detections.<camera>); kept until aggregator and recorder ack",
-        subjects=("vigil.detections.*",),
+        subjects=(every("detections"),),
         retention="interest",
         max_age=7 * DAY,
         max_bytes=2048 * MiB,
@@ -86,7 +113,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="EVENTS",
         description="Closed events: detections grouped per camera (vigil.events.<camera>)",
-        subjects=("vigil.events.*",),
+        subjects=(every("events"),),
         retention="interest",
         max_age=7 * DAY,
         max_bytes=512 * MiB,
@@ -94,7 +121,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="ALERTS",
         description="Alerts from the pipeline and from health checks (vigil.alerts.<camera|system>)",
-        subjects=("vigil.alerts.*",),
+        subjects=(every("alerts"),),
         retention="interest",
         max_age=30 * DAY,
         max_bytes=256 * MiB,
@@ -105,7 +132,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="GPU",
         description="GPU samples from gpu-stats every interval (vigil.gpu.<host>); kept a day, recorded once a minute",
-        subjects=("vigil.gpu.*",),
+        subjects=(every("gpu"),),
         retention="limits",
         max_age=1 * DAY,
         max_bytes=256 * MiB,
@@ -114,7 +141,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="HEALTH",
         description="Verdict changes from health (vigil.health.<service>): healthy, degraded, down, stale, with the reason",
-        subjects=("vigil.health.*",),
+        subjects=(every("health"),),
         retention="limits",
         max_age=30 * DAY,
         max_bytes=64 * MiB,
@@ -123,7 +150,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="RETENTION",
         description="One RetentionReport per retention run (vigil.retention.report): files, bytes and rows deleted, and why",
-        subjects=("vigil.retention.report",),
+        subjects=(RETENTION_REPORT_SUBJECT,),
         retention="limits",
         max_age=90 * DAY,
         max_bytes=64 * MiB,
@@ -141,7 +168,7 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         name="DLQ",  # read by the recorder (table dead_letters), health and the CLI
         description="Dead letters: messages a stage gave up on, with stage, reason and original payload (vigil.dlq.<stage>.<camera>)",
-        subjects=("vigil.dlq.>",),
+        subjects=(DLQ_ALL,),
         retention="limits",
         max_age=30 * DAY,
         max_bytes=512 * MiB,
@@ -155,7 +182,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         stream="UPLOADS",
         durable="detector",
         description="Shared by every detector process; in_progress() keeps long batches alive",
-        filter_subject="vigil.uploads.*",
+        filter_subject=every("uploads"),
         # with a backoff the server waits backoff[0] before the first redelivery (ack_wait follows it).
         # The first two redeliveries (an upload held by a detector killed twice) come back within 25 s,
         # inside the aggregator's default reorder_seconds (30): its events stay exactly the contract's.
@@ -169,17 +196,17 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         stream="DETECTIONS",
         durable="aggregator",
         description="Groups detections into events; holds them unacked in its reorder buffer, acks once the event state is durable in KV",
-        filter_subject="vigil.detections.*",
+        filter_subject=every("detections"),
         ack_wait=15.0,
         max_deliver=10,
-        # the reorder buffer holds up to this minus two batches (services/aggregator.py)
+        # the reorder buffer holds up to this minus two batches (services/aggregator/service.py)
         max_ack_pending=8192,
     ),
     ConsumerSpec(
         stream="DETECTIONS",
         durable="recorder-detections",
         description="Writes detections to PostgreSQL; acks after commit",
-        filter_subject="vigil.detections.*",
+        filter_subject=every("detections"),
         ack_wait=30.0,
         max_deliver=20,
         max_ack_pending=4096,
@@ -188,7 +215,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         stream="EVENTS",
         durable="recorder-events",
         description="Writes events to PostgreSQL; acks after commit",
-        filter_subject="vigil.events.*",
+        filter_subject=every("events"),
         ack_wait=30.0,
         max_deliver=20,
         max_ack_pending=1024,
@@ -197,7 +224,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         stream="GPU",
         durable="recorder-gpu",
         description="Writes one GPU sample per GPU per minute to PostgreSQL; acks after commit",
-        filter_subject="vigil.gpu.*",
+        filter_subject=every("gpu"),
         ack_wait=30.0,
         max_deliver=20,
         max_ack_pending=1024,
@@ -206,7 +233,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         stream="ALERTS",
         durable="recorder-alerts",
         description="Writes alerts to PostgreSQL; acks after commit",
-        filter_subject="vigil.alerts.*",
+        filter_subject=every("alerts"),
         ack_wait=30.0,
         max_deliver=20,
         max_ack_pending=1024,
@@ -215,14 +242,14 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         stream="DLQ",
         durable="recorder-dlq",
         description="Writes dead letters to PostgreSQL (what retention trusts); acks after commit",
-        filter_subject="vigil.dlq.>",
+        filter_subject=DLQ_ALL,
         ack_wait=30.0,
         max_deliver=20,
         max_ack_pending=1024,
     ),
 )
 
-# Per pipeline consumer, a durable consumer of its MAX_DELIVERIES advisories (bus.exhausted_loop).
+# Per pipeline consumer, a durable consumer of its MAX_DELIVERIES advisories (batches.exhausted_loop).
 EXHAUSTED_PREFIX = "exhausted-"
 CONSUMERS += tuple(
     ConsumerSpec(
@@ -240,7 +267,7 @@ CONSUMERS += tuple(
 )
 
 # Key-value buckets (JetStream KV) for state that must survive a crash.
-AGGREGATOR_STATE_BUCKET = "vigil_aggregator"  # key cam.<camera>: services/events.py CameraState
+AGGREGATOR_STATE_BUCKET = "vigil_aggregator"  # key cam.<camera>: services/aggregator/grouping.py CameraState
 # Every published event by camera and start hour (key <camera>.<hour>.<event_id>), so a detection that
 # arrives days late is recognised or joins its event. Kept as long as a dead letter can be retried.
 EVENT_INDEX_BUCKET = "vigil_event_index"
@@ -254,8 +281,6 @@ HEALTH_BUCKET = "vigil_health"
 # Latest GpuSample per GPU, key `<host>.<index>`.
 GPU_BUCKET = "vigil_gpu"
 GPU_TTL = 60.0
-# Plain NATS (not stored): the watcher asks retention for an immediate free-space check.
-RETENTION_CHECK_SUBJECT = "vigil.control.retention"
 
 
 def consumer(durable: str) -> ConsumerSpec:

@@ -9,8 +9,12 @@ need: the recorder cannot delete, retention cannot write rows, health can only r
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 from psycopg import sql
+
+from services.runtime.config import Config, credential
 
 TABLES = ("detections", "events", "event_detections", "alerts", "gpu_samples", "dead_letters")
 
@@ -18,8 +22,10 @@ TABLES = ("detections", "events", "event_detections", "alerts", "gpu_samples", "
 GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     # every write is ON CONFLICT DO NOTHING but an event's new revision: UPDATE on those columns alone
     # (never `keep`, which would let it expose evidence to retention)
-    "recorder": [("SELECT, INSERT", TABLES),
-                 ("UPDATE (started_at, ended_at, detection_count, labels, best_file_id, close_reason, revision)", ("events",))],
+    "recorder": [
+        ("SELECT, INSERT", TABLES),
+        ("UPDATE (started_at, ended_at, detection_count, labels, best_file_id, close_reason, revision)", ("events",)),
+    ],
     "retention": [("SELECT, DELETE", TABLES), ("UPDATE (missing_since)", ("detections",))],
     "health": [("SELECT", TABLES)],
 }
@@ -36,7 +42,7 @@ def credential_name(service: str) -> str:
 def setup_roles(conn: psycopg.Connection, passwords: dict[str, str | None]) -> list[str]:
     """Create or update every service role (as the owner, after migrating): LOGIN, its password when one
     is given (none: it can log in only where pg_hba trusts), exactly its grants. Returns the role names."""
-    db = conn.execute("SELECT current_database()").fetchone()[0]
+    (db,) = conn.execute("SELECT current_database()").fetchone() or ("",)
     made = []
     with conn.transaction():
         # PostgreSQL before 15 lets every role create tables in public: only the owner may change the schema
@@ -47,12 +53,40 @@ def setup_roles(conn: psycopg.Connection, passwords: dict[str, str | None]) -> l
             if not exists:
                 conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE").format(role))
             password = passwords.get(service)
-            conn.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password) if password else sql.NULL))
+            conn.execute(
+                sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password) if password else sql.NULL)
+            )
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(db), role))
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
             conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(role))
             conn.execute(sql.SQL("GRANT SELECT ON schema_migrations TO {}").format(role))
             for privileges, tables in grants:
-                conn.execute(sql.SQL("GRANT " + privileges + " ON {} TO {}").format(sql.SQL(", ").join(map(sql.Identifier, tables)), role))
+                conn.execute(
+                    sql.SQL("GRANT " + privileges + " ON {} TO {}").format(
+                        sql.SQL(", ").join(map(sql.Identifier, tables)), role
+                    )
+                )
             made.append(role_name(service))
     return made
+
+
+def conninfo(config: Config, service: str | None = None) -> dict[str, Any]:
+    """psycopg connect() arguments: the DSN plus the credential's password, if systemd gave one. With
+    per_service_roles, `service` logs in as its own role with its own credential."""
+    if service is not None and config.database.per_service_roles:
+        password = credential(credential_name(service))
+        return {
+            "conninfo": config.database.dsn,
+            "user": role_name(service),
+            **({"password": password} if password else {}),
+        }
+    password = credential(config.database.password_credential)
+    return {"conninfo": config.database.dsn, **({"password": password} if password else {})}
+
+
+def connect(
+    config: Config, service: str | None = None, timeout: int = 5, autocommit: bool = False
+) -> psycopg.Connection:
+    """PostgreSQL as `service` (its own role where [database] per_service_roles; the owner for the CLI and
+    tests), failing within `timeout` seconds when the server is away."""
+    return psycopg.connect(**conninfo(config, service), connect_timeout=timeout, autocommit=autocommit)

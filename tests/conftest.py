@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import NatsServer, Postgres
+from services.cli.stack import NatsServer, Postgres
 from tests.support import Services, find_models_dir, write_config
 
 _db_counter = itertools.count()
@@ -56,10 +56,18 @@ def make_stack(tmp_path, media, nats_server, database):
     """Factory: write a config and return a Services handle; every process is stopped afterwards."""
     created: list[Services] = []
 
-    def make(model: str = "none", models: Path | None = None, env: dict[str, str] | None = None, **sections) -> Services:
+    def make(
+        model: str = "none", models: Path | None = None, env: dict[str, str] | None = None, **sections
+    ) -> Services:
         config = write_config(
-            tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=nats_server.url,
-            dsn=database, model=model, models_dir=models, **sections,
+            tmp_path / "vigil.toml",
+            media=media,
+            state=tmp_path / "state",
+            nats_url=nats_server.url,
+            dsn=database,
+            model=model,
+            models_dir=models,
+            **sections,
         )
         services = Services(config, tmp_path / "logs", env)
         created.append(services)

@@ -39,7 +39,9 @@ def illegal_address():
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        return CudaError(700, "cudaErrorIllegalAddress", "an illegal memory access was encountered", "cudaStreamSynchronize")
+        return CudaError(
+            700, "cudaErrorIllegalAddress", "an illegal memory access was encountered", "cudaStreamSynchronize"
+        )
     err = cudart.cudaError_t.cudaErrorIllegalAddress
     return CudaError(int(err), err.name, cudart.cudaGetErrorString(err)[1].decode(), "cudaStreamSynchronize")
 
@@ -63,8 +65,10 @@ class SlowBuild:
         from services.detector.backends import BuildJob
 
         target = cache_dir / "slow-test.engine"
-        script = ("import os, pathlib, time; p = pathlib.Path(%r); "
-                  "p.with_name(f'{p.name}.{os.getpid()}.tmp').write_bytes(b'half an engine'); time.sleep(3600)") % str(target)
+        script = (
+            f"import os, pathlib, time; p = pathlib.Path({str(target)!r}); "
+            "p.with_name(f'{p.name}.{os.getpid()}.tmp').write_bytes(b'half an engine'); time.sleep(3600)"
+        )
         return BuildJob([sys.executable, "-c", script], "slow test engine", target)
 
     def __init__(self, info, cfg):

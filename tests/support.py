@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import cv2
 import psycopg
 
-from services.stack import die_with_parent
+from services.cli.stack import die_with_parent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,19 +51,39 @@ def drop(path: Path, data: bytes, mtime: float | None = None) -> Path:
     return path
 
 
-def write_config(path: Path, *, media: Path, state: Path, nats_url: str | list[str], dsn: str, model: str, models_dir: Path | None, **sections) -> Path:
+def write_config(
+    path: Path,
+    *,
+    media: Path,
+    state: Path,
+    nats_url: str | list[str],
+    dsn: str,
+    model: str,
+    models_dir: Path | None,
+    **sections,
+) -> Path:
     """A TOML config for test services; `sections` override per-section values, e.g. aggregator={...}."""
     base = {
         "watcher": {"settle_seconds": 0.5, "rescan_seconds": 30.0},
-        "detector": {"model": model, "models_dir": str(models_dir or "/nonexistent"), "batch_size": 8, "fetch_timeout": 0.5},
+        "detector": {
+            "model": model,
+            "models_dir": str(models_dir or "/nonexistent"),
+            "batch_size": 8,
+            "fetch_timeout": 0.5,
+        },
         "aggregator": {"idle_seconds": 3.0, "max_seconds": 20.0},
         "recorder": {"fetch_timeout": 0.2},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     lines = [
-        f'media_root = "{media}"', f'state_dir = "{state}"', 'log_format = "json"', 'log_level = "debug"', "drain_seconds = 5.0",
-        f'[nats]\nservers = {toml_value(nats_url if isinstance(nats_url, list) else [nats_url])}\nreconnect_wait = 0.2', f'[database]\ndsn = "{dsn}"',
+        f'media_root = "{media}"',
+        f'state_dir = "{state}"',
+        'log_format = "json"',
+        'log_level = "debug"',
+        "drain_seconds = 5.0",
+        f"[nats]\nservers = {toml_value(nats_url if isinstance(nats_url, list) else [nats_url])}\nreconnect_wait = 0.2",
+        f'[database]\ndsn = "{dsn}"',
     ]
     for name, values in base.items():
         lines.append(f"[{name}]")
@@ -95,11 +116,15 @@ class Services:
 
     def start(self, *names: str) -> None:
         for name in names:
-            log = open(self.logs / f"{name}.log", "ab")
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", "run", name, str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO, preexec_fn=die_with_parent,
-            )
+            with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "services.cli.main", "run", name, str(self.config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=REPO,
+                    preexec_fn=die_with_parent,
+                )
 
     def wait_ready(self, *names: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -202,3 +227,19 @@ def stream_messages(nats_url: str, stream: str) -> list:
         return out
 
     return asyncio.run(go())
+
+
+def recorded_detections(dsn: str) -> list:
+    """The detections with boxes as PostgreSQL holds them (what the event contract is computed from)."""
+    import msgspec
+
+    from proto import Box, Detections
+
+    rows = query(
+        dsn, "SELECT detection_id, camera, extract(epoch from captured_at), boxes FROM detections WHERE box_count > 0"
+    )
+    return [
+        Detections(file_id=r[0], camera=r[1], path="", captured_at=float(r[2]), width=1, height=1, model="", inference_ms=0.0,
+                   boxes=[Box(*b) for b in msgspec.json.decode(json.dumps(r[3]).encode())])
+        for r in rows
+    ]  # fmt: skip

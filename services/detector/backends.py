@@ -54,11 +54,17 @@ class OnnxRuntimeBackend:
         used = session.get_providers()
         asked = [p[0] if isinstance(p, tuple) else p for p in providers]
         if gpu and used[0] not in GPU_PROVIDERS:
-            raise RuntimeError(f"onnxruntime could load none of the GPU providers asked for ({', '.join(a for a in asked if a in GPU_PROVIDERS)}); "
-                               f"it runs {used}")
+            raise RuntimeError(
+                f"onnxruntime could load none of the GPU providers asked for ({', '.join(a for a in asked if a in GPU_PROVIDERS)}); "
+                f"it runs {used}"
+            )
         self.session = session
         self.info = info
-        self.name = "onnxruntime:cpu" if used[0] == "CPUExecutionProvider" else f"onnxruntime:{used[0].removesuffix('ExecutionProvider').lower()}:{cfg.device}"
+        self.name = (
+            "onnxruntime:cpu"
+            if used[0] == "CPUExecutionProvider"
+            else f"onnxruntime:{used[0].removesuffix('ExecutionProvider').lower()}:{cfg.device}"
+        )
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         fixed = self.info.fixed_batch
@@ -109,11 +115,19 @@ def gpu_providers(cfg: DetectorConfig, available: list[str], tensorrt_loads: boo
     chain: list = []
     if "TensorrtExecutionProvider" in available and tensorrt_loads:
         caches = str(cache_dir / "onnxruntime-trt")
-        chain.append(("TensorrtExecutionProvider", {
-            "device_id": cfg.device, "trt_fp16_enable": cfg.precision == "fp16",
-            "trt_engine_cache_enable": True, "trt_engine_cache_path": caches,
-            "trt_timing_cache_enable": True, "trt_timing_cache_path": caches,
-        }))
+        chain.append(
+            (
+                "TensorrtExecutionProvider",
+                {
+                    "device_id": cfg.device,
+                    "trt_fp16_enable": cfg.precision == "fp16",
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": caches,
+                    "trt_timing_cache_enable": True,
+                    "trt_timing_cache_path": caches,
+                },
+            )
+        )
     if "CUDAExecutionProvider" in available:
         chain.append(("CUDAExecutionProvider", {"device_id": cfg.device}))
     return chain
@@ -128,7 +142,7 @@ def cuda_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir: Path) -> OnnxR
     if not chain:
         raise RuntimeError(f"onnxruntime has no GPU execution provider here (available: {available})")
     (cache_dir / "onnxruntime-trt").mkdir(parents=True, exist_ok=True)
-    return OnnxRuntimeBackend(info, cfg, chain + ["CPUExecutionProvider"], gpu=True)
+    return OnnxRuntimeBackend(info, cfg, [*chain, "CPUExecutionProvider"], gpu=True)
 
 
 def tensorrt_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend:

@@ -22,15 +22,88 @@ Family = Literal["yolox", "yolov8", "end2end"]
 
 COCO_LABELS = tuple(
     label.replace("_", " ")
-    for label in (
-        "person bicycle car motorcycle airplane bus train truck boat traffic_light fire_hydrant stop_sign "
-        "parking_meter bench bird cat dog horse sheep cow elephant bear zebra giraffe backpack umbrella "
-        "handbag tie suitcase frisbee skis snowboard sports_ball kite baseball_bat baseball_glove skateboard "
-        "surfboard tennis_racket bottle wine_glass cup fork knife spoon bowl banana apple sandwich orange "
-        "broccoli carrot hot_dog pizza donut cake chair couch potted_plant bed dining_table toilet tv laptop "
-        "mouse remote keyboard cell_phone microwave oven toaster sink refrigerator book clock vase scissors "
-        "teddy_bear hair_drier toothbrush"
-    ).split()
+    for label in [
+        "person",
+        "bicycle",
+        "car",
+        "motorcycle",
+        "airplane",
+        "bus",
+        "train",
+        "truck",
+        "boat",
+        "traffic_light",
+        "fire_hydrant",
+        "stop_sign",
+        "parking_meter",
+        "bench",
+        "bird",
+        "cat",
+        "dog",
+        "horse",
+        "sheep",
+        "cow",
+        "elephant",
+        "bear",
+        "zebra",
+        "giraffe",
+        "backpack",
+        "umbrella",
+        "handbag",
+        "tie",
+        "suitcase",
+        "frisbee",
+        "skis",
+        "snowboard",
+        "sports_ball",
+        "kite",
+        "baseball_bat",
+        "baseball_glove",
+        "skateboard",
+        "surfboard",
+        "tennis_racket",
+        "bottle",
+        "wine_glass",
+        "cup",
+        "fork",
+        "knife",
+        "spoon",
+        "bowl",
+        "banana",
+        "apple",
+        "sandwich",
+        "orange",
+        "broccoli",
+        "carrot",
+        "hot_dog",
+        "pizza",
+        "donut",
+        "cake",
+        "chair",
+        "couch",
+        "potted_plant",
+        "bed",
+        "dining_table",
+        "toilet",
+        "tv",
+        "laptop",
+        "mouse",
+        "remote",
+        "keyboard",
+        "cell_phone",
+        "microwave",
+        "oven",
+        "toaster",
+        "sink",
+        "refrigerator",
+        "book",
+        "clock",
+        "vase",
+        "scissors",
+        "teddy_bear",
+        "hair_drier",
+        "toothbrush",
+    ]
 )
 
 
@@ -49,7 +122,7 @@ class Letterboxed:
 def letterbox(image: np.ndarray, size: int, family: Family) -> Letterboxed:
     h, w = image.shape[:2]
     ratio = min(size / h, size / w)
-    nh, nw = max(1, int(round(h * ratio))), max(1, int(round(w * ratio)))
+    nh, nw = max(1, round(h * ratio)), max(1, round(w * ratio))
     canvas = np.full((size, size, 3), 114, dtype=np.uint8)
     if family == "yolox":  # top-left, as YOLOX was trained
         px = py = 0
@@ -97,11 +170,20 @@ def guess_family(output_shape: tuple[int, ...], size: int) -> Family:
         return "yolov8"
     if b == 6:
         return "end2end"
-    raise ValueError(f"cannot tell the model family from output shape {output_shape} at input {size}; set detector.family")
+    raise ValueError(
+        f"cannot tell the model family from output shape {output_shape} at input {size}; set detector.family"
+    )
 
 
-def decode(raw: np.ndarray, family: Family, size: int, frame: Letterboxed, score_threshold: float,
-           iou_threshold: float, labels: tuple[str, ...] = COCO_LABELS) -> list[Box]:
+def decode(
+    raw: np.ndarray,
+    family: Family,
+    size: int,
+    frame: Letterboxed,
+    score_threshold: float,
+    iou_threshold: float,
+    labels: tuple[str, ...] = COCO_LABELS,
+) -> list[Box]:
     """One image's raw output -> boxes in source-image pixels, best first."""
     if family == "yolox":
         xyxy, scores, classes = _yolox(raw, size, score_threshold)
@@ -120,8 +202,10 @@ def decode(raw: np.ndarray, family: Family, size: int, frame: Letterboxed, score
         Box(
             label=labels[int(classes[i])] if 0 <= int(classes[i]) < len(labels) else str(int(classes[i])),
             score=round(float(scores[i]), 4),
-            x1=round(float(xyxy[i, 0]), 1), y1=round(float(xyxy[i, 1]), 1),
-            x2=round(float(xyxy[i, 2]), 1), y2=round(float(xyxy[i, 3]), 1),
+            x1=round(float(xyxy[i, 0]), 1),
+            y1=round(float(xyxy[i, 1]), 1),
+            x2=round(float(xyxy[i, 2]), 1),
+            y2=round(float(xyxy[i, 3]), 1),
         )
         for i in sorted(order, key=lambda i: -scores[i])
     ]

@@ -51,7 +51,7 @@ class PreReady:
         self.stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def __aenter__(self) -> "PreReady":
+    async def __aenter__(self) -> PreReady:
         self._loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop, sig)

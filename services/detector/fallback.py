@@ -13,6 +13,7 @@ systemd to start it again with a fresh CUDA context.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -68,7 +69,9 @@ class FallbackBackend:
                 self.errors += 1
                 if is_sticky(exc):
                     self.restart_reason = f"{type(exc).__name__}: {exc}"[:300]
-                    self._fall_back(f"sticky CUDA error, the detector restarts for a fresh CUDA context: {self.restart_reason}")
+                    self._fall_back(
+                        f"sticky CUDA error, the detector restarts for a fresh CUDA context: {self.restart_reason}"
+                    )
                 elif self.errors >= self.max_errors:
                     self._fall_back(f"{self.errors} consecutive errors, last: {type(exc).__name__}: {exc}")
         return self._cpu().infer(batch)
@@ -95,10 +98,10 @@ class FallbackBackend:
         gpu, self.gpu = self.gpu, None
         close = getattr(gpu, "close", None)
         if close is not None:
-            try:
-                close()  # its device memory: a GPU dropped and restored every hour must not leak
-            except Exception:  # noqa: BLE001 - a broken device may fail to free; the process goes on
-                pass
+            # its device memory: a GPU dropped and restored every hour must not leak (a broken device may
+            # fail to free: the process goes on)
+            with contextlib.suppress(Exception):
+                close()
         if retrying:  # still broken: wait longer before the next try, keep the first reason visible
             self.backoff = min(self.backoff * 2, self.retry_max)
         else:

@@ -85,7 +85,9 @@ def decode_image(data: bytes, target: int = 0, max_pixels: int = 0) -> tuple[np.
     # OpenCV checks its pixel limit against the size it decodes to: a reduced decode of a JPEG that
     # claims 50,000 x 50,000 would pass at 1/8. The declared size is what the limit is about.
     if size and max_pixels and size[0] * size[1] > max_pixels:
-        raise Undecodable(f"image declares {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, above detector.max_pixels {max_pixels:,}")
+        raise Undecodable(
+            f"image declares {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, above detector.max_pixels {max_pixels:,}"
+        )
     if not target:
         size = None
     if size:
@@ -107,7 +109,9 @@ def decode_image(data: bytes, target: int = 0, max_pixels: int = 0) -> tuple[np.
     return image, image.shape[1], image.shape[0]
 
 
-def sample_clip(root: Path, rel_path: str, fps: float, max_frames: int, max_bytes: int) -> tuple[list[tuple[int, float, np.ndarray]], float]:
+def sample_clip(
+    root: Path, rel_path: str, fps: float, max_frames: int, max_bytes: int
+) -> tuple[list[tuple[int, float, np.ndarray]], float]:
     """Frames of a clip at about `fps` per second, at most `max_frames`: ([(index, offset s, BGR)], duration s)."""
     fd = open_under(root, rel_path)
     # OpenCV opens a path; handing it our already-checked descriptor leaves no window to swap the file.
@@ -119,7 +123,7 @@ def sample_clip(root: Path, rel_path: str, fps: float, max_frames: int, max_byte
             raise Undecodable("clip could not be opened")
         native = cap.get(cv2.CAP_PROP_FPS)
         native = native if native and 0 < native < 1000 else 25.0
-        step = max(1, int(round(native / fps)))
+        step = max(1, round(native / fps))
         frames, index = [], 0
         while len(frames) < max_frames:
             if not cap.grab():  # grab() skips decoding the frames we do not sample

@@ -35,7 +35,7 @@ def find_model(cfg: DetectorConfig) -> Path:
         how = f"run `vigil models pull {cfg.model}`" if cfg.model in CATALOG else f"put {path.name} there"
         raise ConfigError(
             f"config error: detector.model is {cfg.model!r} but {path} does not exist: {how} "
-            f"(models dir: detector.models_dir / VIGIL_DETECTOR__MODELS_DIR), or set detector.model = \"none\""
+            f'(models dir: detector.models_dir / VIGIL_DETECTOR__MODELS_DIR), or set detector.model = "none"'
         )
     return path
 

@@ -50,15 +50,29 @@ def batch_profile(fixed_batch: int | None, max_batch: int) -> tuple[int, int, in
     return 1, max(1, max_batch // 2), max_batch
 
 
-def engine_cache_key(model_sha256: str, gpu_name: str, compute_capability: tuple[int, int], trt_version: str,
-                     precision: str, profile: tuple[int, int, int], size: int) -> str:
-    parts = [model_sha256, gpu_name, f"sm{compute_capability[0]}{compute_capability[1]}", trt_version, precision,
-             "b{}-{}-{}".format(*profile), f"s{size}"]
+def engine_cache_key(
+    model_sha256: str,
+    gpu_name: str,
+    compute_capability: tuple[int, int],
+    trt_version: str,
+    precision: str,
+    profile: tuple[int, int, int],
+    size: int,
+) -> str:
+    parts = [
+        model_sha256,
+        gpu_name,
+        f"sm{compute_capability[0]}{compute_capability[1]}",
+        trt_version,
+        precision,
+        "b{}-{}-{}".format(*profile),
+        f"s{size}",
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
 def precision_plan(requested: str, has_fp16_flag: bool, compute_capability: tuple[int, int]) -> str:
-    """"fp16" or "fp32" on TensorRT 10 (weakly typed: fp16 is a builder flag); "as-exported" where the
+    """ "fp16" or "fp32" on TensorRT 10 (weakly typed: fp16 is a builder flag); "as-exported" where the
     flag is gone (TensorRT 11: strongly typed networks run at the ONNX file's own precision)."""
     if not has_fp16_flag:
         return "as-exported"
@@ -109,12 +123,15 @@ def check_driver(cudart) -> str:
     driver = check(cudart, cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
     runtime = check(cudart, cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
     if not driver:
-        raise DriverMismatch("no NVIDIA driver is loaded (libcuda.so.1 not found): install the driver, or set detector.backend = \"cpu\"")
+        raise DriverMismatch(
+            'no NVIDIA driver is loaded (libcuda.so.1 not found): install the driver, or set detector.backend = "cpu"'
+        )
     if driver // 1000 < runtime // 1000:
         major = driver // 1000
         raise DriverMismatch(
             f"the NVIDIA driver supports CUDA {_cuda(driver)}, but cuda-python's runtime is CUDA {_cuda(runtime)} and needs a "
-            f"CUDA {runtime // 1000} driver: install cuda-python {major}.x (pip install 'cuda-python>={major},<{major + 1}') or a newer driver")
+            f"CUDA {runtime // 1000} driver: install cuda-python {major}.x (pip install 'cuda-python>={major},<{major + 1}') or a newer driver"
+        )
     return f"driver CUDA {_cuda(driver)}, runtime CUDA {_cuda(runtime)}"
 
 
@@ -147,7 +164,9 @@ def plan_engine(info: ModelInfo, cfg: DetectorConfig, cache_dir: Path) -> Engine
 
     major = int(trt.__version__.split(".")[0])
     if major not in SUPPORTED_TRT:
-        raise RuntimeError(f"TensorRT {trt.__version__} is not supported (supported: {', '.join(map(str, SUPPORTED_TRT))}.x)")
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} is not supported (supported: {', '.join(map(str, SUPPORTED_TRT))}.x)"
+        )
     cudart = cuda_runtime()
     check_driver(cudart)
     check(cudart, cudart.cudaSetDevice(cfg.device), "cudaSetDevice")
@@ -158,9 +177,17 @@ def plan_engine(info: ModelInfo, cfg: DetectorConfig, cache_dir: Path) -> Engine
     profile = batch_profile(info.fixed_batch, cfg.batch_size)
     key = engine_cache_key(info.sha256, gpu_name, cc, trt.__version__, precision, profile, info.size)
     gpu_key = hashlib.sha256(f"{gpu_name}\0{cc}\0{trt.__version__}".encode()).hexdigest()[:16]
-    return EnginePlan(onnx=str(info.path), input_name=info.input_name, size=info.size, profile=profile, precision=precision,
-                      device=cfg.device, trt_version=trt.__version__, engine=str(cache_dir / f"{info.path.stem}-{key}.engine"),
-                      timing_cache=str(cache_dir / f"timing-{gpu_key}.cache"))
+    return EnginePlan(
+        onnx=str(info.path),
+        input_name=info.input_name,
+        size=info.size,
+        profile=profile,
+        precision=precision,
+        device=cfg.device,
+        trt_version=trt.__version__,
+        engine=str(cache_dir / f"{info.path.stem}-{key}.engine"),
+        timing_cache=str(cache_dir / f"timing-{gpu_key}.cache"),
+    )
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -183,7 +210,10 @@ def build(plan: EnginePlan) -> None:
     network = builder.create_network(flags)  # explicit batch is the only mode since TensorRT 10
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(Path(plan.onnx).read_bytes()):
-        raise RuntimeError("TensorRT could not parse the model: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+        raise RuntimeError(
+            "TensorRT could not parse the model: "
+            + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     if plan.precision == "fp16":
@@ -210,7 +240,11 @@ def build(plan: EnginePlan) -> None:
 def main(argv: list[str]) -> int:
     fields = json.loads(argv[0])
     plan = EnginePlan(**{**fields, "profile": tuple(fields["profile"])})
-    print(f"building TensorRT engine {plan.path.name} ({plan.precision}, batch {plan.profile}) from {plan.onnx}", file=sys.stderr, flush=True)
+    print(
+        f"building TensorRT engine {plan.path.name} ({plan.precision}, batch {plan.profile}) from {plan.onnx}",
+        file=sys.stderr,
+        flush=True,
+    )
     build(plan)
     return 0
 
@@ -228,7 +262,9 @@ class TensorRTBackend:
         self.plan = plan or plan_engine(info, cfg, cache_dir)
         path = self.plan.path
         if not path.exists():
-            raise EngineNotBuilt(f"no TensorRT engine {path.name} in {path.parent} (engines are built at start: restart the detector)")
+            raise EngineNotBuilt(
+                f"no TensorRT engine {path.name} in {path.parent} (engines are built at start: restart the detector)"
+            )
         self.profile = self.plan.profile
         try:
             self.logger = trt.Logger(trt.Logger.WARNING)
@@ -251,7 +287,9 @@ class TensorRTBackend:
         if size >= nbytes:
             return ptr
         if ptr:
-            del self.buffers[name]  # forgotten before the free: if the malloc below fails, nothing points at freed memory
+            del self.buffers[
+                name
+            ]  # forgotten before the free: if the malloc below fails, nothing points at freed memory
             check(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
         ptr = check(self.cudart, self.cudart.cudaMalloc(nbytes), "cudaMalloc")
         self.buffers[name] = (ptr, nbytes)
@@ -289,17 +327,30 @@ class TensorRTBackend:
         inp = self._buffer(name, staged.nbytes)
         self.context.set_tensor_address(name, inp)
         kind = cudart.cudaMemcpyKind
-        check(cudart, cudart.cudaMemcpyAsync(inp, staged.ctypes.data, staged.nbytes, kind.cudaMemcpyHostToDevice, self.stream), "cudaMemcpyAsync")
+        check(
+            cudart,
+            cudart.cudaMemcpyAsync(inp, staged.ctypes.data, staged.nbytes, kind.cudaMemcpyHostToDevice, self.stream),
+            "cudaMemcpyAsync",
+        )
         hosts = {}
         for out in self.outputs:
-            host = self._host(out, output_shape(tuple(self.context.get_tensor_shape(out)), n), self.trt.nptype(self.engine.get_tensor_dtype(out)))
+            host = self._host(
+                out,
+                output_shape(tuple(self.context.get_tensor_shape(out)), n),
+                self.trt.nptype(self.engine.get_tensor_dtype(out)),
+            )
             self.context.set_tensor_address(out, self._buffer(out, host.nbytes))
             hosts[out] = host
         if not self.context.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
         for out, host in hosts.items():
-            check(cudart, cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[out][0], host.nbytes, kind.cudaMemcpyDeviceToHost, self.stream),
-                  "cudaMemcpyAsync")
+            check(
+                cudart,
+                cudart.cudaMemcpyAsync(
+                    host.ctypes.data, self.buffers[out][0], host.nbytes, kind.cudaMemcpyDeviceToHost, self.stream
+                ),
+                "cudaMemcpyAsync",
+            )
         check(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return np.array(hosts[self.outputs[0]], dtype=np.float32)  # a copy: the pinned buffer is reused next batch
 

@@ -15,6 +15,8 @@ import re
 import socket
 import struct
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -86,15 +88,18 @@ def on_journal_stream(environ=None) -> bool:
 def configure_logging(service: str, fmt: str = "auto", level: str = "info") -> structlog.stdlib.BoundLogger:
     if fmt == "auto":
         fmt = "journal" if on_journal_stream() else "console" if sys.stderr.isatty() else "json"
-    processors = [
+    processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
     ]
+    factory: Callable[..., Any]
     if fmt == "journal":
-        factory = lambda *args: JournalLogger(f"vigil-{service}")  # noqa: E731
+
+        def factory(*args: Any) -> JournalLogger:
+            return JournalLogger(f"vigil-{service}")
     else:
         processors.append(structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer())
         factory = structlog.PrintLoggerFactory(file=sys.stderr)

@@ -15,25 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import socket
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Literal
 
 import nats
 import structlog
 import uvloop
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 import proto
 from proto import Heartbeat, printable
 from proto.topology import HEARTBEAT_BUCKET, token
 from services import VERSION
-from services.runtime import bus
+from services.runtime import bus, provision
 from services.runtime.config import Config, ConfigError, load_config
 from services.runtime.logs import configure_logging
 from services.runtime.notify import Notifier
@@ -65,10 +67,12 @@ class Runtime:
         self.stopping = asyncio.Event()
         self.counters: dict[str, int] = {}
         self.in_flight: dict[str, int] = {}  # per consumer: messages held right now
-        self.failures: dict[tuple[str, int], str] = {}  # (stream, seq) -> latest error, for dead letters after max_deliver
+        self.failures: dict[
+            tuple[str, int], str
+        ] = {}  # (stream, seq) -> latest error, for dead letters after max_deliver
         self.status_extra = ""
-        self.nc: NATS | None = None
-        self.js: JetStreamContext | None = None
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
         self.notifier = Notifier()
         self._beats: dict[str, float] = {}
         self._main_task: asyncio.Task | None = None
@@ -78,13 +82,34 @@ class Runtime:
         self.instance = token(os.environ.get("VIGIL_INSTANCE") or socket.gethostname())
         self.last_error: str | None = None
         self._heartbeat: asyncio.Task | None = None
-        self._heartbeat_kv = None
+        self._heartbeat_kv: KeyValue | None = None
         self._force_handle: asyncio.TimerHandle | None = None
+
+    # The bus handles, set once connected: a service's loops only run after that.
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise RuntimeError("not connected to NATS yet")
+        return self._nc
+
+    @nc.setter
+    def nc(self, value: NATS) -> None:
+        self._nc = value
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("not connected to NATS yet")
+        return self._js
+
+    @js.setter
+    def js(self, value: JetStreamContext) -> None:
+        self._js = value
 
     # ---- lifecycle -------------------------------------------------------------------------
     @classmethod
     @contextlib.asynccontextmanager
-    async def start(cls, service: str, config: Config) -> AsyncIterator["Runtime"]:
+    async def start(cls, service: str, config: Config) -> AsyncIterator[Runtime]:
         log = structlog.get_logger(service=service)
         rt = cls(service, config, log)
         rt._main_task = asyncio.current_task()
@@ -92,14 +117,14 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, rt.request_stop, sig)
         try:
-            rt.nc = await bus.connect(rt)
-            if rt.nc is None:
+            nc = await bus.connect(rt)
+            if nc is None:
                 raise StoppedBeforeReady
-            rt.js = rt.nc.jetstream(timeout=config.nats.publish_timeout)
+            rt.nc, rt.js = nc, nc.jetstream(timeout=config.nats.publish_timeout)
             if config.nats.provision:
-                await bus.provision(rt.js, log, config.nats.replicas)
+                await provision.provision(rt.js, log, config.nats.replicas)
             else:
-                await bus.wait_provisioned(rt)
+                await provision.wait_provisioned(rt)
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(rt._watchdog_loop())
                 rt.notifier.ready(rt.status_line())
@@ -125,22 +150,27 @@ class Runtime:
             self.log.warning("second signal: stopping now")
             self._force_stop()
             return
-        self.log.info("stopping", signal=signal.Signals(sig).name if sig else None, drain_seconds=self.config.drain_seconds)
+        self.log.info(
+            "stopping", signal=signal.Signals(sig).name if sig else None, drain_seconds=self.config.drain_seconds
+        )
         self.notifier.stopping()
         self.stopping.set()
         self._force_handle = asyncio.get_running_loop().call_later(self.config.drain_seconds, self._force_stop)
 
     def _force_stop(self) -> None:
         if self._main_task and not self._main_task.done():
-            self.log.warning("drain bound reached: cancelling in-flight work (it will be redelivered)", in_flight=sum(self.in_flight.values()))
+            self.log.warning(
+                "drain bound reached: cancelling in-flight work (it will be redelivered)",
+                in_flight=sum(self.in_flight.values()),
+            )
             self._main_task.cancel()
 
     async def _close_bus(self) -> None:
-        if self.nc is None or self.nc.is_closed:
+        if self._nc is None or self._nc.is_closed:
             return
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5)
-        except (asyncio.TimeoutError, nats.errors.Error, asyncio.CancelledError):
+        except (TimeoutError, nats.errors.Error, asyncio.CancelledError):
             await self.nc.close()
 
     def spawn(self, coro) -> asyncio.Task:
@@ -189,24 +219,34 @@ class Runtime:
         # printable: an error can quote a file name or a message field (control characters, bad UTF-8)
         self.last_error = printable(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {error}")[:500]
 
-    async def _send_heartbeat(self, state: str | None = None) -> None:
-        if self.js is None or self.nc is None or not self.nc.is_connected:
+    async def _send_heartbeat(self, state: Literal["ready", "degraded", "stopping", "stopped"] | None = None) -> None:
+        if self._js is None or self._nc is None or not self._nc.is_connected:
             return
         beats = list(self._beats.values())
         oldest = min(beats) if beats else None
         hb = Heartbeat(
-            service=self.service, instance=self.instance, host=socket.gethostname(), pid=os.getpid(),
-            version=VERSION, started_at=self.started_at, sent_at=time.time(),
-            state=state or ("stopping" if self.stopping.is_set() else "degraded" if "degraded" in self.status_extra else "ready"),
-            counters=dict(self.counters), in_flight=sum(self.in_flight.values()),
+            service=self.service,
+            instance=self.instance,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=VERSION,
+            started_at=self.started_at,
+            sent_at=time.time(),
+            state=state
+            or ("stopping" if self.stopping.is_set() else "degraded" if "degraded" in self.status_extra else "ready"),
+            counters=dict(self.counters),
+            in_flight=sum(self.in_flight.values()),
             last_progress=time.time() - (time.monotonic() - oldest) if oldest is not None else None,
-            backend=self.status_extra or None, last_error=self.last_error,
+            backend=self.status_extra or None,
+            last_error=self.last_error,
         )
         try:
             if self._heartbeat_kv is None:  # looked up once, not on every beat
                 self._heartbeat_kv = await self.js.key_value(HEARTBEAT_BUCKET)
-            await asyncio.wait_for(self._heartbeat_kv.put(f"{self.service}.{self.instance}", proto.encode(hb)), timeout=2.0)
-        except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+            await asyncio.wait_for(
+                self._heartbeat_kv.put(f"{self.service}.{self.instance}", proto.encode(hb)), timeout=2.0
+            )
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
             self.log.debug("heartbeat not sent", error=repr(exc))
 
     async def _watchdog_loop(self) -> None:
@@ -215,7 +255,9 @@ class Runtime:
         # and every heartbeat_seconds the Heartbeat goes to KV (off this loop, so a slow server
         # never delays the watchdog).
         period = self.notifier.watchdog_period
-        tick = min(period / 3, 2.0, self.config.heartbeat_seconds) if period else min(2.0, self.config.heartbeat_seconds)
+        tick = (
+            min(period / 3, 2.0, self.config.heartbeat_seconds) if period else min(2.0, self.config.heartbeat_seconds)
+        )
         next_heartbeat = 0.0
         while True:
             if period is not None and self.alive(time.monotonic(), period / 2):
@@ -230,7 +272,12 @@ class Runtime:
             await asyncio.sleep(max(0.01, min(tick, next_heartbeat - time.monotonic())))
 
 
-def main(service: str, run: Callable[[Config], Awaitable[None]], config_path: str | None = None, instance: str | None = None) -> int:
+def main(
+    service: str,
+    run: Callable[[Config], Coroutine[Any, Any, None]],
+    config_path: str | None = None,
+    instance: str | None = None,
+) -> int:
     """Process entry point shared by every service: load config once, log, run on uvloop."""
     try:
         config = load_config(config_path, instance=instance)

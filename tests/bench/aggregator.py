@@ -24,8 +24,8 @@ import nats
 
 import proto
 from proto import Box, Detections
-from services.runtime import bus
-from services.stack import NatsServer
+from services.cli.stack import NatsServer
+from services.runtime import provision
 
 CAT = Box("cat", 0.6, 0, 0, 10, 10)
 
@@ -40,16 +40,29 @@ class _Quiet:
 async def publish_backlog(url: str, n: int, cameras: int) -> None:
     nc = await nats.connect(url)
     js = nc.jetstream()
-    await bus.provision(js, _Quiet())
+    await provision.provision(js, _Quiet())
     t0 = time.time() - n
     pending = []
     for i in range(n):
         cam = f"cam{i % cameras:02}"
         # one file per second per camera, with a 40 s gap every 60 files: events of ~60 detections
         t = t0 + (i // cameras) + 40 * ((i // cameras) // 60)
-        d = Detections(file_id=f"{i:08x}", camera=cam, path=f"{cam}/{i:08x}.jpg", captured_at=float(t), width=640, height=480,
-                       model="bench", inference_ms=1.0, boxes=[CAT])
-        pending.append(await js.publish_async(proto.subject("detections", cam), proto.encode(d), headers=proto.headers_for(d, f"det-{i}")))
+        d = Detections(
+            file_id=f"{i:08x}",
+            camera=cam,
+            path=f"{cam}/{i:08x}.jpg",
+            captured_at=float(t),
+            width=640,
+            height=480,
+            model="bench",
+            inference_ms=1.0,
+            boxes=[CAT],
+        )
+        pending.append(
+            await js.publish_async(
+                proto.subject("detections", cam), proto.encode(d), headers=proto.headers_for(d, f"det-{i}")
+            )
+        )
         if len(pending) >= 2000:
             await asyncio.gather(*pending)
             pending = []
@@ -78,11 +91,18 @@ def case(repo: Path, n: int, cameras: int) -> tuple[float, float]:
         try:
             asyncio.run(publish_backlog(server.url, n, cameras))
             config = root / "vigil.toml"
-            config.write_text(f'state_dir = "{root}/state"\nlog_level = "warning"\n[nats]\nservers = ["{server.url}"]\n'
-                              "[aggregator]\nidle_seconds = 30.0\nmax_seconds = 90.0\nbatch_size = 256\n")
-            log = open(root / "aggregator.log", "w")
-            proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "aggregator", str(config)], cwd=repo,
-                                    env={**os.environ, "PYTHONPATH": str(repo)}, stdout=log, stderr=subprocess.STDOUT)
+            config.write_text(
+                f'state_dir = "{root}/state"\nlog_level = "warning"\n[nats]\nservers = ["{server.url}"]\n'
+                "[aggregator]\nidle_seconds = 30.0\nmax_seconds = 90.0\nbatch_size = 256\n"
+            )
+            with open(root / "aggregator.log", "w") as log:  # the child keeps its own copy of the descriptor
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "services.cli.main", "run", "aggregator", str(config)],
+                    cwd=repo,
+                    env={**os.environ, "PYTHONPATH": str(repo)},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             started = time.monotonic()
             while asyncio.run(acked(server.url)) == 0:
                 time.sleep(0.05)

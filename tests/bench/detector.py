@@ -24,10 +24,10 @@ import numpy as np
 
 import proto
 from proto import FileUploaded
+from services.cli.stack import NatsServer
 from services.detector import decoders
 from services.detector.media import decode_image
-from services.stack import NatsServer
-from services.watcher_files import file_id
+from services.watcher.files import file_id
 from tests.support import Services, find_models_dir, photo_bytes, write_config
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee")
@@ -72,8 +72,16 @@ async def feed_and_time(url: str, media: Path, paths: list[Path], camera: str) -
         data = p.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
         rel = str(p.relative_to(media))
-        msg = FileUploaded(file_id=file_id(camera, rel, sha), camera=camera, path=str(p.relative_to(media)), size=len(data),
-                           mtime=p.stat().st_mtime, sha256=sha, kind="image", published_at=time.time())
+        msg = FileUploaded(
+            file_id=file_id(camera, rel, sha),
+            camera=camera,
+            path=str(p.relative_to(media)),
+            size=len(data),
+            mtime=p.stat().st_mtime,
+            sha256=sha,
+            kind="image",
+            published_at=time.time(),
+        )
         await js.publish(f"vigil.uploads.{camera}", proto.encode(msg), headers=proto.headers_for(msg))
     while (await js.stream_info("DETECTIONS")).state.messages < before + len(paths):
         await asyncio.sleep(0.05)
@@ -99,25 +107,46 @@ def main() -> None:
         results = []
         try:
             for batch, decode_threads in ((1, 1), (8, 1), (8, 2), (16, 2)):
-                config = write_config(root / f"vigil-{batch}-{decode_threads}.toml", media=media, state=root / "state",
-                                      nats_url=server.url, dsn="postgresql://unused", model="yolox-nano", models_dir=models,
-                                      detector={"batch_size": batch, "decode_threads": decode_threads, "threads": threads,
-                                                "backend": "cpu", "batch_wait_ms": 50.0})
+                config = write_config(
+                    root / f"vigil-{batch}-{decode_threads}.toml",
+                    media=media,
+                    state=root / "state",
+                    nats_url=server.url,
+                    dsn="postgresql://unused",
+                    model="yolox-nano",
+                    models_dir=models,
+                    detector={
+                        "batch_size": batch,
+                        "decode_threads": decode_threads,
+                        "threads": threads,
+                        "backend": "cpu",
+                        "batch_wait_ms": 50.0,
+                    },
+                )
                 services = Services(config, root / f"logs-{batch}-{decode_threads}")
                 services.start("detector")
                 services.wait_ready("detector")
                 rate = asyncio.run(feed_and_time(server.url, media, paths, f"b{batch}d{decode_threads}"))
-                rss = int(Path(f"/proc/{services.procs['detector'].pid}/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+                rss = (
+                    int(
+                        Path(f"/proc/{services.procs['detector'].pid}/status").read_text().split("VmHWM:")[1].split()[0]
+                    )
+                    / 1024
+                )
                 services.stop_all()
                 results.append((batch, decode_threads, rate, rss))
         finally:
             server.stop()
-    print(f"\nvigil detector benchmark: YOLOX-Nano 416, onnxruntime CPU, {threads} intra-op threads, "
-          f"{args.images} JPEGs 1280x720, {os.cpu_count()} CPUs")
+    print(
+        f"\nvigil detector benchmark: YOLOX-Nano 416, onnxruntime CPU, {threads} intra-op threads, "
+        f"{args.images} JPEGs 1280x720, {os.cpu_count()} CPUs"
+    )
     print(f"  raw onnxruntime loop (read, decode, letterbox, infer, decode boxes)   {raw:6.1f} images/s")
     for batch, dthreads, rate, rss in results:
-        print(f"  detector service, batch {batch:2}, decode threads {dthreads}                     {rate:6.1f} images/s"
-              f"   {rate / raw:5.0%} of raw   peak RSS {rss:.0f} MB")
+        print(
+            f"  detector service, batch {batch:2}, decode threads {dthreads}                     {rate:6.1f} images/s"
+            f"   {rate / raw:5.0%} of raw   peak RSS {rss:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from services.stack import NatsCluster, NatsServer, Postgres
+from services.cli.stack import NatsCluster, NatsServer, Postgres
 from tests.support import Services, query, wait_until, write_config
 
 SERVICES = ("watcher", "detector", "aggregator", "recorder")
@@ -80,7 +80,7 @@ async def raw_fetch_ack(url: str, n: int = 20000) -> float:
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"]))
     payload = b"x" * 330
-    for i in range(0, n, 1000):
+    for _i in range(0, n, 1000):
         await asyncio.gather(*(js.publish("bench.a", payload) for _ in range(1000)))
     await js.add_consumer("BENCH", ConsumerConfig(durable_name="b", ack_wait=60))
     sub = await js.pull_subscribe_bind(durable="b", stream="BENCH")
@@ -148,11 +148,24 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--sync", choices=["default", "always"], default="default", help="JetStream sync_interval of the server")
-    ap.add_argument("--replicas", type=int, choices=[1, 3], default=1, help="3: a 3-node NATS cluster on loopback, R3 streams")
-    ap.add_argument("--model", choices=["none", "synthetic"], default="none", help="synthetic: one person per file, so every file is grouped")
-    ap.add_argument("--reorder-window", type=int, default=None, help="aggregator.reorder_window (default: the config's)")
-    ap.add_argument("--reorder-seconds", type=float, default=None, help="aggregator.reorder_seconds (default: the config's)")
+    ap.add_argument(
+        "--sync", choices=["default", "always"], default="default", help="JetStream sync_interval of the server"
+    )
+    ap.add_argument(
+        "--replicas", type=int, choices=[1, 3], default=1, help="3: a 3-node NATS cluster on loopback, R3 streams"
+    )
+    ap.add_argument(
+        "--model",
+        choices=["none", "synthetic"],
+        default="none",
+        help="synthetic: one person per file, so every file is grouped",
+    )
+    ap.add_argument(
+        "--reorder-window", type=int, default=None, help="aggregator.reorder_window (default: the config's)"
+    )
+    ap.add_argument(
+        "--reorder-seconds", type=float, default=None, help="aggregator.reorder_seconds (default: the config's)"
+    )
     return ap
 
 
@@ -161,7 +174,11 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    aggregator = {k: v for k, v in (("reorder_window", args.reorder_window), ("reorder_seconds", args.reorder_seconds)) if v is not None}
+    aggregator = {
+        k: v
+        for k, v in (("reorder_window", args.reorder_window), ("reorder_seconds", args.reorder_seconds))
+        if v is not None
+    }
 
     with tempfile.TemporaryDirectory(prefix="vigil-bench-") as tmp:
         root = Path(tmp)
@@ -178,9 +195,19 @@ def measure(args: argparse.Namespace) -> dict:
         pg = Postgres(root / "pg").start()
         media = root / "media"
         media.mkdir()
-        config = write_config(root / "vigil.toml", media=media, state=root / "state", nats_url=urls, dsn=pg.dsn(),
-                              model=args.model, models_dir=None, aggregator=aggregator, watcher={"settle_seconds": 0.05, "rescan_seconds": 3600.0},
-                              detector={"batch_size": 64, "fetch_timeout": 0.5}, recorder={"batch_size": 256, "fetch_timeout": 0.05})
+        config = write_config(
+            root / "vigil.toml",
+            media=media,
+            state=root / "state",
+            nats_url=urls,
+            dsn=pg.dsn(),
+            model=args.model,
+            models_dir=None,
+            aggregator=aggregator,
+            watcher={"settle_seconds": 0.05, "rescan_seconds": 3600.0},
+            detector={"batch_size": 64, "fetch_timeout": 0.5},
+            recorder={"batch_size": 256, "fetch_timeout": 0.05},
+        )
         text = config.read_text().replace('log_level = "debug"', 'log_level = "info"')
         config.write_text(text)
         services = Services(config, root / "logs", {"VIGIL_NATS__REPLICAS": str(args.replicas)})
@@ -196,10 +223,20 @@ def measure(args: argparse.Namespace) -> dict:
             cpu0["nats-server"] = cpu_seconds(nats_server.proc.pid)
             release(burst)
             done = asyncio.run(aggregator_done_at(nats_server.url, args.files)) if args.model == "synthetic" else None
-            wait_until(lambda: query(pg.dsn(), "SELECT count(*) FROM detections")[0][0] >= args.files, timeout=600, interval=0.5,
-                       what="burst recorded")
-            first, last_pub, last = map(float, query(pg.dsn(), "SELECT extract(epoch from min(published_at)),"
-                                         " extract(epoch from max(published_at)), extract(epoch from max(recorded_at)) FROM detections")[0])
+            wait_until(
+                lambda: query(pg.dsn(), "SELECT count(*) FROM detections")[0][0] >= args.files,
+                timeout=600,
+                interval=0.5,
+                what="burst recorded",
+            )
+            first, last_pub, last = map(
+                float,
+                query(
+                    pg.dsn(),
+                    "SELECT extract(epoch from min(published_at)),"
+                    " extract(epoch from max(published_at)), extract(epoch from max(recorded_at)) FROM detections",
+                )[0],
+            )
             burst_rate = args.files / (last - first)
             grouped_rate = args.files / (done - first) if done else None
             cpu = {name: cpu_seconds(proc.pid) - cpu0[name] for name, proc in services.procs.items()}
@@ -209,9 +246,18 @@ def measure(args: argparse.Namespace) -> dict:
             # 2. latency at a fixed rate
             n = int(args.rate * args.seconds)
             release(steady, rate=args.rate)
-            wait_until(lambda: query(pg.dsn(), "SELECT count(*) FROM detections WHERE camera = 'steady'")[0][0] >= n, timeout=120,
-                       what="steady recorded")
-            lat = [float(r[0]) * 1000 for r in query(pg.dsn(), "SELECT extract(epoch from recorded_at - published_at) FROM detections WHERE camera = 'steady'")]
+            wait_until(
+                lambda: query(pg.dsn(), "SELECT count(*) FROM detections WHERE camera = 'steady'")[0][0] >= n,
+                timeout=120,
+                what="steady recorded",
+            )
+            lat = [
+                float(r[0]) * 1000
+                for r in query(
+                    pg.dsn(),
+                    "SELECT extract(epoch from recorded_at - published_at) FROM detections WHERE camera = 'steady'",
+                )
+            ]
 
             rss = {name: peak_rss_mb(proc.pid) for name, proc in services.procs.items()}
             redelivered = asyncio.run(redeliveries(nats_server.url))
@@ -225,13 +271,25 @@ def measure(args: argparse.Namespace) -> dict:
             else:
                 nats_server.stop()
 
-    return dict(args=args, burst_rate=burst_rate, grouped_rate=grouped_rate, watcher_rate=watcher_rate, raw=raw, lat=lat,
-                cpu=cpu, wall=last - first, redelivered=redelivered, rss=rss)
+    return dict(
+        args=args,
+        burst_rate=burst_rate,
+        grouped_rate=grouped_rate,
+        watcher_rate=watcher_rate,
+        raw=raw,
+        lat=lat,
+        cpu=cpu,
+        wall=last - first,
+        redelivered=redelivered,
+        rss=rss,
+    )
 
 
 def report(r: dict) -> None:
     args, burst_rate, raw, lat, cpu, rss = r["args"], r["burst_rate"], r["raw"], r["lat"], r["cpu"], r["rss"]
-    print(f"\nvigil pipeline benchmark ({os.cpu_count()} CPUs, model {args.model}, R{args.replicas}, sync_interval {args.sync})")
+    print(
+        f"\nvigil pipeline benchmark ({os.cpu_count()} CPUs, model {args.model}, R{args.replicas}, sync_interval {args.sync})"
+    )
     print(f"  burst: {args.files} files, settled -> row in PostgreSQL   {burst_rate:8.0f} files/s")
     if r["grouped_rate"]:
         print(f"    settled -> grouped, aggregator acked (events durable) {r['grouped_rate']:8.0f} files/s")
@@ -239,8 +297,13 @@ def report(r: dict) -> None:
     print(f"    of which the watcher published at                {watcher_rate:8.0f} files/s")
     print(f"  raw nats-py fetch(64)+ack, same server             {raw:8.0f} msg/s")
     print(f"  ratio end-to-end / raw single hop                  {burst_rate / raw:8.3f}")
-    print(f"  steady {args.rate:.0f} files/s for {args.seconds:.0f} s: latency settled -> row   p50 {pct(lat, 50):6.1f} ms   p99 {pct(lat, 99):6.1f} ms   max {max(lat):6.1f} ms")
-    print(f"  CPU seconds spent on the burst ({r['wall']:.2f} s wall): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    print(
+        f"  steady {args.rate:.0f} files/s for {args.seconds:.0f} s: latency settled -> row   p50 {pct(lat, 50):6.1f} ms   p99 {pct(lat, 99):6.1f} ms   max {max(lat):6.1f} ms"
+    )
+    print(
+        f"  CPU seconds spent on the burst ({r['wall']:.2f} s wall): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+    )
     print("  redelivered: " + ", ".join(f"{k} {v}" for k, v in redelivered.items()))
     print("  peak RSS (VmHWM): " + ", ".join(f"{k} {v:.0f} MB" for k, v in rss.items()))
 

@@ -27,7 +27,10 @@ def main() -> None:
         for name, extra in (("buffer", []), ("no buffer", ["--reorder-window", "1", "--reorder-seconds", "0"])):
             r = measure(parser().parse_args(base + extra))
             rates[name].append(r["grouped_rate"])
-            print(f"  {name:9}: settled -> grouped {r['grouped_rate']:7.0f} files/s, -> row {r['burst_rate']:7.0f} files/s", flush=True)
+            print(
+                f"  {name:9}: settled -> grouped {r['grouped_rate']:7.0f} files/s, -> row {r['burst_rate']:7.0f} files/s",
+                flush=True,
+            )
     on, off = max(rates["buffer"]), max(rates["no buffer"])
     print(f"\nreorder buffer, {args.files} files of one camera, best of {args.runs}")
     print(f"  with the buffer (window 512, 30 s)   {on:8.0f} files/s")

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.stack import NatsServer
+from services.cli.stack import NatsServer
 
 
 async def publish_rates(url: str, n_seq: int = 2000, n_pipe: int = 20000) -> tuple[float, float]:
@@ -44,8 +44,12 @@ async def publish_rates(url: str, n_seq: int = 2000, n_pipe: int = 20000) -> tup
 
 
 def pipeline_rate(sync: str, files: int) -> float | None:
-    out = subprocess.run([sys.executable, "-m", "tests.bench.pipeline", "--files", str(files), "--seconds", "2", "--sync", sync],
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.bench.pipeline", "--files", str(files), "--seconds", "2", "--sync", sync],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     m = re.search(r"([\d,.]+) files/s", out.stdout)
     if not m:
         print(out.stdout[-2000:], out.stderr[-2000:], file=sys.stderr)
@@ -67,10 +71,15 @@ def main() -> None:
                 server.stop()
         e2e = pipeline_rate(mode, args.files)
         results[mode] = (seq, pipe, e2e)
-        print(f"sync_interval {mode:7}: publish {seq:9,.0f} msg/s one at a time, {pipe:9,.0f} msg/s 256 in flight;"
-              f" pipeline {e2e or 0:7,.0f} files/s", flush=True)
+        print(
+            f"sync_interval {mode:7}: publish {seq:9,.0f} msg/s one at a time, {pipe:9,.0f} msg/s 256 in flight;"
+            f" pipeline {e2e or 0:7,.0f} files/s",
+            flush=True,
+        )
     d, a = results["default"], results["always"]
-    print(f"always/default: one at a time {a[0] / d[0]:.2f}, in flight {a[1] / d[1]:.2f}, pipeline {(a[2] or 0) / (d[2] or 1):.2f}")
+    print(
+        f"always/default: one at a time {a[0] / d[0]:.2f}, in flight {a[1] / d[1]:.2f}, pipeline {(a[2] or 0) / (d[2] or 1):.2f}"
+    )
 
 
 if __name__ == "__main__":

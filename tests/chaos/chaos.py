@@ -7,7 +7,7 @@ in the middle. Meanwhile a random service is SIGKILLed every few seconds (each s
 random order per round) and restarted half a second later (as systemd would), nats-server is SIGKILLed and restarted once, and PostgreSQL is stopped and
 started once. At the end every valid file must have exactly one detection row, the DLQ exactly the bad
 files, and every service but the detector a peak RSS under 150 MB. Events are held against the contract
-(services.events.reference_events over the detections table): PostgreSQL's events and links, and the
+(services.aggregator.grouping.reference_events over the detections table): PostgreSQL's events and links, and the
 latest revision of every event on the EVENTS stream (read by an observer consumer of the driver), must
 equal it; no detection may be in two events, and no event may have two alerts on the ALERTS stream.
 """
@@ -15,6 +15,7 @@ equal it; no detection may be in two events, and no event may have two alerts on
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import sys
@@ -22,16 +23,21 @@ import threading
 import time
 from pathlib import Path
 
-import asyncio
-
-import msgspec
 import nats as nats_client
 
 import proto
-from proto import Box, Detections
-from services.events import Rules, reference_events
-from services.stack import NatsServer, Postgres
-from tests.support import Services, drop, photo_bytes, query, stream_messages, wait_until, write_config
+from services.aggregator.grouping import Rules, reference_events
+from services.cli.stack import NatsServer, Postgres
+from tests.support import (
+    Services,
+    drop,
+    photo_bytes,
+    query,
+    recorded_detections,
+    stream_messages,
+    wait_until,
+    write_config,
+)
 
 SERVICES = ("watcher", "detector", "aggregator", "recorder")
 CAMERAS = ("front_door", "backyard", "garage")
@@ -90,7 +96,7 @@ def observed(url: str, stream: str) -> list:
         while True:
             try:
                 msgs = await sub.fetch(256, timeout=1.0)
-            except (nats_client.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats_client.errors.TimeoutError):
                 break
             out += [proto.decode(m.data, m.headers) for m in msgs]
             await asyncio.gather(*(m.ack() for m in msgs))
@@ -102,17 +108,20 @@ def observed(url: str, stream: str) -> list:
 
 def contract_check(dsn: str, url: str, rules: Rules) -> dict:
     """What differs between the contract (from the detections table) and PostgreSQL / the EVENTS stream."""
-    dets = [Detections(file_id=r[0], camera=r[1], path="", captured_at=float(r[2]), width=1, height=1, model="", inference_ms=0.0,
-                       boxes=[Box(*b) for b in msgspec.json.decode(json.dumps(r[3]).encode())])
-            for r in query(dsn, "SELECT detection_id, camera, extract(epoch from captured_at), boxes FROM detections WHERE box_count > 0")]
+    dets = recorded_detections(dsn)
     want = {eid: (frozenset(e.file_ids), e.close_reason) for eid, e in reference_events(dets, rules).items()}
     links: dict[str, set] = {}
     for det_id, eid in query(dsn, "SELECT detection_id, event_id FROM event_detections"):
         links.setdefault(eid, set()).add(det_id)
-    in_pg = {eid: (frozenset(links.get(eid, ())), reason) for eid, reason, count in
-             query(dsn, "SELECT event_id, close_reason, detection_count FROM events")}
-    counts_wrong = [eid for eid, _, count in query(dsn, "SELECT event_id, close_reason, detection_count FROM events")
-                    if count != len(links.get(eid, ()))]
+    in_pg = {
+        eid: (frozenset(links.get(eid, ())), reason)
+        for eid, reason, count in query(dsn, "SELECT event_id, close_reason, detection_count FROM events")
+    }
+    counts_wrong = [
+        eid
+        for eid, _, count in query(dsn, "SELECT event_id, close_reason, detection_count FROM events")
+        if count != len(links.get(eid, ()))
+    ]
     latest: dict = {}
     for e in observed(url, "EVENTS"):
         if e.event_id not in latest or e.revision > latest[e.event_id].revision:
@@ -124,7 +133,9 @@ def contract_check(dsn: str, url: str, rules: Rules) -> dict:
             owners.setdefault(k, []).append(eid)
     alerts = [a.event_id for a in observed(url, "ALERTS") if a.event_id]
     return {
-        "events_expected": len(want), "events_in_postgres": len(in_pg), "events_on_stream": len(on_stream),
+        "events_expected": len(want),
+        "events_in_postgres": len(in_pg),
+        "events_on_stream": len(on_stream),
         "postgres_differs": sorted(set(want.items()) ^ set(in_pg.items()), key=str)[:5],
         "stream_differs": sorted(set(want.items()) ^ set(on_stream.items()), key=str)[:5],
         "detection_counts_wrong": counts_wrong[:5],
@@ -152,8 +163,17 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
     nats = NatsServer(work / "nats", log_file=work / "nats.log").start()
     pg = Postgres(work / "pg", log_file=work / "pg.log").start()
     dsn = pg.create_database("vigil_chaos")
-    config = write_config(work / "vigil.toml", media=media, state=work / "state", nats_url=nats.url, dsn=dsn, model="yolox-nano",
-                          models_dir=models_dir, detector={"batch_size": 8}, aggregator={"idle_seconds": IDLE, "max_seconds": MAX_SECONDS})
+    config = write_config(
+        work / "vigil.toml",
+        media=media,
+        state=work / "state",
+        nats_url=nats.url,
+        dsn=dsn,
+        model="yolox-nano",
+        models_dir=models_dir,
+        detector={"batch_size": 8},
+        aggregator={"idle_seconds": IDLE, "max_seconds": MAX_SECONDS},
+    )
     stack = Services(config, work / "logs")
     kills: dict[str, int] = {name: 0 for name in SERVICES}
     restarts = {"nats-server": 0, "postgresql": 0}
@@ -164,7 +184,9 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
         add_observers(nats.url)
         rss = PeakRss(stack)
         bad_every = 10
-        plan = [(i, "bad" if i % bad_every == bad_every - 1 else "valid") for i in range(files + files // (bad_every - 1))]
+        plan = [
+            (i, "bad" if i % bad_every == bad_every - 1 else "valid") for i in range(files + files // (bad_every - 1))
+        ]
         valid = [i for i, kind in plan if kind == "valid"][:files]
         bad = [i for i, kind in plan if kind == "bad"]
         plan = [(i, k) for i, k in plan if i in set(valid) | set(bad)]
@@ -206,12 +228,25 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
         n_valid = sum(1 for k in names.values() if k == "valid")
         n_bad = len(names) - n_valid
         # Killed mid-batch work comes back after ack_wait (15 s, then backoff): allow for a few rounds.
-        wait_until(lambda: query(dsn, "SELECT count(DISTINCT path) FROM detections")[0][0] >= n_valid, timeout=600, interval=1.0,
-                   what=f"{n_valid} valid files recorded")
-        wait_until(lambda: len([m for m in stream_messages(nats.url, "DLQ")]) >= n_bad, timeout=300, interval=1.0, what="bad files dead-lettered")
+        wait_until(
+            lambda: query(dsn, "SELECT count(DISTINCT path) FROM detections")[0][0] >= n_valid,
+            timeout=600,
+            interval=1.0,
+            what=f"{n_valid} valid files recorded",
+        )
+        wait_until(
+            lambda: len([m for m in stream_messages(nats.url, "DLQ")]) >= n_bad,
+            timeout=300,
+            interval=1.0,
+            what="bad files dead-lettered",
+        )
         labelled = query(dsn, "SELECT count(*) FROM detections WHERE box_count > 0")[0][0]
-        wait_until(lambda: query(dsn, "SELECT count(*) FROM event_detections")[0][0] >= labelled, timeout=300, interval=1.0,
-                   what="every detection with boxes in an event")
+        wait_until(
+            lambda: query(dsn, "SELECT count(*) FROM event_detections")[0][0] >= labelled,
+            timeout=300,
+            interval=1.0,
+            what="every detection with boxes in an event",
+        )
         time.sleep(IDLE + 3.0)  # the last events' quiet revisions, and anything still in flight as a duplicate
         peak = rss.stop()
         rss = None
@@ -220,18 +255,31 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
         letters = [m for m in stream_messages(nats.url, "DLQ")]
         dead = sorted(json.loads(m.original_payload)["path"] for m in letters)
         linked = query(dsn, "SELECT count(*), count(DISTINCT detection_id) FROM event_detections")[0]
-        orphans = query(dsn, "SELECT count(*) FROM event_detections ed LEFT JOIN detections d USING (detection_id) WHERE d.detection_id IS NULL")[0][0]
+        orphans = query(
+            dsn,
+            "SELECT count(*) FROM event_detections ed LEFT JOIN detections d USING (detection_id) WHERE d.detection_id IS NULL",
+        )[0][0]
         return {
-            "files": len(names), "valid": n_valid, "bad": n_bad, "kills": kills, "restarts": restarts,
-            "recorded_rows": rows, "recorded_files": distinct,
+            "files": len(names),
+            "valid": n_valid,
+            "bad": n_bad,
+            "kills": kills,
+            "restarts": restarts,
+            "recorded_rows": rows,
+            "recorded_files": distinct,
             "lost": sorted(p for p, k in names.items() if k == "valid" and p not in recorded),
             "duplicated": rows - distinct,
-            "dead_lettered": len(letters), "dead_letters_not_bad": sorted(set(dead) - {p for p, k in names.items() if k == "bad"}),
+            "dead_lettered": len(letters),
+            "dead_letters_not_bad": sorted(set(dead) - {p for p, k in names.items() if k == "bad"}),
             "bad_not_dead_lettered": sorted({p for p, k in names.items() if k == "bad"} - set(dead)),
-            "detections_with_boxes": labelled, "event_links": linked[0], "event_links_distinct": linked[1], "event_links_orphaned": orphans,
-            "events": query(dsn, "SELECT count(*) FROM events")[0][0], "peak_rss_mb": peak,
+            "detections_with_boxes": labelled,
+            "event_links": linked[0],
+            "event_links_distinct": linked[1],
+            "event_links_orphaned": orphans,
+            "events": query(dsn, "SELECT count(*) FROM events")[0][0],
+            "peak_rss_mb": peak,
             "contract": contract_check(dsn, nats.url, Rules(IDLE, MAX_SECONDS, 1000)),
-            # grouped beyond the reorder bound (services/aggregator.py: late): why an event id differs
+            # grouped beyond the reorder bound (services/aggregator/service.py: late): why an event id differs
             "late_detections": stack.log("aggregator").count('"event": "late detection"'),
         }
     finally:
@@ -248,18 +296,35 @@ def check(result: dict) -> list[str]:
     if result["lost"]:
         problems.append(f"lost {len(result['lost'])}: {result['lost'][:5]}")
     if result["duplicated"] or result["recorded_files"] != result["valid"]:
-        problems.append(f"rows {result['recorded_rows']} for {result['recorded_files']} files, expected {result['valid']}")
+        problems.append(
+            f"rows {result['recorded_rows']} for {result['recorded_files']} files, expected {result['valid']}"
+        )
     if result["dead_lettered"] != result["bad"] or result["dead_letters_not_bad"] or result["bad_not_dead_lettered"]:
-        problems.append(f"DLQ holds {result['dead_lettered']} for {result['bad']} bad files "
-                        f"(extra {result['dead_letters_not_bad'][:3]}, missing {result['bad_not_dead_lettered'][:3]})")
-    if not (result["event_links"] == result["event_links_distinct"] == result["detections_with_boxes"]) or result["event_links_orphaned"]:
-        problems.append(f"event links {result['event_links']} ({result['event_links_distinct']} distinct, {result['event_links_orphaned']} orphaned)"
-                        f" for {result['detections_with_boxes']} detections with boxes")
+        problems.append(
+            f"DLQ holds {result['dead_lettered']} for {result['bad']} bad files "
+            f"(extra {result['dead_letters_not_bad'][:3]}, missing {result['bad_not_dead_lettered'][:3]})"
+        )
+    if (
+        not (result["event_links"] == result["event_links_distinct"] == result["detections_with_boxes"])
+        or result["event_links_orphaned"]
+    ):
+        problems.append(
+            f"event links {result['event_links']} ({result['event_links_distinct']} distinct, {result['event_links_orphaned']} orphaned)"
+            f" for {result['detections_with_boxes']} detections with boxes"
+        )
     c = result["contract"]
-    for key in ("postgres_differs", "stream_differs", "detection_counts_wrong", "in_two_events", "events_alerted_twice"):
+    for key in (
+        "postgres_differs",
+        "stream_differs",
+        "detection_counts_wrong",
+        "in_two_events",
+        "events_alerted_twice",
+    ):
         if c[key]:
-            problems.append(f"events: {key} {c[key]} (expected {c['events_expected']} events, PostgreSQL has"
-                            f" {c['events_in_postgres']}, the stream {c['events_on_stream']})")
+            problems.append(
+                f"events: {key} {c[key]} (expected {c['events_expected']} events, PostgreSQL has"
+                f" {c['events_in_postgres']}, the stream {c['events_on_stream']})"
+            )
     heavy = {k: v for k, v in result["peak_rss_mb"].items() if k != "detector" and v > RSS_LIMIT_MB}
     if heavy:
         problems.append(f"peak RSS over {RSS_LIMIT_MB} MB: {heavy}")

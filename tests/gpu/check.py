@@ -56,19 +56,26 @@ def versions() -> dict:
     def ort():
         import onnxruntime
 
-        return {"version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers(),
-                "device": onnxruntime.get_device()}
+        return {
+            "version": onnxruntime.__version__,
+            "providers": onnxruntime.get_available_providers(),
+            "device": onnxruntime.get_device(),
+        }
 
     def nvml():
         import pynvml
 
         pynvml.nvmlInit()
         cuda = pynvml.nvmlSystemGetCudaDriverVersion()
-        return {"driver": pynvml.nvmlSystemGetDriverVersion(), "driver_cuda": f"{cuda // 1000}.{cuda % 1000 // 10}",
-                "gpus": pynvml.nvmlDeviceGetCount()}
+        return {
+            "driver": pynvml.nvmlSystemGetDriverVersion(),
+            "driver_cuda": f"{cuda // 1000}.{cuda % 1000 // 10}",
+            "gpus": pynvml.nvmlDeviceGetCount(),
+        }
 
     def cuda_runtime():
-        from services.detector.trt import check_driver, cuda_runtime as rt
+        from services.detector.trt import check_driver
+        from services.detector.trt import cuda_runtime as rt
 
         return {"cuda_python": check_driver(rt())}
 
@@ -94,7 +101,13 @@ def versions() -> dict:
             found["python"] = f"not importable: {exc}"
         return found
 
-    for key, fn in (("onnxruntime", ort), ("nvml", nvml), ("cuda_runtime", cuda_runtime), ("cudnn", cudnn), ("tensorrt", tensorrt)):
+    for key, fn in (
+        ("onnxruntime", ort),
+        ("nvml", nvml),
+        ("cuda_runtime", cuda_runtime),
+        ("cudnn", cudnn),
+        ("tensorrt", tensorrt),
+    ):
         out[key] = guarded(fn)
     return out
 
@@ -105,11 +118,13 @@ def gpu_present(vers: dict) -> bool:
 
 
 def gpu_stats_readers() -> dict:
-    """gpu-stats' own code paths (services/gpu_stats_readers.py): NVML and the nvidia-smi CSV fallback."""
-    from services.gpu_stats_readers import NvmlReader, SmiReader
+    """gpu-stats' own code paths (services/gpu_stats/readers.py): NVML and the nvidia-smi CSV fallback."""
+    from services.gpu_stats.readers import NvmlReader, SmiReader
 
-    return {name: guarded(lambda make=make: msgspec.to_builtins(make().read(socket.gethostname())))
-            for name, make in (("nvml", NvmlReader), ("nvidia-smi", lambda: SmiReader("nvidia-smi")))}
+    return {
+        name: guarded(lambda make=make: msgspec.to_builtins(make().read(socket.gethostname())))
+        for name, make in (("nvml", NvmlReader), ("nvidia-smi", lambda: SmiReader("nvidia-smi")))
+    }
 
 
 class NvmlSampler:
@@ -128,7 +143,7 @@ class NvmlSampler:
             self.nvml, self.error = None, repr(exc)
         self.thread = threading.Thread(target=self.loop, daemon=True)
 
-    def __enter__(self) -> "NvmlSampler":
+    def __enter__(self) -> NvmlSampler:
         self.thread.start()
         return self
 
@@ -137,7 +152,7 @@ class NvmlSampler:
         self.thread.join(2)
 
     def loop(self) -> None:
-        from services.gpu_stats_readers import unit_of
+        from services.gpu_stats.readers import unit_of
 
         n = self.nvml
         while n is not None and not self.stop.wait(0.1):
@@ -151,9 +166,14 @@ class NvmlSampler:
                         break
                     except Exception:  # noqa: BLE001 - NVMLLibraryMismatchError on older drivers: try _v2
                         continue
-                self.samples.append({"util": n.nvmlDeviceGetUtilizationRates(h).gpu, "power_w": n.nvmlDeviceGetPowerUsage(h) / 1000,
-                                     "mem_mb": mem.used / 2**20,
-                                     "procs": {p.pid: (unit_of(p.pid), int((p.usedGpuMemory or 0) / 2**20)) for p in procs}})
+                self.samples.append(
+                    {
+                        "util": n.nvmlDeviceGetUtilizationRates(h).gpu,
+                        "power_w": n.nvmlDeviceGetPowerUsage(h) / 1000,
+                        "mem_mb": mem.used / 2**20,
+                        "procs": {p.pid: (unit_of(p.pid), int((p.usedGpuMemory or 0) / 2**20)) for p in procs},
+                    }
+                )
             except Exception as exc:  # noqa: BLE001
                 self.error = repr(exc)
                 return
@@ -163,9 +183,18 @@ class NvmlSampler:
             return {"error": self.error or "no samples"}
         util = [s["util"] for s in self.samples]
         mine = [s["procs"][os.getpid()] for s in self.samples if os.getpid() in s["procs"]]
-        return {"samples": len(util), "util_mean": round(sum(util) / len(util), 1), "util_max": max(util),
-                "power_w_max": round(max(s["power_w"] for s in self.samples), 1), "mem_mb_max": round(max(s["mem_mb"] for s in self.samples)),
-                "this_process": {"seen_in": len(mine), "unit": mine[-1][0] if mine else None, "mem_mb": mine[-1][1] if mine else None}}
+        return {
+            "samples": len(util),
+            "util_mean": round(sum(util) / len(util), 1),
+            "util_max": max(util),
+            "power_w_max": round(max(s["power_w"] for s in self.samples), 1),
+            "mem_mb_max": round(max(s["mem_mb"] for s in self.samples)),
+            "this_process": {
+                "seen_in": len(mine),
+                "unit": mine[-1][0] if mine else None,
+                "mem_mb": mine[-1][1] if mine else None,
+            },
+        }
 
 
 # ---- models and frames ----------------------------------------------------------------------------
@@ -198,7 +227,9 @@ def frames(engine, n: int) -> list:
         from services.detector.media import decode_image
         from tests.support import photo_bytes
 
-        images = [decode_image(photo_bytes(name), engine.size)[0] for name in ("astronaut", "chelsea", "coffee", "camera")]
+        images = [
+            decode_image(photo_bytes(name), engine.size)[0] for name in ("astronaut", "chelsea", "coffee", "camera")
+        ]
     except Exception:  # noqa: BLE001
         images = [np.random.default_rng(i).integers(0, 255, (480, 640, 3), dtype=np.uint8) for i in range(4)]
     return [engine.prepare(images[i % len(images)]) for i in range(n)]
@@ -220,8 +251,12 @@ def measure_backend(make, tensors: dict[int, np.ndarray], fixed: int | None) -> 
     out: dict = {"name": backend.name, "init_s": round(time.perf_counter() - started, 2), "images_per_s": {}}
     with NvmlSampler() as sampler:
         for batch, x in tensors.items():
-            label = str(batch) if fixed in (None, batch) else f"{batch} (as {batch // fixed} runs of batch {fixed}: fixed-batch export)"
-            out["images_per_s"][label] = rate(lambda: backend.infer(x), batch)
+            label = (
+                str(batch)
+                if fixed in (None, batch)
+                else f"{batch} (as {batch // fixed} runs of batch {fixed}: fixed-batch export)"
+            )
+            out["images_per_s"][label] = rate(lambda x=x: backend.infer(x), batch)
     out["nvml"] = sampler.summary()
     getattr(backend, "close", lambda: None)()
     return out
@@ -240,8 +275,14 @@ def detector_path_vs_raw(engine_of, frames_of, batch: int) -> dict:
     session, name = gpu.session, engine.info.input_name
     raw = rate(lambda: session.run(None, {name: x}), batch)
     detector = rate(lambda: engine.run(fs), batch)
-    return {"backend": engine.name, "batch": batch, "raw_session_images_per_s": raw, "engine_run_images_per_s": detector,
-            "ratio": round(detector / raw, 3), "goal": 0.85}
+    return {
+        "backend": engine.name,
+        "batch": batch,
+        "raw_session_images_per_s": raw,
+        "engine_run_images_per_s": detector,
+        "ratio": round(detector / raw, 3),
+        "goal": 0.85,
+    }
 
 
 def fallback_path(info, cfg, engines: Path) -> dict:
@@ -276,7 +317,8 @@ def main() -> int:
     ap.add_argument("--models-dir", required=True)
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
-    from services.detector import Engine, backends
+    from services.detector import backends
+    from services.detector.engine import Engine
     from services.detector.model import find_model, inspect_model
     from services.runtime.config import DetectorConfig
 
@@ -310,7 +352,8 @@ def main() -> int:
         "cpu": lambda: backends.cpu_backend(info, cfg),
         "onnxruntime-gpu": lambda: backends.cuda_backend(info, cfg, engines),
         "onnxruntime-cuda-ep": lambda: backends.OnnxRuntimeBackend(
-            info, cfg, [("CUDAExecutionProvider", {"device_id": cfg.device}), "CPUExecutionProvider"], gpu=True),
+            info, cfg, [("CUDAExecutionProvider", {"device_id": cfg.device}), "CPUExecutionProvider"], gpu=True
+        ),
         "tensorrt": trt_backend,
     }
     results["backends"] = {}
@@ -318,9 +361,17 @@ def main() -> int:
         results["backends"][name] = guarded(lambda make=make: measure_backend(make, tensors, info.fixed_batch))
         print(name, json.dumps(results["backends"][name]), flush=True)
 
-    dcfg = DetectorConfig(models_dir=str(info.path.parent), model=info.path.name, backend="cuda", batch_size=8, threads=cfg.threads)
-    results["detector_vs_raw"] = {str(b): guarded(lambda b=b: detector_path_vs_raw(
-        lambda: Engine(msgspec.structs.replace(dcfg, batch_size=b), engines, lambda *a: None), frames, b)) for b in (1, 8)}
+    dcfg = DetectorConfig(
+        models_dir=str(info.path.parent), model=info.path.name, backend="cuda", batch_size=8, threads=cfg.threads
+    )
+    results["detector_vs_raw"] = {
+        str(b): guarded(
+            lambda b=b: detector_path_vs_raw(
+                lambda: Engine(msgspec.structs.replace(dcfg, batch_size=b), engines, lambda *a: None), frames, b
+            )
+        )
+        for b in (1, 8)
+    }
     print("detector vs raw", json.dumps(results["detector_vs_raw"]), flush=True)
     results["fallback"] = guarded(lambda: fallback_path(info, cfg, engines))
     print("fallback", json.dumps(results["fallback"]), flush=True)

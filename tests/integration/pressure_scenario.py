@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from services.retention import connect, run_once
-from services.retention_media import free_space, scan, watermark_bytes
+from services.database import connect
+from services.retention.media import free_space, scan, watermark_bytes
+from services.retention.service import run_once
 from services.runtime.config import load_config
 from tests.integration.retention_support import DAY, put_file, record
 
@@ -19,12 +20,19 @@ def main() -> int:
     dsn, work = sys.argv[1], Path(sys.argv[2])
     media = work / "tmpfs-media"
     media.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(media)], capture_output=True, text=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(media)], capture_output=True, text=True
+    )
     if mount.returncode != 0:
         print(f"cannot mount a tmpfs here: {mount.stderr.strip()}", file=sys.stderr)
         return 77
-    environ = {"VIGIL_MEDIA_ROOT": str(media), "VIGIL_DATABASE__DSN": dsn, "VIGIL_RETENTION__LOW_WATERMARK": "25%",
-               "VIGIL_RETENTION__HIGH_WATERMARK": "50%", "VIGIL_RETENTION__MIN_KEEP_SECONDS": "3600"}
+    environ = {
+        "VIGIL_MEDIA_ROOT": str(media),
+        "VIGIL_DATABASE__DSN": dsn,
+        "VIGIL_RETENTION__LOW_WATERMARK": "25%",
+        "VIGIL_RETENTION__HIGH_WATERMARK": "50%",
+        "VIGIL_RETENTION__MIN_KEEP_SECONDS": "3600",
+    }
     config = load_config(environ=environ)
     now = time.time()
     old, young = [], []
@@ -39,12 +47,24 @@ def main() -> int:
         record(dsn, rel, now - 60)
         young.append(rel)
     free_before, total = free_space(media)
-    with connect(config) as conn:
+    with connect(config, "retention", autocommit=True) as conn:
         report = run_once(config, conn, now, "watermark", dry_run=False)
     free_after, _ = free_space(media)
-    print(json.dumps({"total": total, "low": watermark_bytes("25%", total), "high": watermark_bytes("50%", total),
-                      "free_before": free_before, "free_after": free_after, "old": old, "young": young,
-                      "left": sorted(f.rel for f in scan(media)), "report": json.loads(__import__("proto").encode(report))}))
+    print(
+        json.dumps(
+            {
+                "total": total,
+                "low": watermark_bytes("25%", total),
+                "high": watermark_bytes("50%", total),
+                "free_before": free_before,
+                "free_after": free_after,
+                "old": old,
+                "young": young,
+                "left": sorted(f.rel for f in scan(media)),
+                "report": json.loads(__import__("proto").encode(report)),
+            }
+        )
+    )
     return 0
 
 

@@ -14,7 +14,7 @@ DAY = 86400.0
 
 
 def migrate(dsn: str) -> None:
-    from services.recorder import migrate as recorder_migrate
+    from services.recorder.service import migrate as recorder_migrate
 
     async def go():
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -38,13 +38,17 @@ def record(dsn: str, rel: str, captured_at: float, event_id: str | None = None, 
         conn.execute(
             "INSERT INTO detections (detection_id, file_id, camera, path, captured_at, width, height, model, inference_ms, box_count,"
             " labels, boxes) VALUES (%s, %s, %s, %s, to_timestamp(%s), 640, 480, 'none', 1, 0, '{}', '[]')",
-            (f"id-{rel}", f"id-{rel}", camera, rel, captured_at))
+            (f"id-{rel}", f"id-{rel}", camera, rel, captured_at),
+        )
         if event_id:
             conn.execute(
                 "INSERT INTO events (event_id, camera, started_at, ended_at, detection_count, labels, best_file_id, close_reason, keep)"
                 " VALUES (%s, %s, to_timestamp(%s), to_timestamp(%s), 1, '{}', %s, 'idle', %s) ON CONFLICT DO NOTHING",
-                (event_id, camera, captured_at, captured_at, f"id-{rel}", keep))
-            conn.execute("INSERT INTO event_detections (detection_id, event_id) VALUES (%s, %s)", (f"id-{rel}", event_id))
+                (event_id, camera, captured_at, captured_at, f"id-{rel}", keep),
+            )
+            conn.execute(
+                "INSERT INTO event_detections (detection_id, event_id) VALUES (%s, %s)", (f"id-{rel}", event_id)
+            )
 
 
 def rows(dsn: str, sql: str, *params) -> list:

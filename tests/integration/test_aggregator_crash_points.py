@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 
 import proto
 from proto.topology import AGGREGATOR_STATE_BUCKET, EVENT_INDEX_BUCKET, consumer
-from services.aggregator import Aggregator
-from services.events import Rules, order, reference_events
-from services.runtime import bus
+from services.aggregator.grouping import Rules, order, reference_events
+from services.aggregator.service import Aggregator
+from services.runtime import bus, provision
 from services.runtime.config import load_config
 from services.runtime.service import Runtime
 from tests.integration.test_events_contract import make_detections, summary
@@ -88,9 +88,11 @@ async def fresh_streams(js, detections) -> None:
     for stream in ("DETECTIONS", "EVENTS", "ALERTS", f"KV_{AGGREGATOR_STATE_BUCKET}", f"KV_{EVENT_INDEX_BUCKET}"):
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(stream)
-    await bus.provision(js, structlog.get_logger())
+    await provision.provision(js, structlog.get_logger())
     for d in detections:
-        await js.publish(proto.subject("detections", d.camera), proto.encode(d), headers=proto.headers_for(d, f"det-{d.key}"))
+        await js.publish(
+            proto.subject("detections", d.camera), proto.encode(d), headers=proto.headers_for(d, f"det-{d.key}")
+        )
 
 
 async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool) -> tuple[int, dict, list, int]:
@@ -109,23 +111,29 @@ async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool
             if agg is None:
                 rt = Runtime("aggregator", config, structlog.get_logger())
                 rt.nc, rt.js = nc, JS(js, counter)
-                agg = Aggregator(rt, config, KV(await js.key_value(AGGREGATOR_STATE_BUCKET), counter),
-                                 KV(await js.key_value(EVENT_INDEX_BUCKET), counter))
+                agg = Aggregator(
+                    rt,
+                    config,
+                    KV(await js.key_value(AGGREGATOR_STATE_BUCKET), counter),
+                    KV(await js.key_value(EVENT_INDEX_BUCKET), counter),
+                )
                 await agg.load_state()
                 await agg.flush_outboxes()
             try:
                 fetched = await sub.fetch(3, timeout=0.3)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 fetched = []
             for m in fetched:  # acks are crash points too
-                m.ack = (lambda orig: (lambda: counter.around(orig)))(m.ack)
+                m.ack = (lambda orig: lambda: counter.around(orig))(m.ack)
             given += fetched
             if fetched:
                 await agg.handle_batch(fetched)
             else:
                 info = await js.consumer_info(spec.stream, spec.durable)
                 done = not info.num_pending and not info.num_ack_pending and not len(agg.buffer)
-                if done and not any(s.current and s.current.revision > s.current.published for s in agg.cameras.values()):
+                if done and not any(
+                    s.current and s.current.revision > s.current.published for s in agg.cameras.values()
+                ):
                     break
                 if done:  # the quiet timer's turn (idle_seconds of silence, without the wait)
                     agg.last_change = {c: -1e9 for c in agg.cameras}
@@ -134,7 +142,7 @@ async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool
             crashes += 1
             # the process is gone: everything it held unacked comes back (at once, instead of after ack_wait)
             for m in given:
-                if not m._ackd:
+                if not m.is_acked:
                     with contextlib.suppress(Exception):
                         await type(m).nak(m)
             given = []
@@ -169,9 +177,10 @@ def setup(tmp_path, nats_server):
     arrivals = block_shuffle(sorted(dets, key=order), 6, rng)
     (tmp_path / "c.toml").write_text(
         f'[nats]\nservers = ["{nats_server.url}"]\n[aggregator]\nidle_seconds = {RULES.idle}\nmax_seconds = {RULES.max_seconds}\n'
-        f"max_detections = {RULES.max_detections}\nreorder_window = {max(1, lateness(arrivals))}\nbatch_size = 3\n")
+        f"max_detections = {RULES.max_detections}\nreorder_window = {max(1, lateness(arrivals))}\nbatch_size = 3\n"
+    )
     config = load_config(tmp_path / "c.toml", environ={})
-    ops, latest, alerts, _ = asyncio.run(scenario(nats_server.url, config, arrivals, None, False))
+    ops, latest, _alerts, _ = asyncio.run(scenario(nats_server.url, config, arrivals, None, False))
     want = summary(reference_events(dets, RULES))
     assert summary(latest) == want  # the run without a crash
     return nats_server.url, config, dets, arrivals, ops, want
@@ -209,21 +218,21 @@ class FlakyKV(KV):
     async def put(self, key, value):
         self.shared[0] += 1
         if self.shared[0] in self.fail_puts:
-            raise asyncio.TimeoutError
+            raise TimeoutError
         return await self._kv.put(key, value)
 
     async def get(self, *a, **kw):
         # the state bucket is read only by a reload (keys come from bus.kv_keys): a failed read is a failed reload
         if self.fail_reads and self.puts >= min(self.fail_puts) and self.failed_reloads < self.fail_reads:
             self.failed_reloads += 1
-            raise asyncio.TimeoutError
+            raise TimeoutError
         return await self._kv.get(*a, **kw)
 
 
 def test_a_failed_reload_never_wipes_the_state(setup, monkeypatch):
     """A commit times out, then the reload after it fails twice: memory is kept (not cleared), nothing
     empty is written to KV, and once KV answers the result is still the contract's."""
-    url, config, dets, arrivals, ops, want = setup
+    url, config, _dets, arrivals, _ops, want = setup
     made: list[FlakyKV] = []
     real_init = Aggregator.__init__
 
@@ -243,7 +252,7 @@ def test_a_failed_reload_never_wipes_the_state(setup, monkeypatch):
 def test_timeouts_at_any_put_including_the_reload_flush(setup, monkeypatch):
     """Two KV puts time out (the second often the one that re-sends the outbox after a reload): the
     outbox must be published before anything is built on the reloaded state (review finding)."""
-    url, config, dets, arrivals, ops, want = setup
+    url, config, _dets, arrivals, _ops, want = setup
     real_init = Aggregator.__init__
 
     @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -279,9 +288,20 @@ def test_a_detection_a_killed_predecessor_holds_keeps_the_stage_from_catching_up
     config = load_config(tmp_path / "c.toml", environ={})
     rules = Rules(3.0, config.aggregator.max_seconds, config.aggregator.max_detections)
     base = time.time() - 600
-    first, later = (proto.Detections(file_id=f"f{i}", camera="front_door", path=f"front_door/f{i}.jpg", captured_at=base + i,
-                                     width=64, height=48, model="test", inference_ms=1.0,
-                                     boxes=[proto.Box("cat", 0.8, 0, 0, 10, 10)]) for i in (0, 1))
+    first, later = (
+        proto.Detections(
+            file_id=f"f{i}",
+            camera="front_door",
+            path=f"front_door/f{i}.jpg",
+            captured_at=base + i,
+            width=64,
+            height=48,
+            model="test",
+            inference_ms=1.0,
+            boxes=[proto.Box("cat", 0.8, 0, 0, 10, 10)],
+        )
+        for i in (0, 1)
+    )
 
     async def go():
         nc = await nats.connect(nats_server.url)
@@ -292,7 +312,9 @@ def test_a_detection_a_killed_predecessor_holds_keeps_the_stage_from_catching_up
         (held,) = await predecessor.fetch(1, timeout=2.0)  # the killed process had this one
         rt = Runtime("aggregator", config, structlog.get_logger())
         rt.nc, rt.js = nc, js
-        agg = Aggregator(rt, config, await js.key_value(AGGREGATOR_STATE_BUCKET), await js.key_value(EVENT_INDEX_BUCKET))
+        agg = Aggregator(
+            rt, config, await js.key_value(AGGREGATOR_STATE_BUCKET), await js.key_value(EVENT_INDEX_BUCKET)
+        )
         sub = await js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
         await agg.handle_batch(await sub.fetch(1, timeout=2.0))
         assert len(agg.buffer) == 1

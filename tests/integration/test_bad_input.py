@@ -5,6 +5,7 @@ every good file recorded)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -40,11 +41,14 @@ def png_bytes(scale: float = 0.2) -> bytes:
 
 def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
     """A valid PNG signature and IHDR declaring width x height, with one tiny IDAT: 2.5 Gpixels claimed."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def jpeg_bomb() -> bytes:
@@ -88,6 +92,7 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
             a, b = media / rel, media / (rel + ".other.jpg")
             a.symlink_to(b)
             b.symlink_to(a)
+
         return make
 
     def fifo(rel: str):
@@ -103,6 +108,7 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
                 s.close()
             finally:
                 os.chdir(here)
+
         return make
 
     def sparse(rel: str):
@@ -113,6 +119,7 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
                 f.write(jpeg(41)[:1024])
                 f.truncate(2 * 1024**3)  # 2 GiB, nearly all hole
             os.replace(tmp_path, path)
+
         return make
 
     def vanishing(rel: str):
@@ -120,6 +127,7 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
             (media / rel).write_bytes(jpeg(42))
             time.sleep(0.1)  # seen by inotify, gone before it settles
             (media / rel).unlink()
+
         return make
 
     def growing(rel: str):
@@ -133,13 +141,16 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
                         f.write(data[i : i + max(1, len(data) // 15)])
                         f.flush()
                         time.sleep(0.2)  # 3 s of writing; settle_seconds is 0.5 s
+
             threading.Thread(target=grow, daemon=True).start()
+
         return make
 
     def folder_named_like_an_image(rel: str):
         def make():
             (media / rel).mkdir()
             drop(media / rel / "inside.jpg", jpeg(44))
+
         return make
 
     bad_jpeg = jpeg(45)
@@ -147,44 +158,152 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
         Case("good photo", "front_door/good.jpg", RECORDED, make=put("front_door/good.jpg", jpeg(1))),
         Case("good png", "front_door/good.png", RECORDED, make=put("front_door/good.png", png_bytes())),
         Case("good clip", "front_door/good.mp4", RECORDED, make=put("front_door/good.mp4", good_clip)),
-        Case("truncated JPEG", "front_door/truncated.jpg", DEAD, "decod", put("front_door/truncated.jpg", bad_jpeg[: len(bad_jpeg) // 3])),
-        Case("truncated PNG", "front_door/truncated.png", DEAD, "decod", put("front_door/truncated.png", png_bytes(0.3)[:400])),
+        Case(
+            "truncated JPEG",
+            "front_door/truncated.jpg",
+            DEAD,
+            "decod",
+            put("front_door/truncated.jpg", bad_jpeg[: len(bad_jpeg) // 3]),
+        ),
+        Case(
+            "truncated PNG",
+            "front_door/truncated.png",
+            DEAD,
+            "decod",
+            put("front_door/truncated.png", png_bytes(0.3)[:400]),
+        ),
         Case("zero bytes", "front_door/empty.jpg", SKIPPED, "not an image or clip", put("front_door/empty.jpg", b"")),
         Case("header only", "front_door/header.jpg", DEAD, "decod", put("front_door/header.jpg", bad_jpeg[:20])),
-        Case("random bytes as .jpg", "front_door/random.jpg", SKIPPED, "not an image or clip", put("front_door/random.jpg", b"\x00" + os.urandom(4000))),
-        Case("random bytes as .png", "front_door/random.png", SKIPPED, "not an image or clip", put("front_door/random.png", b"\x01" + os.urandom(4000))),
-        Case("GIF named .jpg", "front_door/anim.jpg", SKIPPED, "not an image or clip", put("front_door/anim.jpg", b"GIF89a" + os.urandom(100))),
+        Case(
+            "random bytes as .jpg",
+            "front_door/random.jpg",
+            SKIPPED,
+            "not an image or clip",
+            put("front_door/random.jpg", b"\x00" + os.urandom(4000)),
+        ),
+        Case(
+            "random bytes as .png",
+            "front_door/random.png",
+            SKIPPED,
+            "not an image or clip",
+            put("front_door/random.png", b"\x01" + os.urandom(4000)),
+        ),
+        Case(
+            "GIF named .jpg",
+            "front_door/anim.jpg",
+            SKIPPED,
+            "not an image or clip",
+            put("front_door/anim.jpg", b"GIF89a" + os.urandom(100)),
+        ),
         Case("PNG bomb 50k x 50k", "front_door/bomb.png", DEAD, "pixels", put("front_door/bomb.png", png_bomb())),
         Case("JPEG bomb 50k x 50k", "front_door/bomb.jpg", DEAD, "pixels", put("front_door/bomb.jpg", jpeg_bomb())),
-        Case("clip with no frames", "front_door/noframes.mp4", DEAD, "clip", put("front_door/noframes.mp4", b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2")),
-        Case("clip with a broken index", "front_door/broken.mp4", DEAD, "clip", put("front_door/broken.mp4", good_clip[: len(good_clip) // 2])),
+        Case(
+            "clip with no frames",
+            "front_door/noframes.mp4",
+            DEAD,
+            "clip",
+            put("front_door/noframes.mp4", b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"),
+        ),
+        Case(
+            "clip with a broken index",
+            "front_door/broken.mp4",
+            DEAD,
+            "clip",
+            put("front_door/broken.mp4", good_clip[: len(good_clip) // 2]),
+        ),
         Case("2 GiB sparse file", "front_door/sparse.jpg", DEAD, "limit", sparse("front_door/sparse.jpg")),
-        Case("name with spaces", "front_door/with spaces.jpg", RECORDED, make=put("front_door/with spaces.jpg", jpeg(2))),
+        Case(
+            "name with spaces", "front_door/with spaces.jpg", RECORDED, make=put("front_door/with spaces.jpg", jpeg(2))
+        ),
         Case("unicode name", "front_door/café_ü_夜.jpg", RECORDED, make=put("front_door/café_ü_夜.jpg", jpeg(3))),
-        Case("newline in name", "front_door/new\nline.jpg", SKIPPED, "control characters", put("front_door/new\nline.jpg", jpeg(4))),
-        Case("terminal escape in name", "front_door/a\x1b[2J\x1b]8;;https:x\x07.jpg", SKIPPED, "control characters",
-             put("front_door/a\x1b[2J\x1b]8;;https:x\x07.jpg", jpeg(12))),
+        Case(
+            "newline in name",
+            "front_door/new\nline.jpg",
+            SKIPPED,
+            "control characters",
+            put("front_door/new\nline.jpg", jpeg(4)),
+        ),
+        Case(
+            "terminal escape in name",
+            "front_door/a\x1b[2J\x1b]8;;https:x\x07.jpg",
+            SKIPPED,
+            "control characters",
+            put("front_door/a\x1b[2J\x1b]8;;https:x\x07.jpg", jpeg(12)),
+        ),
         # a Latin-1 camera: names that are not UTF-8 stopped the watcher (watchfiles) and its ledger before
-        Case("name not UTF-8", os.fsdecode(b"front_door/caf\xe9.jpg"), SKIPPED, "not valid utf-8", put(os.fsdecode(b"front_door/caf\xe9.jpg"), jpeg(13))),
-        Case("camera folder not UTF-8", os.fsdecode(b"gar\xe7age/a.jpg"), SKIPPED, "not valid utf-8", put(os.fsdecode(b"gar\xe7age/a.jpg"), jpeg(14))),
+        Case(
+            "name not UTF-8",
+            os.fsdecode(b"front_door/caf\xe9.jpg"),
+            SKIPPED,
+            "not valid utf-8",
+            put(os.fsdecode(b"front_door/caf\xe9.jpg"), jpeg(13)),
+        ),
+        Case(
+            "camera folder not UTF-8",
+            os.fsdecode(b"gar\xe7age/a.jpg"),
+            SKIPPED,
+            "not valid utf-8",
+            put(os.fsdecode(b"gar\xe7age/a.jpg"), jpeg(14)),
+        ),
         # never folded into front_door, whose quota and evidence it would share
-        Case("camera folder not an id", "front.door/a.jpg", SKIPPED, "not a camera id", put("front.door/a.jpg", jpeg(15))),
-        Case("camera folder with a space", "front door/a.jpg", SKIPPED, "not a camera id", put("front door/a.jpg", jpeg(16))),
+        Case(
+            "camera folder not an id", "front.door/a.jpg", SKIPPED, "not a camera id", put("front.door/a.jpg", jpeg(15))
+        ),
+        Case(
+            "camera folder with a space",
+            "front door/a.jpg",
+            SKIPPED,
+            "not a camera id",
+            put("front door/a.jpg", jpeg(16)),
+        ),
         Case("leading dash", "front_door/-rf.jpg", RECORDED, make=put("front_door/-rf.jpg", jpeg(5))),
         Case("dots in name", "front_door/x..y.jpg", RECORDED, make=put("front_door/x..y.jpg", jpeg(6))),
-        Case("very long name", "front_door/" + "L" * 240 + ".jpg", RECORDED, make=put("front_door/" + "L" * 240 + ".jpg", jpeg(7))),
-        Case("JPEG named .png", "front_door/really-a-jpeg.png", RECORDED, make=put("front_door/really-a-jpeg.png", jpeg(8))),
-        Case("sub-folders", "front_door/2026/11/28/deep.jpg", RECORDED, make=put("front_door/2026/11/28/deep.jpg", jpeg(9))),
-        Case("symlink out of the root", "front_door/outside.jpg", SKIPPED, "not a regular file", symlink("front_door/outside.jpg", outside / "secret.jpg")),
+        Case(
+            "very long name",
+            "front_door/" + "L" * 240 + ".jpg",
+            RECORDED,
+            make=put("front_door/" + "L" * 240 + ".jpg", jpeg(7)),
+        ),
+        Case(
+            "JPEG named .png",
+            "front_door/really-a-jpeg.png",
+            RECORDED,
+            make=put("front_door/really-a-jpeg.png", jpeg(8)),
+        ),
+        Case(
+            "sub-folders",
+            "front_door/2026/11/28/deep.jpg",
+            RECORDED,
+            make=put("front_door/2026/11/28/deep.jpg", jpeg(9)),
+        ),
+        Case(
+            "symlink out of the root",
+            "front_door/outside.jpg",
+            SKIPPED,
+            "not a regular file",
+            symlink("front_door/outside.jpg", outside / "secret.jpg"),
+        ),
         Case("symlinked folder", "front_door/linked/secret.jpg", IGNORED, make=symlink("front_door/linked", outside)),
         Case("symlink loop", "front_door/loop.jpg", SKIPPED, "not a regular file", loop("front_door/loop.jpg")),
         Case("FIFO", "front_door/pipe.jpg", SKIPPED, "not a regular file", fifo("front_door/pipe.jpg")),
         Case("socket", "front_door/sock.jpg", SKIPPED, "not a regular file", unix_socket("front_door/sock.jpg")),
-        Case("folder named like an image", "front_door/dir.jpg/inside.jpg", RECORDED, make=folder_named_like_an_image("front_door/dir.jpg")),
-        Case("deleted before it settled", "front_door/vanished.jpg", IGNORED, make=vanishing("front_door/vanished.jpg")),
+        Case(
+            "folder named like an image",
+            "front_door/dir.jpg/inside.jpg",
+            RECORDED,
+            make=folder_named_like_an_image("front_door/dir.jpg"),
+        ),
+        Case(
+            "deleted before it settled", "front_door/vanished.jpg", IGNORED, make=vanishing("front_door/vanished.jpg")
+        ),
         Case("still growing", "front_door/growing.jpg", RECORDED, make=growing("front_door/growing.jpg")),
         Case("not a media extension", "front_door/notes.txt", IGNORED, make=put("front_door/notes.txt", b"hello")),
-        Case("hidden upload in progress", "front_door/.partial.jpg", IGNORED, make=put("front_door/.partial.jpg", jpeg(10))),
+        Case(
+            "hidden upload in progress",
+            "front_door/.partial.jpg",
+            IGNORED,
+            make=put("front_door/.partial.jpg", jpeg(10)),
+        ),
         Case("file at the media root", "stray.jpg", IGNORED, make=put("stray.jpg", jpeg(11))),
     ]
 
@@ -197,12 +316,12 @@ def text_paths(node, path: tuple = ()):
     elif isinstance(node, dict):
         for k, v in node.items():
             if len(path) == 1:
-                yield path + (("key", k),)
+                yield (*path, ("key", k))
             if path or k != "type":
-                yield from text_paths(v, path + (k,))
+                yield from text_paths(v, (*path, k))
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            yield from text_paths(v, path + (i,))
+            yield from text_paths(v, (*path, i))
 
 
 def poisoned(msg, char: str = "\x00") -> list[tuple[str, bytes]]:
@@ -227,22 +346,47 @@ def poison_messages() -> list[tuple[str, str, bytes]]:
     every message type a stage reads; each must be refused at decode and dead-lettered with the field."""
     now = time.time()
     samples = {
-        "vigil.uploads.front_door": proto.FileUploaded(file_id="p1", camera="front_door", path="front_door/p.jpg", size=1, mtime=now,
-                                                       sha256="0" * 64, kind="image"),
-        "vigil.detections.front_door": proto.Detections(file_id="p2", camera="front_door", path="front_door/p.jpg", captured_at=now,
-                                                        width=1, height=1, model="m", inference_ms=1.0,
-                                                        boxes=[proto.Box("person", 0.9, 0, 0, 1, 1)]),
-        "vigil.events.front_door": proto.EventClosed(event_id="e", camera="front_door", started_at=now, ended_at=now, file_ids=["p2"],
-                                                     labels={"person": proto.LabelSummary(count=1, max_score=0.9)}, best_file_id="p2",
-                                                     close_reason="idle"),
-        "vigil.alerts.front_door": proto.Alert(alert_id="a", camera="front_door", kind="person", message="m", created_at=now,
-                                               file_id="p2", event_id="e"),
-        "vigil.gpu.host": proto.GpuSample(host="host", index=0, name="gpu", uuid="u", source="nvml", sampled_at=now,
-                                          throttle_reasons=["none"], processes=[proto.GpuProcess(pid=1, used_mb=1, unit="u")]),
+        "vigil.uploads.front_door": proto.FileUploaded(
+            file_id="p1", camera="front_door", path="front_door/p.jpg", size=1, mtime=now, sha256="0" * 64, kind="image"
+        ),
+        "vigil.detections.front_door": proto.Detections(
+            file_id="p2",
+            camera="front_door",
+            path="front_door/p.jpg",
+            captured_at=now,
+            width=1,
+            height=1,
+            model="m",
+            inference_ms=1.0,
+            boxes=[proto.Box("person", 0.9, 0, 0, 1, 1)],
+        ),
+        "vigil.events.front_door": proto.EventClosed(
+            event_id="e",
+            camera="front_door",
+            started_at=now,
+            ended_at=now,
+            file_ids=["p2"],
+            labels={"person": proto.LabelSummary(count=1, max_score=0.9)},
+            best_file_id="p2",
+            close_reason="idle",
+        ),
+        "vigil.alerts.front_door": proto.Alert(
+            alert_id="a", camera="front_door", kind="person", message="m", created_at=now, file_id="p2", event_id="e"
+        ),
+        "vigil.gpu.host": proto.GpuSample(
+            host="host",
+            index=0,
+            name="gpu",
+            uuid="u",
+            source="nvml",
+            sampled_at=now,
+            throttle_reasons=["none"],
+            processes=[proto.GpuProcess(pid=1, used_mb=1, unit="u")],
+        ),
     }
     out = []
     for subject, msg in samples.items():
-        for i, (where, data) in enumerate(poisoned(msg, "\x00")):
+        for _i, (where, data) in enumerate(poisoned(msg, "\x00")):
             out.append((subject, where, data))
         for where, data in poisoned(msg, "\x1b")[:2] + poisoned(msg, "\u009b")[:2]:  # ESC and CSI: terminal controls
             out.append((subject, where, data))
@@ -279,7 +423,10 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
         case.make()
     # the camera folder removed and re-created
     drop(media / "backyard" / "before.jpg", photo_bytes("chelsea", scale=0.3))
-    wait_until(lambda: query(database, "SELECT 1 FROM detections WHERE path = 'backyard/before.jpg'"), what="backyard/before.jpg")
+    wait_until(
+        lambda: query(database, "SELECT 1 FROM detections WHERE path = 'backyard/before.jpg'"),
+        what="backyard/before.jpg",
+    )
     shutil.rmtree(media / "backyard")
     time.sleep(0.5)
     drop(media / "backyard" / "after.jpg", photo_bytes("chelsea", scale=0.35))
@@ -291,24 +438,60 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
 
     # messages that do not decode, or point where they must not
     url = nats_server.url
-    up = dict(file_id="m1", camera="front_door", path="front_door/good.jpg", size=1, mtime=time.time(), sha256="0" * 64, kind="image")
+    up = dict(
+        file_id="m1",
+        camera="front_door",
+        path="front_door/good.jpg",
+        size=1,
+        mtime=time.time(),
+        sha256="0" * 64,
+        kind="image",
+    )
     publish(url, "vigil.uploads.front_door", b"\x00not json")
-    publish(url, "vigil.uploads.ghost", proto.encode(proto.FileUploaded(**{**up, "file_id": "m2", "camera": "ghost", "path": "ghost/x.jpg"})))
+    publish(
+        url,
+        "vigil.uploads.ghost",
+        proto.encode(proto.FileUploaded(**{**up, "file_id": "m2", "camera": "ghost", "path": "ghost/x.jpg"})),
+    )
     # another camera's file under this camera's name (a forged upload or retried letter)
-    publish(url, "vigil.uploads.backyard", proto.encode(proto.FileUploaded(**{**up, "file_id": "m6", "camera": "backyard"})))
-    publish(url, "vigil.uploads.front_door", json.dumps({**up, "type": "FileUploaded", "file_id": "m3", "camera": "../etc"}).encode())
-    publish(url, "vigil.uploads.front_door", proto.encode(proto.FileUploaded(**{**up, "file_id": "m4", "path": "../../etc/passwd"})))
-    publish(url, "vigil.uploads.front_door", proto.encode(proto.FileUploaded(**{**up, "file_id": "m5"})), {"Vigil-Version": "99"})
+    publish(
+        url, "vigil.uploads.backyard", proto.encode(proto.FileUploaded(**{**up, "file_id": "m6", "camera": "backyard"}))
+    )
+    publish(
+        url,
+        "vigil.uploads.front_door",
+        json.dumps({**up, "type": "FileUploaded", "file_id": "m3", "camera": "../etc"}).encode(),
+    )
+    publish(
+        url,
+        "vigil.uploads.front_door",
+        proto.encode(proto.FileUploaded(**{**up, "file_id": "m4", "path": "../../etc/passwd"})),
+    )
+    publish(
+        url,
+        "vigil.uploads.front_door",
+        proto.encode(proto.FileUploaded(**{**up, "file_id": "m5"})),
+        {"Vigil-Version": "99"},
+    )
     publish(url, "vigil.detections.front_door", b'{"type": "Detections", "boxes": "lots"}')
     publish(url, "vigil.events.front_door", b"[1, 2, 3]")
     poisons = poison_messages()
     for subject, _, data in poisons:
         publish(url, subject, data)
     # one NUL in Detections.path stalled the recorder forever (psycopg's DataError taken for "database away")
-    readers = {"vigil.uploads.front_door": ["detector"], "vigil.detections.front_door": ["aggregator", "recorder"],
-               "vigil.events.front_door": ["recorder"], "vigil.alerts.front_door": ["recorder"], "vigil.gpu.host": ["recorder"]}
+    readers = {
+        "vigil.uploads.front_door": ["detector"],
+        "vigil.detections.front_door": ["aggregator", "recorder"],
+        "vigil.events.front_door": ["recorder"],
+        "vigil.alerts.front_door": ["recorder"],
+        "vigil.gpu.host": ["recorder"],
+    }
     expected_messages = {  # (stage, original subject) -> reason substring
-        ("detector", "vigil.uploads.front_door", "not a valid FileUploaded"): 3,  # garbage, bad camera id, unknown version
+        (
+            "detector",
+            "vigil.uploads.front_door",
+            "not a valid FileUploaded",
+        ): 3,  # garbage, bad camera id, unknown version
         ("detector", "vigil.uploads.ghost", "vanished"): 1,
         ("detector", "vigil.uploads.backyard", "is not in camera backyard's folder"): 1,
         ("detector", "vigil.uploads.front_door", "escapes the media root"): 1,
@@ -316,7 +499,11 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
         ("recorder", "vigil.detections.front_door", ""): 1,
         ("recorder", "vigil.events.front_door", ""): 1,
     }
-    for subject, _, data in poisons:  # each refused with its own reason: a control character, a bad camera id or enum value
+    for (
+        subject,
+        _,
+        data,
+    ) in poisons:  # each refused with its own reason: a control character, a bad camera id or enum value
         try:
             proto.decode(data)
             raise AssertionError(f"{data!r} decodes")
@@ -332,14 +519,13 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
     def file_letters():
         out = {}
         for m in letters():
-            try:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 out[json.loads(m.original_payload)["path"]] = m.reason
-            except (ValueError, KeyError, TypeError):
-                pass
         return out
 
     recorded_expected = {c.rel for c in cases if c.expect == RECORDED}
     dead_expected = {c.rel for c in cases if c.expect == DEAD}
+
     def not_recorded():
         return recorded_expected - {r[0] for r in query(database, "SELECT DISTINCT path FROM detections")}
 
@@ -347,9 +533,15 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
         wait_until(lambda: not not_recorded(), timeout=180, what="every good file recorded")
         wait_until(lambda: dead_expected <= set(file_letters()), timeout=120, what="every bad file dead-lettered")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: not recorded {not_recorded()}, not dead-lettered {dead_expected - set(file_letters())}, "
-                             f"skipped {watcher_skips(stack.log('watcher'))}") from None
-    wait_until(lambda: len(letters()) >= len(dead_expected) + sum(expected_messages.values()), timeout=60, what="every bad message dead-lettered")
+        raise AssertionError(
+            f"{exc}: not recorded {not_recorded()}, not dead-lettered {dead_expected - set(file_letters())}, "
+            f"skipped {watcher_skips(stack.log('watcher'))}"
+        ) from None
+    wait_until(
+        lambda: len(letters()) >= len(dead_expected) + sum(expected_messages.values()),
+        timeout=60,
+        what="every bad message dead-lettered",
+    )
     time.sleep(3)  # give skipped and ignored files time to (wrongly) show up
 
     recorded = {r[0] for r in query(database, "SELECT DISTINCT path FROM detections")}
@@ -357,37 +549,51 @@ def test_bad_files_and_messages_never_stop_the_pipeline(make_stack, media, datab
     outcome = {}
     for c in cases:
         # the watcher logs (and dead-letters) a refused name escaped: the log line stays one clean line
-        got = RECORDED if c.rel in recorded else DEAD if c.rel in dead else SKIPPED if proto.printable(c.rel) in skips else IGNORED
+        got = (
+            RECORDED
+            if c.rel in recorded
+            else DEAD
+            if c.rel in dead
+            else SKIPPED
+            if proto.printable(c.rel) in skips
+            else IGNORED
+        )
         detail = dead.get(c.rel, skips.get(proto.printable(c.rel), ""))
         if got != c.expect or (c.reason and c.reason not in detail.lower()):
             outcome[c.name] = f"expected {c.expect} ({c.reason}), got {got}: {detail}"
     for (stage, subject, reason), n in expected_messages.items():
         found = [m for m in letters() if m.stage == stage and m.original_subject == subject and reason in m.reason]
         if len(found) < n:
-            outcome[f"{stage} {subject} {reason}"] = f"expected {n} dead letters, found {len(found)}: {[m.reason for m in letters() if m.stage == stage]}"
+            outcome[f"{stage} {subject} {reason}"] = (
+                f"expected {n} dead letters, found {len(found)}: {[m.reason for m in letters() if m.stage == stage]}"
+            )
     assert outcome == {}
-    assert query(database, "SELECT count(*), count(DISTINCT detection_id) FROM detections")[0][0] == \
-        query(database, "SELECT count(DISTINCT detection_id) FROM detections")[0][0]  # nothing recorded twice
+    assert (
+        query(database, "SELECT count(*), count(DISTINCT detection_id) FROM detections")[0][0]
+        == query(database, "SELECT count(DISTINCT detection_id) FROM detections")[0][0]
+    )  # nothing recorded twice
     assert not (tmp_path / "outside" / "secret.jpg").is_symlink() and (tmp_path / "outside" / "secret.jpg").exists()
     for name in ALL:  # nothing crashed or restarted
         assert stack.procs[name].poll() is None, name
         assert stack.log(name).count('"event": "ready"') == 1, name
-    print(f"{len(cases) + sum(expected_messages.values())} bad-input cases: "
-          f"{sum(c.expect == RECORDED for c in cases)} recorded, {len(dead_expected)} files + {sum(expected_messages.values())} messages "
-          f"dead-lettered, {sum(c.expect == SKIPPED for c in cases)} skipped with a log line, {sum(c.expect == IGNORED for c in cases)} ignored")
+    print(
+        f"{len(cases) + sum(expected_messages.values())} bad-input cases: "
+        f"{sum(c.expect == RECORDED for c in cases)} recorded, {len(dead_expected)} files + {sum(expected_messages.values())} messages "
+        f"dead-lettered, {sum(c.expect == SKIPPED for c in cases)} skipped with a log line, {sum(c.expect == IGNORED for c in cases)} ignored"
+    )
 
 
 CONFIGS = [
     ("not TOML", "media_root = \n", "not valid TOML"),
-    ("wrong type", "[watcher]\nsettle_seconds = \"fast\"\n", "$.watcher.settle_seconds"),
-    ("unknown field", "[watcher]\ncolour = \"blue\"\n", "colour"),
+    ("wrong type", '[watcher]\nsettle_seconds = "fast"\n', "$.watcher.settle_seconds"),
+    ("unknown field", '[watcher]\ncolour = "blue"\n', "colour"),
     ("unknown section", "[bogus]\nx = 1\n", "bogus"),
     ("negative settle time", "[watcher]\nsettle_seconds = -1.0\n", "watcher.settle_seconds"),
-    ("unknown backend", "[detector]\nbackend = \"quantum\"\n", "detector.backend"),
-    ("bad watermark", "[retention]\nlow_watermark = \"lots\"\n", "retention.low_watermark"),
+    ("unknown backend", '[detector]\nbackend = "quantum"\n', "detector.backend"),
+    ("bad watermark", '[retention]\nlow_watermark = "lots"\n', "retention.low_watermark"),
     ("heartbeat out of range", "heartbeat_seconds = 0\n", "heartbeat_seconds"),
     ("list where a string belongs", "media_root = [1, 2]\n", "$.media_root"),
-    ("webhook without scheme", "[health]\nwebhook_url = \"hooks.example\"\n", "health.webhook_url"),
+    ("webhook without scheme", '[health]\nwebhook_url = "hooks.example"\n', "health.webhook_url"),
 ]
 
 
@@ -395,8 +601,19 @@ CONFIGS = [
 def test_malformed_config_names_the_field_and_exits_78(tmp_path, text, field):
     path = tmp_path / "vigil.toml"
     path.write_text(text)
-    out = subprocess.run([sys.executable, "-m", "services.cli", "config", "check", str(path)], capture_output=True, text=True,
-                         cwd=REPO, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "config", "check", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert out.returncode == 78 and field in out.stderr, out.stderr
-    run = subprocess.run([sys.executable, "-m", "services.cli", "run", "watcher", str(path)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "run", "watcher", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
     assert run.returncode == 78 and field in run.stderr, run.stderr  # a service stops at start, naming it too

@@ -14,10 +14,11 @@ import nats
 import pytest
 import structlog
 
+from services.cli.stack import NatsCluster
 from services.runtime.bus import provision
-from services.stack import NatsCluster
 from tests.integration.test_service_lifecycle import read_heartbeats
-from tests.support import REPO, Services, count_rows as rows, drop, photo_bytes, query, wait_until, write_config
+from tests.support import REPO, Services, drop, photo_bytes, query, wait_until, write_config
+from tests.support import count_rows as rows
 
 PIPELINE = ("watcher", "detector", "aggregator", "recorder")
 
@@ -33,7 +34,7 @@ def provision_when_ready(urls: list[str], replicas: int = 3, timeout: float = 60
                 try:
                     await provision(nc.jetstream(timeout=5), structlog.get_logger(), replicas)
                     return
-                except (nats.errors.Error, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.Error):
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.5)
@@ -73,8 +74,16 @@ def cluster(tmp_path):
 
 
 def cluster_stack(tmp_path, media, database, cluster, logs: str = "logs", instance: str | None = None) -> Services:
-    config = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=cluster.urls, dsn=database,
-                          model="none", models_dir=None, detector={"batch_size": 4})
+    config = write_config(
+        tmp_path / "vigil.toml",
+        media=media,
+        state=tmp_path / "state",
+        nats_url=cluster.urls,
+        dsn=database,
+        model="none",
+        models_dir=None,
+        detector={"batch_size": 4},
+    )
     env = {"VIGIL_NATS__REPLICAS": "3", "VIGIL_HEARTBEAT_SECONDS": "1"}
     if instance:
         env["VIGIL_INSTANCE"] = instance
@@ -96,12 +105,21 @@ def test_losing_the_stream_leaders_node_loses_nothing(tmp_path, media, database,
                 cluster.node(leader).kill()  # mid-run: the leader of the work queue goes away
         wait_until(lambda: rows(database) >= n, timeout=180, what=f"{n} rows despite the lost node")
         time.sleep(2)
-        assert query(database, "SELECT count(*), count(DISTINCT path) FROM detections")[0] == (n, n)  # none lost, none twice
+        assert query(database, "SELECT count(*), count(DISTINCT path) FROM detections")[0] == (
+            n,
+            n,
+        )  # none lost, none twice
         new_leader = stream_cluster([u for u in cluster.urls if u != cluster.node(leader).url], "UPLOADS").leader
         assert new_leader and new_leader != leader
         # the operator sees it: three nodes, the new leader, the lost node as an offline or lagging replica
-        out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--json", "--config", str(stack.config)], capture_output=True,
-                             text=True, cwd=REPO, timeout=60, env={**os.environ, "VIGIL_CONFIG": ""})
+        out = subprocess.run(
+            [sys.executable, "-m", "services.cli.main", "status", "--json", "--config", str(stack.config)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+            env={**os.environ, "VIGIL_CONFIG": ""},
+        )
         assert out.returncode == 0, out.stderr
         status = json.loads(out.stdout)
         uploads = next(st for st in status["streams"] if st["name"] == "UPLOADS")
@@ -130,9 +148,11 @@ def test_detectors_on_two_hosts_share_the_work_and_one_can_leave(tmp_path, media
             drop(media / "front_door" / f"a{i:03}.jpg", blob[:-2] + bytes([i, 0xD9]))
             time.sleep(0.05)
         wait_until(lambda: rows(database) >= 120, timeout=120, what="first 120 rows")
+
         def served() -> dict[str, int]:
             beats = read_heartbeats(cluster.urls[0])
             return {k: v.counters.get("detected", 0) for k, v in beats.items() if k.startswith("detector.")}
+
         shares = wait_until(lambda: (d := served()) and sum(d.values()) >= 120 and d, what="both detectors' counts")
         assert len(shares) == 2 and all(n > 0 for n in shares.values()), shares  # both hosts did part of the work
         assert second.stop("detector") == 0  # host b leaves cleanly

@@ -26,11 +26,28 @@ def exhaust_one_upload(url: str) -> int:
         js = nc.jetstream()
         await provision(js, structlog.get_logger())
         await js.delete_consumer("UPLOADS", "detector")
-        await js.add_consumer("UPLOADS", ConsumerConfig(durable_name="detector", ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0,
-                                                         max_deliver=2, filter_subject="vigil.uploads.*"))
-        up = proto.FileUploaded(file_id="poison-1", camera="front_door", path="front_door/poison.jpg", size=10, mtime=time.time(),
-                                sha256="0" * 64, kind="image")
-        ack = await js.publish("vigil.uploads.front_door", proto.encode(up), headers=proto.headers_for(up, "upload-poison-1"))
+        await js.add_consumer(
+            "UPLOADS",
+            ConsumerConfig(
+                durable_name="detector",
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=1.0,
+                max_deliver=2,
+                filter_subject="vigil.uploads.*",
+            ),
+        )
+        up = proto.FileUploaded(
+            file_id="poison-1",
+            camera="front_door",
+            path="front_door/poison.jpg",
+            size=10,
+            mtime=time.time(),
+            sha256="0" * 64,
+            kind="image",
+        )
+        ack = await js.publish(
+            "vigil.uploads.front_door", proto.encode(up), headers=proto.headers_for(up, "upload-poison-1")
+        )
         sub = await js.pull_subscribe_bind("detector", "UPLOADS")
         for _ in range(2):
             (msg,) = await sub.fetch(1, timeout=5)  # taken, never answered
@@ -68,8 +85,10 @@ def test_exhausted_message_is_dead_lettered_from_the_advisory_after_a_restart(ma
     stack = make_stack(model="none", env={"VIGIL_NATS__PROVISION": "false"})
     stack.start("detector")  # down while it happened; the advisory waited in the ADVISORIES stream
     stack.wait_ready("detector")
-    (letter,) = wait_until(lambda: [m for m in stream_messages(nats_server.url, "DLQ") if isinstance(m, proto.DeadLetter)],
-                           what="the dead letter")
+    (letter,) = wait_until(
+        lambda: [m for m in stream_messages(nats_server.url, "DLQ") if isinstance(m, proto.DeadLetter)],
+        what="the dead letter",
+    )
     assert (letter.stage, letter.original_stream, letter.original_sequence) == ("detector", "UPLOADS", seq)
     assert letter.deliveries >= 2  # the server's count from the advisory (nats-server 2.10+ reports max_deliver + 1)
     assert letter.camera == "front_door" and letter.file_id == "poison-1" and "no error was recorded" in letter.reason
@@ -89,11 +108,29 @@ def test_a_lagging_interest_consumer_never_stops_the_dead_letter(make_stack, nat
         js = nc.jetstream()
         await provision(js, structlog.get_logger())
         await js.delete_consumer("DETECTIONS", "aggregator")
-        await js.add_consumer("DETECTIONS", ConsumerConfig(durable_name="aggregator", ack_policy=AckPolicy.EXPLICIT, ack_wait=1.0,
-                                                            max_deliver=2, filter_subject="vigil.detections.*"))
-        det = proto.Detections(file_id="poison-2", camera="backyard", path="backyard/p.jpg", captured_at=time.time(), width=1, height=1,
-                               model="m", inference_ms=1.0)
-        ack = await js.publish("vigil.detections.backyard", proto.encode(det), headers=proto.headers_for(det, "det-poison-2"))
+        await js.add_consumer(
+            "DETECTIONS",
+            ConsumerConfig(
+                durable_name="aggregator",
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=1.0,
+                max_deliver=2,
+                filter_subject="vigil.detections.*",
+            ),
+        )
+        det = proto.Detections(
+            file_id="poison-2",
+            camera="backyard",
+            path="backyard/p.jpg",
+            captured_at=time.time(),
+            width=1,
+            height=1,
+            model="m",
+            inference_ms=1.0,
+        )
+        ack = await js.publish(
+            "vigil.detections.backyard", proto.encode(det), headers=proto.headers_for(det, "det-poison-2")
+        )
         sub = await js.pull_subscribe_bind("aggregator", "DETECTIONS")
         for _ in range(2):
             await sub.fetch(1, timeout=5)
@@ -107,7 +144,9 @@ def test_a_lagging_interest_consumer_never_stops_the_dead_letter(make_stack, nat
     seq = asyncio.run(seq)
     stack = make_stack(model="none", env={"VIGIL_NATS__PROVISION": "false"})
     stack.start("aggregator")  # the recorder is down: recorder-detections has not got past the message
-    (letter,) = wait_until(lambda: [m for m in stream_messages(nats_server.url, "DLQ")], timeout=30, what="the dead letter, at once")
+    (letter,) = wait_until(
+        lambda: [m for m in stream_messages(nats_server.url, "DLQ")], timeout=30, what="the dead letter, at once"
+    )
     assert (letter.stage, letter.original_sequence, letter.path) == ("aggregator", seq, "backyard/p.jpg")
 
     def in_detections() -> bool:
@@ -127,12 +166,18 @@ def test_a_transient_dead_letter_is_retried_once_its_stage_is_healthy(make_stack
 
     drop(media / "front_door" / "poison.jpg", photo_bytes("coffee", scale=0.25))
     seq = exhaust_one_upload(nats_server.url)
-    stack = make_stack(model="none", env={"VIGIL_NATS__PROVISION": "false"},
-                       health={"dlq_retry_seconds": 1.0, "check_seconds": 0.5, "http_port": 0})
+    stack = make_stack(
+        model="none",
+        env={"VIGIL_NATS__PROVISION": "false"},
+        health={"dlq_retry_seconds": 1.0, "check_seconds": 0.5, "http_port": 0},
+    )
     stack.start("detector", "recorder", "health")
     (letter,) = wait_until(lambda: stream_messages(nats_server.url, "DLQ"), what="the dead letter")
     assert letter.transient and letter.retries == 0 and letter.original_sequence == seq
-    wait_until(lambda: query(database, "SELECT 1 FROM detections WHERE path = 'front_door/poison.jpg'"), timeout=60,
-               what="the retried upload recorded")
+    wait_until(
+        lambda: query(database, "SELECT 1 FROM detections WHERE path = 'front_door/poison.jpg'"),
+        timeout=60,
+        what="the retried upload recorded",
+    )
     wait_until(lambda: not stream_messages(nats_server.url, "DLQ"), what="the letter removed from the DLQ")
     assert "dead letter retried automatically" in stack.log("health")

@@ -15,20 +15,24 @@ import cv2
 import numpy as np
 import pytest
 
-from services.detector import Engine
 from services.detector.catalog import CatalogEntry, pull
+from services.detector.engine import Engine
 from services.detector.media import decode_image
 from services.runtime.config import DetectorConfig
 from tests.integration.test_pipeline import ALL, drained
 from tests.support import REPO, drop, photo_bytes, query, wait_until
 
 
-@pytest.mark.parametrize("photo, label", [("astronaut", "person"), ("camera", "person"), ("chelsea", "cat"), ("coffee", "cup")])
+@pytest.mark.parametrize(
+    "photo, label", [("astronaut", "person"), ("camera", "person"), ("chelsea", "cat"), ("coffee", "cup")]
+)
 def test_real_model_on_the_photos(models_dir, tmp_path, photo, label):
     """YOLOX-Nano on ONNX Runtime (CPU) finds what each scikit-image photo shows."""
-    engine = Engine(DetectorConfig(model="yolox-nano", models_dir=str(models_dir), backend="cpu"), tmp_path, lambda *a: None)
+    engine = Engine(
+        DetectorConfig(model="yolox-nano", models_dir=str(models_dir), backend="cpu"), tmp_path, lambda *a: None
+    )
     image, w, h = decode_image(photo_bytes(photo), engine.size)
-    ((boxes, ms),) = engine.run([engine.prepare(image)])
+    ((boxes, _ms),) = engine.run([engine.prepare(image)])
     assert engine.name == "onnxruntime:cpu" and engine.info.family == "yolox"
     best = max((b for b in boxes if b.label == label), key=lambda b: b.score)
     assert best.score > 0.5 and 0 <= best.x1 < best.x2 <= w and 0 <= best.y1 < best.y2 <= h
@@ -52,15 +56,28 @@ def make_clip(path: Path, fps: int = 10) -> float:
 
 def test_clip_frames_are_sampled_with_their_offsets(make_stack, media, database, nats_server, models_dir, tmp_path):
     """A clip yields one Detections per sampled frame (2 fps), timed clip start + offset."""
-    stack = make_stack(model="yolox-nano", models=models_dir, detector={"clip_fps": 2.0, "backend": "cpu", "batch_wait_ms": 50.0})
+    stack = make_stack(
+        model="yolox-nano", models=models_dir, detector={"clip_fps": 2.0, "backend": "cpu", "batch_wait_ms": 50.0}
+    )
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     clip = tmp_path / "drive.avi"
     duration = make_clip(clip)
     mtime = time.time() - 50
     drop(media / "backyard" / "drive.avi", clip.read_bytes(), mtime)
-    rows = wait_until(lambda: (r := query(database, "SELECT frame, offset_s, labels, extract(epoch from captured_at) FROM detections"
-                                                    " ORDER BY frame")) and len(r) == 8 and r, what="8 sampled frames")
+    rows = wait_until(
+        lambda: (
+            (
+                r := query(
+                    database,
+                    "SELECT frame, offset_s, labels, extract(epoch from captured_at) FROM detections ORDER BY frame",
+                )
+            )
+            and len(r) == 8
+            and r
+        ),
+        what="8 sampled frames",
+    )
     assert [r[0] for r in rows] == [0, 5, 10, 15, 20, 25, 30, 35]
     assert [r[1] for r in rows] == pytest.approx([0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5])
     assert all("person" in r[2] for r in rows[:4]) and all("cat" in r[2] for r in rows[4:])
@@ -80,11 +97,21 @@ def test_broken_clip_is_dead_lettered(make_stack, media, database, nats_server):
 
 
 @pytest.mark.parametrize("plugin, degraded_after", [("BrokenAtInit", 0), ("FailsAfterBatches", 2)])
-def test_gpu_failure_falls_back_to_cpu_without_losing_files(make_stack, media, database, nats_server, models_dir, plugin, degraded_after):
+def test_gpu_failure_falls_back_to_cpu_without_losing_files(
+    make_stack, media, database, nats_server, models_dir, plugin, degraded_after
+):
     """A GPU that fails at init or mid-run: CPU results keep flowing, degraded STATUS, an Alert, no loss."""
-    stack = make_stack(model="yolox-nano", models=models_dir,
-                       detector={"backend": f"plugin:tests.fake_accelerators:{plugin}", "batch_size": 2, "batch_wait_ms": 0.0,
-                                 "gpu_max_errors": 1, "gpu_retry_seconds": 3600.0})
+    stack = make_stack(
+        model="yolox-nano",
+        models=models_dir,
+        detector={
+            "backend": f"plugin:tests.fake_accelerators:{plugin}",
+            "batch_size": 2,
+            "batch_wait_ms": 0.0,
+            "gpu_max_errors": 1,
+            "gpu_retry_seconds": 3600.0,
+        },
+    )
     stack.env["VIGIL_TEST_FAIL_AFTER"] = str(degraded_after)
     stack.start(*ALL)
     stack.wait_ready(*ALL)
@@ -94,7 +121,10 @@ def test_gpu_failure_falls_back_to_cpu_without_losing_files(make_stack, media, d
         time.sleep(0.05)
     wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == n, timeout=90, what="every file detected")
     assert all("person" in r[0] for r in query(database, "SELECT labels FROM detections"))
-    alerts = wait_until(lambda: query(database, "SELECT kind, severity, message FROM alerts WHERE camera = 'system'"), what="fallback alert")
+    alerts = wait_until(
+        lambda: query(database, "SELECT kind, severity, message FROM alerts WHERE camera = 'system'"),
+        what="fallback alert",
+    )
     assert alerts[0][0] == "detector_cpu_fallback" and alerts[0][1] == "critical"
     assert ("libcuda" if plugin == "BrokenAtInit" else "out of memory") in alerts[0][2]
     log = stack.log("detector")
@@ -120,8 +150,15 @@ def model_server(models_dir):
 
 def test_models_pull_installs_a_verified_file(model_server, models_dir, tmp_path):
     data = (models_dir / "yolox_nano.onnx").read_bytes()
-    entry = CatalogEntry("test", "yolox_nano.onnx", f"{model_server}/yolox_nano.onnx", len(data),
-                         hashlib.sha256(data).hexdigest(), "yolox", "test")
+    entry = CatalogEntry(
+        "test",
+        "yolox_nano.onnx",
+        f"{model_server}/yolox_nano.onnx",
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        "yolox",
+        "test",
+    )
     path = pull(entry, tmp_path / "models")
     assert path.read_bytes() == data and sorted(p.name for p in (tmp_path / "models").iterdir()) == ["yolox_nano.onnx"]
 
@@ -129,8 +166,22 @@ def test_models_pull_installs_a_verified_file(model_server, models_dir, tmp_path
 def test_models_pull_refuses_a_file_with_the_wrong_hash(model_server, tmp_path):
     """The mirror serves a different export than the catalog names: refused, nothing left behind."""
     result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "models", "pull", "yolox-nano", "--models-dir", str(tmp_path / "m"),
-         "--url", f"{model_server}/yolox_nano.onnx"], capture_output=True, text=True, cwd=REPO, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "services.cli.main",
+            "models",
+            "pull",
+            "yolox-nano",
+            "--models-dir",
+            str(tmp_path / "m"),
+            "--url",
+            f"{model_server}/yolox_nano.onnx",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert result.returncode == 1
     assert "nothing was installed" in result.stderr and ("sha256" in result.stderr or "bytes" in result.stderr)

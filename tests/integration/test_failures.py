@@ -13,8 +13,12 @@ def test_kill_9_detector_mid_batch_and_aggregator_mid_event(make_stack, media, d
     n = 40
     # idle (the default 30 s) outlasts the detector's restart plus the redelivery of its killed batch
     # (ack_wait 15 s) even on a loaded CI machine, so the late detections still join the open event.
-    stack = make_stack(model="yolox-nano", models=models_dir, detector={"batch_size": 8},
-                       aggregator={"idle_seconds": 30.0, "max_seconds": 300.0})
+    stack = make_stack(
+        model="yolox-nano",
+        models=models_dir,
+        detector={"batch_size": 8},
+        aggregator={"idle_seconds": 30.0, "max_seconds": 300.0},
+    )
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     data = [photo_bytes("astronaut", quality=60 + i % 30, scale=0.5 + (i % 7) / 20) for i in range(n)]
@@ -90,4 +94,6 @@ def test_corrupt_jpeg_is_dead_lettered_and_slow_upload_waits(make_stack, media, 
     assert len(letters) == 1
     assert letters[0].stage == "detector" and letters[0].camera == "backyard"
     assert "corrupt" in letters[0].reason or "decode" in letters[0].reason
-    assert '"path": "backyard/corrupt.jpg"' in letters[0].original_payload or "corrupt.jpg" in letters[0].original_payload
+    assert (
+        '"path": "backyard/corrupt.jpg"' in letters[0].original_payload or "corrupt.jpg" in letters[0].original_payload
+    )

@@ -24,25 +24,41 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_a_sticky_cuda_error_finishes_the_batch_on_the_cpu_then_exits_for_a_restart(make_stack, media, database, nats_server, models_dir):
+def test_a_sticky_cuda_error_finishes_the_batch_on_the_cpu_then_exits_for_a_restart(
+    make_stack, media, database, nats_server, models_dir
+):
     """cudaErrorIllegalAddress poisons the process's CUDA context for good: the batch it hit is
     detected on the CPU and acked, then the detector exits 75 (not 78: systemd restarts it); the next
     process starts clean and goes on. Nothing is lost or left unacked."""
-    stack = make_stack(model="yolox-nano", models=models_dir,
-                       detector={"backend": "plugin:tests.fake_accelerators:StickyAfterBatches", "batch_size": 2, "batch_wait_ms": 0.0,
-                                 "gpu_max_errors": 3, "gpu_retry_seconds": 3600.0})
+    stack = make_stack(
+        model="yolox-nano",
+        models=models_dir,
+        detector={
+            "backend": "plugin:tests.fake_accelerators:StickyAfterBatches",
+            "batch_size": 2,
+            "batch_wait_ms": 0.0,
+            "gpu_max_errors": 3,
+            "gpu_retry_seconds": 3600.0,
+        },
+    )
     stack.env["VIGIL_TEST_FAIL_AFTER"] = "1"
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     drop(media / "front_door" / "p0.jpg", photo_bytes("astronaut", quality=71))
-    wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 1, timeout=60, what="the first file, on the 'GPU'")
+    wait_until(
+        lambda: len(query(database, "SELECT 1 FROM detections")) == 1, timeout=60, what="the first file, on the 'GPU'"
+    )
     drop(media / "front_door" / "p1.jpg", photo_bytes("astronaut", quality=72))
     proc = stack.procs["detector"]
     wait_until(lambda: proc.poll() is not None, timeout=60, what="the detector to exit")
     assert proc.returncode == EX_TEMPFAIL
     log = stack.log("detector")
     assert "sticky CUDA error" in log and "cudaErrorIllegalAddress" in log and "exiting for a restart" in log
-    wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 2, timeout=60, what="the poisoned batch, detected on the CPU")
+    wait_until(
+        lambda: len(query(database, "SELECT 1 FROM detections")) == 2,
+        timeout=60,
+        what="the poisoned batch, detected on the CPU",
+    )
     assert all("person" in r[0] for r in query(database, "SELECT labels FROM detections"))
     assert consumer_states(nats_server.url)["detector"] == (0, 0)  # acked before the exit: nothing to redeliver
     stack.env["VIGIL_TEST_FAIL_AFTER"] = "1000"  # what a restart is for: a fresh context that works
@@ -50,7 +66,9 @@ def test_a_sticky_cuda_error_finishes_the_batch_on_the_cpu_then_exits_for_a_rest
     stack.start("detector")
     stack.wait_ready("detector", timeout=60)
     drop(media / "front_door" / "p2.jpg", photo_bytes("astronaut", quality=73))
-    wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 3, timeout=60, what="the restarted detector at work")
+    wait_until(
+        lambda: len(query(database, "SELECT 1 FROM detections")) == 3, timeout=60, what="the restarted detector at work"
+    )
     assert stack.procs["detector"].poll() is None
 
 
@@ -59,7 +77,9 @@ def build_pid(log: str) -> int:
     return next(e["pid"] for e in lines if e.get("event") == "engine build started")
 
 
-def test_an_engine_build_past_its_timeout_is_stopped_and_the_detector_starts_on_the_cpu(make_stack, tmp_path, models_dir):
+def test_an_engine_build_past_its_timeout_is_stopped_and_the_detector_starts_on_the_cpu(
+    make_stack, tmp_path, models_dir
+):
     """Before READY the start timeout is extended while the build runs (EXTEND_TIMEOUT_USEC), so systemd
     never kills a healthy build and rebuilds from scratch forever; a build past
     engine_build_timeout_seconds is killed, its temporary file removed, and the detector comes up on
@@ -68,8 +88,12 @@ def test_an_engine_build_past_its_timeout_is_stopped_and_the_detector_starts_on_
     engines.mkdir(parents=True)
     (engines / "slow-test.engine.4194999.tmp").write_bytes(b"from a build killed with the machine")  # no such pid
     reader = NotifyReader(tmp_path / "notify.sock")
-    stack = make_stack(model="yolox-nano", models=models_dir, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")},
-                       detector={"backend": "plugin:tests.fake_accelerators:SlowBuild", "engine_build_timeout_seconds": 8.0})
+    stack = make_stack(
+        model="yolox-nano",
+        models=models_dir,
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")},
+        detector={"backend": "plugin:tests.fake_accelerators:SlowBuild", "engine_build_timeout_seconds": 8.0},
+    )
     try:
         stack.start("detector")
         stack.wait_ready("detector", timeout=90)
@@ -80,8 +104,11 @@ def test_an_engine_build_past_its_timeout_is_stopped_and_the_detector_starts_on_
         extends = [s for s in reader.seen if s.startswith("EXTEND_TIMEOUT_USEC=")]
         assert len(extends) >= 2 and all(int(s.split("=")[1]) >= 10_000_000 for s in extends)
         assert reader.seen.index(extends[-1]) < reader.seen.index("READY=1")
-        wait_until(lambda: any("degraded: cpu fallback" in s and "engine build stopped after 8 s" in s for s in reader.seen),
-                   timeout=10, what="STATUS naming the CPU fallback and why")
+        wait_until(
+            lambda: any("degraded: cpu fallback" in s and "engine build stopped after 8 s" in s for s in reader.seen),
+            timeout=10,
+            what="STATUS naming the CPU fallback and why",
+        )
     finally:
         reader.close()
 
@@ -91,12 +118,19 @@ def test_sigterm_during_the_engine_build_stops_it_and_the_detector_at_once(make_
     within seconds, exit 0, STOPPING=1 sent, no temporary file left."""
     engines = tmp_path / "state" / "engines"
     reader = NotifyReader(tmp_path / "notify.sock")
-    stack = make_stack(model="yolox-nano", models=models_dir, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")},
-                       detector={"backend": "plugin:tests.fake_accelerators:SlowBuild", "engine_build_timeout_seconds": 600.0})
+    stack = make_stack(
+        model="yolox-nano",
+        models=models_dir,
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")},
+        detector={"backend": "plugin:tests.fake_accelerators:SlowBuild", "engine_build_timeout_seconds": 600.0},
+    )
     try:
         stack.start("detector")
-        wait_until(lambda: '"engine build started"' in stack.log("detector") and list(engines.glob("*.tmp")), timeout=60,
-                   what="the build running")
+        wait_until(
+            lambda: '"engine build started"' in stack.log("detector") and list(engines.glob("*.tmp")),
+            timeout=60,
+            what="the build running",
+        )
         child = build_pid(stack.log("detector"))
         assert alive(child)
         proc = stack.procs["detector"]

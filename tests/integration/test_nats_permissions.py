@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import subprocess
 import sys
 
@@ -13,23 +12,10 @@ import nats
 import nats.errors
 import pytest
 
-from services.nats_auth import ADMIN_CREDENTIAL, ADMIN_USER, SERVICES, authorization_block, credential_name, inbox_prefix, user
-from services.stack import NatsServer, free_port
+from proto.topology import SERVICES
+from services.cli.stack import free_port
+from services.runtime.nats_auth import inbox_prefix, user
 from tests.support import REPO, Services, drop, photo_bytes, query, wait_until, write_config
-
-
-@pytest.fixture
-def locked_nats(tmp_path):
-    creds = tmp_path / "creds"
-    creds.mkdir(mode=0o700)
-    passwords = {}
-    for name, cred in [(ADMIN_USER, ADMIN_CREDENTIAL)] + [(user(s), credential_name(s)) for s in SERVICES]:
-        passwords[name] = secrets.token_hex(12)
-        (creds / cred).write_text(passwords[name] + "\n")
-        (creds / cred).chmod(0o600)
-    server = NatsServer(tmp_path / "nats", log_file=tmp_path / "nats-server.log", extra_conf=authorization_block(passwords)).start()
-    yield server, creds, passwords
-    server.kill()
 
 
 def attempt(url: str, name: str, password: str, action) -> list[str]:
@@ -40,8 +26,15 @@ def attempt(url: str, name: str, password: str, action) -> list[str]:
         async def on_error(exc):
             errors.append(str(exc))
 
-        nc = await nats.connect(url, user=name, password=password, inbox_prefix=inbox_prefix(name), error_cb=on_error, allow_reconnect=False,
-                                max_reconnect_attempts=0)
+        nc = await nats.connect(
+            url,
+            user=name,
+            password=password,
+            inbox_prefix=inbox_prefix(name),
+            error_cb=on_error,
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+        )
         try:
             await action(nc)
             await nc.flush()
@@ -55,16 +48,34 @@ def attempt(url: str, name: str, password: str, action) -> list[str]:
 
 def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, models_dir):
     server, creds, passwords = locked_nats
-    config = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=server.url, dsn=database,
-                          model="yolox-nano", models_dir=models_dir, health={"http_port": free_port(), "systemd": False})
-    env = {"CREDENTIALS_DIRECTORY": str(creds), "VIGIL_NATS__PER_SERVICE_USERS": "true", "VIGIL_NATS__PROVISION": "false"}
+    config = write_config(
+        tmp_path / "vigil.toml",
+        media=media,
+        state=tmp_path / "state",
+        nats_url=server.url,
+        dsn=database,
+        model="yolox-nano",
+        models_dir=models_dir,
+        health={"http_port": free_port(), "systemd": False},
+    )
+    env = {
+        "CREDENTIALS_DIRECTORY": str(creds),
+        "VIGIL_NATS__PER_SERVICE_USERS": "true",
+        "VIGIL_NATS__PROVISION": "false",
+    }
 
     # anonymous clients are refused once users exist
     with pytest.raises((nats.errors.NoServersError, nats.errors.Error)):
         asyncio.run(nats.connect(server.url, allow_reconnect=False, connect_timeout=2))
     # the admin declares the topology (the installer does this through vigil-nats' ExecStartPost)
-    out = subprocess.run([sys.executable, "-m", "services.cli", "provision", "--config", str(config)], capture_output=True, text=True,
-                         cwd=REPO, timeout=60, env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "VIGIL_CONFIG": ""})
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "provision", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "VIGIL_CONFIG": ""},
+    )
     assert out.returncode == 0, out.stderr
 
     stack = Services(config, tmp_path / "logs", env)
@@ -72,11 +83,19 @@ def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, mo
         stack.start(*SERVICES)
         stack.wait_ready(*SERVICES, timeout=60)
         drop(media / "front_door" / "astronaut.jpg", photo_bytes("astronaut"))
-        wait_until(lambda: query(database, "SELECT 1 FROM events"), what="detection, event and alert through least-privilege users")
+        wait_until(
+            lambda: query(database, "SELECT 1 FROM events"),
+            what="detection, event and alert through least-privilege users",
+        )
         assert query(database, "SELECT kind FROM alerts") == [("person",)]
-        wait_until(lambda: "retention run" in stack.log("retention") and "http listening" in stack.log("health"), what="retention and health working")
+        wait_until(
+            lambda: "retention run" in stack.log("retention") and "http listening" in stack.log("health"),
+            what="retention and health working",
+        )
         log = (tmp_path / "nats-server.log").read_text()
-        assert "Permissions Violation" not in log, [line for line in log.splitlines() if "Permissions Violation" in line][:5]
+        assert "Permissions Violation" not in log, [
+            line for line in log.splitlines() if "Permissions Violation" in line
+        ][:5]
     finally:
         stack.stop_all()
 
@@ -97,10 +116,27 @@ def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, mo
     async def delete_a_stream(nc):
         await nc.publish("$JS.API.STREAM.DELETE.UPLOADS", b"")
 
-    assert "permissions violation for publish" in " ".join(attempt(server.url, watcher, passwords[watcher], publish_detection)).lower()
-    assert "permissions violation for subscription" in " ".join(attempt(server.url, watcher, passwords[watcher], subscribe_everything)).lower()
-    assert "permissions violation for subscription" in " ".join(attempt(server.url, detector, passwords[detector], read_anothers_replies)).lower()
-    assert "permissions violation for publish" in " ".join(attempt(server.url, detector, passwords[detector], fetch_someone_elses_work)).lower()
-    assert "permissions violation for publish" in " ".join(attempt(server.url, detector, passwords[detector], delete_a_stream)).lower()
+    assert (
+        "permissions violation for publish"
+        in " ".join(attempt(server.url, watcher, passwords[watcher], publish_detection)).lower()
+    )
+    assert (
+        "permissions violation for subscription"
+        in " ".join(attempt(server.url, watcher, passwords[watcher], subscribe_everything)).lower()
+    )
+    assert (
+        "permissions violation for subscription"
+        in " ".join(attempt(server.url, detector, passwords[detector], read_anothers_replies)).lower()
+    )
+    assert (
+        "permissions violation for publish"
+        in " ".join(attempt(server.url, detector, passwords[detector], fetch_someone_elses_work)).lower()
+    )
+    assert (
+        "permissions violation for publish"
+        in " ".join(attempt(server.url, detector, passwords[detector], delete_a_stream)).lower()
+    )
     # and what it may do, it can
-    assert attempt(server.url, watcher, passwords[watcher], lambda nc: nc.publish("vigil.uploads.front_door", b"{}")) == []
+    assert (
+        attempt(server.url, watcher, passwords[watcher], lambda nc: nc.publish("vigil.uploads.front_door", b"{}")) == []
+    )

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from services.stack import NatsServer, die_with_parent
+from services.cli.stack import NatsServer, die_with_parent
 from tests.integration.test_cluster import PIPELINE, caught_up, provision_when_ready, stream_cluster
-from tests.support import Services, count_rows as rows, drop, photo_bytes, query, wait_until, write_config
+from tests.support import Services, drop, photo_bytes, query, wait_until, write_config
+from tests.support import count_rows as rows
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and iproute2")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None, reason="network namespaces need root and iproute2"
+)
 
 SUBNET = "10.231.{}.{}"
 
@@ -46,7 +49,7 @@ class NetnsCluster:
     def urls(self) -> list[str]:
         return [f"nats://{self.ip(i)}:4222" for i in range(self.size)]
 
-    def up(self) -> "NetnsCluster":
+    def up(self) -> NetnsCluster:
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "addr", "add", SUBNET.format(self.net, 1) + "/24", "dev", self.bridge)
         sh("ip", "link", "set", self.bridge, "up")
@@ -71,10 +74,15 @@ class NetnsCluster:
         (store / "nats.conf").write_text(
             f'server_name: "n{i}"\nlisten: "{self.ip(i)}:4222"\n'
             f'cluster {{\n  name: "vigil"\n  listen: "{self.ip(i)}:6222"\n  routes: [{routes}]\n}}\n'
-            f'jetstream {{\n  store_dir: "{store}"\n}}\n')
-        log = open(self.root / f"n{i}.log", "ab")
-        self.procs[i] = subprocess.Popen(["ip", "netns", "exec", f"{self.tag}n{i}", NatsServer.binary(), "-c", str(store / "nats.conf")],
-                                         stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+            f'jetstream {{\n  store_dir: "{store}"\n}}\n'
+        )
+        with open(self.root / f"n{i}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.procs[i] = subprocess.Popen(
+                ["ip", "netns", "exec", f"{self.tag}n{i}", NatsServer.binary(), "-c", str(store / "nats.conf")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -117,8 +125,16 @@ def netns_cluster(tmp_path):
 
 def test_a_partitioned_node_does_not_stop_the_majority(tmp_path, media, database, netns_cluster):
     cluster = netns_cluster
-    config = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=cluster.urls, dsn=database,
-                          model="none", models_dir=None, detector={"batch_size": 4})
+    config = write_config(
+        tmp_path / "vigil.toml",
+        media=media,
+        state=tmp_path / "state",
+        nats_url=cluster.urls,
+        dsn=database,
+        model="none",
+        models_dir=None,
+        detector={"batch_size": 4},
+    )
     # leave a silent server after 3 s (default 30 s) so the test does not wait half a minute
     env = {"VIGIL_NATS__REPLICAS": "3", "VIGIL_NATS__PING_INTERVAL": "1", "VIGIL_NATS__MAX_OUTSTANDING_PINGS": "3"}
     stack = Services(config, tmp_path / "logs", env)

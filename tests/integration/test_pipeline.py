@@ -6,7 +6,7 @@ import json
 import os
 import time
 
-from tests.support import consumer_states, drop, photo_bytes, query, wait_until
+from tests.support import consumer_states, drop, photo_bytes, query, recorded_detections, wait_until
 
 ALL = ("watcher", "detector", "aggregator", "recorder")
 
@@ -24,23 +24,33 @@ def test_photos_become_detections_events_and_alerts(make_stack, media, database,
     drop(media / "front_door" / "astronaut.jpg", photo_bytes("astronaut"), t0)
     drop(media / "front_door" / "camera.jpg", photo_bytes("camera"), t0 + 1)
     drop(media / "backyard" / "chelsea.jpg", photo_bytes("chelsea"), t0)
-    wait_until(lambda: query(database, "SELECT 1 FROM detections WHERE path = 'backyard/chelsea.jpg'"), what="chelsea recorded")
+    wait_until(
+        lambda: query(database, "SELECT 1 FROM detections WHERE path = 'backyard/chelsea.jpg'"), what="chelsea recorded"
+    )
     drop(media / "backyard" / "coffee.jpg", photo_bytes("coffee"), t0 + 10)  # 10 s later: beyond idle (3 s)
 
     wait_until(lambda: len(query(database, "SELECT event_id FROM events")) == 3, timeout=60, what="3 events")
     rows = {r[0]: r[1] for r in query(database, "SELECT path, labels FROM detections")}
-    assert set(rows) == {"front_door/astronaut.jpg", "front_door/camera.jpg", "backyard/chelsea.jpg", "backyard/coffee.jpg"}
+    assert set(rows) == {
+        "front_door/astronaut.jpg",
+        "front_door/camera.jpg",
+        "backyard/chelsea.jpg",
+        "backyard/coffee.jpg",
+    }
     assert "person" in rows["front_door/astronaut.jpg"]
     assert "person" in rows["front_door/camera.jpg"]
     assert "cat" in rows["backyard/chelsea.jpg"]
     assert "cup" in rows["backyard/coffee.jpg"]
 
     boxes = query(database, "SELECT boxes, width, height FROM detections WHERE path = 'front_door/astronaut.jpg'")[0]
-    person = [b for b in boxes[0] if b[0] == "person"][0]
+    person = next(b for b in boxes[0] if b[0] == "person")
     assert person[1] >= 0.85 and 0 <= person[2] < person[4] <= boxes[1] and 0 <= person[3] < person[5] <= boxes[2]
 
-    events = query(database, "SELECT camera, detection_count, extract(epoch from started_at), extract(epoch from ended_at)"
-                             " FROM events ORDER BY camera, started_at")
+    events = query(
+        database,
+        "SELECT camera, detection_count, extract(epoch from started_at), extract(epoch from ended_at)"
+        " FROM events ORDER BY camera, started_at",
+    )
     assert [(e[0], e[1]) for e in events] == [("backyard", 1), ("backyard", 1), ("front_door", 2)]
     front = events[2]
     assert abs(float(front[2]) - t0) < 0.01 and abs(float(front[3]) - (t0 + 1)) < 0.01
@@ -96,13 +106,15 @@ def upload_sequence(url: str) -> int:
     return asyncio.run(go())
 
 
-def test_backlog_written_in_random_order_gives_the_events_of_the_ordered_one(make_stack, media, database, nats_server, models_dir):
+def test_backlog_written_in_random_order_gives_the_events_of_the_ordered_one(
+    make_stack, media, database, nats_server, models_dir
+):
     """Files that landed while vigil was down, written in random order with their mtimes set: the
     watcher publishes them by mtime, so the events equal the contract over the detections (what the
     same files uploaded in order give). A reorder window of 2 leaves the ordering to the watcher."""
     import random
 
-    from services.events import Rules
+    from services.aggregator.grouping import Rules
 
     rng = random.Random(3)
     t = {"front_door": time.time() - 3000, "backyard": time.time() - 3000}
@@ -110,19 +122,36 @@ def test_backlog_written_in_random_order_gives_the_events_of_the_ordered_one(mak
     for i in range(30):
         cam = rng.choice(list(t))
         t[cam] += rng.choice([0.5, 1.0, 2.0, 8.0])
-        files.append((media / cam / f"img-{rng.getrandbits(32):08x}.jpg", photo_bytes(("astronaut", "chelsea", "coffee")[i % 3],
-                                                                                  quality=60 + i), t[cam]))
+        files.append(
+            (
+                media / cam / f"img-{rng.getrandbits(32):08x}.jpg",
+                photo_bytes(("astronaut", "chelsea", "coffee")[i % 3], quality=60 + i),
+                t[cam],
+            )
+        )
     rng.shuffle(files)
     for path, data, mtime in files:
         drop(path, data, mtime)
-    stack = make_stack(model="yolox-nano", models=models_dir, aggregator={"idle_seconds": 3.0, "max_seconds": 20.0, "reorder_window": 2,
-                                                                           "batch_size": 4}, detector={"batch_size": 2})
+    stack = make_stack(
+        model="yolox-nano",
+        models=models_dir,
+        aggregator={"idle_seconds": 3.0, "max_seconds": 20.0, "reorder_window": 2, "batch_size": 4},
+        detector={"batch_size": 2},
+    )
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     # (query() answers [] until the recorder has created the tables)
-    wait_until(lambda: (r := query(database, "SELECT count(*) FROM detections")) and r[0][0] == 30, timeout=120, what="30 files recorded")
+    wait_until(
+        lambda: (r := query(database, "SELECT count(*) FROM detections")) and r[0][0] == 30,
+        timeout=120,
+        what="30 files recorded",
+    )
     labelled = query(database, "SELECT count(*) FROM detections WHERE box_count > 0")[0][0]
-    wait_until(lambda: query(database, "SELECT count(*) FROM event_detections")[0][0] == labelled, timeout=60, what="all in events")
+    wait_until(
+        lambda: query(database, "SELECT count(*) FROM event_detections")[0][0] == labelled,
+        timeout=60,
+        what="all in events",
+    )
     rules = Rules(3.0, 20.0, 1000)
     want = {e.event_id: frozenset(e.file_ids) for e in _reference_from_rows(database, rules)}
     wait_until(lambda: _events_in_pg(database) == want, timeout=30, what="the contract's events in PostgreSQL")
@@ -130,14 +159,9 @@ def test_backlog_written_in_random_order_gives_the_events_of_the_ordered_one(mak
 
 
 def _reference_from_rows(dsn, rules):
-    import msgspec
+    from services.aggregator.grouping import reference_events
 
-    from proto import Box, Detections
-    from services.events import reference_events
-
-    dets = [Detections(file_id=r[0], camera=r[1], path="", captured_at=float(r[2]), width=1, height=1, model="", inference_ms=0.0,
-                       boxes=[Box(*b) for b in msgspec.json.decode(json.dumps(r[3]).encode())])
-            for r in query(dsn, "SELECT detection_id, camera, extract(epoch from captured_at), boxes FROM detections WHERE box_count > 0")]
+    dets = recorded_detections(dsn)
     return list(reference_events(dets, rules).values())
 
 
@@ -154,14 +178,24 @@ def test_a_touched_or_resent_identical_file_is_not_a_new_detection(make_stack, m
     from tests.integration.test_service_lifecycle import read_heartbeats
 
     stack = make_stack(model="none")
-    stack.config.write_text(stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5"))
+    stack.config.write_text(
+        stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5")
+    )
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     path = drop(media / "front_door" / "a.jpg", photo_bytes("coffee", scale=0.25), time.time() - 100)
     wait_until(lambda: query(database, "SELECT 1 FROM detections"), what="recorded")
     os.utime(path, (time.time() - 50, time.time() - 50))
-    counters = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and (w := next(v for k, v in h.items() if k.startswith("watcher.")))
-                          and w.counters.get("unchanged") and w.counters, timeout=30, what="the touched file seen and skipped")
+    counters = wait_until(
+        lambda: (
+            (h := read_heartbeats(nats_server.url))
+            and (w := next(v for k, v in h.items() if k.startswith("watcher.")))
+            and w.counters.get("unchanged")
+            and w.counters
+        ),
+        timeout=30,
+        what="the touched file seen and skipped",
+    )
     assert counters["published"] == 1
 
 
@@ -174,10 +208,21 @@ def test_a_camera_with_a_wrong_clock_gets_arrival_times_and_an_alert(make_stack,
     before = time.time()
     drop(media / "front_door" / "reset.jpg", photo_bytes("coffee", scale=0.25), 946_684_800.0)
     drop(media / "backyard" / "ahead.jpg", photo_bytes("chelsea", scale=0.25), time.time() + 3600)
-    rows = wait_until(lambda: (r := query(database, "SELECT path, extract(epoch from captured_at), clock_suspect FROM detections"))
-                      and len(r) == 2 and r, what="both recorded")
+    rows = wait_until(
+        lambda: (
+            (r := query(database, "SELECT path, extract(epoch from captured_at), clock_suspect FROM detections"))
+            and len(r) == 2
+            and r
+        ),
+        what="both recorded",
+    )
     for path, captured, suspect in rows:
         assert suspect and before - 1 <= float(captured) <= time.time(), (path, captured)
     # the recorder takes alerts off their (interest) stream: read them where it writes them
-    wait_until(lambda: {r[0] for r in query(database, "SELECT camera FROM alerts WHERE kind = 'camera_clock'")} == {"front_door", "backyard"},
-               what="camera_clock for both cameras")
+    wait_until(
+        lambda: (
+            {r[0] for r in query(database, "SELECT camera FROM alerts WHERE kind = 'camera_clock'")}
+            == {"front_door", "backyard"}
+        ),
+        what="camera_clock for both cameras",
+    )

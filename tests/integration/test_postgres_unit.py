@@ -11,7 +11,7 @@ import sys
 import psycopg
 import pytest
 
-from services.stack import free_port
+from services.cli.stack import free_port
 from tests.support import REPO
 
 
@@ -28,9 +28,20 @@ def test_password_from_credential_ready_reload_and_stop(tmp_path):
     sock.settimeout(90)
     port = free_port()
     env = {**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "NOTIFY_SOCKET": str(notify)}
-    proc = subprocess.Popen([sys.executable, "-c", "from services.stack import postgres_unit_main; raise SystemExit(postgres_unit_main())",
-                             str(tmp_path / "data"), "--port", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from services.cli.stack import postgres_unit_main; raise SystemExit(postgres_unit_main())",
+            str(tmp_path / "data"),
+            "--port",
+            str(port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         assert sock.recv(4096).startswith(b"READY=1")
         dsn = f"postgresql://vigil@127.0.0.1:{port}/vigil"

@@ -14,26 +14,41 @@ from pathlib import Path
 import pytest
 
 import proto
-from services.retention import connect, run_once
+from services.database import connect
+from services.retention.service import run_once
 from services.runtime.config import load_config
 from tests.integration.retention_support import DAY, migrate, put_file, record, rows
 from tests.support import REPO, drop, photo_bytes, stream_messages, wait_until, write_config
 
 
 def config_for(tmp_path: Path, media: Path, database: str, nats_url: str = "nats://127.0.0.1:1", **retention):
-    path = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=nats_url, dsn=database,
-                        model="none", models_dir=None, retention=retention)
+    path = write_config(
+        tmp_path / "vigil.toml",
+        media=media,
+        state=tmp_path / "state",
+        nats_url=nats_url,
+        dsn=database,
+        model="none",
+        models_dir=None,
+        retention=retention,
+    )
     return path, load_config(path, environ={})
 
 
 def run(config, now: float, dry_run: bool = False, **kw):
-    with connect(config) as conn:
+    with connect(config, "retention", autocommit=True) as conn:
         return run_once(config, conn, now, "cli", dry_run, **kw)
 
 
 def cli(config_path: Path, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "services.cli", *args, "--config", str(config_path), "--json"], capture_output=True,
-                         text=True, cwd=REPO, timeout=120, env={**os.environ, "VIGIL_CONFIG": ""})
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args, "--config", str(config_path), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "VIGIL_CONFIG": ""},
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -41,10 +56,19 @@ def cli(config_path: Path, *args: str) -> dict:
 def test_ages_per_camera_keep_and_dry_run(tmp_path, media, database, nats_server):
     migrate(database)
     now = time.time()
-    path, config = config_for(tmp_path, media, database, nats_server.url, max_age_days=10.0,
-                              cameras={"front_door": {"max_age_days": 2.0}})
-    ages = {"front_door/1d.jpg": 1, "front_door/3d.jpg": 3, "front_door/2026/05d.jpg": 5, "front_door/kept.jpg": 6,
-            "backyard/1d.jpg": 1, "backyard/5d.jpg": 5, "backyard/12d.jpg": 12, "backyard/unrecorded.jpg": 40}
+    path, _config = config_for(
+        tmp_path, media, database, nats_server.url, max_age_days=10.0, cameras={"front_door": {"max_age_days": 2.0}}
+    )
+    ages = {
+        "front_door/1d.jpg": 1,
+        "front_door/3d.jpg": 3,
+        "front_door/2026/05d.jpg": 5,
+        "front_door/kept.jpg": 6,
+        "backyard/1d.jpg": 1,
+        "backyard/5d.jpg": 5,
+        "backyard/12d.jpg": 12,
+        "backyard/unrecorded.jpg": 40,
+    }
     for rel, days in ages.items():
         put_file(media, rel, now - days * DAY)
         if rel != "backyard/unrecorded.jpg":
@@ -64,11 +88,15 @@ def test_ages_per_camera_keep_and_dry_run(tmp_path, media, database, nats_server
     assert not (media / "front_door" / "2026").exists()  # the emptied date folder went too
     assert (real["kept_skipped"], real["unrecorded_skipped"]) == (1, 1)
     # rows follow their files: detections, event links and the events left empty
-    assert sorted(r[0] for r in rows(database, "SELECT path FROM detections")) == sorted(set(ages) - set(expected) - {"backyard/unrecorded.jpg"})
+    assert sorted(r[0] for r in rows(database, "SELECT path FROM detections")) == sorted(
+        set(ages) - set(expected) - {"backyard/unrecorded.jpg"}
+    )
     assert real["rows_deleted"] == {"detections": 3, "event_detections": 3, "events": 3}
     assert rows(database, "SELECT keep FROM events WHERE event_id = 'ev-front_door/kept.jpg'") == [(True,)]
-    report = wait_until(lambda: [m for m in stream_messages(nats_server.url, "RETENTION") if isinstance(m, proto.RetentionReport)],
-                        what="the report on the bus")
+    report = wait_until(
+        lambda: [m for m in stream_messages(nats_server.url, "RETENTION") if isinstance(m, proto.RetentionReport)],
+        what="the report on the bus",
+    )
     assert report[0].deleted_paths == expected and report[0].unbounded_streams == []
 
 
@@ -142,13 +170,30 @@ def test_names_that_are_not_text_or_not_cameras_never_stop_a_run(tmp_path, media
     assert set(report.cameras) == {"front_door"} and report.cameras["front_door"].reasons == {"age": 1}
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="mounting a tmpfs needs root and unshare")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="mounting a tmpfs needs root and unshare"
+)
 def test_disk_pressure_on_a_small_tmpfs(tmp_path, database):
     """A burst fills a 24 MiB tmpfs below the low watermark; one run frees the oldest recorded files
     until free space is above the high watermark, and leaves everything younger than min_keep alone."""
     migrate(database)
-    out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "tests.integration.pressure_scenario",
-                          database, str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-m",
+            "tests.integration.pressure_scenario",
+            database,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     if out.returncode == 77:
         pytest.skip(out.stderr.strip())
     assert out.returncode == 0, out.stderr
@@ -159,21 +204,35 @@ def test_disk_pressure_on_a_small_tmpfs(tmp_path, database):
     old = result["old"]  # oldest first
     assert sorted(deleted) == sorted(old[: len(deleted)])  # oldest first, none skipped
     assert set(result["young"]) <= set(result["left"])  # younger than min_keep: untouched
-    assert result["report"]["cameras"] and all(set(c["reasons"]) == {"watermark"} for c in result["report"]["cameras"].values())
-    print(f"tmpfs {total >> 20} MiB: free {result['free_before'] >> 20} MiB -> {result['free_after'] >> 20} MiB,"
-          f" {len(deleted)} of {len(old)} old files deleted, {len(result['young'])} young kept")
+    assert result["report"]["cameras"] and all(
+        set(c["reasons"]) == {"watermark"} for c in result["report"]["cameras"].values()
+    )
+    print(
+        f"tmpfs {total >> 20} MiB: free {result['free_before'] >> 20} MiB -> {result['free_after'] >> 20} MiB,"
+        f" {len(deleted)} of {len(old)} old files deleted, {len(result['young'])} young kept"
+    )
 
 
 def test_the_service_runs_when_the_watcher_asks(make_stack, nats_server, media, database):
     """Free space is (by configuration) always below the low watermark: the watcher asks for a check
     as files arrive, and retention answers with a run it reports as triggered by the watcher."""
     migrate(database)
-    stack = make_stack(model="none", retention={"low_watermark": "99.999%", "high_watermark": "99.999%", "disk_check_seconds": 3600.0,
-                                                "interval_seconds": 3600.0})
+    stack = make_stack(
+        model="none",
+        retention={
+            "low_watermark": "99.999%",
+            "high_watermark": "99.999%",
+            "disk_check_seconds": 3600.0,
+            "interval_seconds": 3600.0,
+        },
+    )
     stack.start("retention", "watcher")
     stack.wait_ready("retention", "watcher")
     drop(media / "front_door" / "a.jpg", photo_bytes("camera", scale=0.25))
-    reports = wait_until(lambda: [m for m in stream_messages(nats_server.url, "RETENTION") if m.trigger == "watcher"], what="a watcher-triggered run")
+    reports = wait_until(
+        lambda: [m for m in stream_messages(nats_server.url, "RETENTION") if m.trigger == "watcher"],
+        what="a watcher-triggered run",
+    )
     assert reports[0].deleted_count == 0 and reports[0].young_skipped == 1  # a.jpg is younger than min_keep_seconds
     assert "asking retention for a check" in stack.log("watcher")
     assert stack.stop("retention") == 0
@@ -181,7 +240,9 @@ def test_the_service_runs_when_the_watcher_asks(make_stack, nats_server, media, 
 
 def test_refuses_to_start_on_slash(make_stack):
     stack = make_stack(model="none")
-    stack.config.write_text(stack.config.read_text().replace("media_root = ", 'media_root = "/"\n# was: media_root = ', 1))
+    stack.config.write_text(
+        stack.config.read_text().replace("media_root = ", 'media_root = "/"\n# was: media_root = ', 1)
+    )
     stack.start("retention")
     assert stack.procs["retention"].wait(30) == 78
     assert "home directory" in stack.log("retention")
@@ -195,16 +256,25 @@ def test_two_folder_hosts_with_camera_prefixes_keep_out_of_each_others_rows(tmp_
     _, config = config_for(tmp_path, media, database, max_age_days=1.0)
     config.watcher.camera_prefix = "a-"
     put_file(media, "front_door/old.jpg", now - 5 * DAY)
-    with connect(config) as conn:
-        for camera, rel in (("a-front_door", "front_door/old.jpg"), ("b-front_door", "front_door/old.jpg"), ("b-front_door", "front_door/only-on-b.jpg"),
-                            ("a-front_door", "front_door/gone-from-a.jpg")):
-            conn.execute("INSERT INTO detections (detection_id, file_id, camera, path, captured_at, width, height, model, inference_ms,"
-                         " box_count, labels, boxes) VALUES (%s, %s, %s, %s, to_timestamp(%s), 1, 1, 'none', 1, 0, '{}', '[]')",
-                         (f"{camera}:{rel}", f"{camera}:{rel}", camera, rel, now - 5 * DAY))
+    with connect(config, "retention", autocommit=True) as conn:
+        for camera, rel in (
+            ("a-front_door", "front_door/old.jpg"),
+            ("b-front_door", "front_door/old.jpg"),
+            ("b-front_door", "front_door/only-on-b.jpg"),
+            ("a-front_door", "front_door/gone-from-a.jpg"),
+        ):
+            conn.execute(
+                "INSERT INTO detections (detection_id, file_id, camera, path, captured_at, width, height, model, inference_ms,"
+                " box_count, labels, boxes) VALUES (%s, %s, %s, %s, to_timestamp(%s), 1, 1, 'none', 1, 0, '{}', '[]')",
+                (f"{camera}:{rel}", f"{camera}:{rel}", camera, rel, now - 5 * DAY),
+            )
     report = run(config, now)
     assert report.deleted_paths == ["front_door/old.jpg"] and report.missing_marked == 1  # only gone-from-a.jpg
     assert sorted(rows(database, "SELECT camera, path FROM detections")) == [
-        ("a-front_door", "front_door/gone-from-a.jpg"), ("b-front_door", "front_door/old.jpg"), ("b-front_door", "front_door/only-on-b.jpg")]
+        ("a-front_door", "front_door/gone-from-a.jpg"),
+        ("b-front_door", "front_door/old.jpg"),
+        ("b-front_door", "front_door/only-on-b.jpg"),
+    ]
 
 
 def test_first_start_waits_for_the_recorders_schema(make_stack, database):
@@ -215,7 +285,11 @@ def test_first_start_waits_for_the_recorders_schema(make_stack, database):
     stack = make_stack(model="none", retention={"interval_seconds": 1.0})
     stack.start("retention")
     stack.wait_ready("retention")
-    wait_until(lambda: "waiting for the recorder to migrate the schema" in stack.log("retention"), timeout=30, what="the wait")
+    wait_until(
+        lambda: "waiting for the recorder to migrate the schema" in stack.log("retention"), timeout=30, what="the wait"
+    )
     assert "retention run failed" not in stack.log("retention")
     stack.start("recorder")
-    wait_until(lambda: '"event": "retention run"' in stack.log("retention"), timeout=60, what="a run after the migration")
+    wait_until(
+        lambda: '"event": "retention run"' in stack.log("retention"), timeout=60, what="a run after the migration"
+    )

@@ -16,10 +16,10 @@ import pytest
 
 import proto
 from proto.topology import AGGREGATOR_STATE_BUCKET, HEARTBEAT_BUCKET
-from services.health_checks import read_heartbeats
-from services.nats_auth import ADMIN_USER, user
-from services.recorder import is_bad_row
-from tests.integration.test_nats_permissions import attempt, locked_nats  # noqa: F401 - a fixture
+from services.health.checks import read_heartbeats
+from services.recorder.service import is_bad_row
+from services.runtime.nats_auth import ADMIN_USER, user
+from tests.integration.test_nats_permissions import attempt
 from tests.support import REPO, query, wait_until, write_config
 
 
@@ -53,15 +53,29 @@ def admin(url: str, passwords: dict, action):
 
 
 def cli(config, creds, *args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "services.cli", *args, "--config", str(config)], capture_output=True, text=True, cwd=REPO,
-                          timeout=60, env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "VIGIL_CONFIG": ""}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "VIGIL_CONFIG": ""},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture
 def provisioned(locked_nats, tmp_path, media, database):
     server, creds, passwords = locked_nats
-    config = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=server.url, dsn=database,
-                          model="none", models_dir=None)
+    config = write_config(
+        tmp_path / "vigil.toml",
+        media=media,
+        state=tmp_path / "state",
+        nats_url=server.url,
+        dsn=database,
+        model="none",
+        models_dir=None,
+    )
     out = cli(config, creds, "provision")
     assert out.returncode == 0, out.stderr
     return server, creds, passwords, config
@@ -78,8 +92,14 @@ def test_a_forged_dead_letter_cannot_be_retried_into_the_api(provisioned):
     stage may write letters only under its own vigil.dlq.<stage>."""
     server, creds, passwords, config = provisioned
     detector = user("detector")
-    forged = proto.DeadLetter(stage="detector", reason="image could not be decoded", original_subject="$JS.API.STREAM.DELETE.UPLOADS",
-                              original_payload="", camera="front_door", path="front_door/x.jpg")
+    forged = proto.DeadLetter(
+        stage="detector",
+        reason="image could not be decoded",
+        original_subject="$JS.API.STREAM.DELETE.UPLOADS",
+        original_payload="",
+        camera="front_door",
+        path="front_door/x.jpg",
+    )
 
     async def forge(nc):
         await nc.publish("vigil.dlq.detector.front_door", proto.encode(forged), headers=proto.headers_for(forged))
@@ -88,9 +108,16 @@ def test_a_forged_dead_letter_cannot_be_retried_into_the_api(provisioned):
         await nc.publish("vigil.dlq.recorder.front_door", proto.encode(forged), headers=proto.headers_for(forged))
 
     assert attempt(server.url, detector, passwords[detector], forge) == []  # its own letters: allowed
-    assert "permissions violation for publish" in violations(attempt(server.url, detector, passwords[detector], forge_as_recorder))
-    (letter,) = wait_until(lambda: cli(config, creds, "dlq", "list", "--json").stdout.strip() not in ("", "[]")
-                           and json.loads(cli(config, creds, "dlq", "list", "--json").stdout), what="the forged letter")
+    assert "permissions violation for publish" in violations(
+        attempt(server.url, detector, passwords[detector], forge_as_recorder)
+    )
+    (letter,) = wait_until(
+        lambda: (
+            cli(config, creds, "dlq", "list", "--json").stdout.strip() not in ("", "[]")
+            and json.loads(cli(config, creds, "dlq", "list", "--json").stdout)
+        ),
+        what="the forged letter",
+    )
     assert letter["retry"].startswith("no:")
     out = cli(config, creds, "dlq", "retry", str(letter["seq"]), "--yes", "--json")
     assert out.returncode == 2 and "cannot be retried" in out.stderr
@@ -105,24 +132,34 @@ def test_no_stage_can_delete_or_redirect_another_stages_work(provisioned):
     """STREAM.MSG.DELETE was granted to every consumer (the aggregator deleted a detection the recorder
     had not seen); CONSUMER.CREATE on a KV bucket let the aggregator aim a push consumer at
     vigil.uploads.front_door and write into UPLOADS without publish rights."""
-    server, creds, passwords, config = provisioned
+    server, _creds, passwords, _config = provisioned
     aggregator, recorder = user("aggregator"), user("recorder")
 
     async def delete_a_detection(nc):
         await nc.publish("$JS.API.STREAM.MSG.DELETE.DETECTIONS", b'{"seq": 1}')
 
     async def push_into_uploads(nc):
-        cfg = {"stream_name": f"KV_{AGGREGATOR_STATE_BUCKET}", "config": {"deliver_subject": "vigil.uploads.front_door", "ack_policy": "none"}}
+        cfg = {
+            "stream_name": f"KV_{AGGREGATOR_STATE_BUCKET}",
+            "config": {"deliver_subject": "vigil.uploads.front_door", "ack_policy": "none"},
+        }
         await nc.publish(f"$JS.API.CONSUMER.CREATE.KV_{AGGREGATOR_STATE_BUCKET}", json.dumps(cfg).encode())
 
     async def named_consumer(nc):
-        cfg = {"stream_name": f"KV_{AGGREGATOR_STATE_BUCKET}", "config": {"name": "x", "deliver_subject": "vigil.uploads.front_door"}}
+        cfg = {
+            "stream_name": f"KV_{AGGREGATOR_STATE_BUCKET}",
+            "config": {"name": "x", "deliver_subject": "vigil.uploads.front_door"},
+        }
         await nc.publish(f"$JS.API.CONSUMER.CREATE.KV_{AGGREGATOR_STATE_BUCKET}.x", json.dumps(cfg).encode())
 
     for who in (aggregator, recorder):
-        assert "permissions violation for publish" in violations(attempt(server.url, who, passwords[who], delete_a_detection)), who
+        assert "permissions violation for publish" in violations(
+            attempt(server.url, who, passwords[who], delete_a_detection)
+        ), who
     for action in (push_into_uploads, named_consumer):
-        assert "permissions violation for publish" in violations(attempt(server.url, aggregator, passwords[aggregator], action))
+        assert "permissions violation for publish" in violations(
+            attempt(server.url, aggregator, passwords[aggregator], action)
+        )
 
     async def consumers(nc):
         return (await nc.jetstream().stream_info(f"KV_{AGGREGATOR_STATE_BUCKET}")).state.consumer_count
@@ -133,21 +170,28 @@ def test_no_stage_can_delete_or_redirect_another_stages_work(provisioned):
 def test_no_service_can_speak_for_another_in_health(provisioned):
     """Health took service and instance from the heartbeat's payload. Each service may write only its
     own `<service>.>` keys, and a payload that names another service or instance than its key is dropped."""
-    server, creds, passwords, config = provisioned
+    server, _creds, passwords, _config = provisioned
     detector = user("detector")
     now = time.time()
 
     def beat(service: str, instance: str) -> proto.Heartbeat:
-        return proto.Heartbeat(service=service, instance=instance, host="h", pid=1, version="1", started_at=now, sent_at=now, state="ready")
+        return proto.Heartbeat(
+            service=service, instance=instance, host="h", pid=1, version="1", started_at=now, sent_at=now, state="ready"
+        )
 
     def put(key: str, hb: proto.Heartbeat):
         async def go(nc):
             await nc.publish(f"$KV.{HEARTBEAT_BUCKET}.{key}", proto.encode(hb))
+
         return go
 
     results = {}
-    for key, hb in (("recorder.box", beat("recorder", "box")), ("detector.box", beat("recorder", "box")),
-                    ("detector.a", beat("detector", "b")), ("detector.box", beat("detector", "box"))):
+    for key, hb in (
+        ("recorder.box", beat("recorder", "box")),
+        ("detector.box", beat("recorder", "box")),
+        ("detector.a", beat("detector", "b")),
+        ("detector.box", beat("detector", "box")),
+    ):
         results[f"{key}/{hb.service}.{hb.instance}"] = attempt(server.url, detector, passwords[detector], put(key, hb))
     assert "permissions violation for publish" in violations(results["recorder.box/recorder.box"])
     assert all(errors == [] for key, errors in results.items() if key.startswith("detector."))
@@ -162,21 +206,45 @@ def test_no_service_can_speak_for_another_in_health(provisioned):
 def test_markup_in_data_is_printed_as_text(nats_server, tmp_path, media, database):
     """A heartbeat's last_error of "oops [/bogus]" crashed `vigil status` (rich MarkupError), and
     "[link=...]" became a live hyperlink: every cell is plain text now."""
-    config = write_config(tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=nats_server.url, dsn=database,
-                          model="none", models_dir=None, health={"systemd": False})
+    config = write_config(
+        tmp_path / "vigil.toml",
+        media=media,
+        state=tmp_path / "state",
+        nats_url=nats_server.url,
+        dsn=database,
+        model="none",
+        models_dir=None,
+        health={"systemd": False},
+    )
     assert cli(config, tmp_path, "provision").returncode == 0
     now = time.time()
     error = "oops [/bogus] [link=https://evil.example]click me[/link] [bold red]"
-    hb = proto.Heartbeat(service="watcher", instance="box", host="h", pid=1, version="1", started_at=now, sent_at=now, state="ready",
-                         last_error=error, backend="[/]")
+    hb = proto.Heartbeat(
+        service="watcher",
+        instance="box",
+        host="h",
+        pid=1,
+        version="1",
+        started_at=now,
+        sent_at=now,
+        state="ready",
+        last_error=error,
+        backend="[/]",
+    )
 
     async def put(nc):
         await nc.publish(f"$KV.{HEARTBEAT_BUCKET}.watcher.box", proto.encode(hb))
         await nc.flush()
 
     asyncio.run(_plain(nats_server.url, put))
-    out = subprocess.run([sys.executable, "-m", "services.cli", "status", "--config", str(config)], capture_output=True, text=True, cwd=REPO,
-                         timeout=60, env={**os.environ, "VIGIL_CONFIG": "", "COLUMNS": "400", "TERM": "xterm-256color", "FORCE_COLOR": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "status", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "VIGIL_CONFIG": "", "COLUMNS": "400", "TERM": "xterm-256color", "FORCE_COLOR": "1"},
+    )
     assert out.returncode == 0, out.stderr
     assert "[/bogus]" in out.stdout and "[link=https://evil.example]click me[/link]" in out.stdout
     assert "\x1b]8;" not in out.stdout  # no hyperlink escape was emitted
@@ -190,11 +258,14 @@ async def _plain(url: str, action):
         await nc.close()
 
 
-def test_retention_trusts_only_dead_letters_the_recorder_saw_from_their_own_stage(make_stack, media, database, nats_server):
+def test_retention_trusts_only_dead_letters_the_recorder_saw_from_their_own_stage(
+    make_stack, media, database, nats_server
+):
     """Retention took anything in the DLQ stream as "finished with" and deleted files nothing had
     recorded. Now the recorder writes dead_letters rows with the stage of the subject (which only that
     stage may publish to); retention deletes an unrecorded file only for a permanent detector letter."""
-    from services.retention import connect, run_once
+    from services.database import connect
+    from services.retention.service import run_once
     from services.runtime.config import load_config
     from tests.integration.retention_support import DAY, put_file
 
@@ -202,36 +273,61 @@ def test_retention_trusts_only_dead_letters_the_recorder_saw_from_their_own_stag
     stack.start("recorder")
     stack.wait_ready("recorder")
     old = time.time() - 10 * DAY
-    for rel in ("front_door/evidence.jpg", "front_door/claimed.jpg", "front_door/bad.jpg", "front_door/crashed.jpg", "front_door/reused.jpg"):
+    for rel in (
+        "front_door/evidence.jpg",
+        "front_door/claimed.jpg",
+        "front_door/bad.jpg",
+        "front_door/crashed.jpg",
+        "front_door/reused.jpg",
+    ):
         put_file(media, rel, old)
 
     def letter(stage: str, path: str, transient: bool = False, size: int = 4096) -> proto.DeadLetter:
-        up = proto.FileUploaded(file_id=path, camera="front_door", path=path, size=size, mtime=old, sha256="0" * 64, kind="image")
-        return proto.DeadLetter(stage=stage, reason="image could not be decoded", original_subject="vigil.uploads.front_door",
-                                original_payload=proto.encode(up).decode(), camera="front_door", path=path, transient=transient,
-                                failed_at=time.time())
+        up = proto.FileUploaded(
+            file_id=path, camera="front_door", path=path, size=size, mtime=old, sha256="0" * 64, kind="image"
+        )
+        return proto.DeadLetter(
+            stage=stage,
+            reason="image could not be decoded",
+            original_subject="vigil.uploads.front_door",
+            original_payload=proto.encode(up).decode(),
+            camera="front_door",
+            path=path,
+            transient=transient,
+            failed_at=time.time(),
+        )
 
     async def publish(nc):
         js = nc.jetstream()
-        for subject, value in (("vigil.dlq.aggregator.front_door", letter("detector", "front_door/evidence.jpg")),  # posing
-                               ("vigil.dlq.aggregator.front_door", letter("aggregator", "front_door/claimed.jpg")),
-                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/bad.jpg")),
-                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/crashed.jpg", transient=True)),
-                               # a letter about an earlier file at this path: the file there now is another, still pending
-                               ("vigil.dlq.detector.front_door", letter("detector", "front_door/reused.jpg", size=999))):
+        for subject, value in (
+            ("vigil.dlq.aggregator.front_door", letter("detector", "front_door/evidence.jpg")),  # posing
+            ("vigil.dlq.aggregator.front_door", letter("aggregator", "front_door/claimed.jpg")),
+            ("vigil.dlq.detector.front_door", letter("detector", "front_door/bad.jpg")),
+            ("vigil.dlq.detector.front_door", letter("detector", "front_door/crashed.jpg", transient=True)),
+            # a letter about an earlier file at this path: the file there now is another, still pending
+            ("vigil.dlq.detector.front_door", letter("detector", "front_door/reused.jpg", size=999)),
+        ):
             await js.publish(subject, proto.encode(value), headers=proto.headers_for(value))
 
     asyncio.run(_plain(nats_server.url, publish))
-    rows = wait_until(lambda: len(r := query(database, "SELECT stage, path FROM dead_letters ORDER BY dlq_seq")) == 4 and r,
-                      what="four letters recorded")
-    assert rows == [("aggregator", "front_door/claimed.jpg"), ("detector", "front_door/bad.jpg"), ("detector", "front_door/crashed.jpg"),
-                    ("detector", "front_door/reused.jpg")]
+    rows = wait_until(
+        lambda: len(r := query(database, "SELECT stage, path FROM dead_letters ORDER BY dlq_seq")) == 4 and r,
+        what="four letters recorded",
+    )
+    assert rows == [
+        ("aggregator", "front_door/claimed.jpg"),
+        ("detector", "front_door/bad.jpg"),
+        ("detector", "front_door/crashed.jpg"),
+        ("detector", "front_door/reused.jpg"),
+    ]
     assert "dead letter refused" in stack.log("recorder")
     config = load_config(stack.config, environ={})
-    with connect(config) as conn:
+    with connect(config, "retention", autocommit=True) as conn:
         report = run_once(config, conn, time.time(), "cli", False)
     assert report.deleted_paths == ["front_door/bad.jpg"]
-    assert all((media / "front_door" / n).exists() for n in ("evidence.jpg", "claimed.jpg", "crashed.jpg", "reused.jpg"))
+    assert all(
+        (media / "front_door" / n).exists() for n in ("evidence.jpg", "claimed.jpg", "crashed.jpg", "reused.jpg")
+    )
 
 
 # ---- PostgreSQL: a role per service -----------------------------------------------------------------
@@ -245,7 +341,7 @@ def test_each_service_role_has_only_the_rights_its_work_needs(postgres, database
     import structlog
 
     from services.database import setup_roles
-    from services.recorder import migrate
+    from services.recorder.service import migrate
 
     async def schema():
         async with await psycopg.AsyncConnection.connect(database) as conn:
@@ -264,34 +360,61 @@ def test_each_service_role_has_only_the_rights_its_work_needs(postgres, database
         except psycopg.errors.InsufficientPrivilege:
             return "denied"
 
-    insert = ("INSERT INTO alerts (alert_id, camera, kind, severity, message, created_at, state) VALUES (%s, 'c', 'k', 'info', 'm', now(),"
-              " 'firing')")
+    insert = (
+        "INSERT INTO alerts (alert_id, camera, kind, severity, message, created_at, state) VALUES (%s, 'c', 'k', 'info', 'm', now(),"
+        " 'firing')"
+    )
     checks = {
         ("vigil_recorder", "insert"): as_role("vigil_recorder", "r-pw", insert, "a1"),
-        ("vigil_recorder", "upsert"): as_role("vigil_recorder", "r-pw", insert + " ON CONFLICT (alert_id) DO UPDATE SET message = 'n'", "a1"),
+        ("vigil_recorder", "upsert"): as_role(
+            "vigil_recorder", "r-pw", insert + " ON CONFLICT (alert_id) DO UPDATE SET message = 'n'", "a1"
+        ),
         ("vigil_recorder", "delete"): as_role("vigil_recorder", "r-pw", "DELETE FROM alerts"),
-        ("vigil_recorder", "unkeep an event"): as_role("vigil_recorder", "r-pw", "UPDATE events SET keep = false WHERE false"),
-        ("vigil_recorder", "rewrite a detection"): as_role("vigil_recorder", "r-pw", "UPDATE detections SET path = 'x' WHERE false"),
+        ("vigil_recorder", "unkeep an event"): as_role(
+            "vigil_recorder", "r-pw", "UPDATE events SET keep = false WHERE false"
+        ),
+        ("vigil_recorder", "rewrite a detection"): as_role(
+            "vigil_recorder", "r-pw", "UPDATE detections SET path = 'x' WHERE false"
+        ),
         ("vigil_retention", "select"): as_role("vigil_retention", "t-pw", "SELECT count(*) FROM detections"),
-        ("vigil_retention", "mark missing"): as_role("vigil_retention", "t-pw", "UPDATE detections SET missing_since = now() WHERE false"),
+        ("vigil_retention", "mark missing"): as_role(
+            "vigil_retention", "t-pw", "UPDATE detections SET missing_since = now() WHERE false"
+        ),
         ("vigil_retention", "delete"): as_role("vigil_retention", "t-pw", "DELETE FROM alerts"),
         ("vigil_retention", "insert"): as_role("vigil_retention", "t-pw", insert, "a2"),
-        ("vigil_retention", "rewrite a row"): as_role("vigil_retention", "t-pw", "UPDATE detections SET path = 'x' WHERE false"),
+        ("vigil_retention", "rewrite a row"): as_role(
+            "vigil_retention", "t-pw", "UPDATE detections SET path = 'x' WHERE false"
+        ),
         ("vigil_health", "select"): as_role("vigil_health", "h-pw", "SELECT count(*) FROM events"),
         ("vigil_health", "update"): as_role("vigil_health", "h-pw", "UPDATE events SET keep = true WHERE false"),
         ("vigil_health", "delete"): as_role("vigil_health", "h-pw", "DELETE FROM events"),
     }
+
     async def every_recorder_write(revision: int) -> None:  # the recorder's own statements, a new revision included
-        from services.recorder import write_detections, write_events
+        from services.recorder.service import write_detections, write_events
 
         now = time.time()
-        ev = proto.EventClosed(event_id="e1", camera="c", started_at=now, ended_at=now, file_ids=["f1"], labels={}, best_file_id="f1",
-                               close_reason="idle", revision=revision)
-        det = proto.Detections(file_id="f1", camera="c", path="c/a.jpg", captured_at=now, width=1, height=1, model="m", inference_ms=1.0)
-        async with await psycopg.AsyncConnection.connect(database, user="vigil_recorder", password="r-pw") as conn:
-            async with conn.transaction(), conn.cursor() as cur:
-                await write_events(cur, [ev])
-                await write_detections(cur, [det])
+        ev = proto.EventClosed(
+            event_id="e1",
+            camera="c",
+            started_at=now,
+            ended_at=now,
+            file_ids=["f1"],
+            labels={},
+            best_file_id="f1",
+            close_reason="idle",
+            revision=revision,
+        )
+        det = proto.Detections(
+            file_id="f1", camera="c", path="c/a.jpg", captured_at=now, width=1, height=1, model="m", inference_ms=1.0
+        )
+        async with (
+            await psycopg.AsyncConnection.connect(database, user="vigil_recorder", password="r-pw") as conn,
+            conn.transaction(),
+            conn.cursor() as cur,
+        ):
+            await write_events(cur, [ev])
+            await write_detections(cur, [det])
 
     aio.run(every_recorder_write(1))
     aio.run(every_recorder_write(2))
@@ -300,23 +423,35 @@ def test_each_service_role_has_only_the_rights_its_work_needs(postgres, database
         checks[(role, "drop a table")] = as_role(role, pw, "DROP TABLE detections")
         checks[(role, "create a table")] = as_role(role, pw, "CREATE TABLE evil (x int)")
     assert checks == {
-        ("vigil_recorder", "insert"): "ok", ("vigil_recorder", "upsert"): "denied", ("vigil_recorder", "delete"): "denied",
-        ("vigil_recorder", "unkeep an event"): "denied", ("vigil_recorder", "rewrite a detection"): "denied",
-        ("vigil_retention", "select"): "ok", ("vigil_retention", "mark missing"): "ok", ("vigil_retention", "delete"): "ok",
-        ("vigil_retention", "insert"): "denied", ("vigil_retention", "rewrite a row"): "denied",
-        ("vigil_health", "select"): "ok", ("vigil_health", "update"): "denied", ("vigil_health", "delete"): "denied",
-        **{(r, a): "denied" for r in ("vigil_recorder", "vigil_retention", "vigil_health") for a in ("drop a table", "create a table")},
+        ("vigil_recorder", "insert"): "ok",
+        ("vigil_recorder", "upsert"): "denied",
+        ("vigil_recorder", "delete"): "denied",
+        ("vigil_recorder", "unkeep an event"): "denied",
+        ("vigil_recorder", "rewrite a detection"): "denied",
+        ("vigil_retention", "select"): "ok",
+        ("vigil_retention", "mark missing"): "ok",
+        ("vigil_retention", "delete"): "ok",
+        ("vigil_retention", "insert"): "denied",
+        ("vigil_retention", "rewrite a row"): "denied",
+        ("vigil_health", "select"): "ok",
+        ("vigil_health", "update"): "denied",
+        ("vigil_health", "delete"): "denied",
+        **{
+            (r, a): "denied"
+            for r in ("vigil_recorder", "vigil_retention", "vigil_health")
+            for a in ("drop a table", "create a table")
+        },
     }
 
 
 def test_every_login_can_publish_exactly_its_own_subjects(provisioned):
     """Forged messages from each service's credentials: a hand-written table of who may write where
-    (not derived from services/nats_auth.py, so a grant widened there turns this red)."""
+    (not derived from services/runtime/nats_auth.py, so a grant widened there turns this red)."""
     import re
 
-    from services.nats_auth import SERVICES
+    from services.runtime.nats_auth import SERVICES
 
-    server, creds, passwords, config = provisioned
+    server, _creds, passwords, _config = provisioned
     stages = ("watcher", "detector", "aggregator", "recorder")
     allowed = {
         "vigil.uploads.cam": {"watcher", "health"},  # health: automatic retries of transient letters

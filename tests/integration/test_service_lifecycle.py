@@ -18,8 +18,15 @@ from tests.support import REPO, stream_messages, wait_until
 
 
 def run_service(name, config, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "services.cli", "run", name, str(config)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=REPO, timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli.main", "run", name, str(config)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=60,
+        **kw,
+    )
 
 
 def test_bad_config_stops_at_start_naming_the_field(tmp_path):
@@ -33,7 +40,9 @@ def test_bad_config_stops_at_start_naming_the_field(tmp_path):
 
 def test_detector_without_model_says_how_to_get_one(tmp_path, nats_server):
     config = tmp_path / "vigil.toml"
-    config.write_text(f'[nats]\nservers = ["{nats_server.url}"]\n[detector]\nmodel = "yolox-nano"\nmodels_dir = "{tmp_path}"\n')
+    config.write_text(
+        f'[nats]\nservers = ["{nats_server.url}"]\n[detector]\nmodel = "yolox-nano"\nmodels_dir = "{tmp_path}"\n'
+    )
     result = run_service("detector", config)
     assert result.returncode == 78
     assert "yolox_nano.onnx" in result.stderr and "models_dir" in result.stderr
@@ -68,11 +77,18 @@ class NotifyReader:
 
 def detector_with_notify(tmp_path, nats_server, media, sock_path, extra: str = ""):
     config = tmp_path / "vigil.toml"
-    config.write_text(f'media_root = "{media}"\nstate_dir = "{tmp_path}/state"\ndrain_seconds = 5.0\nheartbeat_seconds = 0.5\n'
-                      f'{extra}[nats]\nservers = ["{nats_server.url}"]\n[detector]\nmodel = "none"\n')
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "run", "detector", str(config)], cwd=REPO,
-                            env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1500000"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    config.write_text(
+        f'media_root = "{media}"\nstate_dir = "{tmp_path}/state"\ndrain_seconds = 5.0\nheartbeat_seconds = 0.5\n'
+        f'{extra}[nats]\nservers = ["{nats_server.url}"]\n[detector]\nmodel = "none"\n'
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "run", "detector", str(config)],
+        cwd=REPO,
+        env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1500000"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sd_notify_lifecycle_and_graceful_stop(tmp_path, nats_server, media):
@@ -81,10 +97,15 @@ def test_sd_notify_lifecycle_and_graceful_stop(tmp_path, nats_server, media):
     reader = NotifyReader(tmp_path / "notify.sock")
     proc = detector_with_notify(tmp_path, nats_server, media, tmp_path / "notify.sock")
     try:
+
         def status_seen():
             return any(s.startswith("STATUS=") and "backend none" in s for s in reader.seen)
 
-        wait_until(lambda: {"READY=1", "WATCHDOG=1"} <= set(reader.seen) and status_seen(), timeout=30, what="READY, WATCHDOG, STATUS")
+        wait_until(
+            lambda: {"READY=1", "WATCHDOG=1"} <= set(reader.seen) and status_seen(),
+            timeout=30,
+            what="READY, WATCHDOG, STATUS",
+        )
         assert reader.seen.index("READY=1") < reader.seen.index("WATCHDOG=1")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
@@ -102,11 +123,20 @@ def test_unread_notify_socket_never_freezes_a_service(tmp_path, nats_server, med
     sock.bind(str(tmp_path / "notify.sock"))  # bound, never read
     proc = detector_with_notify(tmp_path, nats_server, media, tmp_path / "notify.sock")
     try:
-        first = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and next(iter(h.values())), timeout=30, what="a heartbeat")
+        first = wait_until(
+            lambda: (h := read_heartbeats(nats_server.url)) and next(iter(h.values())), timeout=30, what="a heartbeat"
+        )
         # 10 datagrams fill the queue after ~2.5 s at this watchdog period; heartbeats must go on well past that
         time.sleep(6)
-        later = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and (v := next(iter(h.values()))).sent_at > first.sent_at + 5 and v,
-                           timeout=10, what="heartbeats going on with a full notify queue")
+        later = wait_until(
+            lambda: (
+                (h := read_heartbeats(nats_server.url))
+                and (v := next(iter(h.values()))).sent_at > first.sent_at + 5
+                and v
+            ),
+            timeout=10,
+            what="heartbeats going on with a full notify queue",
+        )
         assert later.state == "ready"
         stopped_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
@@ -134,10 +164,15 @@ def test_undecodable_message_is_dead_lettered_not_crash_looped(make_stack, nats_
 
     asyncio.run(publish())
     # two bad uploads (detector) and one bad detection, which both of its consumers refuse
-    letters = wait_until(lambda: (m := stream_messages(nats_server.url, "DLQ")) and len(m) >= 4 and m, what="4 dead letters")
+    letters = wait_until(
+        lambda: (m := stream_messages(nats_server.url, "DLQ")) and len(m) >= 4 and m, what="4 dead letters"
+    )
     assert sorted(letter.stage for letter in letters) == ["aggregator", "detector", "detector", "recorder"]
     assert all("not a valid" in letter.reason for letter in letters)
-    assert {letter.original_subject for letter in letters} == {"vigil.uploads.front_door", "vigil.detections.front_door"}
+    assert {letter.original_subject for letter in letters} == {
+        "vigil.uploads.front_door",
+        "vigil.detections.front_door",
+    }
     for name in ("detector", "recorder", "aggregator"):
         assert stack.procs[name].poll() is None, f"{name} died"
 
@@ -172,7 +207,9 @@ def test_heartbeats_in_kv_and_a_clean_stop_says_stopped(make_stack, nats_server)
     import nats.js.errors  # noqa: F401
 
     stack = make_stack(model="none")
-    stack.config.write_text(stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5"))
+    stack.config.write_text(
+        stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5")
+    )
     stack.start("aggregator", "detector")
     stack.wait_ready("aggregator", "detector")
     beats = wait_until(lambda: (h := read_heartbeats(nats_server.url)) and len(h) == 2 and h, what="two heartbeats")

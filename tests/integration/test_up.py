@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from services.stack import free_port
+from services.cli.stack import free_port
 from tests.support import REPO, drop, photo_bytes, wait_until
 
 
@@ -18,13 +18,29 @@ def test_vigil_up_runs_the_pipeline_and_stops_cleanly_on_ctrl_c(tmp_path):
     env = {**os.environ, "VIGIL_MODELS_DIR": str(tmp_path / "no-models")}  # model "none": fast and model-free
     with open(out, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--home", str(home), "--nats-port", str(free_port()), "--pg-port", str(free_port())],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            [
+                sys.executable,
+                "-m",
+                "services.cli.main",
+                "up",
+                "--home",
+                str(home),
+                "--nats-port",
+                str(free_port()),
+                "--pg-port",
+                str(free_port()),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env=env,
         )
     try:
         wait_until(lambda: "Ctrl-C stops everything" in out.read_text(), timeout=60, what="the banner")
         text = out.read_text()
-        assert f"{home / 'media' / 'front_door'}/" in text and "model: none" in text and "NOTE: no yolox_nano.onnx" in text
+        assert (
+            f"{home / 'media' / 'front_door'}/" in text and "model: none" in text and "NOTE: no yolox_nano.onnx" in text
+        )
         drop(home / "media" / "front_door" / "a.jpg", photo_bytes("coffee", scale=0.2))
         wait_until(lambda: "1 files detected" in out.read_text(), timeout=60, what="the summary line")
         proc.send_signal(signal.SIGINT)

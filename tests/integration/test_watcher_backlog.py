@@ -6,6 +6,7 @@ watchdog fed while it works through them. Command B runs 20,000 files; `just bac
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -30,16 +31,23 @@ def test_a_large_backlog_is_published_in_capture_order_without_starving_the_watc
         path.write_bytes(jpeg + i.to_bytes(4, "big"))
         os.utime(path, (t0 + i, t0 + i))
     config = tmp_path / "vigil.toml"
-    config.write_text(f'media_root = "{media}"\nstate_dir = "{tmp_path}/state"\n[nats]\nservers = ["{nats_server.url}"]\n'
-                      '[watcher]\nsettle_seconds = 0.5\n')
+    config.write_text(
+        f'media_root = "{media}"\nstate_dir = "{tmp_path}/state"\n[nats]\nservers = ["{nats_server.url}"]\n'
+        "[watcher]\nsettle_seconds = 0.5\n"
+    )
     os.environ.pop("WATCHDOG_PID", None)
     reader = NotifyReader(tmp_path / "notify.sock")
     stamps: list[float] = []
     seen = len(reader.seen)
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "run", "watcher", str(config)], cwd=REPO,
-                            env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6))},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "run", "watcher", str(config)],
+        cwd=REPO,
+        env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6))},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
+
         def published() -> int:
             nonlocal seen
             for line in reader.seen[seen:]:
@@ -55,8 +63,10 @@ def test_a_large_backlog_is_published_in_capture_order_without_starving_the_watc
         proc.terminate()
         proc.wait(30)
         reader.close()
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    assert stamps and max(gaps, default=0) < WATCHDOG_S, f"watchdog starved for {max(gaps):.1f}s (systemd kills at {WATCHDOG_S}s)"
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert stamps and max(gaps, default=0) < WATCHDOG_S, (
+        f"watchdog starved for {max(gaps):.1f}s (systemd kills at {WATCHDOG_S}s)"
+    )
     ups = stream_messages(nats_server.url, "UPLOADS")
     assert len(ups) == n
     for cam in ("front_door", "backyard"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,11 +19,15 @@ class BootedSystemd:
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None  # systemd's PID as the host sees it
 
-    def boot(self, timeout: float = 60.0) -> "BootedSystemd":
+    def boot(self, timeout: float = 60.0) -> BootedSystemd:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.workdir.parent / "boot.log", "wb")
-        self.proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--net", str(HERE / "boot.sh"), str(self.workdir)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.workdir.parent / "boot.log", "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                ["unshare", "--pid", "--fork", "--mount", "--net", str(HERE / "boot.sh"), str(self.workdir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
@@ -42,13 +47,23 @@ class BootedSystemd:
         """The booted system's root, from the host (writes land in the overlay, not on the host)."""
         return Path(f"/proc/{self.pid}/root")
 
-    def run(self, *cmd: str, check: bool = True, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.pid), "-p", "-m", "-n", "-r", "-w", *cmd], capture_output=True,
-                              text=True, check=check, input=input, timeout=timeout)
+    def run(
+        self, *cmd: str, check: bool = True, input: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-p", "-m", "-n", "-r", "-w", *cmd],
+            capture_output=True,
+            text=True,
+            check=check,
+            input=input,
+            timeout=timeout,
+        )
 
     def run_on_its_network(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run a host program inside the booted system's network namespace only (its private loopback)."""
-        return subprocess.run(["nsenter", "-t", str(self.pid), "-n", "--", *cmd], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-n", "--", *cmd], capture_output=True, text=True, timeout=timeout
+        )
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
         out = self.run("systemctl", "show", unit, *(f"-p{p}" for p in props)).stdout
@@ -56,10 +71,8 @@ class BootedSystemd:
 
     def shutdown(self) -> None:
         if self.pid:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGRTMIN + 4)  # systemd: power off
-            except ProcessLookupError:
-                pass
         if self.proc:
             try:
                 self.proc.wait(20)

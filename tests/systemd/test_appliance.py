@@ -17,7 +17,17 @@ from tests.systemd.harness import BootedSystemd, can_boot
 reason = can_boot()
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"cannot boot systemd here: {reason}")
 
-SERVICES = ("vigil-nats", "vigil-postgresql", "vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-gpu-stats", "vigil-health", "vigil-retention")
+SERVICES = (
+    "vigil-nats",
+    "vigil-postgresql",
+    "vigil-watcher",
+    "vigil-aggregator",
+    "vigil-recorder",
+    "vigil-detector@cpu",
+    "vigil-gpu-stats",
+    "vigil-health",
+    "vigil-retention",
+)
 MEDIA = "/srv/vigil/media"
 
 
@@ -26,11 +36,12 @@ class Appliance:
         self.sd = sd
 
     def sql(self, query: str) -> list[list[str]]:
-        from services.stack import Postgres
+        from services.cli.stack import Postgres
 
         password = (self.sd.root / "etc/vigil/credentials/db-password").read_text().strip()
-        out = self.sd.run_on_its_network(str(Postgres.bindir() / "psql"), f"postgresql://vigil:{password}@127.0.0.1:5432/vigil",
-                                         "-tAF|", "-c", query)
+        out = self.sd.run_on_its_network(
+            str(Postgres.bindir() / "psql"), f"postgresql://vigil:{password}@127.0.0.1:5432/vigil", "-tAF|", "-c", query
+        )
         if out.returncode != 0:
             return []
         return [line.split("|") for line in out.stdout.strip().splitlines() if line]
@@ -56,15 +67,21 @@ class Appliance:
         import base64
 
         folder = f"{MEDIA}/{camera}"
-        self.sd.run("sh", "-c", f"mkdir -p {folder} && base64 -d > {folder}/.{name}.tmp && mv {folder}/.{name}.tmp {folder}/{name}",
-                    input=base64.b64encode(data).decode())
+        self.sd.run(
+            "sh",
+            "-c",
+            f"mkdir -p {folder} && base64 -d > {folder}/.{name}.tmp && mv {folder}/.{name}.tmp {folder}/{name}",
+            input=base64.b64encode(data).decode(),
+        )
 
     def state(self, unit: str) -> dict[str, str]:
         return self.sd.show(unit, "ActiveState", "SubState", "NRestarts", "MainPID", "ExecMainStatus", "Result")
 
     def wait_active(self, unit: str, timeout: float = 90) -> dict:
         try:
-            return wait_until(lambda: (s := self.state(unit))["ActiveState"] == "active" and s, timeout=timeout, what=f"{unit} active")
+            return wait_until(
+                lambda: (s := self.state(unit))["ActiveState"] == "active" and s, timeout=timeout, what=f"{unit} active"
+            )
         except AssertionError as exc:
             journal = self.sd.run("journalctl", "-u", unit, "-n", "40", "--no-pager", check=False).stdout
             raise AssertionError(f"{exc}\n{journal[-4000:]}") from None
@@ -92,7 +109,8 @@ def appliance(tmp_path_factory):
         # (Drop-ins apply in file-name order across the prefix and unit directories: zz- comes last.)
         (root / "etc/systemd/system/vigil-.service.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/systemd/system/vigil-.service.d/test.conf").write_text(
-            "[Service]\nProtectHome=read-only\nLoadCredential=\nEnvironment=CREDENTIALS_DIRECTORY=/run/vigil-test-credentials\n")
+            "[Service]\nProtectHome=read-only\nLoadCredential=\nEnvironment=CREDENTIALS_DIRECTORY=/run/vigil-test-credentials\n"
+        )
         for unit_file in sorted((root / "etc/systemd/system").glob("vigil-*.service")):
             text = unit_file.read_text()
             owner = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("User="))
@@ -105,19 +123,26 @@ def appliance(tmp_path_factory):
             sd.run("sh", "-c", " && ".join(script))
             (root / f"etc/systemd/system/{unit_file.name}.d").mkdir(parents=True, exist_ok=True)
             (root / f"etc/systemd/system/{unit_file.name}.d/test-credentials.conf").write_text(
-                f"[Service]\nBindReadOnlyPaths={store}:/run/vigil-test-credentials\n")
+                f"[Service]\nBindReadOnlyPaths={store}:/run/vigil-test-credentials\n"
+            )
         (root / "etc/systemd/system/vigil-detector@.service.d").mkdir(parents=True, exist_ok=True)
-        (root / "etc/systemd/system/vigil-detector@.service.d/zz-test-watchdog.conf").write_text("[Service]\nWatchdogSec=6\nRestartSec=1\n")
+        (root / "etc/systemd/system/vigil-detector@.service.d/zz-test-watchdog.conf").write_text(
+            "[Service]\nWatchdogSec=6\nRestartSec=1\n"
+        )
         models = find_models_dir()
         config = (root / "etc/vigil/vigil.toml").read_text()
-        config = config.replace("settle_seconds = 2.0", "settle_seconds = 0.5").replace("idle_seconds = 30.0", "idle_seconds = 3.0")
+        config = config.replace("settle_seconds = 2.0", "settle_seconds = 0.5").replace(
+            "idle_seconds = 30.0", "idle_seconds = 3.0"
+        )
         if models is None:
             config = config.replace('model = "yolox-nano"', 'model = "none"')
         else:
             config = config.replace('models_dir = "/var/lib/vigil/models"', f'models_dir = "{models}"')
         (root / "etc/vigil/vigil.toml").write_text(config)
         sd.run("systemctl", "daemon-reload")
-        sd.run("systemctl", "start", "dbus.socket", check=False)  # health asks systemd over the system bus, as a real box has it
+        sd.run(
+            "systemctl", "start", "dbus.socket", check=False
+        )  # health asks systemd over the system bus, as a real box has it
         sd.run("systemctl", "start", "--no-block", "vigil.target")
         app = Appliance(sd)
         for unit in SERVICES:
@@ -136,14 +161,18 @@ def test_every_unit_becomes_active_and_photos_become_rows(appliance):
         assert appliance.state(unit)["ActiveState"] == "active", unit
     appliance.drop("front_door", "astronaut.jpg", photo_bytes("astronaut"))
     appliance.drop("backyard", "chelsea.jpg", photo_bytes("chelsea"))
-    rows = wait_until(lambda: (r := appliance.sql("SELECT path, labels FROM detections ORDER BY path")) and len(r) == 2 and r,
-                      what="two rows")
+    rows = wait_until(
+        lambda: (r := appliance.sql("SELECT path, labels FROM detections ORDER BY path")) and len(r) == 2 and r,
+        what="two rows",
+    )
     if find_models_dir() is not None:
         assert "cat" in rows[0][1] and "person" in rows[1][1]
 
 
 def test_units_verify(appliance):
-    out = appliance.sd.run("systemd-analyze", "verify", "vigil.target", *(f"{u}.service" for u in SERVICES), check=False)
+    out = appliance.sd.run(
+        "systemd-analyze", "verify", "vigil.target", *(f"{u}.service" for u in SERVICES), check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -152,24 +181,39 @@ def test_each_unit_sees_only_its_own_state(appliance):
     files) could rewrite pg_hba.conf, the JetStream store, the watcher's ledger, or read the route
     password in nats.conf and every credential. Checked inside each running unit's mount namespace
     (a hidden file is an empty node there, a hidden folder an empty one: `test -s` sees neither)."""
-    private = {"vigil-postgresql": "/var/lib/vigil/postgresql/PG_VERSION", "vigil-nats": "/etc/vigil/nats.conf",
-               "vigil-watcher": "/var/lib/vigil/watcher/ledger.sqlite3"}
+    private = {
+        "vigil-postgresql": "/var/lib/vigil/postgresql/PG_VERSION",
+        "vigil-nats": "/etc/vigil/nats.conf",
+        "vigil-watcher": "/var/lib/vigil/watcher/ledger.sqlite3",
+    }
     for path in [*private.values(), "/etc/vigil/credentials/db-password"]:
-        assert appliance.sd.run("test", "-s", path, check=False).returncode == 0, f"{path} missing on the appliance itself"
+        assert appliance.sd.run("test", "-s", path, check=False).returncode == 0, (
+            f"{path} missing on the appliance itself"
+        )
     for unit in SERVICES:
         pid = appliance.state(unit)["MainPID"]
         probe = appliance.sd.run("nsenter", "-t", pid, "-m", "-r", "test", "-e", "/etc/vigil/vigil.toml", check=False)
         assert probe.returncode == 0, (unit, probe.stderr)  # the probe itself works in that namespace
-        seen = {path for path in [*private.values(), "/etc/vigil/credentials/db-password"]
-                if appliance.sd.run("nsenter", "-t", pid, "-m", "-r", "test", "-s", path, check=False).returncode == 0}
+        seen = {
+            path
+            for path in [*private.values(), "/etc/vigil/credentials/db-password"]
+            if appliance.sd.run("nsenter", "-t", pid, "-m", "-r", "test", "-s", path, check=False).returncode == 0
+        }
         assert seen == ({private[unit]} if unit in private else set()), unit
     # and not around the fence: with one user for every unit, /proc/<pid>/root of another unit led to
     # its files (the review appended to pg_hba.conf that way); with a user per unit the kernel says no
     pg = appliance.state("vigil-postgresql")["MainPID"]
 
     def read_as(user: str) -> int:
-        return appliance.sd.run("setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "cat",
-                                f"/proc/{pg}/root/var/lib/vigil/postgresql/PG_VERSION", check=False).returncode
+        return appliance.sd.run(
+            "setpriv",
+            f"--reuid={user}",
+            f"--regid={user}",
+            "--init-groups",
+            "cat",
+            f"/proc/{pg}/root/var/lib/vigil/postgresql/PG_VERSION",
+            check=False,
+        ).returncode
 
     assert read_as("vigil-postgres") == 0  # the probe works
     for other in ("vigil-detector", "vigil-watcher", "vigil-recorder", "vigil-nats", "vigil"):
@@ -193,8 +237,13 @@ def test_services_use_their_own_database_roles(appliance):
     assert "per_service_roles = true" in (appliance.sd.root / "etc/vigil/vigil.toml").read_text()
     roles = {r[0] for r in appliance.sql("SELECT rolname FROM pg_roles WHERE rolname LIKE 'vigil\\_%'")}
     assert roles >= {"vigil_recorder", "vigil_retention", "vigil_health"}, roles
-    users = wait_until(lambda: {r[0] for r in appliance.sql("SELECT usename FROM pg_stat_activity WHERE usename IS NOT NULL")} & {"vigil_recorder"},
-                       what="the recorder connected as its own role")
+    users = wait_until(
+        lambda: (
+            {r[0] for r in appliance.sql("SELECT usename FROM pg_stat_activity WHERE usename IS NOT NULL")}
+            & {"vigil_recorder"}
+        ),
+        what="the recorder connected as its own role",
+    )
     assert users == {"vigil_recorder"}
 
 
@@ -202,12 +251,18 @@ def test_journal_has_structured_fields(appliance):
     """Log records reach the journal as fields: `journalctl -u vigil-detector@cpu CAMERA=front_door` works."""
     good = photo_bytes("coffee")
     appliance.drop("front_door", "corrupt.jpg", good[:300] + b"\x00" * 100)
-    entries = wait_until(lambda: [json.loads(line) for line in appliance.sd.run(
-        "journalctl", "-u", "vigil-detector@cpu", "CAMERA=front_door", "-o", "json", "--no-pager", check=False).stdout.splitlines()],
-        what="a detector journal entry for front_door")
+    entries = wait_until(
+        lambda: [
+            json.loads(line)
+            for line in appliance.sd.run(
+                "journalctl", "-u", "vigil-detector@cpu", "CAMERA=front_door", "-o", "json", "--no-pager", check=False
+            ).stdout.splitlines()
+        ],
+        what="a detector journal entry for front_door",
+    )
     entry = next(e for e in entries if e.get("MESSAGE", "").startswith("dead-lettered"))
     assert entry["PRIORITY"] == "4" and entry["SYSLOG_IDENTIFIER"] == "vigil-detector" and entry["STAGE"] == "detector"
-    assert entry["FILE_ID"] and "corrupt" in entry["REASON"] or "decode" in entry["REASON"]
+    assert (entry["FILE_ID"] and "corrupt" in entry["REASON"]) or "decode" in entry["REASON"]
 
 
 def test_stop_drains_and_exits_zero(appliance):
@@ -217,7 +272,9 @@ def test_stop_drains_and_exits_zero(appliance):
     assert state["ActiveState"] == "inactive" and state["ExecMainStatus"] == "0" and state["Result"] == "success", state
     appliance.sd.run("systemctl", "start", "vigil-detector@cpu")
     appliance.wait_active("vigil-detector@cpu")
-    assert wait_until(lambda: (u := appliance.unacked()) and all(v == [0, 0] for v in u.values()) and u, what="nothing unacked")
+    assert wait_until(
+        lambda: (u := appliance.unacked()) and all(v == [0, 0] for v in u.values()) and u, what="nothing unacked"
+    )
 
 
 def test_hung_detector_is_restarted_by_the_watchdog(appliance):
@@ -226,29 +283,44 @@ def test_hung_detector_is_restarted_by_the_watchdog(appliance):
     appliance.sd.run("kill", "-STOP", before["MainPID"])
     start_rows = appliance.rows()
     appliance.drop("backyard", "while-hung.jpg", photo_bytes("coffee", scale=0.5))
-    state = wait_until(lambda: (s := appliance.state("vigil-detector@cpu"))["NRestarts"] != before["NRestarts"]
-                       and s["ActiveState"] == "active" and s, timeout=60, what="watchdog restart")
+    state = wait_until(
+        lambda: (
+            (s := appliance.state("vigil-detector@cpu"))["NRestarts"] != before["NRestarts"]
+            and s["ActiveState"] == "active"
+            and s
+        ),
+        timeout=60,
+        what="watchdog restart",
+    )
     assert state["MainPID"] != before["MainPID"]
     journal = appliance.sd.run("journalctl", "-u", "vigil-detector@cpu", "--no-pager", check=False).stdout
     assert "Watchdog timeout" in journal
     wait_until(lambda: appliance.rows() == start_rows + 1, what="the file dropped while hung")
 
 
-@pytest.mark.parametrize("unit", ["vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-nats", "vigil-postgresql"])
+@pytest.mark.parametrize(
+    "unit",
+    ["vigil-watcher", "vigil-aggregator", "vigil-recorder", "vigil-detector@cpu", "vigil-nats", "vigil-postgresql"],
+)
 def test_kill_9_is_restarted_and_loses_nothing(appliance, unit):
     before = appliance.state(unit)
     start_rows = appliance.rows()
     appliance.sd.run("kill", "-9", before["MainPID"])
-    wait_until(lambda: (s := appliance.state(unit))["NRestarts"] != before["NRestarts"] and s["ActiveState"] == "active",
-               timeout=60, what=f"{unit} restarted")
+    wait_until(
+        lambda: (s := appliance.state(unit))["NRestarts"] != before["NRestarts"] and s["ActiveState"] == "active",
+        timeout=60,
+        what=f"{unit} restarted",
+    )
     appliance.drop("front_door", f"after-kill-{unit}.jpg", photo_bytes("astronaut", scale=0.5, quality=70 + len(unit)))
     wait_until(lambda: appliance.rows() == start_rows + 1, timeout=60, what=f"a file after {unit} was killed")
 
 
 def test_health_sees_units_and_restarts(appliance):
     """vigil-health reads systemd: every service has its unit, the kills above show as restarts, all healthy."""
-    code = ("import json, urllib.request\n"
-            "print(urllib.request.urlopen('http://127.0.0.1:9470/status', timeout=5).read().decode())\n")
+    code = (
+        "import json, urllib.request\n"
+        "print(urllib.request.urlopen('http://127.0.0.1:9470/status', timeout=5).read().decode())\n"
+    )
 
     def status():
         out = appliance.sd.run_on_its_network(sys.executable, "-c", code)
@@ -256,14 +328,26 @@ def test_health_sees_units_and_restarts(appliance):
 
     def unhealthy():
         d = status()
-        return [(s["service"], s["instance"], s["verdict"], s["reason"]) for s in d["services"] if s["verdict"] != "healthy"] if d else ["no answer"]
+        return (
+            [
+                (s["service"], s["instance"], s["verdict"], s["reason"])
+                for s in d["services"]
+                if s["verdict"] != "healthy"
+            ]
+            if d
+            else ["no answer"]
+        )
 
-    wait_until(lambda: not (last := unhealthy()) or print(last), timeout=60, what="every service healthy per vigil-health")
+    wait_until(
+        lambda: not (last := unhealthy()) or print(last), timeout=60, what="every service healthy per vigil-health"
+    )
     doc = status()
     assert doc["systemd"] == "available"
     units = {s["unit"]: s for s in doc["services"]}
     assert {"vigil-watcher.service", "vigil-detector@cpu.service", "vigil-health.service"} <= set(units)
-    assert units["vigil-watcher.service"]["restarts"] >= 1 and units["vigil-watcher.service"]["active_state"] == "active"
+    assert (
+        units["vigil-watcher.service"]["restarts"] >= 1 and units["vigil-watcher.service"]["active_state"] == "active"
+    )
 
 
 def test_installer_again_upgrades_in_place(appliance):
@@ -299,48 +383,126 @@ def test_installer_roles_for_a_cluster(appliance):
     root, sd = appliance.sd.root, appliance.sd
     creds = root / "var/tmp/creds-from-first-node"  # written through the booted system's own root
     creds.mkdir(parents=True)
-    for name in ("nats-password", "db-password", "nats-watcher", "nats-detector", "nats-aggregator", "nats-recorder", "nats-gpu-stats",
-                 "nats-health", "nats-retention"):
+    for name in (
+        "nats-password",
+        "db-password",
+        "nats-watcher",
+        "nats-detector",
+        "nats-aggregator",
+        "nats-recorder",
+        "nats-gpu-stats",
+        "nats-health",
+        "nats-retention",
+    ):
         (creds / name).write_text(f"secret-{name}\n")
         (creds / name).chmod(0o600)
     servers = "nats://10.9.0.1:4222,nats://10.9.0.2:4222,nats://10.9.0.3:4222"
-    out = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", "--node-name", "n1", "--listen", "10.9.0.1",
-                 "--cluster-routes", "nats-route://10.9.0.2:6222,nats-route://10.9.0.3:6222", "--servers", servers, "--replicas", "3",
-                 "--credentials-from", "/var/tmp/creds-from-first-node", check=False)
+    out = sd.run(
+        str(REPO / "ops" / "install.sh"),
+        "--venv",
+        sys.prefix,
+        "--no-start",
+        "--node-name",
+        "n1",
+        "--listen",
+        "10.9.0.1",
+        "--cluster-routes",
+        "nats-route://10.9.0.2:6222,nats-route://10.9.0.3:6222",
+        "--servers",
+        servers,
+        "--replicas",
+        "3",
+        "--credentials-from",
+        "/var/tmp/creds-from-first-node",
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     conf = (root / "etc/vigil/nats.conf").read_text()
     assert 'server_name: "n1"' in conf and 'listen: "10.9.0.1:4222"' in conf
-    route_pw = (root / "etc/vigil/credentials/nats-route").read_text().strip()  # generated: not in the first node's copy
-    assert f'"nats-route://route:{route_pw}@10.9.0.3:6222"' in conf and f'authorization {{ user: "route", password: "{route_pw}" }}' in conf
+    route_pw = (
+        (root / "etc/vigil/credentials/nats-route").read_text().strip()
+    )  # generated: not in the first node's copy
+    assert (
+        f'"nats-route://route:{route_pw}@10.9.0.3:6222"' in conf
+        and f'authorization {{ user: "route", password: "{route_pw}" }}' in conf
+    )
     test = sd.run(f"{sys.prefix}/bin/nats-server", "-t", "-c", "/etc/vigil/nats.conf", check=False)
     assert test.returncode == 0, test.stdout + test.stderr
-    assert (root / "etc/vigil/credentials/nats-detector").read_text() == "secret-nats-detector\n"  # same users on every node
+    assert (
+        root / "etc/vigil/credentials/nats-detector"
+    ).read_text() == "secret-nats-detector\n"  # same users on every node
     toml = (root / "etc/vigil/vigil.toml").read_text()
-    assert 'servers = ["nats://10.9.0.1:4222", "nats://10.9.0.2:4222", "nats://10.9.0.3:4222"]' in toml and "\nreplicas = 3 " in toml
+    assert (
+        'servers = ["nats://10.9.0.1:4222", "nats://10.9.0.2:4222", "nats://10.9.0.3:4222"]' in toml
+        and "\nreplicas = 3 " in toml
+    )
     assert "IPAddressAllow=any" in (root / "etc/systemd/system/vigil-.service.d/cluster.conf").read_text()
     assert sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False).returncode == 0
 
-    out = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", "--role", "detector", "--detectors", "0,1",
-                 "--servers", servers, "--replicas", "3", "--credentials-from", "/var/tmp/creds-from-first-node", check=False)
+    out = sd.run(
+        str(REPO / "ops" / "install.sh"),
+        "--venv",
+        sys.prefix,
+        "--no-start",
+        "--role",
+        "detector",
+        "--detectors",
+        "0,1",
+        "--servers",
+        servers,
+        "--replicas",
+        "3",
+        "--credentials-from",
+        "/var/tmp/creds-from-first-node",
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     units = sorted(p.name for p in (root / "etc/systemd/system").glob("vigil*") if p.suffix in (".service", ".target"))
     assert units == ["vigil-detector@.service", "vigil-gpu-stats.service", "vigil.target"], units
-    assert not (root / "etc/vigil/nats.conf").exists() and "Wants=" not in (root / "etc/systemd/system/vigil.target").read_text()
+    assert (
+        not (root / "etc/vigil/nats.conf").exists()
+        and "Wants=" not in (root / "etc/systemd/system/vigil.target").read_text()
+    )
     for unit in ("vigil-detector@0.service", "vigil-detector@1.service", "vigil-gpu-stats.service"):
         assert sd.run("systemctl", "is-enabled", unit, check=False).stdout.strip() == "enabled", unit
     assert 'servers = ["nats://10.9.0.1:4222"' in (root / "etc/vigil/vigil.toml").read_text()
-    assert sorted(p.name for p in (root / "etc/vigil/credentials").iterdir()) == ["nats-detector", "nats-gpu-stats"]  # never the admin's
+    assert sorted(p.name for p in (root / "etc/vigil/credentials").iterdir()) == [
+        "nats-detector",
+        "nats-gpu-stats",
+    ]  # never the admin's
     assert sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False).returncode == 0
 
     # the other NATS nodes: the bus only
-    out = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", "--role", "bus", "--node-name", "n2", "--listen",
-                 "10.9.0.2", "--cluster-routes", "nats-route://10.9.0.1:6222,nats-route://10.9.0.3:6222", "--servers", servers,
-                 "--replicas", "3", "--credentials-from", "/var/tmp/creds-from-first-node", check=False)
+    out = sd.run(
+        str(REPO / "ops" / "install.sh"),
+        "--venv",
+        sys.prefix,
+        "--no-start",
+        "--role",
+        "bus",
+        "--node-name",
+        "n2",
+        "--listen",
+        "10.9.0.2",
+        "--cluster-routes",
+        "nats-route://10.9.0.1:6222,nats-route://10.9.0.3:6222",
+        "--servers",
+        servers,
+        "--replicas",
+        "3",
+        "--credentials-from",
+        "/var/tmp/creds-from-first-node",
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     units = sorted(p.name for p in (root / "etc/systemd/system").glob("vigil*") if p.suffix in (".service", ".target"))
     assert units == ["vigil-nats.service", "vigil.target"], units
     assert 'server_name: "n2"' in (root / "etc/vigil/nats.conf").read_text()
     assert "ROLE='bus'" in (root / "etc/vigil/install.env").read_text()
-    again = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", check=False)  # an upgrade without flags
-    assert again.returncode == 0 and 'server_name: "n2"' in (root / "etc/vigil/nats.conf").read_text(), again.stdout + again.stderr
+    again = sd.run(
+        str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", check=False
+    )  # an upgrade without flags
+    assert again.returncode == 0 and 'server_name: "n2"' in (root / "etc/vigil/nats.conf").read_text(), (
+        again.stdout + again.stderr
+    )
     assert sd.run(str(REPO / "ops" / "uninstall.sh"), "--purge", check=False).returncode == 0

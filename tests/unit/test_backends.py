@@ -50,7 +50,10 @@ def test_a_gpu_session_that_lands_on_the_cpu_is_refused_with_what_ran(info):
     backend that must be an error (naming what ran), never a silent CPU backend called a GPU."""
     cfg = DetectorConfig(threads=1)
     chain = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    with pytest.raises(RuntimeError, match=r"could load none of the GPU providers asked for \(CUDAExecutionProvider\).*CPUExecutionProvider"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"could load none of the GPU providers asked for \(CUDAExecutionProvider\).*CPUExecutionProvider",
+    ):
         OnnxRuntimeBackend(info, cfg, chain, gpu=True)
     assert OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"]).name == "onnxruntime:cpu"
 
@@ -68,7 +71,9 @@ class Session:
 def test_the_gpu_provider_onnxruntime_chose_is_accepted_and_named(info):
     cfg = DetectorConfig(device=2)
     asked = [("TensorrtExecutionProvider", {}), ("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
-    b = OnnxRuntimeBackend(info, cfg, asked, session=Session(["CUDAExecutionProvider", "CPUExecutionProvider"]), gpu=True)
+    b = OnnxRuntimeBackend(
+        info, cfg, asked, session=Session(["CUDAExecutionProvider", "CPUExecutionProvider"]), gpu=True
+    )
     assert b.name == "onnxruntime:cuda:2"  # what STATUS and the heartbeat show
     b = OnnxRuntimeBackend(info, cfg, asked, session=Session(GPU_WHEEL), gpu=True)
     assert b.name == "onnxruntime:tensorrt:2"

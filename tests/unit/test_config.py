@@ -29,8 +29,8 @@ def test_file_values_are_read(tmp_path):
     [
         ('[watcher]\nsettle_seconds = "soon"\n', "$.watcher.settle_seconds"),
         ('[detector]\nprecision = "fp8"\n', "$.detector.precision"),
-        ('[detector]\nbatch_size = 1.5\n', "$.detector.batch_size"),
-        ('[watcher]\nsettle_secs = 2\n', "settle_secs"),
+        ("[detector]\nbatch_size = 1.5\n", "$.detector.batch_size"),
+        ("[watcher]\nsettle_secs = 2\n", "settle_secs"),
         ('[nats]\nservers = "nats://x"\n', "$.nats.servers"),
         ("unknown_top = 1\n", "unknown_top"),
     ],
@@ -57,7 +57,11 @@ def test_missing_file_is_an_error(tmp_path):
 def test_environment_overrides_file(tmp_path):
     """VIGIL_SECTION__FIELD beats the file; strings become numbers; lists split on commas."""
     path = write(tmp_path, "[detector]\nbatch_size = 4\n")
-    env = {"VIGIL_DETECTOR__BATCH_SIZE": "32", "VIGIL_NATS__SERVERS": "nats://a:1, nats://b:2", "VIGIL_MEDIA_ROOT": "/m"}
+    env = {
+        "VIGIL_DETECTOR__BATCH_SIZE": "32",
+        "VIGIL_NATS__SERVERS": "nats://a:1, nats://b:2",
+        "VIGIL_MEDIA_ROOT": "/m",
+    }
     config = load_config(path, environ=env)
     assert config.detector.batch_size == 32
     assert config.nats.servers == ["nats://a:1", "nats://b:2"]
@@ -92,3 +96,31 @@ def test_a_world_readable_credential_is_refused_naming_the_file(tmp_path):
     with pytest.raises(ConfigError, match=f"{secret} is readable by other users .mode 644."):
         credential("nats-password", {"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert credential("db-password", {"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None  # not given to this unit
+
+
+@pytest.mark.parametrize(
+    "variable, value, named",
+    [
+        ("VIGIL_DETECTOR__BATCH_SIZE", "0", "$.detector.batch_size"),
+        ("VIGIL_DETECTOR__DECODE_THREADS", "0", "$.detector.decode_threads"),
+        ("VIGIL_DETECTOR__CLIP_FPS", "0", "$.detector.clip_fps"),
+        ("VIGIL_DETECTOR__BACKEND", "gpu", "detector.backend"),
+        ("VIGIL_AGGREGATOR__IDLE_SECONDS", "0", "$.aggregator.idle_seconds"),
+        ("VIGIL_WATCHER__SETTLE_SECONDS", "-1", "$.watcher.settle_seconds"),
+        ("VIGIL_WATCHER__CAMERA_PREFIX", "site.1-", "watcher.camera_prefix"),
+        ("VIGIL_HEARTBEAT_SECONDS", "20", "$.heartbeat_seconds"),
+        ("VIGIL_HEALTH__HTTP_PORT", "70000", "$.health.http_port"),
+        ("VIGIL_HEALTH__DISK_LOW_PERCENT", "100", "$.health.disk_low_percent"),
+        ("VIGIL_HEALTH__STALE_SECONDS", "0", "$.health.stale_seconds"),
+        ("VIGIL_HEALTH__WEBHOOK_URL", "ftp://x", "health.webhook_url"),
+        ("VIGIL_RETENTION__HIGH_WATERMARK", "lots", "retention.high_watermark"),
+        ("VIGIL_RETENTION__DELETE_BATCH", "0", "$.retention.delete_batch"),
+        ("VIGIL_RETENTION__MIN_KEEP_SECONDS", "-1", "$.retention.min_keep_seconds"),
+        ("VIGIL_NATS__REPLICAS", "2", "$.nats.replicas"),
+    ],
+)
+def test_every_rule_on_a_field_names_the_field(variable, value, named):
+    """The rules live on the fields (msgspec Meta and __post_init__): a bad value names its field."""
+    with pytest.raises(ConfigError) as err:
+        load_config(environ={variable: value})
+    assert named in str(err.value)

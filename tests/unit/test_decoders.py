@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from proto import Box
 from services.detector import decoders
-from services.detector.decoders import Letterboxed
 from services.detector.backends import OnnxRuntimeBackend
+from services.detector.decoders import Letterboxed
 from services.detector.model import inspect_model, parse_labels
 from services.runtime.config import DetectorConfig
 
@@ -47,7 +47,9 @@ def run_model(path, frames):
     info = inspect_model(path, cfg)
     backend = OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"])
     raw = backend.infer(decoders.to_tensor(frames, info.family))
-    return info, [decoders.decode(r, info.family, info.size, f, 0.3, 0.45, info.labels) for r, f in zip(raw, frames)]
+    return info, [
+        decoders.decode(r, info.family, info.size, f, 0.3, 0.45, info.labels) for r, f in zip(raw, frames, strict=False)
+    ]
 
 
 def frame_of(w, h, family):
@@ -68,7 +70,14 @@ def yolox_raw(entries):
 
 def test_yolox_family_through_onnxruntime(tmp_path):
     """YOLOX raw grid output: decoded, NMS'd per class, mapped back through the top-left letterbox."""
-    raw = yolox_raw([(10, 20, 20, 16, 8, 0, 0.9), (11, 21, 20, 16, 8, 0, 0.8), (12, 20, 21, 16, 8, 15, 0.7), (40, 40, 40, 8, 8, 2, 0.1)])
+    raw = yolox_raw(
+        [
+            (10, 20, 20, 16, 8, 0, 0.9),
+            (11, 21, 20, 16, 8, 0, 0.8),
+            (12, 20, 21, 16, 8, 15, 0.7),
+            (40, 40, 40, 8, 8, 2, 0.1),
+        ]
+    )
     path = constant_model(tmp_path / "yolox.onnx", raw, batch=1)
     frames = [frame_of(128, 64, "yolox"), frame_of(64, 64, "yolox")]  # batch 2 on a batch-1 export: run one by one
     info, (boxes, same) = run_model(path, frames)
@@ -111,7 +120,7 @@ def test_family_is_guessed_from_shape():
     assert decoders.guess_family((300, 6), 640) == "end2end"
     with pytest.raises(ValueError):
         decoders.guess_family((1, 2, 3), 640)
-    with pytest.raises(ValueError, match="detector.family"):
+    with pytest.raises(ValueError, match=r"detector\.family"):
         decoders.guess_family((10, 10), 640)
 
 
@@ -143,14 +152,17 @@ def test_fixed_batch_export_is_padded(tmp_path):
 
 
 def test_models_without_inference():
-    """"none" finds nothing; "synthetic" (benchmarks of grouping) finds one whole-frame person per frame."""
+    """ "none" finds nothing; "synthetic" (benchmarks of grouping) finds one whole-frame person per frame."""
     from pathlib import Path
 
-    from services.detector import Engine
+    from services.detector.engine import Engine
     from services.runtime.config import DetectorConfig
 
     frames = [Letterboxed(np.zeros((1, 1, 3), np.uint8), 1.0, 0, 0, 64, 48)] * 3
     none = Engine(DetectorConfig(model="none"), Path("/nonexistent"), lambda *_: None)
     assert none.run(frames) == [([], 0.0)] * 3 and none.model == "none"
     synthetic = Engine(DetectorConfig(model="synthetic"), Path("/nonexistent"), lambda *_: None)
-    assert synthetic.run(frames) == [([Box("person", 0.9, 0.0, 0.0, 64.0, 48.0)], 0.0)] * 3 and synthetic.model == "synthetic"
+    assert (
+        synthetic.run(frames) == [([Box("person", 0.9, 0.0, 0.0, 64.0, 48.0)], 0.0)] * 3
+        and synthetic.model == "synthetic"
+    )

@@ -1,21 +1,36 @@
-"""Where a dead letter may go back to, and when it is retried automatically (services/dlq_retry.py)."""
+"""Where a dead letter may go back to, and when it is retried automatically (services/runtime/dlq_retry.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 import proto
-from services import dlq_retry
+from services.runtime import dlq_retry
 
 HOME = "vigil.dlq.detector.front_door"  # where the detector writes its letters
-UP = proto.FileUploaded(file_id="f", camera="front_door", path="front_door/a.jpg", size=1, mtime=1.0, sha256="0", kind="image")
+UP = proto.FileUploaded(
+    file_id="f", camera="front_door", path="front_door/a.jpg", size=1, mtime=1.0, sha256="0", kind="image"
+)
 
 
 def letter(**kw) -> proto.DeadLetter:
-    base = dict(stage="detector", reason="gave up after 5 deliveries: no error was recorded", original_subject="vigil.uploads.front_door",
-                original_payload=proto.encode(UP).decode(), original_size=len(proto.encode(UP)), original_stream="UPLOADS",
-                original_headers={"Vigil-Type": "FileUploaded", "Vigil-Version": "1", "Nats-Msg-Id": "x", "Nats-Expected-Stream": "X",
-                                  "Evil": "1"}, failed_at=1000.0, transient=True)
+    base = dict(
+        stage="detector",
+        reason="gave up after 5 deliveries: no error was recorded",
+        original_subject="vigil.uploads.front_door",
+        original_payload=proto.encode(UP).decode(),
+        original_size=len(proto.encode(UP)),
+        original_stream="UPLOADS",
+        original_headers={
+            "Vigil-Type": "FileUploaded",
+            "Vigil-Version": "1",
+            "Nats-Msg-Id": "x",
+            "Nats-Expected-Stream": "X",
+            "Evil": "1",
+        },
+        failed_at=1000.0,
+        transient=True,
+    )
     return proto.DeadLetter(**{**base, **kw})
 
 
@@ -35,7 +50,12 @@ def test_a_letter_goes_back_only_to_its_stage_input_with_its_own_camera():
             dlq_retry.target(bad, HOME if bad.stage == "detector" else f"vigil.dlq.{bad.stage}.front_door")
     # the review's second attack: the aggregator writes a letter claiming to be the detector's, so that
     # health (or the admin) would publish its payload into UPLOADS for it
-    for subject in ("vigil.dlq.aggregator.front_door", "vigil.dlq.recorder.front_door", "vigil.dlq.detector", "vigil.other.detector.x"):
+    for subject in (
+        "vigil.dlq.aggregator.front_door",
+        "vigil.dlq.recorder.front_door",
+        "vigil.dlq.detector",
+        "vigil.other.detector.x",
+    ):
         with pytest.raises(dlq_retry.NotRetryable, match="not its stage"):
             dlq_retry.target(letter(), subject)
         assert dlq_retry.plan(letter(), subject, 300, 3)[0] is None

@@ -9,8 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proto import Box, Detections
-from services.events import (
-    CameraState, EventState, ReorderBuffer, Rules, add_to, dirty, group_in_order, new_event, order, place_late, reference_events,
+from services.aggregator.grouping import (
+    CameraState,
+    EventState,
+    ReorderBuffer,
+    Rules,
+    add_to,
+    dirty,
+    group_in_order,
+    new_event,
+    order,
+    place_late,
+    reference_events,
 )
 
 PERSON = Box("person", 0.95, 0, 0, 10, 10)
@@ -19,8 +29,17 @@ RULES = Rules(idle=30, max_seconds=90, max_detections=5)
 
 
 def det(fid, t, camera="cam", boxes=(PERSON,)):
-    return Detections(file_id=fid, camera=camera, path=f"{camera}/{fid}.jpg", captured_at=t, width=100, height=100,
-                      model="m", inference_ms=1.0, boxes=list(boxes))
+    return Detections(
+        file_id=fid,
+        camera=camera,
+        path=f"{camera}/{fid}.jpg",
+        captured_at=t,
+        width=100,
+        height=100,
+        model="m",
+        inference_ms=1.0,
+        boxes=list(boxes),
+    )
 
 
 class Simulation:
@@ -72,7 +91,10 @@ def summary(start, end, keys, reason):
 
 
 def reference(dets, rules=RULES):
-    return {eid: summary(e.started_at, e.ended_at, e.file_ids, e.close_reason) for eid, e in reference_events(dets, rules).items()}
+    return {
+        eid: summary(e.started_at, e.ended_at, e.file_ids, e.close_reason)
+        for eid, e in reference_events(dets, rules).items()
+    }
 
 
 def block_shuffle(items: list, k: int, rng: random.Random) -> list:
@@ -98,8 +120,15 @@ def lateness(arrivals: list[Detections]) -> int:
 
 
 detections = st.lists(
-    st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 2000), st.booleans()), min_size=1, max_size=120,
-).map(lambda rows: [det(f"f{i}", float(t), camera=cam, boxes=(PERSON,) if person else (CAT,)) for i, (cam, t, person) in enumerate(rows)])
+    st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 2000), st.booleans()),
+    min_size=1,
+    max_size=120,
+).map(
+    lambda rows: [
+        det(f"f{i}", float(t), camera=cam, boxes=(PERSON,) if person else (CAT,))
+        for i, (cam, t, person) in enumerate(rows)
+    ]
+)
 
 
 # ---- the contract itself ------------------------------------------------------------------------
@@ -109,7 +138,11 @@ def test_idle_gap_max_window_and_max_detections_cut():
     ev = reference([det(str(i), i * 20) for i in range(7)])  # 0..120 s, never idle
     assert sorted((s, e, r) for s, e, _, r in ev.values()) == [(0, 80, "max_window"), (100, 120, "idle")]
     ev = reference([det(str(i), 1000.0) for i in range(12)])  # a stuck clock: one time for every file
-    assert sorted((len(k), r) for _, _, k, r in ev.values()) == [(2, "idle"), (5, "max_detections"), (5, "max_detections")]
+    assert sorted((len(k), r) for _, _, k, r in ev.values()) == [
+        (2, "idle"),
+        (5, "max_detections"),
+        (5, "max_detections"),
+    ]
 
 
 def test_max_seconds_is_a_true_bound_whatever_the_order():
@@ -218,16 +251,21 @@ def test_revisions_coalesce_until_published():
 
 
 def test_the_state_budget_overestimates_the_real_size():
-    """services/aggregator.py stops a commit once a camera's state would pass STATE_BUDGET; the estimate
+    """services/aggregator/service.py stops a commit once a camera's state would pass STATE_BUDGET; the estimate
     must never be below the real JSON size, or a value could still reach max_payload."""
     import msgspec
 
-    from services.aggregator import STATE_BUDGET, state_bytes
+    from services.aggregator.service import STATE_BUDGET, state_bytes
 
     def full_event(n: int, tag: str) -> EventState:
         ev = new_event(det(f"{tag}{0:040x}:120", 1.0))
         for i in range(n):
-            add_to(ev, det(f"{tag}{i:040x}:120", 1.0 + i, boxes=[PERSON, CAT, Box("car", 0.5, 0, 0, 1, 1)]), RULES._replace(max_detections=n), 0.0)
+            add_to(
+                ev,
+                det(f"{tag}{i:040x}:120", 1.0 + i, boxes=[PERSON, CAT, Box("car", 0.5, 0, 0, 1, 1)]),
+                RULES._replace(max_detections=n),
+                0.0,
+            )
         return ev
 
     state = CameraState(current=full_event(4000, "a"))
@@ -241,11 +279,23 @@ def test_the_state_budget_overestimates_the_real_size():
 def test_the_previous_aggregators_open_event_survives_an_upgrade():
     import msgspec
 
-    from services.aggregator import from_legacy
+    from services.aggregator.service import from_legacy
 
-    old = {"open": {"event_id": "ev-1", "camera": "cam", "started_at": 10.0, "last_at": 20.0, "last_arrival": 5.0, "file_ids": ["a", "b"],
-                    "labels": {"person": {"count": 2, "max_score": 0.95}}, "best_file_id": "a", "best_score": 0.95, "alerted": True},
-           "last_closed_ids": ["x"] * 2000}
+    old = {
+        "open": {
+            "event_id": "ev-1",
+            "camera": "cam",
+            "started_at": 10.0,
+            "last_at": 20.0,
+            "last_arrival": 5.0,
+            "file_ids": ["a", "b"],
+            "labels": {"person": {"count": 2, "max_score": 0.95}},
+            "best_file_id": "a",
+            "best_score": 0.95,
+            "alerted": True,
+        },
+        "last_closed_ids": ["x"] * 2000,
+    }
     state = from_legacy(msgspec.json.encode(old))
     assert state.current.event_id == "ev-1" and state.current.keys == ["a", "b"] and state.current.alerted
     assert dirty(state.current)  # never published: it goes out when cut or quiet

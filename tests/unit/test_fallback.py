@@ -26,7 +26,9 @@ class Clock:
 
 
 def make(gpu_factory, clock, events, **kw):
-    return FallbackBackend(gpu_factory, lambda: Backend("cpu"), clock=clock, on_change=lambda s, r: events.append((s, r)), **kw)
+    return FallbackBackend(
+        gpu_factory, lambda: Backend("cpu"), clock=clock, on_change=lambda s, r: events.append((s, r)), **kw
+    )
 
 
 def test_gpu_that_fails_at_init_runs_on_cpu_and_says_why():
@@ -106,13 +108,20 @@ def cuda_error(code: int):
     return CudaError(code, err.name, cudart.cudaGetErrorString(err)[1].decode(), "cudaStreamSynchronize")
 
 
-@pytest.mark.parametrize("error", [
-    lambda: cuda_error(700), lambda: cuda_error(719),
-    # onnxruntime's CUDA EP reports it as text (cuda_call.cc: "CUDA failure <code>: <cudaGetErrorString>")
-    lambda: RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access was encountered ; GPU=0 ; "
-                         "hostname=box ; file=cuda_call.cc ; line=123 ; expr=cudaStreamSynchronize(stream);"),
-    lambda: RuntimeError("TensorRT execute_async_v3 failed: unspecified launch failure"),
-], ids=["cuda-700", "cuda-719", "onnxruntime-text", "tensorrt-text"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        lambda: cuda_error(700),
+        lambda: cuda_error(719),
+        # onnxruntime's CUDA EP reports it as text (cuda_call.cc: "CUDA failure <code>: <cudaGetErrorString>")
+        lambda: RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access was encountered ; GPU=0 ; "
+            "hostname=box ; file=cuda_call.cc ; line=123 ; expr=cudaStreamSynchronize(stream);"
+        ),
+        lambda: RuntimeError("TensorRT execute_async_v3 failed: unspecified launch failure"),
+    ],
+    ids=["cuda-700", "cuda-719", "onnxruntime-text", "tensorrt-text"],
+)
 def test_a_sticky_cuda_error_drops_the_gpu_for_good_and_asks_for_a_restart(error):
     """After an illegal address or a launch failure the process can never use CUDA again: the batch
     is re-run on the CPU at once (no max_errors), the GPU is closed and never retried in this process,
@@ -143,8 +152,11 @@ def test_a_sticky_cuda_error_drops_the_gpu_for_good_and_asks_for_a_restart(error
     assert len(made) == 1  # never retried in this process
 
 
-@pytest.mark.parametrize("error", [cuda_error(2), cuda_error(35), RuntimeError("CUDA failure 2: out of memory"), RuntimeError("transient")],
-                         ids=["oom", "insufficient-driver", "oom-text", "other"])
+@pytest.mark.parametrize(
+    "error",
+    [cuda_error(2), cuda_error(35), RuntimeError("CUDA failure 2: out of memory"), RuntimeError("transient")],
+    ids=["oom", "insufficient-driver", "oom-text", "other"],
+)
 def test_errors_a_process_recovers_from_are_not_sticky(error):
     from services.detector.gpu_errors import is_sticky
 

@@ -2,7 +2,7 @@
 
 import os
 
-from services.gpu_stats_readers import parse_nvidia_smi, unit_of
+from services.gpu_stats.readers import parse_nvidia_smi, unit_of
 
 # Recorded from `nvidia-smi --query-gpu=<SMI_FIELDS> --format=csv,noheader,nounits` on a two-GPU box,
 # the second GPU reporting what consumer cards report for unsupported fields.
@@ -15,7 +15,15 @@ RECORDED = """\
 def test_parse_recorded_nvidia_smi_output():
     a, b = parse_nvidia_smi(RECORDED, "box", 123.0)
     assert (a.index, a.name, a.util_pct, a.mem_used_mb, a.mem_total_mb, a.temp_c, a.power_w, a.power_limit_w) == (
-        0, "NVIDIA H200", 37.0, 1024.0, 143771.0, 41.0, 121.5, 700.0)
+        0,
+        "NVIDIA H200",
+        37.0,
+        1024.0,
+        143771.0,
+        41.0,
+        121.5,
+        700.0,
+    )
     assert a.source == "nvidia-smi" and a.host == "box" and a.sampled_at == 123.0 and a.uuid.startswith("GPU-6c0f")
     assert b.power_w is None and b.power_limit_w is None and b.sm_clock_mhz == 210.0
 
@@ -45,7 +53,9 @@ class Driver:
         return f"gpu{i}"
 
     def nvmlDeviceGetComputeRunningProcesses(self, h):
-        raise self.real.NVMLLibraryMismatchError("Unversioned function called and the pyNVML version does not match the NVML lib version")
+        raise self.real.NVMLLibraryMismatchError(
+            "Unversioned function called and the pyNVML version does not match the NVML lib version"
+        )
 
     def nvmlDeviceGetComputeRunningProcesses_v2(self, h):
         from types import SimpleNamespace
@@ -93,7 +103,7 @@ def test_nvml_reader_survives_an_older_driver():
     import pytest
 
     pynvml = pytest.importorskip("pynvml")
-    from services.gpu_stats_readers import NvmlReader
+    from services.gpu_stats.readers import NvmlReader
 
     reader = object.__new__(NvmlReader)  # no libnvidia-ml here: nvmlInit would fail
     reader.nvml, reader.count = Driver(pynvml), 1

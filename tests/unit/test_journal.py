@@ -27,8 +27,14 @@ def test_fields_priority_and_multiline_values(tmp_path):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(str(path))
     client = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    event = {"event": "dead-lettered", "level": "warning", "camera": "front_door", "file_id": "abc",
-             "reason": "line one\nline two", "timestamp": "t"}
+    event = {
+        "event": "dead-lettered",
+        "level": "warning",
+        "camera": "front_door",
+        "file_id": "abc",
+        "reason": "line one\nline two",
+        "timestamp": "t",
+    }
     client.sendto(encode_journal(event, "vigil-detector"), str(path))
     fields = parse(server.recv(65536))
     assert fields["PRIORITY"] == "4" and fields["SYSLOG_IDENTIFIER"] == "vigil-detector"
@@ -58,5 +64,7 @@ def test_structlog_drives_the_journal_logger(tmp_path, monkeypatch):
     log.warning("skipped", camera="backyard", path="backyard/x.jpg")
     fields = parse(server.recv(65536))
     structlog.reset_defaults()
-    assert fields["SYSLOG_IDENTIFIER"] == "vigil-watcher" and fields["CAMERA"] == "backyard" and fields["PRIORITY"] == "4"
+    assert (
+        fields["SYSLOG_IDENTIFIER"] == "vigil-watcher" and fields["CAMERA"] == "backyard" and fields["PRIORITY"] == "4"
+    )
     assert fields["SERVICE"] == "watcher"

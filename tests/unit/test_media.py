@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from proto import Box
-from services.detector import keep_for_camera
+from services.detector.engine import keep_for_camera
 from services.detector.media import Undecodable, decode_image, jpeg_size, read_media
 from services.runtime.config import CameraFilter, DetectorConfig
 
@@ -45,16 +45,28 @@ def test_reading_refuses_escapes_symlinks_and_oversize(tmp_path):
     outside.mkdir()
     (outside / "secret.jpg").write_bytes(b"s")
     (tmp_path / "cam" / "linkdir").symlink_to(outside)  # a linked directory is refused too
-    for rel, limit, reason in [("cam/../../etc/passwd", 1000, "escapes"), ("cam/link.jpg", 1000, "cannot open"),
-                               ("cam/linkdir/secret.jpg", 1000, "cannot open"), ("/etc/passwd", 1000, "escapes"),
-                               ("cam/a.jpg", 10, "limit"), ("cam/gone.jpg", 1000, "vanished")]:
+    for rel, limit, reason in [
+        ("cam/../../etc/passwd", 1000, "escapes"),
+        ("cam/link.jpg", 1000, "cannot open"),
+        ("cam/linkdir/secret.jpg", 1000, "cannot open"),
+        ("/etc/passwd", 1000, "escapes"),
+        ("cam/a.jpg", 10, "limit"),
+        ("cam/gone.jpg", 1000, "vanished"),
+    ]:
         with pytest.raises(Undecodable, match=reason):
             read_media(tmp_path, rel, limit)
 
 
 def test_per_camera_labels_and_min_scores():
-    cfg = DetectorConfig(score_threshold=0.3, cameras={"drive": CameraFilter(labels=["person", "car"], min_score={"car": 0.6})})
-    boxes = [Box("person", 0.4, 0, 0, 1, 1), Box("car", 0.5, 0, 0, 1, 1), Box("car", 0.7, 0, 0, 1, 1), Box("cat", 0.9, 0, 0, 1, 1)]
+    cfg = DetectorConfig(
+        score_threshold=0.3, cameras={"drive": CameraFilter(labels=["person", "car"], min_score={"car": 0.6})}
+    )
+    boxes = [
+        Box("person", 0.4, 0, 0, 1, 1),
+        Box("car", 0.5, 0, 0, 1, 1),
+        Box("car", 0.7, 0, 0, 1, 1),
+        Box("cat", 0.9, 0, 0, 1, 1),
+    ]
     assert [(b.label, b.score) for b in keep_for_camera(boxes, "drive", cfg)] == [("person", 0.4), ("car", 0.7)]
     assert keep_for_camera(boxes, "other", cfg) == boxes
 
@@ -63,7 +75,12 @@ def test_exif_rotated_jpeg_reports_the_rotated_size():
     """A portrait photo stored landscape with EXIF Orientation=6: sizes follow the decoded image."""
     data = bytearray(jpeg(3200, 1600))
     # APP1 Exif segment with a single Orientation=6 tag (little-endian TIFF), inserted after SOI
-    tiff = b"II*\x00\x08\x00\x00\x00" + b"\x01\x00" + b"\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00" + b"\x00\x00\x00\x00"
+    tiff = (
+        b"II*\x00\x08\x00\x00\x00"
+        + b"\x01\x00"
+        + b"\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00\x00\x00"
+        + b"\x00\x00\x00\x00"
+    )
     app1 = b"\xff\xe1" + (len(tiff) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + tiff
     data[2:2] = app1
     image, w, h = decode_image(bytes(data), target=416)
@@ -73,7 +90,7 @@ def test_exif_rotated_jpeg_reports_the_rotated_size():
 def test_clip_batches_are_split_by_frame_budget():
     """16 clips in one fetch are decoded a few at a time, so memory and watchdog time stay bounded."""
     from proto import FileUploaded
-    from services.detector import Detector
+    from services.detector.service import Detector
 
     cfg = DetectorConfig(batch_size=16, clip_max_frames=120)
     det = Detector.__new__(Detector)

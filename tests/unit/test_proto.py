@@ -11,8 +11,17 @@ from proto.topology import CONSUMERS, STREAMS
 
 
 def test_roundtrip_and_readable_json():
-    msg = Detections(file_id="f", camera="cam", path="cam/a.jpg", captured_at=1.5, width=4, height=3, model="m",
-                     inference_ms=2.0, boxes=[Box("person", 0.9, 1, 2, 3, 4)])
+    msg = Detections(
+        file_id="f",
+        camera="cam",
+        path="cam/a.jpg",
+        captured_at=1.5,
+        width=4,
+        height=3,
+        model="m",
+        inference_ms=2.0,
+        boxes=[Box("person", 0.9, 1, 2, 3, 4)],
+    )
     data = proto.encode(msg)
     doc = json.loads(data)
     assert doc["type"] == "Detections" and doc["boxes"] == [["person", 0.9, 1, 2, 3, 4]]
@@ -21,7 +30,11 @@ def test_roundtrip_and_readable_json():
 
 def test_headers_name_type_version_and_dedupe_id():
     msg = FileUploaded(file_id="f", camera="c", path="c/x.jpg", size=1, mtime=0.0, sha256="s", kind="image")
-    assert proto.headers_for(msg, "upload-f") == {"Vigil-Type": "FileUploaded", "Vigil-Version": "1", "Nats-Msg-Id": "upload-f"}
+    assert proto.headers_for(msg, "upload-f") == {
+        "Vigil-Type": "FileUploaded",
+        "Vigil-Version": "1",
+        "Nats-Msg-Id": "upload-f",
+    }
 
 
 def test_unknown_version_is_refused():
@@ -55,8 +68,17 @@ def test_every_consumer_has_a_stream_and_sane_limits():
 def test_text_with_control_or_direction_characters_is_refused_both_ways(char):
     """NUL stalls PostgreSQL, ESC and CSI drive terminals, U+202E shows "evil\u202egpj.exe" as "evilexe.jpg":
     refused at encode (where the message is made) and at decode (whatever another process sent), escaped or raw."""
-    det = Detections(file_id="f", camera="cam", path=f"cam/a{char}.jpg", captured_at=1.0, width=1, height=1, model="m", inference_ms=1.0,
-                     boxes=[Box("person", 0.9, 1, 2, 3, 4)])
+    det = Detections(
+        file_id="f",
+        camera="cam",
+        path=f"cam/a{char}.jpg",
+        captured_at=1.0,
+        width=1,
+        height=1,
+        model="m",
+        inference_ms=1.0,
+        boxes=[Box("person", 0.9, 1, 2, 3, 4)],
+    )
     with pytest.raises(ValueError, match="`path`"):
         proto.encode(det)
     doc = json.loads(proto.encode(Detections(**{**msgspec.structs.asdict(det), "path": "cam/a.jpg"})))
@@ -68,5 +90,7 @@ def test_text_with_control_or_direction_characters_is_refused_both_ways(char):
 
 
 def test_a_dead_letter_keeps_the_bytes_it_could_not_use():
-    letter = proto.DeadLetter(stage="s", reason="r", original_subject="x", original_payload='{"path": "a\\u0000"}\x00\x1b')
+    letter = proto.DeadLetter(
+        stage="s", reason="r", original_subject="x", original_payload='{"path": "a\\u0000"}\x00\x1b'
+    )
     assert proto.decode(proto.encode(letter)).original_payload == letter.original_payload

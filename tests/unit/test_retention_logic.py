@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from services.retention_media import FallingFast, MediaFile, check_root, plan, scan, unlink_under
+from services.retention.media import FallingFast, MediaFile, check_root, plan, scan, unlink_under
 from services.runtime.config import ConfigError, RetentionCamera, RetentionConfig, load_config, parse_watermark
 
 NOW = 1_800_000_000.0
@@ -50,7 +50,7 @@ def test_watermarks_parse_as_percent_or_size_and_bad_ones_name_the_field():
     assert parse_watermark("20GiB") == ("bytes", 20 * 2**30)
     assert parse_watermark("500 MB") == ("bytes", 500e6)
     assert parse_watermark("1024") == ("bytes", 1024.0)
-    with pytest.raises(ConfigError, match="retention.low_watermark"):
+    with pytest.raises(ConfigError, match=r"retention\.low_watermark"):
         load_config(environ={"VIGIL_RETENTION__LOW_WATERMARK": "lots"})
     with pytest.raises(ConfigError, match="detections_days"):
         load_config(environ={"VIGIL_RETENTION__MAX_AGE_DAYS": "60"})
@@ -81,13 +81,22 @@ def test_unlink_under_refuses_symlinks_dotdot_and_non_files(tmp_path):
     (root / "linked").symlink_to(outside, target_is_directory=True)
     (root / "cam" / "dir.jpg").mkdir()
     os.mkfifo(root / "cam" / "fifo.jpg")
-    for rel in ("cam/link.jpg", "linked/secret.jpg", "cam/../../outside/secret.jpg", "/etc/passwd", "cam/dir.jpg", "cam/fifo.jpg"):
+    for rel in (
+        "cam/link.jpg",
+        "linked/secret.jpg",
+        "cam/../../outside/secret.jpg",
+        "/etc/passwd",
+        "cam/dir.jpg",
+        "cam/fifo.jpg",
+    ):
         with pytest.raises(ValueError):
             unlink_under(root, rel)
     assert secret.exists() and (root / "cam" / "link.jpg").is_symlink()
     (root / "cam" / "2026" / "a..b.jpg").write_bytes(b"12345")
     assert unlink_under(root, "cam/2026/a..b.jpg") == 5
-    assert not (root / "cam" / "2026").exists() and (root / "cam").is_dir()  # the emptied date folder goes, the camera stays
+    assert (
+        not (root / "cam" / "2026").exists() and (root / "cam").is_dir()
+    )  # the emptied date folder goes, the camera stays
     assert unlink_under(root, "cam/gone.jpg") == 0
     assert sorted(x.rel for x in scan(root)) == []  # symlinks, FIFOs and folders are not media
 
@@ -103,7 +112,12 @@ def test_scan_names_cameras_as_the_watcher_does(tmp_path):
     """Only folders whose names are camera ids, and only names that can travel as text: "front.door"
     is not folded into front_door (whose quota and evidence it would share), and a name that is not
     UTF-8 never reaches a query (it stopped retention before)."""
-    for folder, name in (("front_door", "a.jpg"), ("front.door", "b.jpg"), ("front door", "c.jpg"), (".hidden", "d.jpg")):
+    for folder, name in (
+        ("front_door", "a.jpg"),
+        ("front.door", "b.jpg"),
+        ("front door", "c.jpg"),
+        (".hidden", "d.jpg"),
+    ):
         (tmp_path / folder).mkdir(exist_ok=True)
         (tmp_path / folder / name).write_bytes(b"x")
     (tmp_path / "front_door" / "ctl\x1b.jpg").write_bytes(b"x")

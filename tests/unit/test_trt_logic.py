@@ -4,8 +4,15 @@ import pytest
 
 from services.detector.trt import batch_profile, engine_cache_key, output_shape
 
-BASE = dict(model_sha256="a" * 64, gpu_name="NVIDIA H200", compute_capability=(9, 0), trt_version="10.9.0",
-            precision="fp16", profile=(1, 8, 16), size=416)
+BASE = dict(
+    model_sha256="a" * 64,
+    gpu_name="NVIDIA H200",
+    compute_capability=(9, 0),
+    trt_version="10.9.0",
+    precision="fp16",
+    profile=(1, 8, 16),
+    size=416,
+)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +145,9 @@ def test_close_frees_every_device_and_pinned_buffer_and_the_stream():
 def test_the_driver_check_names_the_fix():
     from services.detector.trt import DriverMismatch, check_driver
 
-    assert check_driver(Cudart(driver=12040, runtime=12090)) == "driver CUDA 12.4, runtime CUDA 12.9"  # minor versions mix
+    assert (
+        check_driver(Cudart(driver=12040, runtime=12090)) == "driver CUDA 12.4, runtime CUDA 12.9"
+    )  # minor versions mix
     with pytest.raises(DriverMismatch, match=r"supports CUDA 12\.4.*CUDA 13\.0.*cuda-python>=12,<13"):
         check_driver(Cudart(driver=12040, runtime=13000))
     # the real cuda-python on this machine, which has no NVIDIA driver: it reports version 0
@@ -215,7 +224,9 @@ class DeviceCudart(Cudart):
 
 
 @pytest.mark.parametrize("version, fp16_flag, precision", [("10.16.1", True, "fp16"), ("11.0.0", False, "as-exported")])
-def test_a_cached_engine_loads_without_a_builder_and_a_missing_one_is_never_built_here(tmp_path, monkeypatch, version, fp16_flag, precision):
+def test_a_cached_engine_loads_without_a_builder_and_a_missing_one_is_never_built_here(
+    tmp_path, monkeypatch, version, fp16_flag, precision
+):
     import sys
 
     from services.detector import trt
@@ -240,5 +251,5 @@ def test_a_cached_engine_loads_without_a_builder_and_a_missing_one_is_never_buil
         trt.TensorRTBackend(info, cfg, tmp_path)
     assert not plan.path.exists()  # removed: rebuilt at the next start
     monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT("9.3.0", True))
-    with pytest.raises(RuntimeError, match="TensorRT 9.3.0 is not supported"):
+    with pytest.raises(RuntimeError, match=r"TensorRT 9\.3\.0 is not supported"):
         trt.plan_engine(info, cfg, tmp_path)

@@ -40,7 +40,7 @@ def test_config_template_parses_and_lists_every_option(tmp_path):
 def test_unit_is_notify_with_watchdog_and_bounded_stop(unit):
     text = unit.read_text()
     if unit.name != "vigil-nats.service":  # nats-server has no sd_notify; services wait for it
-        assert "Type=notify" in text and "WatchdogSec=" in text or unit.name == "vigil-postgresql.service"
+        assert ("Type=notify" in text and "WatchdogSec=" in text) or unit.name == "vigil-postgresql.service"
     assert "Restart=on-failure" in text and "StartLimitBurst=" in text
     assert "PartOf=vigil.target" in text
     stop = int(re.search(r"TimeoutStopSec=(\d+)", text).group(1))
@@ -54,7 +54,9 @@ def test_every_unit_exposure_is_ok():
     """`systemd-analyze security --offline=yes` scores each unit <= 2.0 ("OK")."""
     scores = {}
     for unit in UNITS:
-        out = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["systemd-analyze", "security", "--offline=yes", str(unit)], capture_output=True, text=True
+        ).stdout
         scores[unit.name] = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", out).group(1))
     print("\nexposure: " + ", ".join(f"{k} {v}" for k, v in scores.items()))
     assert all(v <= 2.0 for v in scores.values()), scores

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from proto import unsafe_field
-from services.watcher_files import (
+from services.watcher.files import (
     Ledger,
     NotRegularFile,
     Settler,
@@ -57,17 +57,20 @@ def test_camera_id_is_the_folder_name_or_nothing():
         assert camera_id(bad) is None, bad
 
 
-@pytest.mark.parametrize("rel, why", [
-    (os.fsdecode(b"front_door/\xff.jpg"), "not valid UTF-8"),
-    (os.fsdecode(b"\xe9t\xe9/a.jpg"), "not valid UTF-8"),
-    ("front_door/a\x1b[31m.jpg", "control characters"),
-    ("front_door/a\nb.jpg", "control characters"),
-    ("front_door/a\u0085.jpg", "control characters"),
-    ("front_door/evil\u202egpj.exe", "control characters"),  # shown as "evilexe.jpg"
-    ("front_door/a\u2028b.jpg", "control characters"),
-    ("front.door/a.jpg", "not a camera id"),
-    ("front door/a.jpg", "not a camera id"),
-])
+@pytest.mark.parametrize(
+    "rel, why",
+    [
+        (os.fsdecode(b"front_door/\xff.jpg"), "not valid UTF-8"),
+        (os.fsdecode(b"\xe9t\xe9/a.jpg"), "not valid UTF-8"),
+        ("front_door/a\x1b[31m.jpg", "control characters"),
+        ("front_door/a\nb.jpg", "control characters"),
+        ("front_door/a\u0085.jpg", "control characters"),
+        ("front_door/evil\u202egpj.exe", "control characters"),  # shown as "evilexe.jpg"
+        ("front_door/a\u2028b.jpg", "control characters"),
+        ("front.door/a.jpg", "not a camera id"),
+        ("front door/a.jpg", "not a camera id"),
+    ],
+)
 def test_names_that_cannot_travel_are_refused(rel, why):
     assert why in name_problem(rel)
     assert not unsafe_field(ledger_key(rel))  # what the ledger and the dead letter carry is clean text

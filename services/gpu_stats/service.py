@@ -13,7 +13,7 @@ import socket
 import proto
 from proto import subject
 from proto.topology import GPU_BUCKET, token
-from services.gpu_stats_readers import open_reader
+from services.gpu_stats.readers import open_reader
 from services.runtime import bus
 from services.runtime.config import Config
 from services.runtime.service import Runtime

@@ -14,9 +14,11 @@ and only a payload that decodes as that stage's input type. Only vigil's own hea
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import msgspec
+from nats.js.api import Header
 
 import proto
 from proto.messages import RETRY_HEADER, TYPE_HEADER, VERSION_HEADER, valid_camera
@@ -27,8 +29,12 @@ from proto.topology import token as subject_token
 STAGE_INPUTS: dict[str, dict[str, tuple[str, type]]] = {
     "detector": {"UPLOADS": ("uploads", proto.FileUploaded)},
     "aggregator": {"DETECTIONS": ("detections", proto.Detections)},
-    "recorder": {"DETECTIONS": ("detections", proto.Detections), "EVENTS": ("events", proto.EventClosed),
-                 "ALERTS": ("alerts", proto.Alert), "GPU": ("gpu", proto.GpuSample)},
+    "recorder": {
+        "DETECTIONS": ("detections", proto.Detections),
+        "EVENTS": ("events", proto.EventClosed),
+        "ALERTS": ("alerts", proto.Alert),
+        "GPU": ("gpu", proto.GpuSample),
+    },
 }
 
 
@@ -41,11 +47,15 @@ def target(letter: proto.DeadLetter, letter_subject: str) -> tuple[str, bytes]:
     with the reason. The stage is the one of the letter's subject: a letter written by the aggregator
     that claims to be the detector's would otherwise be re-published into UPLOADS by health or the admin."""
     if dlq_subject_stage(letter_subject) != letter.stage:
-        raise NotRetryable(f"a letter of stage {letter.stage!r} written under {letter_subject!r}: not its stage's letter")
+        raise NotRetryable(
+            f"a letter of stage {letter.stage!r} written under {letter_subject!r}: not its stage's letter"
+        )
     inputs = STAGE_INPUTS.get(letter.stage)
     if inputs is None:
-        raise NotRetryable(f"stage {letter.stage!r} takes no messages from the bus (a watcher letter is a refused file:"
-                           " fix or replace the file and the watcher reads it again)")
+        raise NotRetryable(
+            f"stage {letter.stage!r} takes no messages from the bus (a watcher letter is a refused file:"
+            " fix or replace the file and the watcher reads it again)"
+        )
     kind_type = inputs.get(letter.original_stream or "")
     if kind_type is None:
         raise NotRetryable(f"stage {letter.stage} does not consume stream {letter.original_stream!r}")
@@ -58,7 +68,9 @@ def target(letter: proto.DeadLetter, letter_subject: str) -> tuple[str, bytes]:
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
         raise NotRetryable(f"the payload is not a valid {expected.__name__}: {exc}") from None
     if not isinstance(value, expected):
-        raise NotRetryable(f"the payload is a {type(value).__name__}, not the {expected.__name__} stage {letter.stage} takes")
+        raise NotRetryable(
+            f"the payload is a {type(value).__name__}, not the {expected.__name__} stage {letter.stage} takes"
+        )
     token = getattr(value, "camera", None) if kind != "gpu" else subject_token(getattr(value, "host", ""))
     if not token or (kind != "gpu" and not valid_camera(token)):
         raise NotRetryable("the payload names no valid camera")
@@ -72,11 +84,13 @@ def headers(letter: proto.DeadLetter, seq: int, retries: int, msg_id: str) -> di
     """Only vigil's own headers go back (a forged Nats-* or any other header stays behind)."""
     out = {k: v for k, v in letter.original_headers.items() if k in (TYPE_HEADER, VERSION_HEADER)}
     out[RETRY_HEADER] = str(retries)
-    out["Nats-Msg-Id"] = msg_id
+    out[Header.MSG_ID.value] = msg_id
     return out
 
 
-def plan(letter: proto.DeadLetter, letter_subject: str, first_delay: float, max_retries: int) -> tuple[float | None, str]:
+def plan(
+    letter: proto.DeadLetter, letter_subject: str, first_delay: float, max_retries: int
+) -> tuple[float | None, str]:
     """(when it will be retried automatically, or None; what to tell the operator)."""
     if not letter.transient:
         return None, "no: its content was refused (fix it, then `vigil dlq retry`)"
@@ -89,7 +103,10 @@ def plan(letter: proto.DeadLetter, letter_subject: str, first_delay: float, max_
     except NotRetryable as exc:
         return None, f"no: {exc}"
     when = letter.failed_at + first_delay * 4**letter.retries
-    return when, f"auto at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))} ({letter.retries + 1}/{max_retries}, once {letter.stage} is healthy)"
+    return (
+        when,
+        f"auto at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))} ({letter.retries + 1}/{max_retries}, once {letter.stage} is healthy)",
+    )
 
 
 class RetryBook:
@@ -134,11 +151,16 @@ class RetryBook:
             subject, data = target(letter, letter_subject)
             n = letter.retries + 1
             await js.publish(subject, data, headers=headers(letter, seq, n, f"autoretry-{seq}-{n}"))
-            try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):  # retried by hand, or purged, meanwhile
                 await js.delete_msg("DLQ", seq)
-            except nats.js.errors.NotFoundError:
-                pass  # retried by hand, or purged, meanwhile
             del self.due[seq]
             done += 1
-            log.info("dead letter retried automatically", seq=seq, stage=letter.stage, subject=subject, retry=n, path=letter.path)
+            log.info(
+                "dead letter retried automatically",
+                seq=seq,
+                stage=letter.stage,
+                subject=subject,
+                retry=n,
+                path=letter.path,
+            )
         return done

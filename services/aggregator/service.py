@@ -1,6 +1,6 @@
 """aggregator: Detections -> EventClosed (+ one fast-path Alert per event).
 
-Grouping rules and the contract are in services/events.py. This module does the I/O, in an order that
+Grouping rules and the contract are in services/aggregator/grouping.py. This module does the I/O, in an order that
 makes a crash at any point harmless:
 
 1. Detections wait unacked in the reorder buffer until they may be grouped (a crash redelivers them).
@@ -27,10 +27,20 @@ from nats.aio.msg import Msg
 
 from proto import Alert, Detections, LabelSummary, subject
 from proto.topology import AGGREGATOR_STATE_BUCKET, EVENT_INDEX_BUCKET, consumer
-from services.events import (
-    CameraState, EventState, Held, ReorderBuffer, Rules, dirty, group_in_order, late_window, place_late, add_to, new_event,
+from services.aggregator.grouping import (
+    CameraState,
+    EventState,
+    Held,
+    ReorderBuffer,
+    Rules,
+    add_to,
+    dirty,
+    group_in_order,
+    late_window,
+    new_event,
+    place_late,
 )
-from services.runtime import bus
+from services.runtime import batches, bus, dead_letters
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
@@ -77,8 +87,17 @@ def from_legacy(value: bytes) -> CameraState | None:
     if old.open is None:
         return CameraState()
     o = old.open
-    current = EventState(event_id=o.event_id, camera=o.camera, started_at=o.started_at, ended_at=o.last_at, keys=list(o.file_ids),
-                         labels=o.labels, best_file_id=o.best_file_id, best_score=o.best_score, alerted=o.alerted)
+    current = EventState(
+        event_id=o.event_id,
+        camera=o.camera,
+        started_at=o.started_at,
+        ended_at=o.last_at,
+        keys=list(o.file_ids),
+        labels=o.labels,
+        best_file_id=o.best_file_id,
+        best_score=o.best_score,
+        alerted=o.alerted,
+    )
     return CameraState(current=current, sealed_t=o.last_at, sealed_key="\uffff")  # everything up to last_at was grouped
 
 
@@ -128,7 +147,9 @@ class Aggregator:
         self.cache.clear()
         now = time.monotonic()
         self.last_change = {c: self.last_change.get(c, now) for c in loaded}
-        self.rt.log.info("state loaded", cameras=len(loaded), current_events=sum(1 for s in loaded.values() if s.current))
+        self.rt.log.info(
+            "state loaded", cameras=len(loaded), current_events=sum(1 for s in loaded.values() if s.current)
+        )
 
     async def flush_outboxes(self) -> None:
         """After a restart: publish what a commit wrote but may not have published."""
@@ -145,7 +166,7 @@ class Aggregator:
                 self.max_seen_seq = max(self.max_seen_seq, msg.metadata.sequence.stream)
             det = bus.decode_as(msg, Detections)
             if isinstance(det, str):
-                await bus.dead_letter(self.rt, STAGE, msg, det)
+                await dead_letters.dead_letter(self.rt, STAGE, msg, det)
                 continue
             if not det.boxes:  # nothing to group: the recorder keeps it, events never see it
                 with contextlib.suppress(*bus.TRANSIENT):
@@ -234,7 +255,7 @@ class Aggregator:
                 return
             try:
                 await self.commit(released, quiet)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - sorted below: transient (retried) or a bug (dead-lettered)
                 self.needs_reload = True
                 if bus.is_transient(exc):
                     self.rt.log.warning("commit failed, will retry", held=len(released), error=repr(exc))
@@ -246,17 +267,28 @@ class Aggregator:
                 self.rt.log.error("commit failed permanently, dead-lettering its detections", error=repr(exc))
                 for held in released:
                     for m in held.msgs:
-                        await bus.dead_letter(self.rt, STAGE, m, f"could not be grouped: {exc!r}"[:500],
-                                              camera=held.det.camera, file_id=held.det.file_id)
+                        await dead_letters.dead_letter(
+                            self.rt,
+                            STAGE,
+                            m,
+                            f"could not be grouped: {exc!r}"[:500],
+                            camera=held.det.camera,
+                            file_id=held.det.file_id,
+                        )
             finally:
                 self.in_commit = []
 
     def quiet_cameras(self) -> list[str]:
         """Cameras whose current event changed, then nothing arrived for idle_seconds (monotonic)."""
         now = time.monotonic()
-        return [c for c, s in self.cameras.items()
-                if s.current is not None and dirty(s.current) and not self.buffer.holds(c)
-                and now - self.last_change.get(c, now) >= self.rules.idle]
+        return [
+            c
+            for c, s in self.cameras.items()
+            if s.current is not None
+            and dirty(s.current)
+            and not self.buffer.holds(c)
+            and now - self.last_change.get(c, now) >= self.rules.idle
+        ]
 
     async def commit(self, released: list[Held], quiet: bool) -> None:
         wall = time.time()
@@ -311,7 +343,7 @@ class Aggregator:
         await self.put_states(work)
         # 2-3. publish, index, clear the outbox
         await self.publish_and_clear(work)
-        for camera, events in changed.items():
+        for events in changed.values():
             for ev in events.values():
                 self.remember(ev)
         # 4. only now is a detection's grouping durable: ack
@@ -321,8 +353,10 @@ class Aggregator:
         self.rt.count("grouped", len(released))
         self.rt.counters["held"] = len(self.buffer)
 
-    async def late(self, state: CameraState, det: Detections, changed: dict[str, EventState], wall: float) -> Alert | None:
-        """A detection earlier than the camera's grouping point (services/events.py: place_late)."""
+    async def late(
+        self, state: CameraState, det: Detections, changed: dict[str, EventState], wall: float
+    ) -> Alert | None:
+        """A detection earlier than the camera's grouping point (services/aggregator/grouping.py: place_late)."""
         candidates = await self.candidates(state, det, changed)
         where, ev = place_late(det, candidates, self.rules)
         if where == "duplicate":
@@ -332,9 +366,14 @@ class Aggregator:
         # beyond the reorder bound (re-published, retried from the DLQ, or a detector that kept crashing
         # on it): it joins the right files, but an event it would have started keeps its published id
         sealed = state.sealed()
-        self.rt.log.info("late detection", camera=det.camera, file_id=det.file_id, placed=where,
-                         event_id=ev.event_id if ev is not None else None,
-                         behind_seconds=round(sealed[0] - det.captured_at, 3) if sealed else None)
+        self.rt.log.info(
+            "late detection",
+            camera=det.camera,
+            file_id=det.file_id,
+            placed=where,
+            event_id=ev.event_id if ev is not None else None,
+            behind_seconds=round(sealed[0] - det.captured_at, 3) if sealed else None,
+        )
         if ev is None:
             ev = new_event(det)
         is_current = state.current is not None and state.current.event_id == ev.event_id
@@ -379,7 +418,10 @@ class Aggregator:
 
     async def put_states(self, states: dict[str, CameraState]) -> None:
         timeout = self.rt.config.nats.publish_timeout
-        await asyncio.wait_for(asyncio.gather(*(self.kv.put(STATE_PREFIX + c, _state_codec[0].encode(s)) for c, s in states.items())), timeout)
+        await asyncio.wait_for(
+            asyncio.gather(*(self.kv.put(STATE_PREFIX + c, _state_codec[0].encode(s)) for c, s in states.items())),
+            timeout,
+        )
 
     async def publish_and_clear(self, states: dict[str, CameraState]) -> None:
         events = [e for s in states.values() for e in s.outbox]
@@ -392,7 +434,9 @@ class Aggregator:
             + [(subject("events", e.camera), e.message(), f"{e.event_id}-r{e.revision}") for e in events],
         )
         timeout = self.rt.config.nats.publish_timeout
-        await asyncio.wait_for(asyncio.gather(*(self.index.put(index_key(e), msgspec.json.encode(e)) for e in events)), timeout)
+        await asyncio.wait_for(
+            asyncio.gather(*(self.index.put(index_key(e), msgspec.json.encode(e)) for e in events)), timeout
+        )
         for s in states.values():
             s.outbox, s.outbox_alerts = [], []
         await self.put_states(states)
@@ -409,19 +453,27 @@ async def wait_for_redeliveries(rt: Runtime) -> None:
     spec = consumer("aggregator")
     info = await rt.js.consumer_info(spec.stream, spec.durable)
     if info.num_ack_pending:
-        rt.log.info("waiting for unacked detections of the previous run", unacked=info.num_ack_pending, seconds=spec.ack_wait)
+        rt.log.info(
+            "waiting for unacked detections of the previous run", unacked=info.num_ack_pending, seconds=spec.ack_wait
+        )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(rt.stopping.wait(), timeout=spec.ack_wait + 1.0)
 
 
 async def run(config: Config) -> None:
     async with Runtime.start("aggregator", config) as rt:
-        aggregator = Aggregator(rt, config, await rt.js.key_value(AGGREGATOR_STATE_BUCKET), await rt.js.key_value(EVENT_INDEX_BUCKET))
+        aggregator = Aggregator(
+            rt, config, await rt.js.key_value(AGGREGATOR_STATE_BUCKET), await rt.js.key_value(EVENT_INDEX_BUCKET)
+        )
         await bus.retry(rt, "load state", aggregator.load_state)
         await bus.retry(rt, "re-publish outboxes", aggregator.flush_outboxes)
         await wait_for_redeliveries(rt)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(bus.consume(rt, "aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0, stage=STAGE))
+            tg.create_task(
+                batches.consume(
+                    rt, "aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0, stage=STAGE
+                )
+            )
             tg.create_task(aggregator.tick_loop())
             tg.create_task(aggregator.keepalive_loop())
-            tg.create_task(bus.exhausted_loop(rt, "aggregator", STAGE))
+            tg.create_task(batches.exhausted_loop(rt, "aggregator", STAGE))

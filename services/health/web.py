@@ -39,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import proto
-from services.health_checks import Snapshot, fmt_age, healthy_enough, snapshot_json
+from services.health.checks import Snapshot, fmt_age, healthy_enough, snapshot_json
 from services.runtime.config import Config
 from services.runtime.http import host_guard
 
@@ -59,13 +59,28 @@ class HealthState:
         self.events: deque[dict] = deque(maxlen=20)
         self.seed_error: str | None = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.files = Counter("vigil_files_detected", "Detections messages seen (one per image or clip frame)", ["camera"], registry=self.registry)
+        self.files = Counter(
+            "vigil_files_detected",
+            "Detections messages seen (one per image or clip frame)",
+            ["camera"],
+            registry=self.registry,
+        )
         self.boxes = Counter("vigil_detections", "Detection boxes seen", ["camera", "label"], registry=self.registry)
-        self.inference = Histogram("vigil_inference_seconds", "Detector inference time per image/frame", registry=self.registry,
-                                   buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
-        self.rejected = Counter("vigil_files_rejected", "Files the watcher refused (see vigil dlq list)", ["camera"], registry=self.registry)
-        self.latency = Histogram("vigil_detect_latency_seconds", "File settled on disk -> detection published", registry=self.registry,
-                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.inference = Histogram(
+            "vigil_inference_seconds",
+            "Detector inference time per image/frame",
+            registry=self.registry,
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+        )
+        self.rejected = Counter(
+            "vigil_files_rejected", "Files the watcher refused (see vigil dlq list)", ["camera"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "vigil_detect_latency_seconds",
+            "File settled on disk -> detection published",
+            registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
         self.registry.register(_SnapshotCollector(self))
 
     def observe(self, value: proto.Message) -> None:
@@ -87,8 +102,15 @@ class HealthState:
                 if value.published_at:
                     self.latency.observe(max(0.0, time.time() - value.published_at))
             case proto.EventClosed():
-                self.events.append({"event_id": value.event_id, "camera": value.camera, "started_at": value.started_at,
-                                    "ended_at": value.ended_at, "labels": sorted(value.labels)})
+                self.events.append(
+                    {
+                        "event_id": value.event_id,
+                        "camera": value.camera,
+                        "started_at": value.started_at,
+                        "ended_at": value.ended_at,
+                        "labels": sorted(value.labels),
+                    }
+                )
 
     def update(self, snap: Snapshot, firing: dict[str, proto.Alert]) -> None:
         self.snapshot, self.firing = snap, dict(firing)
@@ -98,8 +120,11 @@ class HealthState:
         if self.snapshot is None:
             return "no check yet"
         bad = [s.key for s in self.snapshot.services if s.verdict in ("down", "stale")]
-        return f"{len(self.snapshot.services) - len(bad)} up, {len(bad)} down" + (f" ({', '.join(bad)})" if bad else "") + \
-            f", {len(self.firing)} alerts firing"
+        return (
+            f"{len(self.snapshot.services) - len(bad)} up, {len(bad)} down"
+            + (f" ({', '.join(bad)})" if bad else "")
+            + f", {len(self.firing)} alerts firing"
+        )
 
     def status_document(self) -> dict:
         data = snapshot_json(self.snapshot) if self.snapshot else {}
@@ -122,11 +147,15 @@ class _SnapshotCollector:
             return
         svc = ["service", "instance"]
         up = GaugeMetricFamily("vigil_service_up", "1 when healthy or degraded, 0 when down or stale", labels=svc)
-        verdict = GaugeMetricFamily("vigil_service_verdict", "1 for the service's current verdict", labels=[*svc, "verdict"])
+        verdict = GaugeMetricFamily(
+            "vigil_service_verdict", "1 for the service's current verdict", labels=[*svc, "verdict"]
+        )
         restarts = CounterMetricFamily("vigil_service_restarts", "systemd NRestarts of the unit", labels=svc)
         uptime = GaugeMetricFamily("vigil_service_uptime_seconds", "Seconds since the instance started", labels=svc)
         in_flight = GaugeMetricFamily("vigil_service_in_flight", "Messages held by the instance right now", labels=svc)
-        counters = CounterMetricFamily("vigil_service_operations", "The instance's own counters since it started", labels=[*svc, "counter"])
+        counters = CounterMetricFamily(
+            "vigil_service_operations", "The instance's own counters since it started", labels=[*svc, "counter"]
+        )
         for s in snap.services:
             ids = [s.service, s.instance or ""]
             up.add_metric(ids, 1.0 if s.verdict in ("healthy", "degraded") else 0.0)
@@ -140,9 +169,15 @@ class _SnapshotCollector:
                 counters.add_metric([*ids, name], value)
         yield from (up, verdict, restarts, uptime, in_flight, counters)
         stage = ["stage"]
-        families = {name: GaugeMetricFamily(f"vigil_stage_{name}", doc, labels=stage) for name, doc in (
-            ("backlog", "Pending plus ack pending"), ("pending", "Not yet delivered"), ("ack_pending", "Delivered, not yet acked"),
-            ("oldest_unacked_seconds", "Age of the oldest message the stage has not acked"))}
+        families = {
+            name: GaugeMetricFamily(f"vigil_stage_{name}", doc, labels=stage)
+            for name, doc in (
+                ("backlog", "Pending plus ack pending"),
+                ("pending", "Not yet delivered"),
+                ("ack_pending", "Delivered, not yet acked"),
+                ("oldest_unacked_seconds", "Age of the oldest message the stage has not acked"),
+            )
+        }
         redelivered = CounterMetricFamily("vigil_stage_redelivered", "Messages redelivered to the stage", labels=stage)
         for st in snap.stages:
             families["backlog"].add_metric([st.consumer], st.backlog)
@@ -155,7 +190,9 @@ class _SnapshotCollector:
         for name, count in snap.dead_letters.items():
             dead.add_metric([name], count)
         yield dead
-        last = GaugeMetricFamily("vigil_camera_last_upload_timestamp_seconds", "When the camera last uploaded", labels=["camera"])
+        last = GaugeMetricFamily(
+            "vigil_camera_last_upload_timestamp_seconds", "When the camera last uploaded", labels=["camera"]
+        )
         for camera, t in self.state.cameras.items():
             last.add_metric([camera], t)
         yield last
@@ -173,14 +210,25 @@ class _SnapshotCollector:
             total.add_metric([d.path], d.total_bytes)
         yield from (free, total)
         gpu = ["host", "gpu"]
-        g = {name: GaugeMetricFamily(f"vigil_gpu_{name}", doc, labels=gpu) for name, doc in (
-            ("utilization_percent", "GPU utilisation"), ("memory_used_bytes", "GPU memory used"), ("memory_total_bytes", "GPU memory"),
-            ("temperature_celsius", "GPU temperature"), ("power_watts", "GPU power draw"))}
+        g = {
+            name: GaugeMetricFamily(f"vigil_gpu_{name}", doc, labels=gpu)
+            for name, doc in (
+                ("utilization_percent", "GPU utilisation"),
+                ("memory_used_bytes", "GPU memory used"),
+                ("memory_total_bytes", "GPU memory"),
+                ("temperature_celsius", "GPU temperature"),
+                ("power_watts", "GPU power draw"),
+            )
+        }
         for s in snap.gpus:
             ids = [s.host, str(s.index)]
-            for name, value in (("utilization_percent", s.util_pct), ("memory_used_bytes", s.mem_used_mb and s.mem_used_mb * 2**20),
-                                ("memory_total_bytes", s.mem_total_mb and s.mem_total_mb * 2**20), ("temperature_celsius", s.temp_c),
-                                ("power_watts", s.power_w)):
+            for name, value in (
+                ("utilization_percent", s.util_pct),
+                ("memory_used_bytes", s.mem_used_mb and s.mem_used_mb * 2**20),
+                ("memory_total_bytes", s.mem_total_mb and s.mem_total_mb * 2**20),
+                ("temperature_celsius", s.temp_c),
+                ("power_watts", s.power_w),
+            ):
                 if value is not None:
                     g[name].add_metric(ids, value)
         yield from g.values()
@@ -196,7 +244,11 @@ def make_app(state: HealthState):
     async def ready(request):
         if state.snapshot is None:
             return web.json_response({"ready": False, "reason": "no check yet"}, status=503)
-        bad = [{"service": s.key, "verdict": s.verdict, "reason": s.reason} for s in state.snapshot.services if s.verdict in ("down", "stale")]
+        bad = [
+            {"service": s.key, "verdict": s.verdict, "reason": s.reason}
+            for s in state.snapshot.services
+            if s.verdict in ("down", "stale")
+        ]
         ok = healthy_enough(state.snapshot)
         return web.json_response({"ready": ok, "not_ready": bad}, status=200 if ok else 503)
 
@@ -210,8 +262,15 @@ def make_app(state: HealthState):
         return web.Response(text=render_page(state), content_type="text/html")
 
     app = web.Application(middlewares=[host_guard(state.config.health.allowed_hosts)])
-    app.add_routes([web.get("/health/live", live), web.get("/health/ready", ready), web.get("/status", status),
-                    web.get("/metrics", metrics), web.get("/", page)])
+    app.add_routes(
+        [
+            web.get("/health/live", live),
+            web.get("/health/ready", ready),
+            web.get("/status", status),
+            web.get("/metrics", metrics),
+            web.get("/", page),
+        ]
+    )
     return app
 
 
@@ -236,14 +295,18 @@ def render_page(state: HealthState) -> str:
     """The read-only status page: plain HTML, refreshed by the browser every 5 s, no scripts."""
     e = html.escape
     snap = state.snapshot
-    parts = ["<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5><title>vigil</title>",
-             "<style>body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
-             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}.healthy{color:#070}.degraded{color:#a60}"
-             ".down,.stale{color:#b00;font-weight:bold}</style><h1>vigil</h1>"]
+    parts = [
+        "<!doctype html><meta charset=utf-8><meta http-equiv=refresh content=5><title>vigil</title>",
+        "<style>body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}.healthy{color:#070}.degraded{color:#a60}"
+        ".down,.stale{color:#b00;font-weight:bold}</style><h1>vigil</h1>",
+    ]
     if snap is None:
         parts.append("<p>no check yet</p>")
         return "".join(parts)
-    parts.append(f"<p>checked {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.taken_at))}; systemd: {e(snap.systemd)}</p>")
+    parts.append(
+        f"<p>checked {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.taken_at))}; systemd: {e(snap.systemd)}</p>"
+    )
 
     def table(title: str, head: list[str], rows: list[list[str]]) -> None:
         parts.append(f"<h2>{e(title)}</h2><table><tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr>")
@@ -251,20 +314,81 @@ def render_page(state: HealthState) -> str:
             parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
         parts.append("</table>")
 
-    table("services", ["service", "verdict", "reason", "uptime", "restarts", "in flight", "backend", "last error"],
-          [[e(s.key), f"<span class={s.verdict}>{s.verdict}</span>", e(s.reason), fmt_age(s.uptime_s), e(str(s.restarts or "")),
-            str(s.in_flight), e(s.backend or ""), e(s.last_error or "")] for s in snap.services])
-    table("backlog", ["stage", "pending", "ack pending", "redelivered", "oldest unacked"],
-          [[e(st.consumer), str(st.pending), str(st.ack_pending), str(st.redelivered), fmt_age(st.oldest_unacked_s)] for st in snap.stages])
+    table(
+        "services",
+        ["service", "verdict", "reason", "uptime", "restarts", "in flight", "backend", "last error"],
+        [
+            [
+                e(s.key),
+                f"<span class={s.verdict}>{s.verdict}</span>",
+                e(s.reason),
+                fmt_age(s.uptime_s),
+                e(str(s.restarts or "")),
+                str(s.in_flight),
+                e(s.backend or ""),
+                e(s.last_error or ""),
+            ]
+            for s in snap.services
+        ],
+    )
+    table(
+        "backlog",
+        ["stage", "pending", "ack pending", "redelivered", "oldest unacked"],
+        [
+            [e(st.consumer), str(st.pending), str(st.ack_pending), str(st.redelivered), fmt_age(st.oldest_unacked_s)]
+            for st in snap.stages
+        ],
+    )
     if state.firing:
-        table("alerts firing", ["kind", "camera", "message", "since"],
-              [[e(a.kind), e(a.camera), e(a.message), fmt_age(time.time() - a.created_at)] for a in state.firing.values()])
-    table("GPUs", ["host", "gpu", "name", "util", "memory", "temp", "power"],
-          [[e(g.host), str(g.index), e(g.name), f"{g.util_pct or 0:.0f}%", f"{g.mem_used_mb or 0:.0f}/{g.mem_total_mb or 0:.0f} MiB",
-            f"{g.temp_c or 0:.0f} °C", f"{g.power_w or 0:.0f} W"] for g in snap.gpus] or [["-", "", "no GPU samples", "", "", "", ""]])
-    table("disks", ["path", "free", "size"], [[e(d.path), f"{d.free_pct:.1f}% ({d.free_bytes // 2**30} GiB)", f"{d.total_bytes // 2**30} GiB"] for d in snap.disks])
-    table("cameras", ["camera", "last upload"], [[e(c), fmt_age(time.time() - t) + " ago"] for c, t in sorted(state.cameras.items())])
-    table("last events", ["event", "camera", "started", "labels"],
-          [[e(ev["event_id"]), e(ev["camera"]), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["started_at"])), e(", ".join(ev["labels"]))]
-           for ev in reversed(state.events)])
+        table(
+            "alerts firing",
+            ["kind", "camera", "message", "since"],
+            [
+                [e(a.kind), e(a.camera), e(a.message), fmt_age(time.time() - a.created_at)]
+                for a in state.firing.values()
+            ],
+        )
+    table(
+        "GPUs",
+        ["host", "gpu", "name", "util", "memory", "temp", "power"],
+        [
+            [
+                e(g.host),
+                str(g.index),
+                e(g.name),
+                f"{g.util_pct or 0:.0f}%",
+                f"{g.mem_used_mb or 0:.0f}/{g.mem_total_mb or 0:.0f} MiB",
+                f"{g.temp_c or 0:.0f} °C",
+                f"{g.power_w or 0:.0f} W",
+            ]
+            for g in snap.gpus
+        ]
+        or [["-", "", "no GPU samples", "", "", "", ""]],
+    )
+    table(
+        "disks",
+        ["path", "free", "size"],
+        [
+            [e(d.path), f"{d.free_pct:.1f}% ({d.free_bytes // 2**30} GiB)", f"{d.total_bytes // 2**30} GiB"]
+            for d in snap.disks
+        ],
+    )
+    table(
+        "cameras",
+        ["camera", "last upload"],
+        [[e(c), fmt_age(time.time() - t) + " ago"] for c, t in sorted(state.cameras.items())],
+    )
+    table(
+        "last events",
+        ["event", "camera", "started", "labels"],
+        [
+            [
+                e(ev["event_id"]),
+                e(ev["camera"]),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["started_at"])),
+                e(", ".join(ev["labels"])),
+            ]
+            for ev in reversed(state.events)
+        ],
+    )
     return "".join(parts)

@@ -45,8 +45,10 @@ def name_problem(rel: str, prefix: str = "") -> str | None:
         return "file name contains control characters (or invisible direction marks)"
     folder = rel.split("/", 1)[0]
     if camera_id(folder, prefix) is None:
-        return (f"camera folder {folder!r} is not a camera id (letters, digits, '-' and '_', at most 128"
-                f"{', after the prefix ' + repr(prefix) if prefix else ''}): rename the folder")
+        return (
+            f"camera folder {folder!r} is not a camera id (letters, digits, '-' and '_', at most 128"
+            f"{', after the prefix ' + repr(prefix) if prefix else ''}): rename the folder"
+        )
     return None
 
 
@@ -64,11 +66,7 @@ def file_id(camera: str, rel_path: str, sha256: str) -> str:
 def is_candidate(rel: Path, extensions: set[str]) -> bool:
     """A file worth watching: inside a camera folder, not hidden/temporary, with a known extension."""
     parts = rel.parts
-    return (
-        len(parts) >= 2
-        and not any(p.startswith(".") for p in parts)
-        and rel.suffix.lower() in extensions
-    )
+    return len(parts) >= 2 and not any(p.startswith(".") for p in parts) and rel.suffix.lower() in extensions
 
 
 @dataclass
@@ -95,7 +93,9 @@ class Settler:
     def observe(self, path: str, size: int, mtime_ns: int, now: float, camera: str | None = None) -> None:
         seen = self._pending.get(path)
         if seen is None or (seen.size, seen.mtime_ns) != (size, mtime_ns):
-            self._pending[path] = _Pending(size, mtime_ns, now, camera if camera is not None else (seen.camera if seen else ""))
+            self._pending[path] = _Pending(
+                size, mtime_ns, now, camera if camera is not None else (seen.camera if seen else "")
+            )
 
     def forget(self, path: str) -> None:
         self._pending.pop(path, None)
@@ -157,7 +157,12 @@ class Ledger:
     def published_before(self, file_id: str) -> bool:
         """The same content at the same path (the file id) was published already: a `touch` or a camera
         re-sending an identical file is not a new detection."""
-        return self._db.execute("SELECT 1 FROM published WHERE file_id = ? AND status = 'published' LIMIT 1", (file_id,)).fetchone() is not None
+        return (
+            self._db.execute(
+                "SELECT 1 FROM published WHERE file_id = ? AND status = 'published' LIMIT 1", (file_id,)
+            ).fetchone()
+            is not None
+        )
 
     def mark(self, rows: list[tuple[str, int, int, str, str, float]]) -> None:
         """rows: (path, size, mtime_ns, file_id, status, at); status is 'published' or 'rejected: why'."""

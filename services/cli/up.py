@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from services.cli import SERVICES
+from proto.topology import SERVICES
+from services.cli.stack import NatsServer, Postgres, die_with_parent
 from services.runtime.service import EX_CONFIG
-from services.stack import NatsServer, Postgres, die_with_parent
 
 DEMO_CAMERAS = ("front_door", "backyard")
 
@@ -46,13 +46,16 @@ class Supervisor:
         self.restarts: dict[str, int] = {}
 
     def spawn(self, name: str) -> None:
-        log = open(self.logs / f"{name}.log", "ab")
-        # Own session: Ctrl-C reaches only us, and we send each service exactly one SIGTERM, so it
-        # drains instead of taking the terminal's SIGINT as a second "stop now" signal.
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "run", name, str(self.config)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
-        )
+        with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            # Own session: Ctrl-C reaches only us, and we send each service exactly one SIGTERM, so it
+            # drains instead of taking the terminal's SIGINT as a second "stop now" signal.
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli.main", "run", name, str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
 
     def check(self) -> None:
         for name, proc in self.procs.items():
@@ -61,7 +64,10 @@ class Supervisor:
                 raise SystemExit(f"{name} refused its configuration: {log[-1] if log else '?'}")
             if proc.poll() is not None:
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                print(f"  {name} exited with {proc.returncode}; restarting (see {self.logs / (name + '.log')})", flush=True)
+                print(
+                    f"  {name} exited with {proc.returncode}; restarting (see {self.logs / (name + '.log')})",
+                    flush=True,
+                )
                 time.sleep(min(self.restarts[name], 5))
                 self.spawn(name)
 
@@ -125,12 +131,12 @@ def up(args) -> int:
             sup.spawn(name)
         print(
             f"""
-vigil is running ({', '.join(SERVICES)}), model: {model}
-  drop images into   {home / 'media' / DEMO_CAMERAS[0]}/   or   {home / 'media' / DEMO_CAMERAS[1]}/
-                     (any new folder under {home / 'media'} is a new camera)
-  results            {pg.bindir() / 'psql'} {pg.dsn()} -c 'SELECT camera, path, labels FROM detections'
+vigil is running ({", ".join(SERVICES)}), model: {model}
+  drop images into   {home / "media" / DEMO_CAMERAS[0]}/   or   {home / "media" / DEMO_CAMERAS[1]}/
+                     (any new folder under {home / "media"} is a new camera)
+  results            {pg.bindir() / "psql"} {pg.dsn()} -c 'SELECT camera, path, labels FROM detections'
   the bus            nats --server {nats.url} stream ls   |   nats --server {nats.url} sub 'vigil.>'
-  logs               {home / 'logs'}/<service>.log
+  logs               {home / "logs"}/<service>.log
   config             {config}
 Ctrl-C stops everything (services drain first, then the servers).""",
             flush=True,

@@ -1,6 +1,6 @@
 """health: watches the whole system and says so, on the bus and over HTTP.
 
-Every `health.check_seconds` it takes a snapshot (services/health_checks.py: heartbeats, systemd unit
+Every `health.check_seconds` it takes a snapshot (services/health/checks.py: heartbeats, systemd unit
 states, consumer backlogs, dead letters, disks, GPUs), publishes a HealthChanged on
 vigil.health.<service> whenever a verdict changes, and raises an Alert on vigil.alerts.<camera|system>
 when a condition has held long enough - once when it fires, once more (state "resolved") when it clears:
@@ -13,7 +13,7 @@ when a condition has held long enough - once when it fires, once more (state "re
     camera_clock           a camera's latest upload is dated far in the future or before any retention age
 
 Alerts also go to health.webhook_url (JSON POST, retried with backoff) when one is set. HTTP endpoints
-(127.0.0.1:9470 by default) are in services/health_web.py.
+(127.0.0.1:9470 by default) are in services/health/web.py.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import msgspec
 
 import proto
 from proto import Alert, HealthChanged, subject
-from proto.topology import HEALTH_BUCKET
-from services.dlq_retry import RetryBook
-from services.health_checks import Snapshot, snapshot
-from services.health_web import HealthState, start_http
+from proto.topology import HEALTH_BUCKET, HEALTH_OBSERVES
+from services import database
+from services.health.checks import Snapshot, snapshot
+from services.health.web import HealthState, start_http
 from services.runtime import bus
 from services.runtime.config import Config
+from services.runtime.dlq_retry import RetryBook
 from services.runtime.service import Runtime
 
 CONDITIONS_KEY = "conditions"  # in KV vigil_health: Conditions.dump()
@@ -72,15 +73,30 @@ class Conditions:
         for key, (kind, camera, severity, message, hold) in observed.items():
             since = self.since.setdefault(key, now)
             if key not in self.fired and now - since >= hold:
-                alert = Alert(alert_id=f"health-{key}-{int(since)}", camera=camera, kind=kind, severity=severity, message=message, created_at=now)
+                alert = Alert(
+                    alert_id=f"health-{key}-{int(since)}",
+                    camera=camera,
+                    kind=kind,
+                    severity=severity,
+                    message=message,
+                    created_at=now,
+                )
                 self.fired[key] = alert
                 out.append(alert)
         for key in [k for k in self.since if k not in observed]:
             del self.since[key]
             fired = self.fired.pop(key, None)
             if fired is not None:
-                out.append(msgspec.structs.replace(fired, alert_id=fired.alert_id + "-resolved", state="resolved", severity="info",
-                                                   message=f"resolved: {fired.message}", created_at=now))
+                out.append(
+                    msgspec.structs.replace(
+                        fired,
+                        alert_id=fired.alert_id + "-resolved",
+                        state="resolved",
+                        severity="info",
+                        message=f"resolved: {fired.message}",
+                        created_at=now,
+                    )
+                )
         return out
 
 
@@ -110,70 +126,129 @@ DISK_HYSTERESIS_PCT = 2.0
 NO_LEADER_HOLD_SECONDS = 15.0
 
 
-def observe(snap: Snapshot, state: HealthState, config: Config, trend: BacklogTrend, now: float,
-            active: frozenset[str] = frozenset()) -> dict[str, tuple[str, str, str, str, float]]:
+def observe(
+    snap: Snapshot,
+    state: HealthState,
+    config: Config,
+    trend: BacklogTrend,
+    now: float,
+    active: frozenset[str] = frozenset(),
+) -> dict[str, tuple[str, str, str, str, float]]:
     """Which alert conditions hold in this snapshot (`active`: the ones held at the previous check)."""
     h = config.health
     out: dict[str, tuple[str, str, str, str, float]] = {}
     for s in snap.services:
         if s.verdict in ("down", "stale"):
-            out[f"service_down:{s.key}"] = ("service_down", "system", "critical", f"{s.key} is {s.verdict}: {s.reason}", h.down_alert_seconds)
+            out[f"service_down:{s.key}"] = (
+                "service_down",
+                "system",
+                "critical",
+                f"{s.key} is {s.verdict}: {s.reason}",
+                h.down_alert_seconds,
+            )
         if s.service == "detector" and s.verdict == "degraded" and "cpu fallback" in (s.backend or ""):
-            out[f"detector_cpu_fallback:{s.key}"] = ("detector_cpu_fallback", "system", "warning", f"{s.key}: {s.backend}", 0.0)
+            out[f"detector_cpu_fallback:{s.key}"] = (
+                "detector_cpu_fallback",
+                "system",
+                "warning",
+                f"{s.key}: {s.backend}",
+                0.0,
+            )
     for st in snap.stages:
         if trend.add(st.consumer, now, st.backlog, h.backlog_alert_seconds) and st.backlog >= h.backlog_min:
-            out[f"backlog_growing:{st.consumer}"] = ("backlog_growing", "system", "warning",
-                                                     f"stage {st.consumer}: backlog {st.backlog} and growing for {h.backlog_alert_seconds:.0f}s"
-                                                     f" (oldest unacked {st.oldest_unacked_s:.0f}s)", 0.0)
+            out[f"backlog_growing:{st.consumer}"] = (
+                "backlog_growing",
+                "system",
+                "warning",
+                f"stage {st.consumer}: backlog {st.backlog} and growing for {h.backlog_alert_seconds:.0f}s"
+                f" (oldest unacked {st.oldest_unacked_s:.0f}s)",
+                0.0,
+            )
     for st in snap.streams:  # NATS cluster: a stream without a leader stops; a lagging replica is one failure from that
         if st.replicas and st.leader is None:
-            out[f"stream_no_leader:{st.name}"] = ("stream_no_leader", "system", "critical", f"stream {st.name} has no leader",
-                                                  NO_LEADER_HOLD_SECONDS)
+            out[f"stream_no_leader:{st.name}"] = (
+                "stream_no_leader",
+                "system",
+                "critical",
+                f"stream {st.name} has no leader",
+                NO_LEADER_HOLD_SECONDS,
+            )
         if st.lagging:
-            out[f"replica_lagging:{st.name}"] = ("replica_lagging", "system", "warning",
-                                                 f"stream {st.name}: replicas {', '.join(st.lagging)} offline or behind leader {st.leader}",
-                                                 h.down_alert_seconds)
+            out[f"replica_lagging:{st.name}"] = (
+                "replica_lagging",
+                "system",
+                "warning",
+                f"stream {st.name}: replicas {', '.join(st.lagging)} offline or behind leader {st.leader}",
+                h.down_alert_seconds,
+            )
     for d in snap.disks:
         key = f"disk_low:{d.path}"
         if d.free_pct < h.disk_low_percent + (DISK_HYSTERESIS_PCT if key in active else 0.0):
-            out[key] = ("disk_low", "system", "critical",
-                        f"{d.path}: {d.free_pct:.1f}% free ({d.free_bytes // 2**20} MiB), below {h.disk_low_percent}%", 0.0)
+            out[key] = (
+                "disk_low",
+                "system",
+                "critical",
+                f"{d.path}: {d.free_pct:.1f}% free ({d.free_bytes // 2**20} MiB), below {h.disk_low_percent}%",
+                0.0,
+            )
     for camera, last in state.cameras.items():
         limit = h.cameras.get(camera, h.camera_silent_seconds)
         if limit > 0 and now - last > limit:
-            out[f"camera_silent:{camera}"] = ("camera_silent", camera, "warning", f"camera {camera}: nothing uploaded for {now - last:.0f}s", 0.0)
+            out[f"camera_silent:{camera}"] = (
+                "camera_silent",
+                camera,
+                "warning",
+                f"camera {camera}: nothing uploaded for {now - last:.0f}s",
+                0.0,
+            )
     for camera, mtime in state.clock_suspect.items():  # holds while the camera's latest upload has a wrong clock
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(mtime)) if mtime else "?"
-        out[f"camera_clock:{camera}"] = ("camera_clock", camera, "warning",
-                                         f"camera {camera}: clock not plausible (file dated {when} UTC); arrival times are used", 0.0)
+        out[f"camera_clock:{camera}"] = (
+            "camera_clock",
+            camera,
+            "warning",
+            f"camera {camera}: clock not plausible (file dated {when} UTC); arrival times are used",
+            0.0,
+        )
     return out
 
 
 def camera_folders(media_root: str, prefix: str = "") -> list[str]:
     """The camera ids of the media root's folders, as the watcher takes them (prefix + folder name,
     when that is a valid id), never following symlinks. Blocking: call in a thread (the root may be a network mount)."""
-    from services.watcher_files import camera_id
+    from services.watcher.files import camera_id
 
-    with contextlib.suppress(OSError):
-        with os.scandir(media_root) as it:
-            ids = (camera_id(e.name, prefix) for e in it if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
-            return [c for c in ids if c is not None]  # other folders are refused by the watcher, visibly
+    with contextlib.suppress(OSError), os.scandir(media_root) as it:
+        ids = (camera_id(e.name, prefix) for e in it if e.is_dir(follow_symlinks=False) and not e.name.startswith("."))
+        return [c for c in ids if c is not None]  # other folders are refused by the watcher, visibly
     return []
 
 
 def seed_from_database(config: Config) -> tuple[dict[str, float], list[dict]]:
     """Last upload per camera and the latest events, from PostgreSQL (blocking; None-safe: health runs
     without a database, it just starts with nothing remembered)."""
-    import psycopg
 
-    from services.runtime.config import database_conninfo
-
-    with psycopg.connect(**database_conninfo(config, "health"), connect_timeout=3) as conn:
-        cams = conn.execute("SELECT camera, extract(epoch from max(captured_at)) FROM detections GROUP BY camera").fetchall()
-        events = conn.execute("SELECT event_id, camera, extract(epoch from started_at), extract(epoch from ended_at), labels"
-                              " FROM events ORDER BY started_at DESC LIMIT 20").fetchall()
-    return ({c: float(t) for c, t in cams if t is not None},
-            [{"event_id": e[0], "camera": e[1], "started_at": float(e[2]), "ended_at": float(e[3]), "labels": sorted(e[4] or {})} for e in reversed(events)])
+    with database.connect(config, "health", timeout=3) as conn:
+        cams = conn.execute(
+            "SELECT camera, extract(epoch from max(captured_at)) FROM detections GROUP BY camera"
+        ).fetchall()
+        events = conn.execute(
+            "SELECT event_id, camera, extract(epoch from started_at), extract(epoch from ended_at), labels"
+            " FROM events ORDER BY started_at DESC LIMIT 20"
+        ).fetchall()
+    return (
+        {c: float(t) for c, t in cams if t is not None},
+        [
+            {
+                "event_id": e[0],
+                "camera": e[1],
+                "started_at": float(e[2]),
+                "ended_at": float(e[3]),
+                "labels": sorted(e[4] or {}),
+            }
+            for e in reversed(events)
+        ],
+    )
 
 
 async def run(config: Config) -> None:
@@ -213,7 +288,7 @@ async def subscribe(rt: Runtime, state: HealthState) -> None:
             return
         state.observe(value)
 
-    for subj in ("vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.dlq.watcher.*"):
+    for subj in HEALTH_OBSERVES:
         await rt.nc.subscribe(subj, cb=on_message, pending_msgs_limit=65536)
 
 
@@ -246,8 +321,10 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
         for camera in await asyncio.to_thread(camera_folders, config.media_root, config.watcher.camera_prefix):
             state.cameras.setdefault(camera, state.started_at)
         try:
-            snap = await asyncio.wait_for(snapshot(rt.nc, config, now, gone), timeout=max(10.0, config.health.check_seconds))
-        except (asyncio.TimeoutError, *bus.TRANSIENT) as exc:
+            snap = await asyncio.wait_for(
+                snapshot(rt.nc, config, now, gone), timeout=max(10.0, config.health.check_seconds)
+            )
+        except (TimeoutError, *bus.TRANSIENT) as exc:
             rt.note_error(f"snapshot failed: {exc!r}")
             rt.log.warning("snapshot failed", error=repr(exc))
         else:
@@ -260,18 +337,39 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
             changes = []
             for s in snap.services:
                 if verdicts.get(s.key) != s.verdict:
-                    changes.append(HealthChanged(service=s.service, instance=s.instance, previous=verdicts.get(s.key), verdict=s.verdict,
-                                                 reason=s.reason, changed_at=now))
+                    changes.append(
+                        HealthChanged(
+                            service=s.service,
+                            instance=s.instance,
+                            previous=verdicts.get(s.key),
+                            verdict=s.verdict,
+                            reason=s.reason,
+                            changed_at=now,
+                        )
+                    )
                     verdicts[s.key] = s.verdict
             for key in [k for k in verdicts if k not in {s.key for s in snap.services}]:
                 del verdicts[key]  # forgotten instance
             alerts = conditions.update(observe(snap, state, config, trend, now, frozenset(conditions.since)), now)
             for c in changes:
-                rt.log.info("verdict", service=c.service, instance=c.instance, previous=c.previous, verdict=c.verdict, reason=c.reason)
+                rt.log.info(
+                    "verdict",
+                    service=c.service,
+                    instance=c.instance,
+                    previous=c.previous,
+                    verdict=c.verdict,
+                    reason=c.reason,
+                )
             for a in alerts:
                 rt.log.warning("alert", kind=a.kind, state=a.state, camera=a.camera, message=a.message)
-            await bus.publish_many(rt, [(subject("health", c.service), c, f"health-{c.service}-{c.instance}-{c.verdict}-{int(now * 1000)}") for c in changes]
-                                   + [(subject("alerts", a.camera), a, a.alert_id) for a in alerts])
+            await bus.publish_many(
+                rt,
+                [
+                    (subject("health", c.service), c, f"health-{c.service}-{c.instance}-{c.verdict}-{int(now * 1000)}")
+                    for c in changes
+                ]
+                + [(subject("alerts", a.camera), a, a.alert_id) for a in alerts],
+            )
             dumped = conditions.dump()
             if dumped != saved:  # put after the alerts are durable in ALERTS
                 with contextlib.suppress(*bus.TRANSIENT):
@@ -309,19 +407,25 @@ async def webhook_loop(rt: Runtime, config: Config, queue: asyncio.Queue) -> Non
         while not rt.stopping.is_set():
             try:
                 alert = await asyncio.wait_for(queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 rt.beat("webhook")
                 continue
             body = msgspec.json.encode(alert)
             try:
-                async for attempt in stamina.retry_context(on=(aiohttp.ClientError, asyncio.TimeoutError), attempts=h.webhook_attempts,
-                                                           wait_initial=0.5, wait_max=30.0):
+                async for attempt in stamina.retry_context(
+                    on=(aiohttp.ClientError, asyncio.TimeoutError),
+                    attempts=h.webhook_attempts,
+                    wait_initial=0.5,
+                    wait_max=30.0,
+                ):
                     with attempt:
                         rt.keepalive()
-                        async with session.post(h.webhook_url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                        async with session.post(
+                            h.webhook_url, data=body, headers={"Content-Type": "application/json"}
+                        ) as resp:
                             resp.raise_for_status()
                 rt.count("webhooks_sent")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 rt.count("webhooks_failed")
                 rt.note_error(f"webhook failed for {alert.alert_id}: {exc!r}")
                 rt.log.error("webhook failed", alert=alert.alert_id, error=repr(exc))

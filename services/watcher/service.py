@@ -20,11 +20,11 @@ import watchfiles
 
 from proto import DeadLetter, FileUploaded, printable, subject
 from proto.topology import RETENTION_CHECK_SUBJECT, dlq_subject
-from services.retention_media import FallingFast, free_space
+from services.retention.media import FallingFast, free_space
 from services.runtime import bus
 from services.runtime.config import Config, ConfigError
 from services.runtime.service import Runtime
-from services.watcher_files import (
+from services.watcher.files import (
     Ledger,
     NotRegularFile,
     Settler,
@@ -36,7 +36,6 @@ from services.watcher_files import (
     name_problem,
     sniff_kind,
 )
-
 
 # Longest a settled file waits for an earlier file of its camera that is still being written.
 HOLD_FOR_EARLIER = 60.0
@@ -67,7 +66,9 @@ class Watcher:
         self.skipped: set[str] = set()  # paths already reported as not regular files
         self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
         self.disk_checked_at = self.retention_asked_at = -1e9
-        ages = [config.retention.max_age_days] + [c.max_age_days for c in config.retention.cameras.values() if c.max_age_days]
+        ages = [config.retention.max_age_days] + [
+            c.max_age_days for c in config.retention.cameras.values() if c.max_age_days
+        ]
         self.clock_floor = (self.cfg.clock_floor_days or max(ages)) * 86400.0
 
     # ---- discovering files --------------------------------------------------------------
@@ -94,9 +95,20 @@ class Watcher:
                 if len(self.skipped) > 10_000:
                     self.skipped.clear()
                 self.skipped.add(path)
-                kind = ("symlink" if not inside else "fifo" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
-                        else "directory" if stat.S_ISDIR(st.st_mode) else "special file")
-                self.rt.log.warning("not a regular file inside the media root, skipped", path=printable(str(rel)), kind=kind)
+                kind = (
+                    "symlink"
+                    if not inside
+                    else "fifo"
+                    if stat.S_ISFIFO(st.st_mode)
+                    else "socket"
+                    if stat.S_ISSOCK(st.st_mode)
+                    else "directory"
+                    if stat.S_ISDIR(st.st_mode)
+                    else "special file"
+                )
+                self.rt.log.warning(
+                    "not a regular file inside the media root, skipped", path=printable(str(rel)), kind=kind
+                )
             return
         if self.ledger.known(ledger_key(str(rel)), st.st_size, st.st_mtime_ns):
             return
@@ -133,7 +145,9 @@ class Watcher:
                 await self.watch_once()
             except Exception as exc:  # noqa: BLE001 - one bad name or a watch error must never stop ingestion
                 self.rt.count("watch_errors")
-                self.rt.log.warning("file watch failed: restarting it, with a scan for what it missed", error=printable(repr(exc))[:300])
+                self.rt.log.warning(
+                    "file watch failed: restarting it, with a scan for what it missed", error=printable(repr(exc))[:300]
+                )
                 self.rescan_now.set()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.rt.stopping.wait(), timeout=1.0)
@@ -164,7 +178,9 @@ class Watcher:
             self.rescan_now.clear()  # before the scan: a watch failure during it asks for the next one
             n = await self.scan()
             self.scanned.set()
-            self.rt.log.info("scan done", files=n, pending=len(self.settler), seconds=round(time.monotonic() - started, 3))
+            self.rt.log.info(
+                "scan done", files=n, pending=len(self.settler), seconds=round(time.monotonic() - started, 3)
+            )
             waits = [asyncio.ensure_future(self.rt.stopping.wait()), asyncio.ensure_future(self.rescan_now.wait())]
             try:
                 await asyncio.wait(waits, timeout=self.cfg.rescan_seconds, return_when=asyncio.FIRST_COMPLETED)
@@ -174,7 +190,9 @@ class Watcher:
             # a camera that keeps writing names watchfiles cannot decode must not turn this into a busy
             # loop of full scans: at most one asked-for scan every RESCAN_MIN_GAP seconds
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.rt.stopping.wait(), timeout=max(0.0, started + RESCAN_MIN_GAP - time.monotonic()))
+                await asyncio.wait_for(
+                    self.rt.stopping.wait(), timeout=max(0.0, started + RESCAN_MIN_GAP - time.monotonic())
+                )
 
     # ---- publishing settled files -------------------------------------------------------
     async def settle_loop(self) -> None:
@@ -204,7 +222,7 @@ class Watcher:
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout=tick)
                 await asyncio.sleep(tick)  # let a burst of events accumulate into one batch
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def warn_retention(self) -> None:
@@ -250,8 +268,16 @@ class Watcher:
         """A refused file as a dead letter of stage watcher: `vigil dlq list`, `vigil trace PATH` and
         health's dead-letter counts show it (once per version of the file: the msg id names it)."""
         camera = camera_id(item.path.split("/", 1)[0], self.cfg.camera_prefix)  # None: the folder is not a camera id
-        letter = DeadLetter(stage="watcher", reason=f"rejected by the watcher: {item.reason}", original_subject=subject("uploads", camera or "_"),
-                            original_payload="", original_size=item.size, camera=camera, path=item.path, failed_at=now)
+        letter = DeadLetter(
+            stage="watcher",
+            reason=f"rejected by the watcher: {item.reason}",
+            original_subject=subject("uploads", camera or "_"),
+            original_payload="",
+            original_size=item.size,
+            camera=camera,
+            path=item.path,
+            failed_at=now,
+        )
         key = hashlib.sha256(f"{camera}\0{item.path}\0{item.size}\0{item.mtime_ns}".encode()).hexdigest()[:32]
         return dlq_subject("watcher", camera), letter, f"rejected-{key}"
 
@@ -259,7 +285,7 @@ class Watcher:
         """`prepare`, with any error it did not foresee made a rejection of this one file (in a thread)."""
         try:
             return self.prepare(path, size, mtime_ns)
-        except Exception as exc:  # noqa: BLE001 - one file must never stop the others
+        except Exception as exc:
             rel = ledger_key(Path(path).relative_to(self.root).as_posix())
             self.rt.log.exception("file could not be prepared, rejected", path=rel)
             self.rt.count("rejected")
@@ -299,8 +325,13 @@ class Watcher:
         mtime, suspect = sane_capture_time(mtime_ns / 1e9, arrived, self.cfg.clock_skew_seconds, self.clock_floor)
         if suspect:
             self.rt.count("clock_suspect")
-            self.rt.log.warning("camera clock not plausible: using the arrival time", camera=camera, path=rel,
-                                mtime=mtime_ns / 1e9, arrived=round(arrived, 3))
+            self.rt.log.warning(
+                "camera clock not plausible: using the arrival time",
+                camera=camera,
+                path=rel,
+                mtime=mtime_ns / 1e9,
+                arrived=round(arrived, 3),
+            )
         return (
             FileUploaded(
                 file_id=file_id(camera, rel, digest),
@@ -350,4 +381,3 @@ async def run(config: Config) -> None:
                 tg.create_task(watcher.settle_loop())
         finally:
             watcher.ledger.close()
-

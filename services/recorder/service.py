@@ -20,8 +20,9 @@ from nats.aio.msg import Msg
 import proto
 from proto import Alert, DeadLetter, Detections, EventClosed, FileUploaded, GpuSample
 from proto.topology import dlq_subject_stage
-from services.runtime import bus
-from services.runtime.config import Config, database_conninfo
+from services import database
+from services.runtime import batches, bus, dead_letters
+from services.runtime.config import Config
 from services.runtime.service import Runtime
 
 STAGE = "recorder"
@@ -29,14 +30,18 @@ _MIGRATION_LOCK = 0x76696731  # "vig1": one migrator at a time
 
 
 async def migrate(conn: psycopg.AsyncConnection, log) -> None:
-    """Apply services/recorder_schema/NNN_*.sql in order, each once, under an advisory lock. A schema
+    """Apply services/recorder/schema/NNN_*.sql in order, each once, under an advisory lock. A schema
     that is current costs no DDL, so a role without CREATE (per_service_roles) passes; one that is
     behind raises InsufficientPrivilege for such a role (the owner, vigil-postgres, migrates)."""
-    files = sorted(f for f in resources.files("services.recorder_schema").iterdir() if f.name.endswith(".sql"))
+    files = sorted(f for f in resources.files("services.recorder.schema").iterdir() if f.name.endswith(".sql"))
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         exists = (await (await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")).fetchone())[0]
-        done = {r[0] for r in await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()} if exists else set()
+        done = (
+            {r[0] for r in await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()}
+            if exists
+            else set()
+        )
         if {int(f.name.split("_", 1)[0]) for f in files} <= done:
             return
         await conn.execute(
@@ -57,9 +62,26 @@ async def write_detections(cur: psycopg.AsyncCursor, items: list[Detections]) ->
         " width, height, model, inference_ms, box_count, labels, boxes, clock_suspect, file_size, file_mtime) VALUES (%s, %s, %s,"
         " %s, %s, %s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (detection_id) DO NOTHING",
         [
-            (d.key, d.file_id, d.frame, d.offset_s, d.camera, d.path, d.captured_at, d.published_at or None, d.width,
-             d.height, d.model, d.inference_ms, len(d.boxes), sorted({b.label for b in d.boxes}),
-             msgspec.json.encode(d.boxes).decode(), d.clock_suspect, d.file_size, d.file_mtime)
+            (
+                d.key,
+                d.file_id,
+                d.frame,
+                d.offset_s,
+                d.camera,
+                d.path,
+                d.captured_at,
+                d.published_at or None,
+                d.width,
+                d.height,
+                d.model,
+                d.inference_ms,
+                len(d.boxes),
+                sorted({b.label for b in d.boxes}),
+                msgspec.json.encode(d.boxes).decode(),
+                d.clock_suspect,
+                d.file_size,
+                d.file_mtime,
+            )
             for d in items
         ],
     )
@@ -74,8 +96,17 @@ async def write_events(cur: psycopg.AsyncCursor, items: list[EventClosed]) -> No
         " close_reason = excluded.close_reason, revision = excluded.revision"
         " WHERE events.revision < excluded.revision",  # the latest revision wins, in whatever order they come
         [
-            (e.event_id, e.camera, e.started_at, e.ended_at, len(e.file_ids), msgspec.json.encode(e.labels).decode(),
-             e.best_file_id, e.close_reason, e.revision)
+            (
+                e.event_id,
+                e.camera,
+                e.started_at,
+                e.ended_at,
+                len(e.file_ids),
+                msgspec.json.encode(e.labels).decode(),
+                e.best_file_id,
+                e.close_reason,
+                e.revision,
+            )
             for e in items
         ],
     )
@@ -89,7 +120,10 @@ async def write_alerts(cur: psycopg.AsyncCursor, items: list[Alert]) -> None:
     await cur.executemany(
         "INSERT INTO alerts (alert_id, camera, kind, severity, message, created_at, file_id, event_id, score, state)"
         " VALUES (%s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, %s, %s) ON CONFLICT (alert_id) DO NOTHING",
-        [(a.alert_id, a.camera, a.kind, a.severity, a.message, a.created_at, a.file_id, a.event_id, a.score, a.state) for a in items],
+        [
+            (a.alert_id, a.camera, a.kind, a.severity, a.message, a.created_at, a.file_id, a.event_id, a.score, a.state)
+            for a in items
+        ],
     )
 
 
@@ -111,9 +145,26 @@ async def write_gpu_samples(cur: psycopg.AsyncCursor, items: list[GpuSample]) ->
         " power_limit_w, sm_clock_mhz, mem_clock_mhz, throttle_reasons, processes) VALUES (%s, %s,"
         " date_trunc('minute', to_timestamp(%s)), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
         " ON CONFLICT (host, gpu_index, minute) DO NOTHING",
-        [(g.host, g.index, g.sampled_at, g.name, g.source, g.util_pct, g.mem_used_mb, g.mem_total_mb, g.temp_c, g.power_w,
-          g.power_limit_w, g.sm_clock_mhz, g.mem_clock_mhz, g.throttle_reasons, msgspec.json.encode(g.processes).decode())
-         for g in items],
+        [
+            (
+                g.host,
+                g.index,
+                g.sampled_at,
+                g.name,
+                g.source,
+                g.util_pct,
+                g.mem_used_mb,
+                g.mem_total_mb,
+                g.temp_c,
+                g.power_w,
+                g.power_limit_w,
+                g.sm_clock_mhz,
+                g.mem_clock_mhz,
+                g.throttle_reasons,
+                msgspec.json.encode(g.processes).decode(),
+            )
+            for g in items
+        ],
     )
 
 
@@ -129,7 +180,7 @@ class SeenLetter(msgspec.Struct):
 
 def trusted_letter(msg: Msg, letter: DeadLetter) -> SeenLetter | str:
     """A letter as recorded, or why it is refused. Only the stage itself may publish under
-    vigil.dlq.<stage>.* (services/nats_auth.py), so the subject says who wrote it: a letter claiming
+    vigil.dlq.<stage>.* (services/runtime/nats_auth.py), so the subject says who wrote it: a letter claiming
     another stage (a detector posing as the watcher, say) is someone's forgery."""
     stage = dlq_subject_stage(msg.subject)
     if stage != letter.stage:
@@ -140,7 +191,10 @@ def trusted_letter(msg: Msg, letter: DeadLetter) -> SeenLetter | str:
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
         up = None
     if isinstance(up, FileUploaded):
-        seen.file_size, seen.file_mtime = up.size, up.camera_mtime if up.clock_suspect and up.camera_mtime is not None else up.mtime
+        seen.file_size, seen.file_mtime = (
+            up.size,
+            up.camera_mtime if up.clock_suspect and up.camera_mtime is not None else up.mtime,
+        )
     return seen
 
 
@@ -148,8 +202,23 @@ async def write_dead_letters(cur: psycopg.AsyncCursor, items: list[SeenLetter]) 
     await cur.executemany(
         "INSERT INTO dead_letters (dlq_seq, stage, camera, path, file_id, reason, transient, original_stream, original_sequence,"
         " file_size, file_mtime, failed_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT (dlq_seq) DO NOTHING",
-        [(s.dlq_seq, s.stage, s.letter.camera, s.letter.path, s.letter.file_id, s.letter.reason, s.letter.transient,
-          s.letter.original_stream, s.letter.original_sequence, s.file_size, s.file_mtime, s.letter.failed_at or 0.0) for s in items],
+        [
+            (
+                s.dlq_seq,
+                s.stage,
+                s.letter.camera,
+                s.letter.path,
+                s.letter.file_id,
+                s.letter.reason,
+                s.letter.transient,
+                s.letter.original_stream,
+                s.letter.original_sequence,
+                s.file_size,
+                s.file_mtime,
+                s.letter.failed_at or 0.0,
+            )
+            for s in items
+        ],
     )
 
 
@@ -187,7 +256,7 @@ class TableWriter:
                 self.rt.log.warning("dead letter refused, not recorded", subject=msg.subject, reason=item[:300])
                 await msg.term()
             elif isinstance(item, str):
-                await bus.dead_letter(self.rt, STAGE, msg, item)
+                await dead_letters.dead_letter(self.rt, STAGE, msg, item)
             else:
                 batch.append((msg, item))
         if not batch:
@@ -206,7 +275,12 @@ class TableWriter:
                     continue
                 # The database is away, read-only after a failover, or refusing us: hold the batch,
                 # keep it ours, and try again. Nothing is acked and nothing is dropped.
-                self.rt.log.warning("database unavailable, holding batch", consumer=self.durable, held=len(batch), error=str(exc).strip()[:200])
+                self.rt.log.warning(
+                    "database unavailable, holding batch",
+                    consumer=self.durable,
+                    held=len(batch),
+                    error=str(exc).strip()[:200],
+                )
                 await self._reset()
                 if self.rt.stopping.is_set():
                     await asyncio.gather(*(m.nak() for m, _ in batch), return_exceptions=True)
@@ -233,8 +307,14 @@ class TableWriter:
                     if not is_bad_row(exc):
                         return batch[i:]  # the database itself is the problem: retry normally
                     await self._reset()
-                    await bus.dead_letter(self.rt, STAGE, msg, f"database rejected row: {str(exc).strip()[:300]}",
-                                          camera=getattr(item, "camera", None), file_id=getattr(item, "file_id", None))
+                    await dead_letters.dead_letter(
+                        self.rt,
+                        STAGE,
+                        msg,
+                        f"database rejected row: {str(exc).strip()[:300]}",
+                        camera=getattr(item, "camera", None),
+                        file_id=getattr(item, "file_id", None),
+                    )
             return []
         finally:
             await asyncio.gather(*(m.ack() for m in good), return_exceptions=True)
@@ -268,7 +348,7 @@ async def wait_for_database(rt: Runtime, dsn: dict) -> None:
 async def run(config: Config) -> None:
     cfg = config.recorder
     async with Runtime.start("recorder", config) as rt:
-        dsn = database_conninfo(config, "recorder")
+        dsn = database.conninfo(config, "recorder")
         await wait_for_database(rt, dsn)
         writers = [
             TableWriter(rt, dsn, "recorder-detections", Detections, write_detections),
@@ -280,9 +360,10 @@ async def run(config: Config) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 for w in writers:
-                    tg.create_task(bus.consume(rt, w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout, stage=STAGE))
-                    tg.create_task(bus.exhausted_loop(rt, w.durable, STAGE))
+                    tg.create_task(
+                        batches.consume(rt, w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout, stage=STAGE)
+                    )
+                    tg.create_task(batches.exhausted_loop(rt, w.durable, STAGE))
         finally:
             for w in writers:
                 await w.close()
-

@@ -25,9 +25,8 @@ import msgspec
 
 import proto
 from proto import GpuSample, Heartbeat
-from proto.topology import CONSUMERS, GPU_BUCKET, HEARTBEAT_BUCKET, token
+from proto.topology import CONSUMERS, DLQ_ALL, GPU_BUCKET, HEARTBEAT_BUCKET, SERVICES, token
 from services.runtime.config import Config
-from services.cli import SERVICES  # the ones that heartbeat
 
 # A work loop that has not beaten for this long is stuck even if the process still heartbeats
 # (idle loops beat after every empty fetch, so this is never legitimate).
@@ -134,7 +133,13 @@ async def read_bucket(nc, bucket: str, kind: type) -> list[tuple[str, Any]]:
     try:
         kv = await nc.jetstream().key_value(bucket)
         for key in await bus.kv_keys(nc, bucket):
-            with contextlib.suppress(nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            with contextlib.suppress(
+                nats.js.errors.KeyNotFoundError,
+                nats.js.errors.KeyDeletedError,
+                msgspec.DecodeError,
+                msgspec.ValidationError,
+                ValueError,
+            ):
                 value = proto.decode((await kv.get(key)).value)
                 if isinstance(value, kind):
                     out.append((key, value))
@@ -145,7 +150,7 @@ async def read_bucket(nc, bucket: str, kind: type) -> list[tuple[str, Any]]:
 
 def trusted_heartbeats(entries: list[tuple[str, Heartbeat]]) -> list[Heartbeat]:
     """Heartbeats whose service and instance are those of their key. Each service may write only
-    `<service>.>` keys (services/nats_auth.py), so the key says who wrote it; a payload that claims to
+    `<service>.>` keys (services/runtime/nats_auth.py), so the key says who wrote it; a payload that claims to
     be another service or instance is someone posing, and is dropped."""
     return [hb for key, hb in entries if key == f"{hb.service}.{hb.instance}"]
 
@@ -162,7 +167,9 @@ def fmt_age(seconds: float | None) -> str:
     """30s, 5m, 2.5h: for tables and the status page."""
     if seconds is None:
         return ""
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+    return (
+        f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+    )
 
 
 def _age(stamp, now: float) -> float:
@@ -190,12 +197,26 @@ async def read_stages(js, now: float) -> list[StageStatus]:
         oldest = 0.0
         if info.num_pending or info.num_ack_pending:
             # The first message after the ack floor is the oldest one this consumer still owes an ack.
-            with contextlib.suppress(nats.js.errors.NotFoundError, nats.errors.Error, asyncio.TimeoutError, ValueError, TypeError):
-                msg = await js.get_msg(c.stream, seq=(info.ack_floor.stream_seq if info.ack_floor else 0) + 1,
-                                       subject=c.filter_subject, next=True)
+            with contextlib.suppress(
+                nats.js.errors.NotFoundError, nats.errors.Error, asyncio.TimeoutError, ValueError, TypeError
+            ):
+                msg = await js.get_msg(
+                    c.stream,
+                    seq=(info.ack_floor.stream_seq if info.ack_floor else 0) + 1,
+                    subject=c.filter_subject,
+                    next=True,
+                )
                 oldest = round(_age(msg.time, now), 1)
-        out.append(StageStatus(consumer=c.durable, stream=c.stream, pending=info.num_pending, ack_pending=info.num_ack_pending,
-                               redelivered=info.num_redelivered, oldest_unacked_s=oldest))
+        out.append(
+            StageStatus(
+                consumer=c.durable,
+                stream=c.stream,
+                pending=info.num_pending,
+                ack_pending=info.num_ack_pending,
+                redelivered=info.num_redelivered,
+                oldest_unacked_s=oldest,
+            )
+        )
     return out
 
 
@@ -211,11 +232,20 @@ async def read_streams(js) -> list[StreamStatus]:
         except nats.js.errors.NotFoundError:
             continue
         cluster = info.cluster
-        out.append(StreamStatus(
-            name=spec.name, messages=info.state.messages, bytes=info.state.bytes,
-            leader=cluster.leader if cluster else None,
-            replicas=[ReplicaStatus(node=r.name, current=bool(r.current), offline=bool(r.offline), lag=int(r.lag or 0))
-                      for r in (cluster.replicas or [])] if cluster else []))
+        out.append(
+            StreamStatus(
+                name=spec.name,
+                messages=info.state.messages,
+                bytes=info.state.bytes,
+                leader=cluster.leader if cluster else None,
+                replicas=[
+                    ReplicaStatus(node=r.name, current=bool(r.current), offline=bool(r.offline), lag=int(r.lag or 0))
+                    for r in (cluster.replicas or [])
+                ]
+                if cluster
+                else [],
+            )
+        )
     return out
 
 
@@ -224,7 +254,7 @@ async def read_dead_letters(js) -> dict[str, int]:
     import nats.js.errors
 
     try:
-        info = await js.stream_info("DLQ", subjects_filter="vigil.dlq.>")
+        info = await js.stream_info("DLQ", subjects_filter=DLQ_ALL)
     except nats.js.errors.NotFoundError:
         return {}
     out: dict[str, int] = {}
@@ -256,8 +286,12 @@ def read_units() -> tuple[list[UnitState], str]:
     if not systemd_available():
         return [], "not running under systemd"
     try:
-        proc = subprocess.run(["systemctl", "show", "--property=Id,ActiveState,SubState,NRestarts", "vigil-*.service"],
-                              capture_output=True, text=True, timeout=5)
+        proc = subprocess.run(
+            ["systemctl", "show", "--property=Id,ActiveState,SubState,NRestarts", "vigil-*.service"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return [], f"systemctl failed: {exc}"
     if proc.returncode != 0:
@@ -271,8 +305,14 @@ def parse_systemctl_show(text: str) -> list[UnitState]:
     for block in text.strip().split("\n\n"):
         fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
         if fields.get("Id"):
-            units.append(UnitState(unit=fields["Id"], active_state=fields.get("ActiveState", "?"), sub_state=fields.get("SubState", "?"),
-                                   restarts=int(fields.get("NRestarts") or 0)))
+            units.append(
+                UnitState(
+                    unit=fields["Id"],
+                    active_state=fields.get("ActiveState", "?"),
+                    sub_state=fields.get("SubState", "?"),
+                    restarts=int(fields.get("NRestarts") or 0),
+                )
+            )
     return units
 
 
@@ -305,8 +345,15 @@ def judge_heartbeat(hb: Heartbeat, now: float, stale: float) -> tuple[str, str]:
     return "healthy", "ready"
 
 
-def judge(heartbeats: list[Heartbeat], units: list[UnitState], expected: Iterable[str], now: float, stale: float,
-          host: str | None = None, gone: dict[str, float] | None = None) -> list[ServiceStatus]:
+def judge(
+    heartbeats: list[Heartbeat],
+    units: list[UnitState],
+    expected: Iterable[str],
+    now: float,
+    stale: float,
+    host: str | None = None,
+    gone: dict[str, float] | None = None,
+) -> list[ServiceStatus]:
     """A verdict for every instance seen in heartbeats or systemd, plus one for each expected service
     with no instance. `gone`: instance keys health saw before whose heartbeat has since expired
     (key -> when last seen); they stay down until the instance is back."""
@@ -314,27 +361,51 @@ def judge(heartbeats: list[Heartbeat], units: list[UnitState], expected: Iterabl
     for hb in heartbeats:
         verdict, reason = judge_heartbeat(hb, now, stale)
         out[f"{hb.service}.{hb.instance}"] = ServiceStatus(
-            service=hb.service, instance=hb.instance, verdict=verdict, reason=reason, state=hb.state, host=hb.host, pid=hb.pid,
-            version=hb.version, age_s=round(now - hb.sent_at, 1), uptime_s=round(now - hb.started_at, 1), in_flight=hb.in_flight,
-            counters=hb.counters, backend=hb.backend, last_error=hb.last_error)
+            service=hb.service,
+            instance=hb.instance,
+            verdict=verdict,
+            reason=reason,
+            state=hb.state,
+            host=hb.host,
+            pid=hb.pid,
+            version=hb.version,
+            age_s=round(now - hb.sent_at, 1),
+            uptime_s=round(now - hb.started_at, 1),
+            in_flight=hb.in_flight,
+            counters=hb.counters,
+            backend=hb.backend,
+            last_error=hb.last_error,
+        )
     for key, last_seen in (gone or {}).items():
         if key not in out:
             service, _, instance = key.partition(".")
-            out[key] = ServiceStatus(service=service, instance=instance, verdict="down",
-                                     reason=f"heartbeat expired (last seen {now - last_seen:.0f}s ago)")
+            out[key] = ServiceStatus(
+                service=service,
+                instance=instance,
+                verdict="down",
+                reason=f"heartbeat expired (last seen {now - last_seen:.0f}s ago)",
+            )
     for u in units:
         parsed = unit_service(u.unit)
         if parsed is None:
             continue
         service, template = parsed
-        # The heartbeat instance of a unit is "<host>" or "<host>-<template>" (services/cli.py).
+        # The heartbeat instance of a unit is "<host>" or "<host>-<template>" (services/cli/main.py).
         instance = (host or "") + (f"-{template}" if template else "")
         s = out.get(f"{service}.{instance}") if host else None
         if s is None:
             # an instance named otherwise (VIGIL_INSTANCE set by hand), but only one running on this host
-            s = next((x for x in out.values() if x.service == service and x.unit is None
-                      and (host is None or token(x.host or "") == host)
-                      and (template is None or (x.instance or "").endswith(f"-{template}"))), None)
+            s = next(
+                (
+                    x
+                    for x in out.values()
+                    if x.service == service
+                    and x.unit is None
+                    and (host is None or token(x.host or "") == host)
+                    and (template is None or (x.instance or "").endswith(f"-{template}"))
+                ),
+                None,
+            )
         if s is None:
             if u.active_state == "inactive":
                 continue  # a unit nobody started (vigil-detector@1 on a one-GPU box); an expected service
@@ -343,14 +414,23 @@ def judge(heartbeats: list[Heartbeat], units: list[UnitState], expected: Iterabl
             # unit without a heartbeat is starting, or cut off from NATS.
             up = u.active_state == "active" and service not in SERVICES
             s = out[f"{service}.{instance or u.unit}"] = ServiceStatus(
-                service=service, instance=instance or None, verdict="healthy" if up else "down",
-                reason=f"unit {u.active_state} ({u.sub_state})" + ("" if service not in SERVICES else ", no heartbeat"))
+                service=service,
+                instance=instance or None,
+                verdict="healthy" if up else "down",
+                reason=f"unit {u.active_state} ({u.sub_state})" + ("" if service not in SERVICES else ", no heartbeat"),
+            )
         s.unit, s.active_state, s.sub_state, s.restarts = u.unit, u.active_state, u.sub_state, u.restarts
-        if u.active_state in ("failed", "inactive", "activating", "deactivating") and s.verdict in ("healthy", "degraded", "stale"):
+        if u.active_state in ("failed", "inactive", "activating", "deactivating") and s.verdict in (
+            "healthy",
+            "degraded",
+            "stale",
+        ):
             s.verdict, s.reason = "down", f"unit {u.active_state} ({u.sub_state}), {u.restarts} restarts"
     for service in expected:
         if not any(s.service == service for s in out.values()):
-            out[f"{service}.*"] = ServiceStatus(service=service, instance=None, verdict="down", reason="no instance has sent a heartbeat")
+            out[f"{service}.*"] = ServiceStatus(
+                service=service, instance=None, verdict="down", reason="no instance has sent a heartbeat"
+            )
     return sorted(out.values(), key=lambda s: s.key)
 
 
@@ -360,8 +440,9 @@ async def snapshot(nc, config: Config, now: float | None = None, gone: dict[str,
 
     now = now or time.time()
     js = nc.jetstream()
-    heartbeats, stages, dead, gpus, streams = await asyncio.gather(read_heartbeats(nc), read_stages(js, now), read_dead_letters(js),
-                                                                   read_gpus(nc), read_streams(js))
+    heartbeats, stages, dead, gpus, streams = await asyncio.gather(
+        read_heartbeats(nc), read_stages(js, now), read_dead_letters(js), read_gpus(nc), read_streams(js)
+    )
     nodes = sorted({n for st in streams for n in ([st.leader] if st.leader else []) + [r.node for r in st.replicas]})
     if config.health.systemd:
         units, systemd = await asyncio.to_thread(read_units)
@@ -370,16 +451,25 @@ async def snapshot(nc, config: Config, now: float | None = None, gone: dict[str,
     disks = await asyncio.to_thread(read_disks, disk_paths(config))
     host = token(socket.gethostname())  # as the services write it into their key
     services = judge(heartbeats, units, config.health.expected_services, now, stale_after(config), host, gone)
-    return Snapshot(taken_at=now, services=services, stages=stages, disks=disks, gpus=gpus, dead_letters=dead, systemd=systemd,
-                    streams=streams, nodes=nodes)
+    return Snapshot(
+        taken_at=now,
+        services=services,
+        stages=stages,
+        disks=disks,
+        gpus=gpus,
+        dead_letters=dead,
+        systemd=systemd,
+        streams=streams,
+        nodes=nodes,
+    )
 
 
 def snapshot_json(snap: Snapshot) -> dict:
     """The /status document: the snapshot plus derived numbers (backlog, free percent)."""
     data = msgspec.to_builtins(snap)
-    for stage, s in zip(data["stages"], snap.stages):
+    for stage, s in zip(data["stages"], snap.stages, strict=False):
         stage["backlog"] = s.backlog
-    for disk, d in zip(data["disks"], snap.disks):
+    for disk, d in zip(data["disks"], snap.disks, strict=False):
         disk["free_pct"] = round(d.free_pct, 2)
     return data
 

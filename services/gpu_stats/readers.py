@@ -11,8 +11,10 @@ from pathlib import Path
 
 from proto import GpuProcess, GpuSample
 
-SMI_FIELDS = ("index,name,uuid,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw,power.limit,"
-              "clocks.sm,clocks.mem")
+SMI_FIELDS = (
+    "index,name,uuid,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw,power.limit,"
+    "clocks.sm,clocks.mem"
+)
 
 
 def unit_of(pid: int) -> str | None:
@@ -40,11 +42,24 @@ def parse_nvidia_smi(csv: str, host: str, now: float) -> list[GpuSample]:
         cols = [c.strip() for c in line.split(",")]
         if len(cols) != len(SMI_FIELDS.split(",")):
             continue
-        samples.append(GpuSample(
-            host=host, index=int(cols[0]), name=cols[1], uuid=cols[2] or None, source="nvidia-smi", sampled_at=now,
-            util_pct=_num(cols[3]), mem_used_mb=_num(cols[4]), mem_total_mb=_num(cols[5]), temp_c=_num(cols[6]),
-            power_w=_num(cols[7]), power_limit_w=_num(cols[8]), sm_clock_mhz=_num(cols[9]), mem_clock_mhz=_num(cols[10]),
-        ))
+        samples.append(
+            GpuSample(
+                host=host,
+                index=int(cols[0]),
+                name=cols[1],
+                uuid=cols[2] or None,
+                source="nvidia-smi",
+                sampled_at=now,
+                util_pct=_num(cols[3]),
+                mem_used_mb=_num(cols[4]),
+                mem_total_mb=_num(cols[5]),
+                temp_c=_num(cols[6]),
+                power_w=_num(cols[7]),
+                power_limit_w=_num(cols[8]),
+                sm_clock_mhz=_num(cols[9]),
+                mem_clock_mhz=_num(cols[10]),
+            )
+        )
     return samples
 
 
@@ -91,18 +106,41 @@ class NvmlReader:
             util = get(n.nvmlDeviceGetUtilizationRates)
             power = get(n.nvmlDeviceGetPowerUsage)
             limit = get(n.nvmlDeviceGetEnforcedPowerLimit)
-            reasons = self.first(h, "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons") or 0
+            reasons = (
+                self.first(h, "nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
+                or 0
+            )
             # the unversioned name is _v3 (driver >= 510); an older driver lacks it: _v2
-            procs = self.first(h, "nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2") or []
-            out.append(GpuSample(
-                host=host, index=i, name=str(get(n.nvmlDeviceGetName)), uuid=str(get(n.nvmlDeviceGetUUID)), source="nvml", sampled_at=now,
-                util_pct=util.gpu if util else None, mem_used_mb=mem.used / 2**20 if mem else None,
-                mem_total_mb=mem.total / 2**20 if mem else None, temp_c=get(n.nvmlDeviceGetTemperature, n.NVML_TEMPERATURE_GPU),
-                power_w=power / 1000 if power is not None else None, power_limit_w=limit / 1000 if limit is not None else None,
-                sm_clock_mhz=get(n.nvmlDeviceGetClockInfo, n.NVML_CLOCK_SM), mem_clock_mhz=get(n.nvmlDeviceGetClockInfo, n.NVML_CLOCK_MEM),
-                throttle_reasons=[name for name, bits in _THROTTLE.items() if reasons & next((getattr(n, b) for b in bits if hasattr(n, b)), 0)],
-                processes=[GpuProcess(pid=p.pid, used_mb=int((p.usedGpuMemory or 0) / 2**20), unit=unit_of(p.pid)) for p in procs],
-            ))
+            procs = (
+                self.first(h, "nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2") or []
+            )
+            out.append(
+                GpuSample(
+                    host=host,
+                    index=i,
+                    name=str(get(n.nvmlDeviceGetName)),
+                    uuid=str(get(n.nvmlDeviceGetUUID)),
+                    source="nvml",
+                    sampled_at=now,
+                    util_pct=util.gpu if util else None,
+                    mem_used_mb=mem.used / 2**20 if mem else None,
+                    mem_total_mb=mem.total / 2**20 if mem else None,
+                    temp_c=get(n.nvmlDeviceGetTemperature, n.NVML_TEMPERATURE_GPU),
+                    power_w=power / 1000 if power is not None else None,
+                    power_limit_w=limit / 1000 if limit is not None else None,
+                    sm_clock_mhz=get(n.nvmlDeviceGetClockInfo, n.NVML_CLOCK_SM),
+                    mem_clock_mhz=get(n.nvmlDeviceGetClockInfo, n.NVML_CLOCK_MEM),
+                    throttle_reasons=[
+                        name
+                        for name, bits in _THROTTLE.items()
+                        if reasons & next((getattr(n, b) for b in bits if hasattr(n, b)), 0)
+                    ],
+                    processes=[
+                        GpuProcess(pid=p.pid, used_mb=int((p.usedGpuMemory or 0) / 2**20), unit=unit_of(p.pid))
+                        for p in procs
+                    ],
+                )
+            )
         return out
 
 
@@ -111,8 +149,12 @@ class NvmlReader:
 _THROTTLE = {
     name: (f"nvmlClocksEventReason{suffix}", f"nvmlClocksThrottleReason{suffix}")
     for name, suffix in (
-        ("gpu_idle", "GpuIdle"), ("applications_clocks", "ApplicationsClocksSetting"), ("sw_power_cap", "SwPowerCap"),
-        ("hw_slowdown", "HwSlowdown"), ("sw_thermal", "SwThermalSlowdown"), ("hw_thermal", "HwThermalSlowdown"),
+        ("gpu_idle", "GpuIdle"),
+        ("applications_clocks", "ApplicationsClocksSetting"),
+        ("sw_power_cap", "SwPowerCap"),
+        ("hw_slowdown", "HwSlowdown"),
+        ("sw_thermal", "SwThermalSlowdown"),
+        ("hw_thermal", "HwThermalSlowdown"),
         ("hw_power_brake", "HwPowerBrakeSlowdown"),
     )
 }

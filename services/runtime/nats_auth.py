@@ -7,7 +7,7 @@ Replies come back on a per-user inbox prefix (`_INBOX_<user>.>`), so no service 
 replies. The admin user `vigil` (credential `nats-password`: the CLI, `vigil provision`) may do anything.
 No user means no access: nats-server refuses anonymous clients once an authorization block exists.
 
-    python -m services.nats_auth CREDENTIALS_DIR [--bcrypt]   prints the authorization block
+    python -m services.runtime.nats_auth CREDENTIALS_DIR [--bcrypt]   prints the authorization block
 """
 
 from __future__ import annotations
@@ -15,8 +15,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from proto.topology import AGGREGATOR_STATE_BUCKET, CONSUMERS, EVENT_INDEX_BUCKET, EXHAUSTED_PREFIX, GPU_BUCKET, HEALTH_BUCKET, HEARTBEAT_BUCKET, RETENTION_CHECK_SUBJECT, dlq_subject
-from services.cli import SERVICES  # every service gets a user
+from proto.topology import (
+    AGGREGATOR_STATE_BUCKET,
+    EVENT_INDEX_BUCKET,
+    EXHAUSTED_PREFIX,
+    GPU_BUCKET,
+    HEALTH_BUCKET,
+    HEALTH_OBSERVES,
+    HEARTBEAT_BUCKET,
+    RETENTION_CHECK_SUBJECT,
+    RETENTION_REPORT_SUBJECT,
+    SERVICES,
+    consumer,
+    dlq_filter,
+    every,
+    subject,
+)
 
 ADMIN_USER = "vigil"
 ADMIN_CREDENTIAL = "nats-password"
@@ -38,11 +52,16 @@ def _consume(durable: str, stage: str) -> list[str]:
     """Fetch from and ack one durable consumer, and move its exhausted messages to the DLQ: read the
     message (MSG.GET), write the letter under the stage's own DLQ subjects, ack it on this consumer.
     Never STREAM.MSG.DELETE: that would let one stage remove work another consumer has not seen."""
-    spec = next(c for c in CONSUMERS if c.durable == durable)
+    spec = consumer(durable)
     ex = f"{EXHAUSTED_PREFIX}{durable}"
-    return [f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{durable}", f"$JS.ACK.{spec.stream}.{durable}.>",
-            f"$JS.API.CONSUMER.MSG.NEXT.ADVISORIES.{ex}", f"$JS.ACK.ADVISORIES.{ex}.>",
-            f"$JS.API.STREAM.MSG.GET.{spec.stream}", dlq_subject(stage, "*")]
+    return [
+        f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{durable}",
+        f"$JS.ACK.{spec.stream}.{durable}.>",
+        f"$JS.API.CONSUMER.MSG.NEXT.ADVISORIES.{ex}",
+        f"$JS.ACK.ADVISORIES.{ex}.>",
+        f"$JS.API.STREAM.MSG.GET.{spec.stream}",
+        dlq_filter(stage),
+    ]
 
 
 def _kv_write(bucket: str) -> list[str]:
@@ -61,32 +80,66 @@ def _kv_read(bucket: str) -> list[str]:
 _COMMON_PUB = ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>"]
 
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
-    "watcher": {"publish": ["vigil.uploads.*", dlq_subject("watcher", "*"), RETENTION_CHECK_SUBJECT], "subscribe": []},
-    "detector": {"publish": ["vigil.detections.*", "vigil.alerts.system", *_consume("detector", "detector")], "subscribe": []},
-    "aggregator": {"publish": ["vigil.events.*", "vigil.alerts.*", *_consume("aggregator", "aggregator"), *_kv_write(AGGREGATOR_STATE_BUCKET),
-                               *_kv_read(AGGREGATOR_STATE_BUCKET), *_kv_write(EVENT_INDEX_BUCKET), *_kv_read(EVENT_INDEX_BUCKET)], "subscribe": []},
-    "recorder": {"publish": [p for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts", "recorder-dlq")
-                             for p in _consume(d, "recorder")],
-                 "subscribe": []},
-    "gpu-stats": {"publish": ["vigil.gpu.*", *_kv_write(GPU_BUCKET)], "subscribe": []},
-    # health also re-publishes transient dead letters to their stage's input (services/dlq_retry.py)
-    "health": {"publish": ["vigil.health.*", "vigil.alerts.*", "$JS.API.STREAM.MSG.GET.*", "$JS.API.STREAM.MSG.DELETE.DLQ",
-                           "vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.gpu.*", *_kv_read(HEARTBEAT_BUCKET), *_kv_read(GPU_BUCKET),
-                           *_kv_read(HEALTH_BUCKET), *_kv_write(HEALTH_BUCKET)],
-               "subscribe": ["vigil.uploads.*", "vigil.detections.*", "vigil.events.*", "vigil.dlq.watcher.*"]},
-    "retention": {"publish": ["vigil.retention.report"], "subscribe": [RETENTION_CHECK_SUBJECT]},
+    "watcher": {"publish": [every("uploads"), dlq_filter("watcher"), RETENTION_CHECK_SUBJECT], "subscribe": []},
+    "detector": {
+        "publish": [every("detections"), subject("alerts", "system"), *_consume("detector", "detector")],
+        "subscribe": [],
+    },
+    "aggregator": {
+        "publish": [
+            every("events"),
+            every("alerts"),
+            *_consume("aggregator", "aggregator"),
+            *_kv_write(AGGREGATOR_STATE_BUCKET),
+            *_kv_read(AGGREGATOR_STATE_BUCKET),
+            *_kv_write(EVENT_INDEX_BUCKET),
+            *_kv_read(EVENT_INDEX_BUCKET),
+        ],
+        "subscribe": [],
+    },
+    "recorder": {
+        "publish": [
+            p
+            for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts", "recorder-dlq")
+            for p in _consume(d, "recorder")
+        ],
+        "subscribe": [],
+    },
+    "gpu-stats": {"publish": [every("gpu"), *_kv_write(GPU_BUCKET)], "subscribe": []},
+    # health also re-publishes transient dead letters to their stage's input (services/runtime/dlq_retry.py)
+    "health": {
+        "publish": [
+            every("health"),
+            every("alerts"),
+            "$JS.API.STREAM.MSG.GET.*",
+            "$JS.API.STREAM.MSG.DELETE.DLQ",
+            every("uploads"),
+            every("detections"),
+            every("events"),
+            every("gpu"),
+            *_kv_read(HEARTBEAT_BUCKET),
+            *_kv_read(GPU_BUCKET),
+            *_kv_read(HEALTH_BUCKET),
+            *_kv_write(HEALTH_BUCKET),
+        ],
+        "subscribe": list(HEALTH_OBSERVES),
+    },
+    "retention": {"publish": [RETENTION_REPORT_SUBJECT], "subscribe": [RETENTION_CHECK_SUBJECT]},
 }
 
 
 def permissions(service: str) -> dict[str, list[str]]:
     own = PERMISSIONS[service]
     # its own heartbeat keys only (`<service>.<instance>`): no service can speak for another
-    return {"publish": sorted(set(_COMMON_PUB + own["publish"] + [f"$KV.{HEARTBEAT_BUCKET}.{service}.>"])),
-            "subscribe": sorted(set(own["subscribe"] + [f"{inbox_prefix(user(service))}.>"]))}
+    return {
+        "publish": sorted(set(_COMMON_PUB + own["publish"] + [f"$KV.{HEARTBEAT_BUCKET}.{service}.>"])),
+        "subscribe": sorted(set(own["subscribe"] + [f"{inbox_prefix(user(service))}.>"])),
+    }
 
 
 def authorization_block(passwords: dict[str, str]) -> str:
     """nats.conf `authorization { users = [...] }`: `passwords` maps user -> password or bcrypt hash."""
+
     def q(values: list[str]) -> str:
         return "[" + ", ".join(f'"{v}"' for v in values) + "]"
 
@@ -94,8 +147,10 @@ def authorization_block(passwords: dict[str, str]) -> str:
     lines.append(f'    {{ user: "{ADMIN_USER}", password: "{passwords[ADMIN_USER]}" }}')
     for service in SERVICES:
         perms = permissions(service)
-        lines.append(f'    {{ user: "{user(service)}", password: "{passwords[user(service)]}",\n'
-                     f'      permissions: {{ publish: {{ allow: {q(perms["publish"])} }}, subscribe: {{ allow: {q(perms["subscribe"])} }} }} }}')
+        lines.append(
+            f'    {{ user: "{user(service)}", password: "{passwords[user(service)]}",\n'
+            f"      permissions: {{ publish: {{ allow: {q(perms['publish'])} }}, subscribe: {{ allow: {q(perms['subscribe'])} }} }} }}"
+        )
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
 

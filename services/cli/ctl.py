@@ -1,0 +1,560 @@
+"""Operator commands of the `vigil` CLI: look at the running system (and fix dead letters).
+
+    vigil status [--json] [--watch]        heartbeats of every service instance, plus backlogs
+    vigil streams [--json]                 streams and consumers with their limits and lag
+    vigil tail KIND [--camera X] [--count N] [--json]   live messages, decoded, one line each
+    vigil dlq list|show SEQ|retry SEQ|purge [--json]     dead letters; retry re-injects at the stage
+    vigil events [--camera X] [--since 1h] [--json]      closed events from PostgreSQL
+    vigil trace PATH_OR_FILE_ID [--json]   where one file is: detected, in which event, dead-lettered
+    vigil config check [FILE]              validate a config file, naming a bad field
+
+Every command reads the same config as the services (--config, $VIGIL_CONFIG, else
+/etc/vigil/vigil.toml when present) and, run by an administrator, the passwords in
+/etc/vigil/credentials. Tables are drawn with rich; --json prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+import proto
+from proto import topology
+from proto.topology import CONSUMERS, RETENTION_REPORT_SUBJECT, STREAMS, dlq_filter, dlq_subject_stage
+from services import database
+from services.runtime import dlq_retry
+from services.runtime.config import Config, credential, load_config
+
+
+def load_operator_config(path: str | None) -> Config:
+    if path is None and not os.environ.get("VIGIL_CONFIG") and Path("/etc/vigil/vigil.toml").is_file():
+        path = "/etc/vigil/vigil.toml"
+    if "CREDENTIALS_DIRECTORY" not in os.environ and os.access("/etc/vigil/credentials", os.R_OK | os.X_OK):
+        os.environ["CREDENTIALS_DIRECTORY"] = "/etc/vigil/credentials"
+    return load_config(path)
+
+
+async def connect_nats(config: Config):
+    import nats
+
+    password = credential(config.nats.password_credential)
+    auth = {"user": config.nats.user or "vigil", "password": password} if password else {}
+    return await nats.connect(
+        servers=config.nats.servers, connect_timeout=config.nats.connect_timeout, max_reconnect_attempts=0, **auth
+    )
+
+
+def to_builtins(value):
+    return msgspec.to_builtins(value)
+
+
+def parse_since(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
+    if not m:
+        raise ValueError(f"--since {text!r}: use e.g. 30m, 1h, 2d")
+    return float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+# ---- data gathering (each returns plain data; printing is separate) ---------------------------
+async def gather_status(config: Config) -> dict:
+    """The same document the health service serves at /status (services/health/checks.py), taken now."""
+    from services.health.checks import snapshot, snapshot_json
+
+    nc = await connect_nats(config)
+    try:
+        return snapshot_json(await snapshot(nc, config))
+    finally:
+        await nc.close()
+
+
+async def gather_streams(config: Config) -> list[dict]:
+    nc = await connect_nats(config)
+    js = nc.jetstream()
+    out = []
+    for spec in STREAMS:
+        info = await js.stream_info(spec.name)
+        consumers = []
+        for c in (c for c in CONSUMERS if c.stream == spec.name):
+            ci = await js.consumer_info(c.stream, c.durable)
+            consumers.append(
+                {
+                    "name": c.durable,
+                    "pending": ci.num_pending,
+                    "ack_pending": ci.num_ack_pending,
+                    "redelivered": ci.num_redelivered,
+                    "max_deliver": c.max_deliver,
+                    "ack_wait_s": c.ack_wait,
+                }
+            )
+        out.append(
+            {
+                "name": spec.name,
+                "subjects": list(spec.subjects),
+                "retention": spec.retention,
+                "messages": info.state.messages,
+                "bytes": info.state.bytes,
+                "max_bytes": spec.max_bytes,
+                "max_age_s": spec.max_age,
+                "consumers": consumers,
+            }
+        )
+    await nc.close()
+    return out
+
+
+async def dead_letters(js) -> list[tuple[int, str, proto.DeadLetter | str]]:
+    """(sequence, subject, the letter or why it does not decode) for every message in the DLQ: one bad
+    message (any stage can write one) must not hide the others from `vigil dlq` and `vigil trace`."""
+    from services.runtime.bus import stored_messages
+
+    out: list[tuple[int, str, proto.DeadLetter | str]] = []
+    async for seq, raw in stored_messages(js, "DLQ"):
+        try:
+            value = proto.decode(raw.data, raw.headers)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            value = f"undecodable dead letter: {exc}"
+        out.append(
+            (
+                seq,
+                raw.subject,
+                value if isinstance(value, (proto.DeadLetter, str)) else f"not a dead letter: {type(value).__name__}",
+            )
+        )
+    return out
+
+
+async def dlq(config: Config, action: str, seq: int | None, confirm=lambda letter, subject: True) -> dict | list:
+    """`confirm(letter, subject)`: asked before a retry re-publishes, with the checked target."""
+    nc = await connect_nats(config)
+    js = nc.jetstream()
+    try:
+        if action == "purge":  # without reading the letters: an undecodable one must not stop a purge
+            messages = (await js.stream_info("DLQ")).state.messages
+            await js.purge_stream("DLQ")
+            return {"purged": messages}
+        letters = await dead_letters(js)
+        if action == "list":
+            h = config.health
+            return [
+                {
+                    "seq": s,
+                    "stage": d.stage,
+                    "reason": d.reason,
+                    "camera": d.camera,
+                    "file_id": d.file_id,
+                    "path": d.path,
+                    "original_subject": d.original_subject,
+                    "failed_at": d.failed_at,
+                    "transient": d.transient,
+                    "retries": d.retries,
+                    "retry_at": (p := dlq_retry.plan(d, subj, h.dlq_retry_seconds, h.dlq_retry_max))[0],
+                    "retry": p[1],
+                }
+                if isinstance(d, proto.DeadLetter)
+                else {
+                    "seq": s,
+                    "stage": dlq_subject_stage(subj),
+                    "reason": d,
+                    "camera": None,
+                    "file_id": None,
+                    "path": None,
+                    "original_subject": None,
+                    "failed_at": None,
+                    "transient": False,
+                    "retries": 0,
+                    "retry_at": None,
+                    "retry": "no: undecodable",
+                }
+                for s, subj, d in letters
+            ]
+        found = {s: (subj, d) for s, subj, d in letters}.get(seq)
+        if found is None:
+            raise LookupError(f"no dead letter with sequence {seq}")
+        letter_subject, letter = found
+        if isinstance(letter, str):
+            if action == "show":
+                return {"seq": seq, "subject": letter_subject, "undecodable": letter}
+            raise LookupError(f"dead letter {seq} cannot be retried: {letter}")
+        if action == "show":
+            return {"seq": seq, **to_builtins(letter)}
+        # retry: the original message goes back onto its stage's input subject (checked: services/runtime/dlq_retry.py),
+        # so the stage that refused it sees it again. A fresh Nats-Msg-Id bypasses the duplicate window;
+        # downstream writes are idempotent.
+        try:
+            subject, data = dlq_retry.target(letter, letter_subject)
+        except dlq_retry.NotRetryable as exc:
+            raise LookupError(f"dead letter {seq} cannot be retried: {exc}") from None
+        if not confirm(letter, subject):
+            return {"retried": None, "seq": seq, "subject": subject, "cancelled": True}
+        headers = dlq_retry.headers(letter, seq, letter.retries, f"retry-{seq}-{int(time.time())}")
+        ack = await js.publish(subject, data, headers=headers)
+        await js.delete_msg("DLQ", seq)
+        return {"retried": seq, "subject": subject, "stream": ack.stream, "seq": ack.seq}
+    finally:
+        await nc.close()
+
+
+def query_events(config: Config, camera: str | None, since: str | None) -> list[dict]:
+
+    sql = (
+        "SELECT event_id, camera, extract(epoch from started_at), extract(epoch from ended_at), detection_count, labels,"
+        " close_reason, keep FROM events WHERE (%(camera)s::text IS NULL OR camera = %(camera)s)"
+        " AND (%(since)s::float IS NULL OR started_at >= now() - make_interval(secs => %(since)s)) ORDER BY started_at DESC LIMIT 500"
+    )
+    with database.connect(config) as conn:
+        rows = conn.execute(sql, {"camera": camera, "since": parse_since(since) if since else None}).fetchall()
+    return [
+        {
+            "event_id": r[0],
+            "camera": r[1],
+            "started_at": float(r[2]),
+            "ended_at": float(r[3]),
+            "detections": r[4],
+            "labels": r[5],
+            "close_reason": r[6],
+            "keep": r[7],
+        }
+        for r in rows
+    ]
+
+
+async def provision_all(config: Config) -> dict:
+    """Declare everything, retrying for up to 60 s: run right after nats-server starts (vigil-nats
+    ExecStartPost), the server may not listen yet, and a cluster may not have elected a JetStream
+    leader yet (the API then times out or answers 503)."""
+    import nats.errors
+    import structlog
+
+    from services.runtime.bus import provision
+
+    log = structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            nc = await connect_nats(config)
+            try:
+                await provision(nc.jetstream(timeout=5), log, config.nats.replicas)
+            finally:
+                await nc.close()
+            break
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            if time.monotonic() > deadline:
+                raise OSError(f"could not provision within 60 s: {exc!r}") from None
+            await asyncio.sleep(1.0)
+    return {"streams": [s.name for s in STREAMS], "consumers": [c.durable for c in CONSUMERS]}
+
+
+def keep_event(config: Config, event_id: str, keep: bool) -> dict:
+
+    with database.connect(config) as conn:
+        row = conn.execute(
+            "UPDATE events SET keep = %s WHERE event_id = %s RETURNING event_id, keep", (keep, event_id)
+        ).fetchone()
+    if row is None:
+        raise LookupError(f"no event {event_id!r}")
+    return {"event_id": row[0], "keep": row[1]}
+
+
+async def retention_run(config: Config, dry_run: bool) -> dict:
+    """One retention run from the command line (the report is published only by the service)."""
+    from services.retention.service import gather_and_run
+
+    nc = await connect_nats(config)
+    try:
+        report = await gather_and_run(config, nc.jetstream(), "cli", dry_run)
+        if not dry_run:
+            import structlog
+
+            from services.runtime.bus import provision
+
+            # idempotent: the stream exists even before any service ran; its log lines go to stderr, not into --json
+            await provision(
+                nc.jetstream(), structlog.wrap_logger(structlog.PrintLogger(sys.stderr)), config.nats.replicas
+            )
+            await nc.jetstream().publish(
+                RETENTION_REPORT_SUBJECT,
+                proto.encode(report),
+                headers=proto.headers_for(report, f"retention-{report.run_id}"),
+            )
+    finally:
+        await nc.close()
+    return to_builtins(report)
+
+
+def print_retention(data: dict) -> None:
+    verb = "would delete" if data["dry_run"] else "deleted"
+    table(
+        f"retention ({'dry run' if data['dry_run'] else 'done'})",
+        ["camera", "files", "bytes", "why"],
+        [
+            [c, v["files"], v["bytes"], ", ".join(f"{k} {n}" for k, n in v["reasons"].items())]
+            for c, v in data["cameras"].items()
+        ],
+    )
+    for path in data["deleted_paths"]:
+        print(f"{verb}: {human(path)}")
+    print(
+        f"rows {verb}: {data['rows_deleted'] or 'none'}; missing marked {data['missing_marked']}, restored {data['missing_restored']};"
+        f" skipped: kept {data['kept_skipped']}, too young {data['young_skipped']}, not yet recorded {data['unrecorded_skipped']}"
+    )
+    if data["unbounded_streams"]:
+        print(f"streams without bounds: {human(', '.join(data['unbounded_streams']))}")
+    for error in data["errors"]:
+        print(f"error: {human(error)}")
+
+
+async def trace(config: Config, needle: str) -> dict:
+
+    # an absolute path under the media root means the same as the root-relative one the pipeline keeps
+    root = os.path.abspath(config.media_root)
+    if os.path.isabs(needle) and os.path.commonpath([root, os.path.abspath(needle)]) == root:
+        needle = os.path.relpath(os.path.abspath(needle), root)
+    with database.connect(config) as conn:
+        rows = conn.execute(
+            "SELECT d.detection_id, d.file_id, d.camera, d.path, d.frame, d.labels, extract(epoch from d.recorded_at), e.event_id"
+            " FROM detections d LEFT JOIN event_detections e ON e.detection_id = d.detection_id"
+            " WHERE d.file_id = %s OR d.path = %s OR d.path LIKE %s ORDER BY d.detection_id",
+            (needle, needle, f"%/{needle}"),
+        ).fetchall()
+    detections = [
+        {
+            "detection_id": r[0],
+            "file_id": r[1],
+            "camera": r[2],
+            "path": r[3],
+            "frame": r[4],
+            "labels": r[5],
+            "recorded_at": float(r[6]),
+            "event_id": r[7],
+        }
+        for r in rows
+    ]
+    file_ids = {d["file_id"] for d in detections}
+    nc = await connect_nats(config)
+    letters = [
+        {"seq": s, "stage": d.stage, "reason": d.reason, "path": d.path}
+        for s, _, d in await dead_letters(nc.jetstream())
+        if isinstance(d, proto.DeadLetter)
+        and (d.file_id in file_ids or d.file_id == needle or d.path == needle or needle in d.original_payload)
+    ]
+    await nc.close()
+    rejected = [d for d in letters if d["stage"] == "watcher"]
+    stage = (
+        "recorded"
+        if detections
+        else rejected[-1]["reason"]
+        if rejected
+        else "dead-lettered"
+        if letters
+        else "not found (not yet uploaded, or in flight)"
+    )
+    return {
+        "query": needle,
+        "stage": stage,
+        "detections": detections,
+        "events": sorted({d["event_id"] for d in detections if d["event_id"]}),
+        "dead_letters": letters,
+    }
+
+
+async def tail(config: Config, kind: str, camera: str | None, count: int | None, as_json: bool) -> None:
+    nc = await connect_nats(config)
+    # dead letters are vigil.dlq.<stage>.<camera>: one level deeper than the rest
+    subject = dlq_filter(camera=camera or "*") if kind == "dlq" else topology.subject(kind, camera or "*")
+    seen = 0
+    done = asyncio.Event()
+
+    async def handle(msg):
+        nonlocal seen
+        try:
+            value = proto.decode(msg.data, msg.headers)
+            line = json.dumps(to_builtins(value)) if as_json else human(f"{msg.subject}  {one_line(value)}")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            line = (
+                json.dumps({"subject": msg.subject, "undecodable": msg.data[:200].decode("utf-8", "replace")})
+                if as_json
+                else human(f"{msg.subject}  (undecodable)")
+            )
+        print(line, flush=True)
+        seen += 1
+        if count and seen >= count:
+            done.set()
+
+    await nc.subscribe(subject, cb=handle)
+    try:
+        await done.wait()
+    finally:
+        await nc.close()
+
+
+def one_line(value) -> str:
+    match value:
+        case proto.FileUploaded():
+            return f"{value.camera} {value.path} {value.kind} {value.size} B"
+        case proto.Detections():
+            return (
+                f"{value.camera} {value.path}"
+                + (f" frame {value.frame}" if value.frame is not None else "")
+                + f": {', '.join(f'{b.label} {b.score:.2f}' for b in value.boxes) or 'nothing'} ({value.inference_ms} ms)"
+            )
+        case proto.EventClosed():
+            return f"{value.camera} {value.event_id} {len(value.file_ids)} detections {sorted(value.labels)} ({value.close_reason})"
+        case proto.Alert():
+            return f"{value.severity} {value.camera} {value.kind}: {value.message}"
+        case proto.DeadLetter():
+            return f"{value.stage} {value.camera or '-'}: {value.reason}"
+    return str(value)
+
+
+def confirm_retry(letter, subject: str, yes: bool) -> bool:
+    """Show where a retry would publish (the target services/runtime/dlq_retry.py checked) and ask, unless --yes.
+    Without a terminal to ask on, --yes is required: a script must say it means it."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ValueError(
+            f"would re-publish dead letter of stage {letter.stage} to {subject}: pass --yes to do it without asking"
+        )
+    print(
+        human(
+            f"stage {letter.stage}, camera {letter.camera or '-'}, path {letter.path or '-'}\nreason: {letter.reason}"
+        )
+    )
+    return input(human(f"re-publish to {subject}? [y/N] ")).strip().lower() in ("y", "yes")
+
+
+# ---- printing -----------------------------------------------------------------------------------
+def human(value) -> str:
+    """Any value for a person's terminal: control characters (ESC sequences that move the cursor,
+    retitle the window or forge a hyperlink; a newline that forges a line) written as escapes."""
+    return proto.printable("" if value is None else str(value))
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> None:
+    """Every cell is plain text: rich's markup (`[link=...]`, `[/bogus]`, which crashed `vigil status`)
+    is never read from data; a cell styled by us comes as a rich Text already."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=Text(human(title)))
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*(v if isinstance(v, Text) else Text(human(v)) for v in r))
+    Console().print(t)
+
+
+def styled(value, style: str):
+    from rich.text import Text
+
+    return Text(human(value), style=style)
+
+
+def print_status(data: dict) -> None:
+    """The HUD: services, backlog, GPUs, disks."""
+    from services.health.checks import fmt_age as _age
+
+    colour = {"healthy": "green", "degraded": "yellow", "down": "red", "stale": "red"}
+    rate = lambda s: ", ".join(f"{k} {v}" for k, v in s["counters"].items())  # noqa: E731
+    table(
+        "services",
+        [
+            "service",
+            "instance",
+            "verdict",
+            "reason",
+            "uptime",
+            "restarts",
+            "in flight",
+            "counters",
+            "backend",
+            "last error",
+        ],
+        [
+            [
+                s["service"],
+                s["instance"] or "-",
+                styled(s["verdict"], colour[s["verdict"]]),
+                s["reason"],
+                _age(s["uptime_s"]),
+                s["restarts"],
+                s["in_flight"],
+                rate(s),
+                s["backend"],
+                s["last_error"],
+            ]
+            for s in data["services"]
+        ],
+    )
+    table(
+        "backlog",
+        ["stage", "stream", "pending", "ack pending", "redelivered", "oldest unacked", "dead letters"],
+        [
+            [
+                st["consumer"],
+                st["stream"],
+                st["pending"],
+                st["ack_pending"],
+                st["redelivered"],
+                _age(st["oldest_unacked_s"]),
+                data["dead_letters"].get(st["consumer"].split("-")[0], 0),
+            ]
+            for st in data["stages"]
+        ],
+    )
+    if data["gpus"]:
+        table(
+            "GPUs",
+            ["host", "gpu", "name", "util %", "memory MiB", "temp °C", "power W"],
+            [
+                [
+                    g["host"],
+                    g["index"],
+                    g["name"],
+                    g["util_pct"],
+                    f"{g['mem_used_mb']}/{g['mem_total_mb']}",
+                    g["temp_c"],
+                    g["power_w"],
+                ]
+                for g in data["gpus"]
+            ],
+        )
+    table(
+        "disks",
+        ["path", "free", "size"],
+        [
+            [
+                d["path"],
+                f"{d['free_pct']:.1f}% ({d['free_bytes'] / 2**30:.1f} GiB)",
+                f"{d['total_bytes'] / 2**30:.1f} GiB",
+            ]
+            for d in data["disks"]
+        ],
+    )
+    if data.get("nodes"):
+        table(
+            f"NATS cluster: nodes {', '.join(data['nodes'])}",
+            ["stream", "leader", "replicas (lag)", "messages"],
+            [
+                [
+                    st["name"],
+                    st["leader"] or styled("none", "red"),
+                    ", ".join(
+                        f"{r['node']}{' offline' if r['offline'] else ''}"
+                        f"{'' if r['current'] else ' behind'} ({r['lag']})"
+                        for r in st["replicas"]
+                    ),
+                    st["messages"],
+                ]
+                for st in data["streams"]
+            ],
+        )
+    print(f"systemd: {human(data['systemd'])}")

@@ -1,0 +1,1 @@
+"""recorder: every stream into PostgreSQL (service.py; the schema migrations in schema/)."""

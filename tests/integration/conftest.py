@@ -1,0 +1,29 @@
+"""Fixtures shared by the integration tests."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+from proto.topology import SERVICES
+from services.cli.stack import NatsServer
+from services.runtime.nats_auth import ADMIN_CREDENTIAL, ADMIN_USER, authorization_block, credential_name, user
+
+
+@pytest.fixture
+def locked_nats(tmp_path):
+    """A nats-server with vigil's authorization block: the admin and every service, each its own password
+    (credential files in tmp_path/creds). Yields (server, creds dir, {user: password})."""
+    creds = tmp_path / "creds"
+    creds.mkdir(mode=0o700)
+    passwords = {}
+    for name, cred in [(ADMIN_USER, ADMIN_CREDENTIAL)] + [(user(s), credential_name(s)) for s in SERVICES]:
+        passwords[name] = secrets.token_hex(12)
+        (creds / cred).write_text(passwords[name] + "\n")
+        (creds / cred).chmod(0o600)
+    server = NatsServer(
+        tmp_path / "nats", log_file=tmp_path / "nats-server.log", extra_conf=authorization_block(passwords)
+    ).start()
+    yield server, creds, passwords
+    server.kill()
