@@ -179,7 +179,11 @@ class Aggregator:
 
     def held_sequences(self) -> set[int]:
         """The DETECTIONS stream sequences this process holds unacked (a redelivery is the same one)."""
-        return {m.metadata.sequence.stream for held in self.buffer.all() for m in held.msgs if m.reply}
+        # an acked (or naked, termed) copy is no longer the server's to count: counting it would hide one
+        # that a killed predecessor still holds
+        return {
+            m.metadata.sequence.stream for held in self.buffer.all() for m in held.msgs if m.reply and not m.is_acked
+        }
 
     async def caught_up(self) -> bool:
         """Nothing left upstream that could still bring an earlier detection: the detectors hold no
@@ -444,20 +448,24 @@ class Aggregator:
         self.rt.count("alerts", len(alerts))
 
 
-async def wait_for_redeliveries(rt: Runtime) -> None:
+async def wait_for_redeliveries(rt: Runtime) -> int:
     """After an unclean stop, let the detections the last run held come back before anything is grouped.
 
     They are redelivered once their ack_wait expires; grouping newer detections first would make
     them late (they would still land in the right event, but the reorder guarantee would be spent).
+    Returns the highest stream sequence the server had delivered: everything up to it was either acked
+    by the last run or is counted unacked (which caught_up checks), so this run need not see it again.
     """
     spec = consumer("aggregator")
     info = await rt.js.consumer_info(spec.stream, spec.durable)
+    delivered = info.delivered.stream_seq if info.delivered else 0
     if info.num_ack_pending:
         rt.log.info(
             "waiting for unacked detections of the previous run", unacked=info.num_ack_pending, seconds=spec.ack_wait
         )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(rt.stopping.wait(), timeout=spec.ack_wait + 1.0)
+    return delivered or 0
 
 
 async def run(config: Config) -> None:
@@ -467,7 +475,7 @@ async def run(config: Config) -> None:
         )
         await bus.retry(rt, "load state", aggregator.load_state)
         await bus.retry(rt, "re-publish outboxes", aggregator.flush_outboxes)
-        await wait_for_redeliveries(rt)
+        aggregator.max_seen_seq = await wait_for_redeliveries(rt)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
                 batches.consume(

@@ -232,7 +232,7 @@ async def provision_all(config: Config) -> dict:
     import nats.errors
     import structlog
 
-    from services.runtime.bus import provision
+    from services.runtime.provision import provision
 
     log = structlog.wrap_logger(structlog.PrintLogger(sys.stderr))
     deadline = time.monotonic() + 60
@@ -272,7 +272,7 @@ async def retention_run(config: Config, dry_run: bool) -> dict:
         if not dry_run:
             import structlog
 
-            from services.runtime.bus import provision
+            from services.runtime.provision import provision
 
             # idempotent: the stream exists even before any service ran; its log lines go to stderr, not into --json
             await provision(

@@ -19,7 +19,9 @@ from typing import Protocol
 
 import numpy as np
 
+from services.detector.gpu_errors import EngineNotBuilt
 from services.detector.model import ModelInfo
+from services.detector.trt import batch_profile
 from services.runtime.config import DetectorConfig
 
 
@@ -109,12 +111,20 @@ def tensorrt_library() -> str | None:
     return None
 
 
-def gpu_providers(cfg: DetectorConfig, available: list[str], tensorrt_loads: bool, cache_dir: Path) -> list:
-    """The onnxruntime provider chain for the GPU: the TensorRT EP only where TensorRT loads (engine
-    and timing caches in the state directory, or it rebuilds its engines at every start), then CUDA."""
+def gpu_providers(
+    cfg: DetectorConfig, info: ModelInfo, available: list[str], tensorrt_loads: bool, cache_dir: Path
+) -> list:
+    """The onnxruntime provider chain for the GPU: the TensorRT EP only where TensorRT loads, then CUDA.
+
+    The TensorRT EP builds its engine at the first inference of a shape it has no engine for: its
+    profile covers every batch the detector runs (1..batch_size, or the export's fixed batch), so it
+    builds once, at the warm-up before READY (Engine.start_backend), and its engine and timing caches
+    in the state directory make later starts load instead of build."""
     chain: list = []
     if "TensorrtExecutionProvider" in available and tensorrt_loads:
         caches = str(cache_dir / "onnxruntime-trt")
+        lo, opt, hi = batch_profile(info.fixed_batch, cfg.batch_size)
+        shape = f"3x{info.size}x{info.size}"
         chain.append(
             (
                 "TensorrtExecutionProvider",
@@ -125,6 +135,9 @@ def gpu_providers(cfg: DetectorConfig, available: list[str], tensorrt_loads: boo
                     "trt_engine_cache_path": caches,
                     "trt_timing_cache_enable": True,
                     "trt_timing_cache_path": caches,
+                    "trt_profile_min_shapes": f"{info.input_name}:{lo}x{shape}",
+                    "trt_profile_opt_shapes": f"{info.input_name}:{opt}x{shape}",
+                    "trt_profile_max_shapes": f"{info.input_name}:{hi}x{shape}",
                 },
             )
         )
@@ -133,22 +146,22 @@ def gpu_providers(cfg: DetectorConfig, available: list[str], tensorrt_loads: boo
     return chain
 
 
-def cuda_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir: Path) -> OnnxRuntimeBackend:
-    """onnxruntime on the GPU: its TensorRT EP where TensorRT loads, else its CUDA EP."""
+def cuda_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir: Path, tensorrt_ep: bool = True) -> OnnxRuntimeBackend:
+    """onnxruntime on the GPU: its TensorRT EP where TensorRT loads (and `tensorrt_ep`), else its CUDA EP."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    chain = gpu_providers(cfg, available, tensorrt_library() is not None, cache_dir)
+    chain = gpu_providers(cfg, info, available, tensorrt_ep and tensorrt_library() is not None, cache_dir)
     if not chain:
         raise RuntimeError(f"onnxruntime has no GPU execution provider here (available: {available})")
     (cache_dir / "onnxruntime-trt").mkdir(parents=True, exist_ok=True)
     return OnnxRuntimeBackend(info, cfg, [*chain, "CPUExecutionProvider"], gpu=True)
 
 
-def tensorrt_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend:
+def tensorrt_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir, initial: bool = True) -> Backend:
     from services.detector.trt import TensorRTBackend  # lazy: imports tensorrt and cuda-python
 
-    return TensorRTBackend(info, cfg, cache_dir)
+    return TensorRTBackend(info, cfg, cache_dir, initial=initial)
 
 
 def plugin_class(spec: str):
@@ -185,20 +198,23 @@ def build_job(cfg: DetectorConfig, info: ModelInfo, cache_dir: Path) -> BuildJob
     return None
 
 
-def gpu_factory(cfg: DetectorConfig, info: ModelInfo, cache_dir) -> Callable[[], Backend] | None:
-    """What to try on the accelerator for this config, or None for CPU only."""
+def gpu_factory(cfg: DetectorConfig, info: ModelInfo, cache_dir) -> Callable[[bool], Backend] | None:
+    """What to try on the accelerator for this config, or None for CPU only. The factory takes
+    `initial`: True for the first try, before READY, where an engine may be built; False for the
+    retries after a fallback, in the inference thread, where nothing may be built (no watchdog beats):
+    onnxruntime's TensorRT EP is then left out, and a TensorRT engine that will not load is kept."""
     if cfg.backend == "cpu":
         return None
     if cfg.backend == "tensorrt":
-        return lambda: tensorrt_backend(info, cfg, cache_dir)
+        return lambda initial: tensorrt_backend(info, cfg, cache_dir, initial)
     if cfg.backend == "cuda":
-        return lambda: cuda_backend(info, cfg, cache_dir)
+        return lambda initial: cuda_backend(info, cfg, cache_dir, tensorrt_ep=initial)
     if cfg.backend.startswith("plugin:"):
-        return lambda: plugin_backend(cfg.backend, info, cfg)
+        return lambda initial: plugin_backend(cfg.backend, info, cfg)
     # auto: a machine with no accelerator stack at all is a CPU machine, not a degraded GPU one
     if not gpu_stack_present():
         return None
-    return lambda: _best_gpu(info, cfg, cache_dir)
+    return lambda initial: _best_gpu(info, cfg, cache_dir, initial)
 
 
 def gpu_stack_present() -> bool:
@@ -207,15 +223,17 @@ def gpu_stack_present() -> bool:
     return importlib.util.find_spec("tensorrt") is not None or "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def _best_gpu(info: ModelInfo, cfg: DetectorConfig, cache_dir) -> Backend:
+def _best_gpu(info: ModelInfo, cfg: DetectorConfig, cache_dir, initial: bool) -> Backend:
     errors = []
     if importlib.util.find_spec("tensorrt") is not None:
         try:
-            return tensorrt_backend(info, cfg, cache_dir)
+            return tensorrt_backend(info, cfg, cache_dir, initial)
+        except EngineNotBuilt:
+            raise  # its build failed or timed out before READY: the CPU, not a build by onnxruntime's EP instead
         except Exception as exc:  # noqa: BLE001 - reported with the next candidate's error
             errors.append(f"tensorrt: {exc}")
     try:
-        return cuda_backend(info, cfg, cache_dir)
+        return cuda_backend(info, cfg, cache_dir, tensorrt_ep=initial)
     except Exception as exc:  # noqa: BLE001
         errors.append(f"onnxruntime-gpu: {exc}")
     raise RuntimeError("; ".join(errors))

@@ -3,8 +3,11 @@ and filtered per camera. No bus here: the service (service.py) feeds it frames."
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
+
+import numpy as np
 
 from proto import Box
 from services.detector import decoders
@@ -13,11 +16,45 @@ from services.detector.decoders import Letterboxed
 from services.detector.fallback import FallbackBackend
 from services.detector.gpu_errors import EngineNotBuilt
 from services.detector.model import ModelInfo, find_model, inspect_model
+from services.detector.trt import batch_profile
 from services.runtime.config import DetectorConfig
 
 # Models that run no inference: "none" finds nothing, "synthetic" finds one whole-frame person in every
 # frame. Both measure the pipeline's own cost; "synthetic" also exercises grouping and alerts.
 NO_MODEL = ("none", "synthetic")
+
+
+class StickyRestarts:
+    """When this detector last exited for a fresh CUDA context (a file of timestamps in its state
+    directory). A GPU that poisons its context again and again would otherwise restart the unit until
+    systemd's start limit leaves it failed, detecting nothing: past `limit` such exits in `window`
+    seconds, the next starts run on the CPU (degraded, saying why) until the window has passed."""
+
+    def __init__(self, path: Path, limit: int = 3, window: float = 3600.0) -> None:
+        self.path, self.limit, self.window = path, limit, window
+
+    def recent(self, now: float | None = None) -> list[float]:
+        now = time.time() if now is None else now
+        try:
+            stamps = [float(x) for x in self.path.read_text().split()]
+        except (OSError, ValueError):
+            return []
+        return [t for t in stamps if now - self.window <= t <= now]
+
+    def record(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with contextlib.suppress(OSError):  # a full or read-only disk: the restart still happens
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(" ".join(str(t) for t in [*self.recent(now), now][-self.limit :]) + "\n")
+
+    def refusal(self, now: float | None = None) -> str | None:
+        recent = self.recent(now)
+        if len(recent) < self.limit:
+            return None
+        return (
+            f"{len(recent)} sticky CUDA errors within {self.window / 3600:g} h: the GPU stays off until "
+            f"{time.strftime('%H:%M', time.localtime(min(recent) + self.window))} (or {self.path} is removed)"
+        )
 
 
 class Engine:
@@ -31,6 +68,7 @@ class Engine:
         self.info: ModelInfo | None = None
         self.backend: Backend | None = None
         self.make_gpu = None
+        self.sticky = StickyRestarts(cache_dir / "sticky-cuda-errors")
         if cfg.model in NO_MODEL:
             return
         path = find_model(cfg)  # refuses to start without a model, naming the fix
@@ -43,6 +81,7 @@ class Engine:
         self.info = info = inspect_model(path, cfg, session)
         self.make_cpu = lambda: OnnxRuntimeBackend(info, cfg, ["CPUExecutionProvider"], session=session)
         self.make_gpu = gpu_factory(cfg, info, cache_dir)
+        self.sticky = StickyRestarts(cache_dir / "sticky-cuda-errors")
         if start:
             self.start_backend()
 
@@ -57,22 +96,27 @@ class Engine:
             return None
 
     def start_backend(self, build_failure: str | None = None) -> None:
-        """Open the backend: the CPU, or the GPU wrapped in the CPU fallback. Never builds an engine."""
+        """Open the backend: the CPU, or the GPU wrapped in the CPU fallback, warmed up at the largest
+        batch (so whatever an execution provider builds lazily is built now, before READY). Never builds
+        a TensorRT engine itself, and a GPU that hit sticky CUDA errors again and again stays off."""
         if self.backend is not None or self.info is None:
             return
         if self.make_gpu is None:
             self.backend = self.make_cpu()
             return
-        make_gpu = self.make_gpu
-        if build_failure is not None:
+        inner, first = self.make_gpu, [True]
+        refused = build_failure or self.sticky.refusal()
 
-            def make_gpu(inner=self.make_gpu):
-                try:
-                    return inner()
-                except EngineNotBuilt as exc:  # say why the engine is missing, not only that it is
-                    raise EngineNotBuilt(build_failure) from exc
+        def make_gpu():
+            initial, first[0] = first[0], False
+            if refused is not None and initial:
+                raise EngineNotBuilt(refused)
+            try:
+                return inner(initial)
+            except EngineNotBuilt as exc:  # say why the engine is missing, not only that it is
+                raise EngineNotBuilt(build_failure or str(exc)) from exc
 
-        self.backend = FallbackBackend(
+        self.backend = backend = FallbackBackend(
             make_gpu,
             self.make_cpu,
             max_errors=self.cfg.gpu_max_errors,
@@ -80,6 +124,9 @@ class Engine:
             retry_max=self.cfg.gpu_retry_max_seconds,
             on_change=self.on_change,
         )
+        if not backend.degraded:
+            hi = batch_profile(self.info.fixed_batch, self.cfg.batch_size)[2]
+            backend.infer(np.zeros((hi, 3, self.info.size, self.info.size), np.float32))
 
     @property
     def restart_reason(self) -> str | None:

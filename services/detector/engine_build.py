@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +69,35 @@ class PreReady:
         self.notifier.stopping()
         self.stopping.set()
 
+    def remove_stale_temporaries(self, cache_dir: Path) -> None:
+        for path in remove_stale_temporaries(cache_dir):
+            self.log.info("removed the temporary file of a build that was killed", path=str(path))
+
+    def run_in_thread(self, fn, *args) -> asyncio.Future:
+        """`fn(*args)` in a daemon thread: asyncio's default executor is joined when the loop closes, so a
+        stop while a backend is still opening would wait for it (past systemd's stop timeout)."""
+        assert self._loop is not None
+        loop, future = self._loop, self._loop.create_future()
+
+        def settle(exc: BaseException | None, result: object = None) -> None:
+            if future.done():
+                return
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+        def target() -> None:
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                loop.call_soon_threadsafe(settle, exc)
+            else:
+                loop.call_soon_threadsafe(settle, None, result)
+
+        threading.Thread(target=target, name="pre-ready", daemon=True).start()
+        return future
+
     def extend(self, status: str) -> None:
         self.notifier.send(f"EXTEND_TIMEOUT_USEC={int(EXTEND_BY * 1e6)}", f"STATUS={status}")
 
@@ -92,8 +122,6 @@ class PreReady:
 async def build_engine(pre: PreReady, command: list[str], what: str, target: Path, timeout: float) -> str | None:
     """Run one engine build as a child process. None when `target` was written; else why not."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    for path in remove_stale_temporaries(target.parent):
-        pre.log.info("removed the temporary file of a build that was killed", path=str(path))
     pre.log.info("building engine before ready", what=what, engine=str(target), timeout_seconds=timeout)
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL)
@@ -106,8 +134,9 @@ async def build_engine(pre: PreReady, command: list[str], what: str, target: Pat
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await waiter
-            with contextlib.suppress(FileNotFoundError):
-                target.with_name(f"{target.name}.{proc.pid}.tmp").unlink()
+        # whatever ended it (done, killed here, or killed with the whole unit by systemd's stop), a child
+        # that is gone leaves no half-written file behind
+        remove_stale_temporaries(target.parent)
     seconds = round(time.monotonic() - started, 1)
     if not finished:
         if pre.stopping.is_set():

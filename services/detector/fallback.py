@@ -86,6 +86,8 @@ class FallbackBackend:
         try:
             self.gpu = self.make_gpu()
         except Exception as exc:  # noqa: BLE001 - an init failure of any kind means "not now"
+            if is_sticky(exc):  # the context was poisoned before (an error that named no code): restart
+                self.restart_reason = f"{type(exc).__name__}: {exc}"[:300]
             self._fall_back(f"init failed: {type(exc).__name__}: {exc}", retrying=was_degraded)
             return
         self.errors = 0

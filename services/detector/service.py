@@ -119,7 +119,12 @@ class Detector:
         for msg in msgs:
             up = bus.decode_as(msg, FileUploaded)
             if isinstance(up, str):
-                await self.dead_letter(msg, up)
+                try:
+                    await self.dead_letter(msg, up)
+                except bus.TRANSIENT:  # the DLQ is away: this one comes back later, the rest go on
+                    self.held.pop(id(msg), None)
+                    with contextlib.suppress(*bus.TRANSIENT):
+                        await msg.nak(delay=5.0)
             else:
                 units.append((up, msg))
         for group in self.frame_budget_groups(units):
@@ -234,6 +239,7 @@ class Detector:
             self.rt.count("frames", len(frames))
             self.rt.beat("infer")
             if self.engine.restart_reason is not None:  # this batch is done (on the CPU) and acked: now go
+                self.engine.sticky.record()
                 raise RestartRequested(
                     f"sticky CUDA error, a new process gets a fresh CUDA context: {self.engine.restart_reason}"
                 )
@@ -287,20 +293,24 @@ class Detector:
 
 async def open_engine(engine: Engine, config: Config) -> bool:
     """Before READY: build the engine the accelerator lacks (a child process, with systemd's start
-    timeout extended), then open the backends. False when a stop was asked for meanwhile."""
+    timeout extended), then open and warm up the backends. False when a stop was asked for meanwhile."""
     async with PreReady(structlog.get_logger(service=STAGE)) as pre:
-        job = await asyncio.to_thread(engine.build_job)
+        pre.remove_stale_temporaries(engine.cache_dir)
+        job = await pre.run_in_thread(engine.build_job)
         failure = None
-        if job is not None:
+        if job is not None and not pre.stopping.is_set():
             failure = await build_engine(
                 pre, job.command, job.what, job.target, config.detector.engine_build_timeout_seconds
             )
-            if pre.stopping.is_set():
-                return False
-        opening = asyncio.ensure_future(asyncio.to_thread(engine.start_backend, failure))
-        if not await pre.wait(opening, "opening the inference backend"):
-            return False  # the thread is not waited for: main() exits without it
+        if pre.stopping.is_set():
+            return False
+        opening = pre.run_in_thread(engine.start_backend, failure)
+        if not await pre.wait(opening, "opening the inference backend") or pre.stopping.is_set():
+            return False  # the thread is a daemon: main() exits without waiting for it
         opening.result()
+    if engine.restart_reason is not None:  # poisoned already (the warm-up): a fresh process, before READY
+        engine.sticky.record()
+        raise RestartRequested(f"sticky CUDA error while opening the GPU: {engine.restart_reason}")
     return True
 
 

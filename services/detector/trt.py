@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -251,7 +252,14 @@ def main(argv: list[str]) -> int:
 
 # ---- the backend ------------------------------------------------------------------------------
 class TensorRTBackend:
-    def __init__(self, info: ModelInfo, cfg: DetectorConfig, cache_dir: Path, plan: EnginePlan | None = None) -> None:
+    def __init__(
+        self,
+        info: ModelInfo,
+        cfg: DetectorConfig,
+        cache_dir: Path,
+        plan: EnginePlan | None = None,
+        initial: bool = True,
+    ) -> None:
         import tensorrt as trt
 
         self.trt, self.cudart, self.info, self.device = trt, cuda_runtime(), info, cfg.device
@@ -270,8 +278,13 @@ class TensorRTBackend:
             self.logger = trt.Logger(trt.Logger.WARNING)
             self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(path.read_bytes())
             if self.engine is None:
-                path.unlink(missing_ok=True)  # corrupt or from another TensorRT: rebuilt at the next start
-                raise EngineNotBuilt(f"could not deserialize {path} (removed; rebuilt at the next start)")
+                # at start: set it aside (not deleted: kept to look at), so the next start builds it again;
+                # on a retry it stays: a busy or poisoned GPU also fails to deserialize a good engine
+                if initial:
+                    path.rename(path.with_name(f"{path.name}.bad-{int(time.time())}"))
+                raise EngineNotBuilt(
+                    f"could not deserialize {path}" + (" (set aside; rebuilt at the next start)" if initial else "")
+                )
             self.context = self.engine.create_execution_context()
             self.stream = check(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         except BaseException:
@@ -342,6 +355,7 @@ class TensorRTBackend:
             self.context.set_tensor_address(out, self._buffer(out, host.nbytes))
             hosts[out] = host
         if not self.context.execute_async_v3(self.stream):
+            check(cudart, cudart.cudaGetLastError(), "execute_async_v3")  # a CUDA error says which (sticky or not)
             raise RuntimeError("TensorRT execute_async_v3 failed")
         for out, host in hosts.items():
             check(

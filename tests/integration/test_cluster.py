@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from services.cli.stack import NatsCluster
-from services.runtime.bus import provision
+from services.runtime.provision import provision
 from tests.integration.test_service_lifecycle import read_heartbeats
 from tests.support import REPO, Services, drop, photo_bytes, query, wait_until, write_config
 from tests.support import count_rows as rows

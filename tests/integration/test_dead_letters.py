@@ -13,7 +13,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig
 
 import proto
-from services.runtime.bus import provision
+from services.runtime.provision import provision
 from tests.support import stream_messages, wait_until
 
 

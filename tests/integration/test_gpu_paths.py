@@ -41,7 +41,7 @@ def test_a_sticky_cuda_error_finishes_the_batch_on_the_cpu_then_exits_for_a_rest
             "gpu_retry_seconds": 3600.0,
         },
     )
-    stack.env["VIGIL_TEST_FAIL_AFTER"] = "1"
+    stack.env["VIGIL_TEST_FAIL_AFTER"] = "2"  # the warm-up before READY, then the first file's batch
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     drop(media / "front_door" / "p0.jpg", photo_bytes("astronaut", quality=71))
@@ -61,6 +61,8 @@ def test_a_sticky_cuda_error_finishes_the_batch_on_the_cpu_then_exits_for_a_rest
     )
     assert all("person" in r[0] for r in query(database, "SELECT labels FROM detections"))
     assert consumer_states(nats_server.url)["detector"] == (0, 0)  # acked before the exit: nothing to redeliver
+    recorded = (make_stack_state(stack) / "engines" / "sticky-cuda-errors").read_text().split()
+    assert len(recorded) == 1  # remembered: past three in an hour the GPU stays off (unit-tested)
     stack.env["VIGIL_TEST_FAIL_AFTER"] = "1000"  # what a restart is for: a fresh context that works
     stack.procs.pop("detector")
     stack.start("detector")
@@ -70,6 +72,10 @@ def test_a_sticky_cuda_error_finishes_the_batch_on_the_cpu_then_exits_for_a_rest
         lambda: len(query(database, "SELECT 1 FROM detections")) == 3, timeout=60, what="the restarted detector at work"
     )
     assert stack.procs["detector"].poll() is None
+
+
+def make_stack_state(stack) -> Path:
+    return stack.config.parent / "state"
 
 
 def build_pid(log: str) -> int:

@@ -22,17 +22,23 @@ def names(chain):
     return [p[0] for p in chain]
 
 
-def test_the_tensorrt_ep_is_asked_for_only_where_tensorrt_loads(tmp_path):
-    cfg = DetectorConfig(device=1)
-    assert names(gpu_providers(cfg, GPU_WHEEL, False, tmp_path)) == ["CUDAExecutionProvider"]
-    chain = gpu_providers(cfg, GPU_WHEEL, True, tmp_path)
+def test_the_tensorrt_ep_is_asked_for_only_where_tensorrt_loads(tmp_path, info):
+    cfg = DetectorConfig(device=1, batch_size=8)
+    assert names(gpu_providers(cfg, info, GPU_WHEEL, False, tmp_path)) == ["CUDAExecutionProvider"]
+    chain = gpu_providers(cfg, info, GPU_WHEEL, True, tmp_path)
     assert names(chain) == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     trt, cuda = (options for _, options in chain)
     assert trt["device_id"] == cuda["device_id"] == 1
     # its engines and timing data in the state directory, or it rebuilds them at every start
     assert trt["trt_engine_cache_enable"] and trt["trt_timing_cache_enable"]
     assert Path(trt["trt_engine_cache_path"]) == Path(trt["trt_timing_cache_path"]) == tmp_path / "onnxruntime-trt"
-    assert gpu_providers(cfg, ["CPUExecutionProvider"], True, tmp_path) == []
+    # one profile over every batch the detector runs: built once (at the warm-up), not per new shape
+    assert (trt["trt_profile_min_shapes"], trt["trt_profile_opt_shapes"], trt["trt_profile_max_shapes"]) == (
+        "images:1x3x64x64",
+        "images:4x3x64x64",
+        "images:8x3x64x64",
+    )
+    assert gpu_providers(cfg, info, ["CPUExecutionProvider"], True, tmp_path) == []
 
 
 def test_tensorrt_library_is_not_found_here():
@@ -96,3 +102,28 @@ def test_sessions_are_made_without_onnxruntimes_own_fallback(info, monkeypatch):
     assert seen.get("enable_fallback") == 0
     session = real(str(info.path), providers=["CPUExecutionProvider"], enable_fallback=0)
     assert session._enable_fallback is False  # the real wrapper took it
+
+
+def test_the_retry_path_builds_nothing(tmp_path, info, monkeypatch):
+    """After a fallback the GPU is retried in the inference thread, without watchdog beats: there the
+    factory leaves onnxruntime's TensorRT EP out (it would build), and in `auto` a TensorRT engine whose
+    build failed before READY means the CPU, not an onnxruntime EP build instead."""
+    from services.detector.gpu_errors import EngineNotBuilt
+
+    asked = []
+    monkeypatch.setattr(
+        backends, "cuda_backend", lambda info, cfg, cache_dir, tensorrt_ep=True: asked.append(tensorrt_ep)
+    )
+    make = backends.gpu_factory(DetectorConfig(backend="cuda"), info, tmp_path)
+    make(True), make(False)
+    assert asked == [True, False]
+
+    def no_engine(*args):
+        raise EngineNotBuilt("engine build stopped after 1800 s")
+
+    monkeypatch.setattr(backends, "tensorrt_backend", no_engine)
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object() if name == "tensorrt" else None)
+    asked.clear()
+    with pytest.raises(EngineNotBuilt):
+        backends._best_gpu(info, DetectorConfig(), tmp_path, True)
+    assert asked == []

@@ -187,3 +187,20 @@ def test_a_dropped_gpu_is_closed_each_time_it_is_dropped():
         clock.now = t * 2
         fb.infer(np.zeros((1, 1)))
     assert len(made) == 4 and all(b.closed for b in made)
+
+
+def test_repeated_sticky_restarts_keep_the_gpu_off_for_a_while(tmp_path):
+    """Each exit for a fresh CUDA context is recorded; past three in an hour the next starts refuse
+    the GPU (the CPU, degraded, saying why) instead of restarting until systemd's start limit."""
+    from services.detector.engine import StickyRestarts
+
+    sticky = StickyRestarts(tmp_path / "engines" / "sticky-cuda-errors")
+    assert sticky.refusal() is None
+    for t in (1000.0, 2000.0):
+        sticky.record(t)
+    assert sticky.refusal(2100.0) is None
+    sticky.record(3000.0)
+    assert "3 sticky CUDA errors within 1 h" in (sticky.refusal(3100.0) or "")
+    assert sticky.refusal(1000.0 + 3601) is None  # the oldest has left the window
+    (tmp_path / "engines" / "sticky-cuda-errors").write_text("garbage\n")
+    assert sticky.refusal() is None  # unreadable: as if empty
