@@ -21,7 +21,7 @@ import numpy as np
 
 from services.detector.gpu_errors import EngineNotBuilt
 from services.detector.model import ModelInfo
-from services.detector.trt import batch_profile
+from services.detector.trt import TensorRTBackend, batch_profile, plan_engine  # tensorrt itself imports lazily
 from services.runtime.config import DetectorConfig
 
 
@@ -159,8 +159,6 @@ def cuda_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir: Path, tensorrt
 
 
 def tensorrt_backend(info: ModelInfo, cfg: DetectorConfig, cache_dir, initial: bool = True) -> Backend:
-    from services.detector.trt import TensorRTBackend  # lazy: imports tensorrt and cuda-python
-
     return TensorRTBackend(info, cfg, cache_dir, initial=initial)
 
 
@@ -190,8 +188,6 @@ def build_job(cfg: DetectorConfig, info: ModelInfo, cache_dir: Path) -> BuildJob
         make = getattr(plugin_class(cfg.backend), "build_job", None)
         return make(info, cfg, cache_dir) if make is not None else None
     if cfg.backend == "tensorrt" or (cfg.backend == "auto" and importlib.util.find_spec("tensorrt") is not None):
-        from services.detector.trt import plan_engine
-
         plan = plan_engine(info, cfg, cache_dir)
         if not plan.path.exists():
             return BuildJob(plan.command(), f"TensorRT engine for {info.name} ({plan.precision})", plan.path)

@@ -25,7 +25,7 @@ import msgspec
 
 import proto
 from proto import GpuSample, Heartbeat
-from proto.topology import CONSUMERS, DLQ_ALL, GPU_BUCKET, HEARTBEAT_BUCKET, SERVICES, token
+from proto.topology import CONSUMERS, DLQ_ALL, GPU_BUCKET, HEARTBEAT_BUCKET, SERVICES, STREAMS, token
 from services.runtime.config import Config
 
 # A work loop that has not beaten for this long is stuck even if the process still heartbeats
@@ -222,8 +222,6 @@ async def read_stages(js, now: float) -> list[StageStatus]:
 
 async def read_streams(js) -> list[StreamStatus]:
     import nats.js.errors
-
-    from proto.topology import STREAMS
 
     out = []
     for spec in STREAMS:

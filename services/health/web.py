@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import proto
 from services.health.checks import Snapshot, fmt_age, healthy_enough, snapshot_json
-from services.runtime.config import Config
+from services.runtime.config import Config, ConfigError
 from services.runtime.http import host_guard
 
 
@@ -278,8 +278,6 @@ async def start_http(state: HealthState, host: str, port: int):
     """Bind the HTTP server (before the service connects to NATS, so a port in use stops it at start
     with the field named - exit 78, no crash loop). Returns the runner; `await runner.cleanup()` stops it."""
     from aiohttp import web
-
-    from services.runtime.config import ConfigError
 
     runner = web.AppRunner(make_app(state), access_log=None)
     await runner.setup()

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 import proto
-from services.runtime.config import credential
+from services.runtime.config import ConfigError, credential
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -48,8 +48,6 @@ def connect_auth(cfg, service: str) -> dict:
         user = nats_auth.user(service)
         password = credential(nats_auth.credential_name(service))
         if not password:
-            from services.runtime.config import ConfigError
-
             raise ConfigError(
                 f"config error: nats.per_service_users is on but credential {nats_auth.credential_name(service)} is missing"
             )
