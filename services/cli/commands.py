@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from proto.topology import SERVICES
-from services.cli import ctl
+from services.cli import ctl, render
 from services.runtime.config import Config, ConfigError, load_config
 
 
@@ -155,7 +155,7 @@ def config_check(args: argparse.Namespace) -> int:
 @command("status", "services, their state and backlogs (from heartbeats)", arg("--watch", action="store_true"))
 def status(config: Config, args: argparse.Namespace) -> int:
     while True:
-        emit(args, asyncio.run(ctl.gather_status(config)), ctl.print_status)
+        emit(args, asyncio.run(ctl.gather_status(config)), render.print_status)
         if not args.watch:
             return 0
         time.sleep(2)
@@ -165,7 +165,7 @@ def status(config: Config, args: argparse.Namespace) -> int:
 @command("streams", "streams and consumers with limits and lag")
 def streams(config: Config, args: argparse.Namespace) -> int:
     def human(data: list[dict]) -> None:
-        ctl.table(
+        render.table(
             "streams",
             ["stream", "retention", "messages", "bytes", "max bytes", "consumers (pending/ack pending)"],
             [
@@ -200,13 +200,16 @@ def tail(config: Config, args: argparse.Namespace) -> int:
 def dlq(config: Config, args: argparse.Namespace) -> int:
     data = asyncio.run(
         ctl.dlq(
-            config, args.action, args.seq, confirm=lambda letter, subject: ctl.confirm_retry(letter, subject, args.yes)
+            config,
+            args.action,
+            args.seq,
+            confirm=lambda letter, subject: render.confirm_retry(letter, subject, args.yes),
         )
     )
     if args.json or args.action != "list":
         print(json.dumps(data))
         return 0
-    ctl.table(
+    render.table(
         "dead letters",
         ["seq", "stage", "camera", "path", "reason", "retry"],
         [[d["seq"], d["stage"], d["camera"], d["path"] or "", d["reason"], d["retry"]] for d in data],
@@ -230,7 +233,7 @@ def events(config: Config, args: argparse.Namespace) -> int:
         return emit(args, kept, lambda d: print(f"event {d['event_id']}: keep = {str(d['keep']).lower()}"))
 
     def human(data: list[dict]) -> None:
-        ctl.table(
+        render.table(
             "events",
             ["event", "camera", "started", "detections", "labels", "closed by"],
             [
@@ -266,4 +269,4 @@ def provision(config: Config, args: argparse.Namespace) -> int:
     arg("--dry-run", action="store_true", help="print what would be deleted and change nothing"),
 )
 def retention(config: Config, args: argparse.Namespace) -> int:
-    return emit(args, asyncio.run(ctl.retention_run(config, args.dry_run)), ctl.print_retention)
+    return emit(args, asyncio.run(ctl.retention_run(config, args.dry_run)), render.print_retention)

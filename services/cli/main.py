@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from services.cli import ctl
+from services.cli import ctl, render
 from services.cli.commands import COMMANDS, Command
 from services.runtime.config import ConfigError
 
@@ -45,7 +45,7 @@ def run_operator(c: Command, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     except (LookupError, ValueError) as exc:
-        print(f"vigil {c.name}: {ctl.human(exc)}", file=sys.stderr)
+        print(f"vigil {c.name}: {render.human(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"vigil {c.name}: cannot reach the server: {exc}", file=sys.stderr)
