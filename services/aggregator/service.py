@@ -40,7 +40,7 @@ from services.aggregator.grouping import (
     new_event,
     place_late,
 )
-from services.runtime import batches, bus, dead_letters
+from services.runtime import jetstream
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
@@ -132,7 +132,7 @@ class Aggregator:
     async def load_state(self) -> None:
         """Read every camera's state; replace memory only if the whole read worked."""
         loaded: dict[str, CameraState] = {}
-        for key in await bus.kv_keys(self.rt.nc, AGGREGATOR_STATE_BUCKET):
+        for key in await jetstream.kv_keys(self.rt.nc, AGGREGATOR_STATE_BUCKET):
             try:
                 entry = await self.kv.get(key)
             except (nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError):
@@ -164,12 +164,12 @@ class Aggregator:
         for msg in msgs:
             if msg.reply:
                 self.max_seen_seq = max(self.max_seen_seq, msg.metadata.sequence.stream)
-            det = bus.decode_as(msg, Detections)
+            det = jetstream.decode_as(msg, Detections)
             if isinstance(det, str):
-                await dead_letters.dead_letter(self.rt, STAGE, msg, det)
+                await self.rt.bus.dead_letter(STAGE, msg, det)
                 continue
             if not det.boxes:  # nothing to group: the recorder keeps it, events never see it
-                with contextlib.suppress(*bus.TRANSIENT):
+                with contextlib.suppress(*jetstream.TRANSIENT):
                     await msg.ack()
                 self.rt.count("grouped")
                 continue
@@ -201,7 +201,7 @@ class Aggregator:
                 return False
             own = consumer("aggregator")
             info = await self.rt.js.consumer_info(own.stream, own.durable)
-        except (*bus.TRANSIENT, nats.js.errors.NotFoundError):
+        except (*jetstream.TRANSIENT, nats.js.errors.NotFoundError):
             return False
         delivered = info.delivered.stream_seq if info.delivered else 0
         return not info.num_pending and self.max_seen_seq >= (delivered or 0) and (info.num_ack_pending or 0) <= mine
@@ -233,7 +233,7 @@ class Aggregator:
                     stale.append(held)
             for held in stale:
                 for m in held.msgs:
-                    with contextlib.suppress(*bus.TRANSIENT):
+                    with contextlib.suppress(*jetstream.TRANSIENT):
                         await m.in_progress()
             self.rt.beat("keepalive")
             with contextlib.suppress(asyncio.TimeoutError):
@@ -261,7 +261,7 @@ class Aggregator:
                 await self.commit(released, quiet)
             except Exception as exc:  # noqa: BLE001 - sorted below: transient (retried) or a bug (dead-lettered)
                 self.needs_reload = True
-                if bus.is_transient(exc):
+                if jetstream.is_transient(exc):
                     self.rt.log.warning("commit failed, will retry", held=len(released), error=repr(exc))
                     self.rt.note_error(f"commit failed: {exc!r}")
                     self.buffer.put_back(released)
@@ -271,8 +271,7 @@ class Aggregator:
                 self.rt.log.error("commit failed permanently, dead-lettering its detections", error=repr(exc))
                 for held in released:
                     for m in held.msgs:
-                        await dead_letters.dead_letter(
-                            self.rt,
+                        await self.rt.bus.dead_letter(
                             STAGE,
                             m,
                             f"could not be grouped: {exc!r}"[:500],
@@ -403,9 +402,9 @@ class Aggregator:
         return [ev for ev in found.values() if lo <= ev.started_at <= hi]
 
     async def read_index(self, pattern: str) -> list[EventState]:
-        """The index entries under one camera and hour (bus.kv_keys: listing keys creates no consumer)."""
+        """The index entries under one camera and hour (jetstream.kv_keys: listing keys creates no consumer)."""
         out = []
-        for key in await bus.kv_keys(self.rt.nc, EVENT_INDEX_BUCKET, pattern):
+        for key in await jetstream.kv_keys(self.rt.nc, EVENT_INDEX_BUCKET, pattern):
             try:
                 entry = await self.index.get(key)
             except (nats.js.errors.KeyDeletedError, nats.js.errors.KeyNotFoundError):
@@ -432,8 +431,7 @@ class Aggregator:
         alerts = [a for s in states.values() for a in s.outbox_alerts]
         if not events and not alerts:
             return
-        await bus.publish_many(
-            self.rt,
+        await self.rt.bus.publish_many(
             [(subject("alerts", a.camera), a, a.alert_id) for a in alerts]
             + [(subject("events", e.camera), e.message(), f"{e.event_id}-r{e.revision}") for e in events],
         )
@@ -473,15 +471,13 @@ async def run(config: Config) -> None:
         aggregator = Aggregator(
             rt, config, await rt.js.key_value(AGGREGATOR_STATE_BUCKET), await rt.js.key_value(EVENT_INDEX_BUCKET)
         )
-        await bus.retry(rt, "load state", aggregator.load_state)
-        await bus.retry(rt, "re-publish outboxes", aggregator.flush_outboxes)
+        await rt.bus.retry("load state", aggregator.load_state)
+        await rt.bus.retry("re-publish outboxes", aggregator.flush_outboxes)
         aggregator.max_seen_seq = await wait_for_redeliveries(rt)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(
-                batches.consume(
-                    rt, "aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0, stage=STAGE
-                )
+                rt.bus.consume("aggregator", aggregator.handle_batch, config.aggregator.batch_size, 1.0, stage=STAGE)
             )
             tg.create_task(aggregator.tick_loop())
             tg.create_task(aggregator.keepalive_loop())
-            tg.create_task(batches.exhausted_loop(rt, "aggregator", STAGE))
+            tg.create_task(rt.bus.exhausted_loop("aggregator", STAGE))

@@ -113,7 +113,7 @@ async def gather_streams(config: Config) -> list[dict]:
 async def dead_letters(js) -> list[tuple[int, str, proto.DeadLetter | str]]:
     """(sequence, subject, the letter or why it does not decode) for every message in the DLQ: one bad
     message (any stage can write one) must not hide the others from `vigil dlq` and `vigil trace`."""
-    from services.runtime.bus import stored_messages
+    from services.runtime.jetstream import stored_messages
 
     out: list[tuple[int, str, proto.DeadLetter | str]] = []
     async for seq, raw in stored_messages(js, "DLQ"):

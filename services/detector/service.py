@@ -29,7 +29,7 @@ from services.detector.engine import Engine, keep_for_camera
 from services.detector.engine_build import PreReady, build_engine
 from services.detector.fallback import FallbackBackend
 from services.detector.media import Undecodable, decode_image, read_media, sample_clip
-from services.runtime import batches, bus, dead_letters
+from services.runtime import jetstream
 from services.runtime.config import Config
 from services.runtime.files import safe_parts
 from services.runtime.service import RestartRequested, Runtime, StoppedBeforeReady
@@ -100,8 +100,7 @@ class Detector:
     async def prepare_loop(self) -> None:
         """Stage 1: batches.consume's fetch loop, each batch decoded and handed to the inference stage."""
         try:
-            await batches.consume(
-                self.rt,
+            await self.rt.bus.consume(
                 "detector",
                 self.prepare,
                 self.cfg.batch_size,
@@ -117,13 +116,13 @@ class Detector:
         self.held.update((id(m), m) for m in msgs)
         units = []
         for msg in msgs:
-            up = bus.decode_as(msg, FileUploaded)
+            up = jetstream.decode_as(msg, FileUploaded)
             if isinstance(up, str):
                 try:
                     await self.dead_letter(msg, up)
-                except bus.TRANSIENT:  # the DLQ is away: this one comes back later, the rest go on
+                except jetstream.TRANSIENT:  # the DLQ is away: this one comes back later, the rest go on
                     self.held.pop(id(msg), None)
-                    with contextlib.suppress(*bus.TRANSIENT):
+                    with contextlib.suppress(*jetstream.TRANSIENT):
                         await msg.nak(delay=5.0)
             else:
                 units.append((up, msg))
@@ -190,7 +189,7 @@ class Detector:
                     self.rt.log.error(
                         "decode failed unexpectedly, will retry", file=unit.up.path, error=repr(unit.error)
                     )
-                    await dead_letters.give_up_or_retry(self.rt, STAGE, "detector", [unit.msg], unit.error)
+                    await self.rt.bus.give_up_or_retry(STAGE, "detector", [unit.msg], unit.error)
                     self.held.pop(id(unit.msg), None)
             frames = [f for u in good for f, _, _ in u.frames]
             try:
@@ -199,7 +198,7 @@ class Detector:
             except Exception as exc:  # noqa: BLE001 - the CPU backend itself failed: retry later, never crash-loop
                 self.rt.log.error("inference failed, batch will be retried", frames=len(frames), error=repr(exc))
                 self.rt.note_error(f"inference failed: {exc!r}")
-                await dead_letters.give_up_or_retry(self.rt, STAGE, "detector", [u.msg for u in good], exc)
+                await self.rt.bus.give_up_or_retry(STAGE, "detector", [u.msg for u in good], exc)
                 for u in good:
                     self.held.pop(id(u.msg), None)
                 self.rt.beat("infer")
@@ -229,7 +228,7 @@ class Detector:
                             file_mtime=up.camera_mtime if up.camera_mtime is not None else up.mtime,
                         )
                     )
-            await bus.publish_many(self.rt, [(subject("detections", d.camera), d, f"det-{d.key}") for d in out])
+            await self.rt.bus.publish_many([(subject("detections", d.camera), d, f"det-{d.key}") for d in out])
             # Ack only after every Detections message is durable in its stream (a lost ack is a harmless
             # redelivery: the Detections carry deterministic ids).
             await asyncio.gather(*(u.msg.ack() for u in good), return_exceptions=True)
@@ -245,8 +244,8 @@ class Detector:
                 )
 
     async def dead_letter(self, msg: Msg, reason: str, up: FileUploaded | None = None) -> None:
-        await dead_letters.dead_letter(
-            self.rt, STAGE, msg, reason, camera=up.camera if up else None, file_id=up.file_id if up else None
+        await self.rt.bus.dead_letter(
+            STAGE, msg, reason, camera=up.camera if up else None, file_id=up.file_id if up else None
         )
         self.held.pop(id(msg), None)
 
@@ -288,7 +287,7 @@ class Detector:
                 created_at=now,
             )
         self.rt.status_extra = f"backend {self.engine.name}, model {self.engine.model}"
-        await bus.publish(self.rt, subject("alerts", "system"), alert, msg_id=alert.alert_id)
+        await self.rt.bus.publish(subject("alerts", "system"), alert, msg_id=alert.alert_id)
 
 
 async def open_engine(engine: Engine, config: Config) -> bool:
@@ -340,7 +339,7 @@ async def run(config: Config) -> None:
             async with asyncio.TaskGroup() as tg:
                 keepalive = tg.create_task(detector.keep_in_progress())
                 tg.create_task(detector.prepare_loop())
-                tg.create_task(batches.exhausted_loop(rt, "detector", STAGE))
+                tg.create_task(rt.bus.exhausted_loop("detector", STAGE))
                 await detector.infer_loop()
                 keepalive.cancel()
         finally:

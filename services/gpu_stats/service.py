@@ -14,7 +14,7 @@ import proto
 from proto import subject
 from proto.topology import GPU_BUCKET, token
 from services.gpu_stats.readers import open_reader
-from services.runtime import bus
+from services.runtime import jetstream
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
@@ -40,9 +40,9 @@ async def run(config: Config) -> None:
                     rt.note_error(f"GPU read failed: {exc!r}")
                     samples = []
                 key = subject("gpu", token(host))
-                await bus.publish_many(rt, [(key, s, f"gpu-{host}-{s.index}-{int(s.sampled_at)}") for s in samples])
+                await rt.bus.publish_many([(key, s, f"gpu-{host}-{s.index}-{int(s.sampled_at)}") for s in samples])
                 for s in samples:
-                    with contextlib.suppress(*bus.TRANSIENT):
+                    with contextlib.suppress(*jetstream.TRANSIENT):
                         await kv.put(f"{token(host)}.{s.index}", proto.encode(s))
                 rt.count("samples", len(samples))
             rt.beat("sample")

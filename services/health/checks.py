@@ -26,6 +26,7 @@ import msgspec
 import proto
 from proto import GpuSample, Heartbeat
 from proto.topology import CONSUMERS, DLQ_ALL, GPU_BUCKET, HEARTBEAT_BUCKET, SERVICES, STREAMS, token
+from services.runtime import jetstream
 from services.runtime.config import Config
 
 # A work loop that has not beaten for this long is stuck even if the process still heartbeats
@@ -127,12 +128,10 @@ async def read_bucket(nc, bucket: str, kind: type) -> list[tuple[str, Any]]:
     are skipped."""
     import nats.js.errors
 
-    from services.runtime import bus
-
     out = []
     try:
         kv = await nc.jetstream().key_value(bucket)
-        for key in await bus.kv_keys(nc, bucket):
+        for key in await jetstream.kv_keys(nc, bucket):
             with contextlib.suppress(
                 nats.js.errors.KeyNotFoundError,
                 nats.js.errors.KeyDeletedError,

@@ -32,7 +32,7 @@ from proto.topology import HEALTH_BUCKET, HEALTH_OBSERVES
 from services import database
 from services.health.checks import Snapshot, snapshot
 from services.health.web import HealthState, start_http
-from services.runtime import bus
+from services.runtime import jetstream
 from services.runtime.config import Config
 from services.runtime.dlq_retry import RetryBook
 from services.runtime.service import Runtime
@@ -306,7 +306,7 @@ def healthy_services(snap: Snapshot) -> set[str]:
 async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_queue: asyncio.Queue) -> None:
     conditions, trend = Conditions(), BacklogTrend()
     kv = await rt.js.key_value(HEALTH_BUCKET)
-    with contextlib.suppress(*bus.TRANSIENT, msgspec.DecodeError, msgspec.ValidationError):
+    with contextlib.suppress(*jetstream.TRANSIENT, msgspec.DecodeError, msgspec.ValidationError):
         entry = await kv.get(CONDITIONS_KEY)
         if entry.value:
             conditions.load(entry.value)
@@ -324,7 +324,7 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
             snap = await asyncio.wait_for(
                 snapshot(rt.nc, config, now, gone), timeout=max(10.0, config.health.check_seconds)
             )
-        except (TimeoutError, *bus.TRANSIENT) as exc:
+        except (TimeoutError, *jetstream.TRANSIENT) as exc:
             rt.note_error(f"snapshot failed: {exc!r}")
             rt.log.warning("snapshot failed", error=repr(exc))
         else:
@@ -362,8 +362,7 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
                 )
             for a in alerts:
                 rt.log.warning("alert", kind=a.kind, state=a.state, camera=a.camera, message=a.message)
-            await bus.publish_many(
-                rt,
+            await rt.bus.publish_many(
                 [
                     (subject("health", c.service), c, f"health-{c.service}-{c.instance}-{c.verdict}-{int(now * 1000)}")
                     for c in changes
@@ -372,7 +371,7 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
             )
             dumped = conditions.dump()
             if dumped != saved:  # put after the alerts are durable in ALERTS
-                with contextlib.suppress(*bus.TRANSIENT):
+                with contextlib.suppress(*jetstream.TRANSIENT):
                     await kv.put(CONDITIONS_KEY, dumped)
                     saved = dumped
             rt.count("verdict_changes", len(changes))
@@ -388,7 +387,7 @@ async def check_loop(rt: Runtime, config: Config, state: HealthState, webhook_qu
                     await book.scan(rt.js)
                     retried = await book.retry_due(rt.js, now, healthy_services(snap), rt.log)
                     rt.count("dead_letters_retried", retried)
-                except bus.TRANSIENT as exc:
+                except jetstream.TRANSIENT as exc:
                     rt.log.warning("automatic dead-letter retry failed; trying again later", error=repr(exc))
         rt.beat("check")
         with contextlib.suppress(asyncio.TimeoutError):

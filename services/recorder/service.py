@@ -21,7 +21,7 @@ import proto
 from proto import Alert, DeadLetter, Detections, EventClosed, FileUploaded, GpuSample
 from proto.topology import dlq_subject_stage
 from services import database
-from services.runtime import batches, bus, dead_letters
+from services.runtime import jetstream
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
@@ -248,7 +248,7 @@ class TableWriter:
     async def handle_batch(self, msgs: list[Msg]) -> None:
         batch: list[tuple[Msg, msgspec.Struct]] = []
         for msg in msgs:
-            item = bus.decode_as(msg, self.kind)
+            item = jetstream.decode_as(msg, self.kind)
             if not isinstance(item, str) and self.trust is not None:
                 item = self.trust(msg, item)
             if isinstance(item, str) and self.trust is not None:
@@ -256,7 +256,7 @@ class TableWriter:
                 self.rt.log.warning("dead letter refused, not recorded", subject=msg.subject, reason=item[:300])
                 await msg.term()
             elif isinstance(item, str):
-                await dead_letters.dead_letter(self.rt, STAGE, msg, item)
+                await self.rt.bus.dead_letter(STAGE, msg, item)
             else:
                 batch.append((msg, item))
         if not batch:
@@ -307,8 +307,7 @@ class TableWriter:
                     if not is_bad_row(exc):
                         return batch[i:]  # the database itself is the problem: retry normally
                     await self._reset()
-                    await dead_letters.dead_letter(
-                        self.rt,
+                    await self.rt.bus.dead_letter(
                         STAGE,
                         msg,
                         f"database rejected row: {str(exc).strip()[:300]}",
@@ -361,9 +360,9 @@ async def run(config: Config) -> None:
             async with asyncio.TaskGroup() as tg:
                 for w in writers:
                     tg.create_task(
-                        batches.consume(rt, w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout, stage=STAGE)
+                        rt.bus.consume(w.durable, w.handle_batch, cfg.batch_size, cfg.fetch_timeout, stage=STAGE)
                     )
-                    tg.create_task(batches.exhausted_loop(rt, w.durable, STAGE))
+                    tg.create_task(rt.bus.exhausted_loop(w.durable, STAGE))
         finally:
             for w in writers:
                 await w.close()

@@ -46,7 +46,7 @@ from services.retention.media import (
     unlink_under,
     watermark_bytes,
 )
-from services.runtime import bus
+from services.runtime import jetstream
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
@@ -440,12 +440,12 @@ async def run(config: Config) -> None:
                     # first start: the recorder creates and migrates the schema; nothing to judge until then
                     rt.log.info("waiting for the recorder to migrate the schema", detail=str(exc).splitlines()[0][:200])
                     next_disk = min(next_disk, time.monotonic() + 5.0)
-                except (psycopg.Error, OSError, *bus.TRANSIENT) as exc:
+                except (psycopg.Error, OSError, *jetstream.TRANSIENT) as exc:
                     rt.note_error(f"retention run failed: {exc!r}")
                     rt.log.warning("retention run failed; trying again at the next check", error=repr(exc))
                 else:
                     log_report(rt, report)
-                    await bus.publish(rt, RETENTION_REPORT_SUBJECT, report, f"retention-{report.run_id}")
+                    await rt.bus.publish(RETENTION_REPORT_SUBJECT, report, f"retention-{report.run_id}")
                     rt.count("runs")
                     rt.count("files_deleted", report.deleted_count)
                     # low on space with nothing deletable: check less often (a full scan every 10 s helps nobody)

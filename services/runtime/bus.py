@@ -1,200 +1,84 @@
-"""NATS JetStream plumbing shared by every service: connect, provision, publish, consume, dead-letter."""
+"""The bus of one service process: publishing (pipelined, patient), the one fetch loop of every stage,
+dead letters, and the bookkeeping that goes with them. The Runtime owns it (`rt.bus`); it reports
+liveness, counters and errors back to the runtime. Stateless NATS helpers: services/runtime/jetstream.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
-import msgspec
-import nats
-import nats.errors
-import nats.js.errors
 import stamina
-from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 import proto
-from services.runtime.config import ConfigError, credential
+from services.runtime.batches import Batches
+from services.runtime.dead_letters import DeadLetters
+from services.runtime.jetstream import TRANSIENT, is_transient
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
 
 T = TypeVar("T")
 
-# Errors worth retrying: the server is away, slow, or refusing for now (e.g. a full stream).
-TRANSIENT = (nats.errors.Error, asyncio.TimeoutError, OSError)
-# ...except these, which no retry can fix: retrying them would wedge a stage on one message.
-PERMANENT = (nats.errors.MaxPayloadError, nats.errors.BadSubjectError, nats.errors.InvalidCallbackTypeError)
-JS_MESSAGE_TOO_LARGE = 10054  # JetStream: "message size exceeds maximum allowed"
 
+class Bus(Batches, DeadLetters):
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.in_flight: dict[str, int] = {}  # per consumer: messages held right now
+        # (stream, seq) -> latest error, for the dead letter written once its deliveries are used up
+        self.failures: dict[tuple[str, int], str] = {}
 
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, PERMANENT):
-        return False
-    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == JS_MESSAGE_TOO_LARGE:
-        return False
-    return isinstance(exc, TRANSIENT)
+    async def publish(self, subject: str, msg: proto.Message, msg_id: str | None) -> None:
+        """Publish and wait for the PubAck, retrying transient failures with capped backoff.
 
+        Never gives up on its own: a full stream or an absent server is waited out. The drain bound
+        of the runtime is what ends a retry loop at shutdown.
+        """
+        data = proto.encode(msg)
+        headers = proto.headers_for(msg, msg_id)
+        await self.retry(f"publish {subject}", lambda: self.rt.js.publish(subject, data, headers=headers))
 
-def connect_auth(cfg, service: str) -> dict:
-    """nats.connect() arguments for who this process is: its own least-privilege user (and reply inbox
-    prefix) with nats.per_service_users, else the shared user; nothing when no password was given."""
-    from services.runtime import nats_auth
+    async def publish_many(self, items: list[tuple[str, proto.Message, str | None]]) -> None:
+        """Publish a batch pipelined (all in flight, then every PubAck awaited) for throughput.
 
-    if cfg.per_service_users:
-        user = nats_auth.user(service)
-        password = credential(nats_auth.credential_name(service))
-        if not password:
-            raise ConfigError(
-                f"config error: nats.per_service_users is on but credential {nats_auth.credential_name(service)} is missing"
-            )
-        return {"user": user, "password": password, "inbox_prefix": nats_auth.inbox_prefix(user)}
-    password = credential(cfg.password_credential)
-    return {"user": cfg.user or "vigil", "password": password} if password else {}
-
-
-async def connect(rt: Runtime) -> nats.NATS | None:
-    """Connect with endless reconnects; keep retrying the first connect until it works or we stop."""
-    cfg = rt.config.nats
-    log = rt.log
-
-    async def disconnected() -> None:
-        log.warning("nats disconnected")
-
-    async def reconnected() -> None:
-        log.info("nats reconnected", server=str(nc.connected_url.netloc) if nc.connected_url else None)
-
-    async def error(exc: Exception) -> None:
-        log.warning("nats error", error=repr(exc))
-
-    auth = connect_auth(cfg, rt.service)
-    attempt = 0
-    while not rt.stopping.is_set():
-        try:
-            nc = await nats.connect(
-                **auth,
-                servers=cfg.servers,
-                name=f"vigil-{rt.service}",
-                connect_timeout=cfg.connect_timeout,
-                reconnect_time_wait=cfg.reconnect_wait,
-                ping_interval=cfg.ping_interval,
-                max_outstanding_pings=cfg.max_outstanding_pings,
-                max_reconnect_attempts=-1,
-                allow_reconnect=True,
-                disconnected_cb=disconnected,
-                reconnected_cb=reconnected,
-                error_cb=error,
-            )
-            return nc
-        except TRANSIENT as exc:
-            attempt += 1
-            log.warning("nats not reachable yet, retrying", servers=cfg.servers, attempt=attempt, error=repr(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.stopping.wait(), timeout=min(0.5 * 2**attempt, 5.0))
-    return None
-
-
-async def publish(rt: Runtime, subject: str, msg: proto.Message, msg_id: str | None) -> None:
-    """Publish and wait for the PubAck, retrying transient failures with capped backoff.
-
-    Never gives up on its own: a full stream or an absent server is waited out. The drain bound
-    of the runtime is what ends a retry loop at shutdown.
-    """
-    data = proto.encode(msg)
-    headers = proto.headers_for(msg, msg_id)
-    await retry(rt, f"publish {subject}", lambda: rt.js.publish(subject, data, headers=headers))
-
-
-async def publish_many(rt: Runtime, items: list[tuple[str, proto.Message, str | None]]) -> None:
-    """Publish a batch pipelined (all in flight, then every PubAck awaited) for throughput.
-
-    If anything fails or times out, the whole batch is re-published one at a time with retries;
-    each message's Nats-Msg-Id makes the repeats harmless.
-    """
-    if not items:
-        return
-    futures: list[asyncio.Future] = []
-
-    async def send_all() -> None:
-        for subj, msg, msg_id in items:
-            futures.append(await rt.js.publish_async(subj, proto.encode(msg), headers=proto.headers_for(msg, msg_id)))
-        await asyncio.gather(*futures)
-
-    if rt.nc.is_connected:  # while disconnected, go straight to the patient path below
-        try:
-            # One bound for the whole batch, including nats-py's in-flight semaphore: a slot leaked by a
-            # failed publish can only slow us down to the path below, never hang us. (Its own
-            # per-message `wait_stall` costs half the pipeline's throughput: measured 1,514 vs 2,897 files/s.)
-            await asyncio.wait_for(send_all(), timeout=rt.config.nats.publish_timeout)
+        If anything fails or times out, the whole batch is re-published one at a time with retries;
+        each message's Nats-Msg-Id makes the repeats harmless.
+        """
+        if not items:
             return
-        except TRANSIENT as exc:
-            rt.log.warning("batch publish failed, retrying one by one", messages=len(items), error=repr(exc))
-        finally:
-            for future in futures:  # release nats-py's in-flight slots of anything left pending
-                future.cancel()
-    for subj, msg, msg_id in items:
-        await publish(rt, subj, msg, msg_id)
+        futures: list[asyncio.Future] = []
 
+        async def send_all() -> None:
+            for subj, msg, msg_id in items:
+                futures.append(
+                    await self.rt.js.publish_async(subj, proto.encode(msg), headers=proto.headers_for(msg, msg_id))
+                )
+            await asyncio.gather(*futures)
 
-async def retry(rt: Runtime, what: str, call: Callable[[], Awaitable[T]]) -> T:
-    """Await `call()` until it succeeds, backing off on transient NATS/network errors."""
-    async for attempt in stamina.retry_context(
-        on=is_transient, attempts=None, timeout=None, wait_initial=0.1, wait_max=5.0
-    ):
-        with attempt:
-            if attempt.num > 1:
-                rt.log.warning("retrying", what=what, attempt=attempt.num)
-                rt.keepalive()  # waiting out the server is not a hang
-            return await call()
-    raise AssertionError("unreachable")
+        if self.rt.nc.is_connected:  # while disconnected, go straight to the patient path below
+            try:
+                # One bound for the whole batch, including nats-py's in-flight semaphore: a slot leaked by a
+                # failed publish can only slow us down to the path below, never hang us. (Its own
+                # per-message `wait_stall` costs half the pipeline's throughput: measured 1,514 vs 2,897 files/s.)
+                await asyncio.wait_for(send_all(), timeout=self.rt.config.nats.publish_timeout)
+                return
+            except TRANSIENT as exc:
+                self.rt.log.warning("batch publish failed, retrying one by one", messages=len(items), error=repr(exc))
+            finally:
+                for future in futures:  # release nats-py's in-flight slots of anything left pending
+                    future.cancel()
+        for subj, msg, msg_id in items:
+            await self.publish(subj, msg, msg_id)
 
-
-async def kv_keys(nc, bucket: str, pattern: str = ">") -> list[str]:
-    """The keys of a KV bucket matching `pattern` (NATS wildcards), from the stream's per-subject
-    counts (STREAM.INFO with subjects_filter, page by page). nats-py's keys() and watch() create a
-    consumer, and a user allowed CONSUMER.CREATE on a bucket could aim a push consumer's deliver
-    subject at vigil.uploads.* and write into the pipeline without publish rights. Deleted keys stay
-    listed until compacted: their get() raises KeyDeletedError."""
-    prefix, keys, offset = f"$KV.{bucket}.", [], 0
-    while True:
-        req = json.dumps({"subjects_filter": prefix + pattern, "offset": offset}).encode()
-        resp = json.loads((await nc.request(f"$JS.API.STREAM.INFO.KV_{bucket}", req, timeout=5.0)).data)
-        if "error" in resp:
-            if resp["error"].get("err_code") == 10059:  # stream not found: an empty bucket is no error
-                return []
-            raise nats.js.errors.APIError.from_error(resp["error"])
-        page = list((resp.get("state") or {}).get("subjects") or {})
-        keys += [s.removeprefix(prefix) for s in page]
-        offset += len(page)
-        if not page or offset >= int(resp.get("total") or 0):
-            return keys
-
-
-async def stored_messages(js: JetStreamContext, stream: str, start: int = 0):
-    """Every message a (small, limits) stream holds now from sequence `start` on, as (sequence, raw
-    message); gaps skipped. Raises NotFoundError when the stream does not exist."""
-    info = await js.stream_info(stream)
-    if not info.state.messages:
-        return
-    for seq in range(max(start, info.state.first_seq), info.state.last_seq + 1):
-        try:
-            yield seq, await js.get_msg(stream, seq)
-        except nats.js.errors.NotFoundError:
-            continue
-
-
-def decode_as(msg: Msg, expected: type) -> msgspec.Struct | str:
-    """The message as `expected`, or why it is not one (undecodable, a bad camera id, a control
-    character in a text field, another type): the reason its dead letter gives."""
-    try:
-        value = proto.decode(msg.data, msg.headers)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-        return f"payload is not a valid {expected.__name__}: {exc}"
-    return (
-        value
-        if isinstance(value, expected)
-        else f"payload is not a valid {expected.__name__}: a {type(value).__name__}"
-    )
+    async def retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Await `call()` until it succeeds, backing off on transient NATS/network errors."""
+        async for attempt in stamina.retry_context(
+            on=is_transient, attempts=None, timeout=None, wait_initial=0.1, wait_max=5.0
+        ):
+            with attempt:
+                if attempt.num > 1:
+                    self.rt.log.warning("retrying", what=what, attempt=attempt.num)
+                    self.rt.keepalive()  # waiting out the server is not a hang
+                return await call()
+        raise AssertionError("unreachable")

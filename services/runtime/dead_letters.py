@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 
+import proto
 from proto.messages import MAX_DEAD_LETTER_PAYLOAD, RETRY_HEADER, DeadLetter, printable
 from proto.topology import (
     consumer,
     dlq_subject,
 )
-from services.runtime.bus import TRANSIENT, publish
+from services.runtime.jetstream import TRANSIENT
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -72,75 +73,82 @@ def dlq_msg_id(stream: str, sequence: int, consumer: str) -> str:
     return f"dlq-{stream}-{sequence}-{consumer}"
 
 
-async def dead_letter(
-    rt: Runtime,
-    stage: str,
-    msg: Msg,
-    reason: str,
-    camera: str | None = None,
-    file_id: str | None = None,
-    transient: bool = False,
-) -> None:
-    """Record why `msg` cannot be processed in the DLQ stream, then term() it so it is never redelivered.
-    `transient`: the cause may pass (the letter is retried automatically); default: bad content."""
-    meta = msg.metadata if msg.reply else None
-    letter = make_letter(
-        stage,
-        reason,
-        msg.subject,
-        msg.data,
-        msg.headers,
-        meta.stream if meta else None,
-        meta.sequence.stream if meta else None,
-        meta.num_delivered if meta else 1,
-        camera,
-        file_id,
-        transient,
-    )
-    msg_id = dlq_msg_id(meta.stream, meta.sequence.stream, meta.consumer) if meta else None
-    await publish(rt, dlq_subject(stage, camera), letter, msg_id=msg_id)
-    await msg.term()
-    rt.count("dead_lettered")
-    rt.log.warning(
-        "dead-lettered", stage=stage, reason=reason[:300], camera=camera, file_id=file_id, subject=msg.subject
-    )
-
-
-def remember_failure(rt: Runtime, msg: Msg, error: str) -> None:
-    """The latest error per (stream, sequence), so a message that later runs out of deliveries is
-    dead-lettered with it (bounded: the oldest entries are forgotten first)."""
-    if msg.reply:
-        meta = msg.metadata
-        rt.failures[(meta.stream, meta.sequence.stream)] = error[:500]
-        while len(rt.failures) > 10_000:
-            rt.failures.pop(next(iter(rt.failures)))
-
-
 def last_delivery(msg: Msg, durable: str) -> bool:
     """True when this is the consumer's final attempt: a failure now must dead-letter, not nak."""
     spec = consumer(durable)
     return bool(msg.reply) and msg.metadata.num_delivered >= spec.max_deliver
 
 
-async def give_up_or_retry(
-    rt: Runtime, stage: str, durable: str, msgs: list[Msg], error: BaseException, delay: float = 5.0
-) -> None:
-    """A batch failed for a reason that may pass: nak it for a later retry, dead-lettering the messages
-    that have used up their deliveries, so nothing vanishes silently at max_deliver."""
-    for msg in msgs:
-        if msg.is_acked:  # already acked, naked or termed
-            continue
-        try:
-            if last_delivery(msg, durable):
-                await dead_letter(
-                    rt,
-                    stage,
-                    msg,
-                    f"gave up after {msg.metadata.num_delivered} deliveries: {error!r}"[:500],
-                    transient=True,
-                )
-            else:
-                remember_failure(rt, msg, repr(error))
-                await msg.nak(delay=delay)
-        except TRANSIENT as exc:  # the server is away: the message comes back after ack_wait anyway
-            rt.log.warning("could not nak", error=repr(exc))
+class DeadLetters:
+    """Bus methods: dead letters and the nak-or-give-up of a failed batch (mixed into Bus)."""
+
+    rt: Runtime
+    failures: dict[tuple[str, int], str]
+
+    if TYPE_CHECKING:
+
+        async def publish(self, subject: str, msg: proto.Message, msg_id: str | None) -> None: ...
+
+    async def dead_letter(
+        self,
+        stage: str,
+        msg: Msg,
+        reason: str,
+        camera: str | None = None,
+        file_id: str | None = None,
+        transient: bool = False,
+    ) -> None:
+        """Record why `msg` cannot be processed in the DLQ stream, then term() it so it is never redelivered.
+        `transient`: the cause may pass (the letter is retried automatically); default: bad content."""
+        meta = msg.metadata if msg.reply else None
+        letter = make_letter(
+            stage,
+            reason,
+            msg.subject,
+            msg.data,
+            msg.headers,
+            meta.stream if meta else None,
+            meta.sequence.stream if meta else None,
+            meta.num_delivered if meta else 1,
+            camera,
+            file_id,
+            transient,
+        )
+        msg_id = dlq_msg_id(meta.stream, meta.sequence.stream, meta.consumer) if meta else None
+        await self.publish(dlq_subject(stage, camera), letter, msg_id=msg_id)
+        await msg.term()
+        self.rt.count("dead_lettered")
+        self.rt.log.warning(
+            "dead-lettered", stage=stage, reason=reason[:300], camera=camera, file_id=file_id, subject=msg.subject
+        )
+
+    def remember_failure(self, msg: Msg, error: str) -> None:
+        """The latest error per (stream, sequence), so a message that later runs out of deliveries is
+        dead-lettered with it (bounded: the oldest entries are forgotten first)."""
+        if msg.reply:
+            meta = msg.metadata
+            self.failures[(meta.stream, meta.sequence.stream)] = error[:500]
+            while len(self.failures) > 10_000:
+                self.failures.pop(next(iter(self.failures)))
+
+    async def give_up_or_retry(
+        self, stage: str, durable: str, msgs: list[Msg], error: BaseException, delay: float = 5.0
+    ) -> None:
+        """A batch failed for a reason that may pass: nak it for a later retry, dead-lettering the messages
+        that have used up their deliveries, so nothing vanishes silently at max_deliver."""
+        for msg in msgs:
+            if msg.is_acked:  # already acked, naked or termed
+                continue
+            try:
+                if last_delivery(msg, durable):
+                    await self.dead_letter(
+                        stage,
+                        msg,
+                        f"gave up after {msg.metadata.num_delivered} deliveries: {error!r}"[:500],
+                        transient=True,
+                    )
+                else:
+                    self.remember_failure(msg, repr(error))
+                    await msg.nak(delay=delay)
+            except TRANSIENT as exc:  # the server is away: the message comes back after ack_wait anyway
+                self.rt.log.warning("could not nak", error=repr(exc))

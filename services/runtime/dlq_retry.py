@@ -121,7 +121,7 @@ class RetryBook:
     async def scan(self, js) -> None:
         import nats.js.errors
 
-        from services.runtime.bus import stored_messages
+        from services.runtime.jetstream import stored_messages
 
         try:
             first = (await js.stream_info("DLQ")).state.first_seq

@@ -69,7 +69,7 @@ def _kv_write(bucket: str) -> list[str]:
 
 
 def _kv_read(bucket: str) -> list[str]:
-    """get() (direct or not); keys are listed from STREAM.INFO (bus.kv_keys). Never CONSUMER.CREATE: a
+    """get() (direct or not); keys are listed from STREAM.INFO (jetstream.kv_keys). Never CONSUMER.CREATE: a
     push consumer's deliver subject is not checked against its creator's publish permissions, so it
     would let a reader write anywhere (vigil.uploads.front_door, say) through the server."""
     stream = f"KV_{bucket}"

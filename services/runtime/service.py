@@ -35,7 +35,8 @@ import proto
 from proto import Heartbeat, printable
 from proto.topology import HEARTBEAT_BUCKET, token
 from services import VERSION
-from services.runtime import bus, provision
+from services.runtime import jetstream, provision
+from services.runtime.bus import Bus
 from services.runtime.config import Config, ConfigError, load_config
 from services.runtime.logs import configure_logging
 from services.runtime.notify import Notifier
@@ -66,10 +67,7 @@ class Runtime:
         self.log = log
         self.stopping = asyncio.Event()
         self.counters: dict[str, int] = {}
-        self.in_flight: dict[str, int] = {}  # per consumer: messages held right now
-        self.failures: dict[
-            tuple[str, int], str
-        ] = {}  # (stream, seq) -> latest error, for dead letters after max_deliver
+        self.bus = Bus(self)  # publishing, the fetch loop, dead letters, and their bookkeeping
         self.status_extra = ""
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -117,7 +115,7 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, rt.request_stop, sig)
         try:
-            nc = await bus.connect(rt)
+            nc = await jetstream.connect(rt)
             if nc is None:
                 raise StoppedBeforeReady
             rt.nc, rt.js = nc, nc.jetstream(timeout=config.nats.publish_timeout)
@@ -161,7 +159,7 @@ class Runtime:
         if self._main_task and not self._main_task.done():
             self.log.warning(
                 "drain bound reached: cancelling in-flight work (it will be redelivered)",
-                in_flight=sum(self.in_flight.values()),
+                in_flight=sum(self.bus.in_flight.values()),
             )
             self._main_task.cancel()
 
@@ -204,8 +202,8 @@ class Runtime:
 
     def status_line(self) -> str:
         parts = [f"{k.replace('_', ' ')} {v}" for k, v in self.counters.items()]
-        if self.in_flight:
-            parts.append(f"in flight {sum(self.in_flight.values())}")
+        if self.bus.in_flight:
+            parts.append(f"in flight {sum(self.bus.in_flight.values())}")
         if self.status_extra:
             parts.append(self.status_extra)
         return ", ".join(parts) or "running"
@@ -235,7 +233,7 @@ class Runtime:
             state=state
             or ("stopping" if self.stopping.is_set() else "degraded" if "degraded" in self.status_extra else "ready"),
             counters=dict(self.counters),
-            in_flight=sum(self.in_flight.values()),
+            in_flight=sum(self.bus.in_flight.values()),
             last_progress=time.time() - (time.monotonic() - oldest) if oldest is not None else None,
             backend=self.status_extra or None,
             last_error=self.last_error,

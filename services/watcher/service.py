@@ -21,7 +21,7 @@ import watchfiles
 from proto import DeadLetter, FileUploaded, printable, subject
 from proto.topology import RETENTION_CHECK_SUBJECT, dlq_subject
 from services.retention.media import FallingFast, free_space
-from services.runtime import bus
+from services.runtime import jetstream
 from services.runtime.config import Config, ConfigError
 from services.runtime.service import Runtime
 from services.watcher.files import (
@@ -240,7 +240,7 @@ class Watcher:
         if reason and now - self.retention_asked_at >= 2.0:
             self.retention_asked_at = now
             self.rt.log.info("asking retention for a check", reason=reason)
-            with contextlib.suppress(*bus.TRANSIENT):
+            with contextlib.suppress(*jetstream.TRANSIENT):
                 await self.rt.nc.publish(RETENTION_CHECK_SUBJECT, reason.encode())
 
     async def publish_batch(self, ready: list[tuple[str, int, int]]) -> None:
@@ -260,7 +260,7 @@ class Watcher:
                 self.rt.count("unchanged")  # touched or re-sent with the same bytes: remembered, not re-published
                 continue
             sends.append((subject("uploads", msg.camera), msg, f"upload-{msg.file_id}"))
-        await bus.publish_many(self.rt, sends)
+        await self.rt.bus.publish_many(sends)
         self.ledger.mark(rows)  # only after every PubAck
         self.rt.count("published", sum(1 for _, m, _ in sends if isinstance(m, FileUploaded)))
 

@@ -24,7 +24,7 @@ import proto
 from proto.topology import AGGREGATOR_STATE_BUCKET, EVENT_INDEX_BUCKET, consumer
 from services.aggregator.grouping import Rules, order, reference_events
 from services.aggregator.service import Aggregator
-from services.runtime import bus, provision
+from services.runtime import jetstream, provision
 from services.runtime.config import load_config
 from services.runtime.service import Runtime
 from tests.integration.test_events_contract import make_detections, summary
@@ -152,7 +152,7 @@ async def scenario(url: str, config, arrivals, crash_at: int | None, after: bool
     latest: dict = {}
     alerts = []
     for name, into in (("EVENTS", None), ("ALERTS", alerts)):
-        async for _, raw in bus.stored_messages(js, name):
+        async for _, raw in jetstream.stored_messages(js, name):
             value = proto.decode(raw.data, raw.headers)
             if into is not None:
                 into.append(value.event_id)
@@ -222,7 +222,7 @@ class FlakyKV(KV):
         return await self._kv.put(key, value)
 
     async def get(self, *a, **kw):
-        # the state bucket is read only by a reload (keys come from bus.kv_keys): a failed read is a failed reload
+        # the state bucket is read only by a reload (keys come from jetstream.kv_keys): a failed read is a failed reload
         if self.fail_reads and self.puts >= min(self.fail_puts) and self.failed_reloads < self.fail_reads:
             self.failed_reloads += 1
             raise TimeoutError
@@ -329,7 +329,7 @@ def test_a_detection_a_killed_predecessor_holds_keeps_the_stage_from_catching_up
         agg.last_change = {c: -1e9 for c in agg.cameras}
         await agg.step(quiet=True)
         events = {}
-        async for _, raw in bus.stored_messages(js, "EVENTS"):
+        async for _, raw in jetstream.stored_messages(js, "EVENTS"):
             e = proto.decode(raw.data, raw.headers)
             events[e.event_id] = e
         await nc.close()
