@@ -211,18 +211,11 @@ def stream_messages(nats_url: str, stream: str) -> list:
     import nats
 
     import proto
+    from services.runtime.jetstream import stored_messages
 
     async def go():
         nc = await nats.connect(nats_url)
-        js = nc.jetstream()
-        info = await js.stream_info(stream)
-        out = []
-        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1 if info.state.messages else 1):
-            try:
-                raw = await js.get_msg(stream, seq)
-            except nats.js.errors.NotFoundError:
-                continue
-            out.append(proto.decode(raw.data, raw.headers))
+        out = [proto.decode(raw.data, raw.headers) async for _, raw in stored_messages(nc.jetstream(), stream)]
         await nc.close()
         return out
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
+from typing import TypeVar
 
 import msgspec
 import nats.js.errors
@@ -44,6 +45,7 @@ from services.runtime import jetstream
 from services.runtime.config import Config
 from services.runtime.service import Runtime
 
+S = TypeVar("S", bound=msgspec.Struct)
 STAGE = "aggregator"
 STATE_PREFIX = "cam."
 _state_codec = (msgspec.json.Encoder(), msgspec.json.Decoder(CameraState))
@@ -105,12 +107,9 @@ def index_key(ev: EventState) -> str:
     return f"{ev.camera}.{int(ev.started_at // 3600)}.{ev.event_id}"
 
 
-def copy_state(state: CameraState) -> CameraState:
-    return _state_codec[1].decode(_state_codec[0].encode(state))
-
-
-def copy_event(ev: EventState) -> EventState:
-    return _event_decoder.decode(msgspec.json.encode(ev))
+def deep_copy(value: S) -> S:
+    """A copy sharing nothing with `value` (a commit changes copies; memory keeps the originals)."""
+    return msgspec.json.decode(msgspec.json.encode(value), type=type(value))
 
 
 class Aggregator:
@@ -302,7 +301,7 @@ class Aggregator:
             det = held.det
             state = work.get(det.camera)
             if state is None:
-                state = work[det.camera] = copy_state(self.cameras.get(det.camera) or CameraState())
+                state = work[det.camera] = deep_copy(self.cameras.get(det.camera) or CameraState())
             if state_bytes(state, changed.get(det.camera, {})) > STATE_BUDGET:
                 # this commit's outbox is big enough (late detections revising large events): the rest
                 # waits for the next commit, so no KV value or message nears NATS's 1 MiB max_payload
@@ -332,7 +331,7 @@ class Aggregator:
         if quiet:
             for camera in self.quiet_cameras():
                 if camera not in work:
-                    work[camera] = copy_state(self.cameras[camera])
+                    work[camera] = deep_copy(self.cameras[camera])
                 state = work[camera]
                 if state.current is not None and dirty(state.current):
                     changed.setdefault(camera, {})[state.current.event_id] = state.current
@@ -381,7 +380,7 @@ class Aggregator:
             ev = new_event(det)
         is_current = state.current is not None and state.current.event_id == ev.event_id
         if not is_current:  # an event already cut: change a copy (memory holds until the commit worked), publish it now
-            ev = changed.get(ev.event_id) or copy_event(ev)
+            ev = changed.get(ev.event_id) or deep_copy(ev)
             changed[ev.event_id] = ev
         alert = add_to(ev, det, self.rules, wall)
         return alert

@@ -32,6 +32,7 @@ from services import database
 from services.cli.render import human, one_line
 from services.runtime import dlq_retry
 from services.runtime.config import Config, credential, load_config
+from services.runtime.dead_letters import stored_letters
 
 
 def load_operator_config(path: str | None) -> Config:
@@ -111,24 +112,7 @@ async def gather_streams(config: Config) -> list[dict]:
 
 
 async def dead_letters(js) -> list[tuple[int, str, proto.DeadLetter | str]]:
-    """(sequence, subject, the letter or why it does not decode) for every message in the DLQ: one bad
-    message (any stage can write one) must not hide the others from `vigil dlq` and `vigil trace`."""
-    from services.runtime.jetstream import stored_messages
-
-    out: list[tuple[int, str, proto.DeadLetter | str]] = []
-    async for seq, raw in stored_messages(js, "DLQ"):
-        try:
-            value = proto.decode(raw.data, raw.headers)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
-            value = f"undecodable dead letter: {exc}"
-        out.append(
-            (
-                seq,
-                raw.subject,
-                value if isinstance(value, (proto.DeadLetter, str)) else f"not a dead letter: {type(value).__name__}",
-            )
-        )
-    return out
+    return [letter async for letter in stored_letters(js)]
 
 
 async def dlq(config: Config, action: str, seq: int | None, confirm=lambda letter, subject: True) -> dict | list:

@@ -25,7 +25,7 @@ import msgspec
 
 import proto
 from proto import GpuSample, Heartbeat
-from proto.topology import CONSUMERS, DLQ_ALL, GPU_BUCKET, HEARTBEAT_BUCKET, SERVICES, STREAMS, token
+from proto.topology import CONSUMERS, DLQ_ALL, GPU_BUCKET, HEARTBEAT_BUCKET, SERVICES, STREAMS, dlq_subject_stage, token
 from services.runtime import jetstream
 from services.runtime.config import Config
 
@@ -256,7 +256,7 @@ async def read_dead_letters(js) -> dict[str, int]:
         return {}
     out: dict[str, int] = {}
     for subject, count in (info.state.subjects or {}).items():
-        stage = subject.split(".")[2] if subject.count(".") >= 3 else "?"
+        stage = dlq_subject_stage(subject) or "?"
         out[stage] = out.get(stage, 0) + count
     return out
 

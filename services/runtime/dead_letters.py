@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import msgspec
 from nats.aio.msg import Msg
 
 import proto
@@ -16,7 +18,7 @@ from proto.topology import (
     consumer,
     dlq_subject,
 )
-from services.runtime.jetstream import TRANSIENT
+from services.runtime.jetstream import TRANSIENT, stored_messages
 
 if TYPE_CHECKING:
     from services.runtime.service import Runtime
@@ -77,6 +79,19 @@ def last_delivery(msg: Msg, durable: str) -> bool:
     """True when this is the consumer's final attempt: a failure now must dead-letter, not nak."""
     spec = consumer(durable)
     return bool(msg.reply) and msg.metadata.num_delivered >= spec.max_deliver
+
+
+async def stored_letters(js, start: int = 0) -> AsyncIterator[tuple[int, str, DeadLetter | str]]:
+    """(sequence, subject, the letter or why it is not one) for every message the DLQ holds from `start`
+    on: one bad message (any stage can write one) must not hide the others (`vigil dlq`, `vigil trace`,
+    health's automatic retries all read them this way)."""
+    async for seq, raw in stored_messages(js, "DLQ", start=start):
+        try:
+            value = proto.decode(raw.data, raw.headers)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            yield seq, raw.subject, f"undecodable dead letter: {exc}"
+            continue
+        yield seq, raw.subject, value if isinstance(value, DeadLetter) else f"not a dead letter: {type(value).__name__}"
 
 
 class DeadLetters:

@@ -121,20 +121,16 @@ class RetryBook:
     async def scan(self, js) -> None:
         import nats.js.errors
 
-        from services.runtime.jetstream import stored_messages
+        from services.runtime.dead_letters import stored_letters
 
         try:
             first = (await js.stream_info("DLQ")).state.first_seq
-            async for seq, raw in stored_messages(js, "DLQ", start=self.next_seq):
+            async for seq, subject, letter in stored_letters(js, start=self.next_seq):
                 self.next_seq = seq + 1
-                try:
-                    letter = proto.decode(raw.data, raw.headers)
-                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                    continue
-                if isinstance(letter, proto.DeadLetter):
-                    when, _ = plan(letter, raw.subject, self.first_delay, self.max_retries)
+                if isinstance(letter, proto.DeadLetter):  # not one (undecodable): nothing to retry
+                    when, _ = plan(letter, subject, self.first_delay, self.max_retries)
                     if when is not None:
-                        self.due[seq] = (when, letter, raw.subject)
+                        self.due[seq] = (when, letter, subject)
         except nats.js.errors.NotFoundError:
             return
         for seq in [s for s in self.due if s < first]:
