@@ -30,7 +30,7 @@ import proto
 from proto import Alert, HealthChanged, subject
 from proto.topology import HEALTH_BUCKET, HEALTH_OBSERVES
 from services import database
-from services.health.checks import Snapshot, snapshot
+from services.health.checks import ServiceStatus, Snapshot, snapshot
 from services.health.web import HealthState, start_http
 from services.runtime import jetstream
 from services.runtime.config import Config
@@ -126,6 +126,20 @@ DISK_HYSTERESIS_PCT = 2.0
 NO_LEADER_HOLD_SECONDS = 15.0
 
 
+def service_down_key(s: ServiceStatus, active: frozenset[str]) -> str:
+    """One outage, one alert: an instance that goes stale and then expires from the heartbeat bucket
+    turns from `aggregator.box` into `aggregator.*` (no instance at all), or back after health restarts
+    and finds the stale entry again. While one of those two keys is firing, the other is the same outage."""
+    key = f"service_down:{s.key}"
+    if key in active:
+        return key
+    if s.instance is None:
+        same = [k for k in active if k.startswith(f"service_down:{s.service}.")]
+        return same[0] if len(same) == 1 else key
+    anyone = f"service_down:{s.service}.*"
+    return anyone if anyone in active else key
+
+
 def observe(
     snap: Snapshot,
     state: HealthState,
@@ -139,7 +153,7 @@ def observe(
     out: dict[str, tuple[str, str, str, str, float]] = {}
     for s in snap.services:
         if s.verdict in ("down", "stale"):
-            out[f"service_down:{s.key}"] = (
+            out[service_down_key(s, active)] = (
                 "service_down",
                 "system",
                 "critical",

@@ -275,3 +275,24 @@ def test_only_loopback_host_names_are_served():
     ):
         assert not host_allowed(bad), bad
     assert host_allowed("vigil.lan:9470", ["Vigil.LAN"]) and not host_allowed("vigil.lan.evil", ["vigil.lan"])
+
+
+def test_one_outage_is_one_service_down_alert_when_its_instance_expires_or_returns():
+    """CI finding: the aggregator went stale (`aggregator.vm`), its heartbeat expired (`aggregator.*`) and
+    health restarted in between: two service_down alerts for one outage. The firing key is kept."""
+    from services.health.service import observe
+
+    config = load_config(environ={"VIGIL_HEALTH__CAMERA_SILENT_SECONDS": "0"})
+    state = HealthState(config)
+
+    def snap(instance, verdict):
+        return Snapshot(taken_at=NOW, services=[ServiceStatus(service="aggregator", instance=instance, verdict=verdict, reason="x")],
+                        stages=[], disks=[], gpus=[], dead_letters={}, systemd="x")  # fmt: skip
+
+    assert set(observe(snap("vm", "stale"), state, config, BacklogTrend(), NOW)) == {"service_down:aggregator.vm"}
+    expired = observe(snap(None, "down"), state, config, BacklogTrend(), NOW, frozenset({"service_down:aggregator.vm"}))
+    assert set(expired) == {"service_down:aggregator.vm"}  # the same alert, not a second one
+    back = observe(snap("vm", "stale"), state, config, BacklogTrend(), NOW, frozenset({"service_down:aggregator.*"}))
+    assert set(back) == {"service_down:aggregator.*"}
+    two = frozenset({"service_down:aggregator.a", "service_down:aggregator.b"})
+    assert set(observe(snap(None, "down"), state, config, BacklogTrend(), NOW, two)) == {"service_down:aggregator.*"}
