@@ -13,41 +13,20 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-import proto
 from proto.messages import valid_camera
 from proto.topology import EXHAUSTED_PREFIX, ConsumerSpec, consumer, dlq_subject
-from services.runtime.dead_letters import dlq_msg_id, make_letter
+from services.runtime.dead_letters import DeadLetters, dlq_msg_id, make_letter
 from services.runtime.jetstream import TRANSIENT, is_transient
 from services.runtime.provision import provision
 
 if TYPE_CHECKING:
-    from services.runtime.service import Runtime
+    pass
 
 
-class Batches:
-    """Bus methods: the fetch loop every stage uses, and the max-deliveries advisories (mixed into Bus)."""
+class Batches(DeadLetters):
+    """Bus methods: the fetch loop every stage uses, and the max-deliveries advisories (the Bus's base)."""
 
-    rt: Runtime
     in_flight: dict[str, int]
-    failures: dict[tuple[str, int], str]
-
-    if TYPE_CHECKING:
-
-        async def publish(self, subject: str, msg: proto.Message, msg_id: str | None) -> None: ...
-
-        async def dead_letter(
-            self,
-            stage: str,
-            msg: Msg,
-            reason: str,
-            camera: str | None = None,
-            file_id: str | None = None,
-            transient: bool = False,
-        ) -> None: ...
-
-        async def give_up_or_retry(
-            self, stage: str, durable: str, msgs: list[Msg], error: BaseException, delay: float = 5.0
-        ) -> None: ...
 
     async def consume(
         self,

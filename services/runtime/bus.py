@@ -13,7 +13,6 @@ import stamina
 
 import proto
 from services.runtime.batches import Batches
-from services.runtime.dead_letters import DeadLetters
 from services.runtime.jetstream import TRANSIENT, is_transient
 
 if TYPE_CHECKING:
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class Bus(Batches, DeadLetters):
+class Bus(Batches):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.in_flight: dict[str, int] = {}  # per consumer: messages held right now
