@@ -28,11 +28,19 @@ import msgspec
 import proto
 from proto import topology
 from proto.topology import CONSUMERS, RETENTION_REPORT_SUBJECT, STREAMS, dlq_filter, dlq_subject_stage
-from services import database
 from services.cli.render import human, one_line
 from services.runtime import dlq_retry
 from services.runtime.config import Config, credential, load_config
 from services.runtime.dead_letters import stored_letters
+
+
+def _database(config: Config):
+    """PostgreSQL, for the commands that read it. Imported here, not at the top: every service starts
+    through `vigil run` (services/cli/main.py imports this module), and psycopg would add 9 MB to the
+    RSS of each one that never touches the database (watcher, detector, aggregator, gpu-stats)."""
+    from services import database
+
+    return database.connect(config)
 
 
 def load_operator_config(path: str | None) -> Config:
@@ -193,7 +201,7 @@ def query_events(config: Config, camera: str | None, since: str | None) -> list[
         " close_reason, keep FROM events WHERE (%(camera)s::text IS NULL OR camera = %(camera)s)"
         " AND (%(since)s::float IS NULL OR started_at >= now() - make_interval(secs => %(since)s)) ORDER BY started_at DESC LIMIT 500"
     )
-    with database.connect(config) as conn:
+    with _database(config) as conn:
         rows = conn.execute(sql, {"camera": camera, "since": parse_since(since) if since else None}).fetchall()
     return [
         {
@@ -238,7 +246,7 @@ async def provision_all(config: Config) -> dict:
 
 def keep_event(config: Config, event_id: str, keep: bool) -> dict:
 
-    with database.connect(config) as conn:
+    with _database(config) as conn:
         row = conn.execute(
             "UPDATE events SET keep = %s WHERE event_id = %s RETURNING event_id, keep", (keep, event_id)
         ).fetchone()
@@ -279,7 +287,7 @@ async def trace(config: Config, needle: str) -> dict:
     root = os.path.abspath(config.media_root)
     if os.path.isabs(needle) and os.path.commonpath([root, os.path.abspath(needle)]) == root:
         needle = os.path.relpath(os.path.abspath(needle), root)
-    with database.connect(config) as conn:
+    with _database(config) as conn:
         rows = conn.execute(
             "SELECT d.detection_id, d.file_id, d.camera, d.path, d.frame, d.labels, extract(epoch from d.recorded_at), e.event_id"
             " FROM detections d LEFT JOIN event_detections e ON e.detection_id = d.detection_id"
