@@ -28,7 +28,8 @@ class StickyRestarts:
     """When this detector last exited for a fresh CUDA context (a file of timestamps in its state
     directory). A GPU that poisons its context again and again would otherwise restart the unit until
     systemd's start limit leaves it failed, detecting nothing: past `limit` such exits in `window`
-    seconds, the next starts run on the CPU (degraded, saying why) until the window has passed."""
+    seconds, the GPU stays off (at start and at every retry: the CPU, degraded, saying why) until the
+    window has passed."""
 
     def __init__(self, path: Path, limit: int = 3, window: float = 3600.0) -> None:
         self.path, self.limit, self.window = path, limit, window
@@ -105,12 +106,12 @@ class Engine:
             self.backend = self.make_cpu()
             return
         inner, first = self.make_gpu, [True]
-        refused = build_failure or self.sticky.refusal()
 
         def make_gpu():
             initial, first[0] = first[0], False
-            if refused is not None and initial:
-                raise EngineNotBuilt(refused)
+            refused = self.sticky.refusal()  # asked at every try: the GPU comes back once the window has passed
+            if refused is not None:
+                raise RuntimeError(refused)
             try:
                 return inner(initial)
             except EngineNotBuilt as exc:  # say why the engine is missing, not only that it is

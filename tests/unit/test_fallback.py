@@ -204,3 +204,27 @@ def test_repeated_sticky_restarts_keep_the_gpu_off_for_a_while(tmp_path):
     assert sticky.refusal(1000.0 + 3601) is None  # the oldest has left the window
     (tmp_path / "engines" / "sticky-cuda-errors").write_text("garbage\n")
     assert sticky.refusal() is None  # unreadable: as if empty
+
+
+def test_after_repeated_sticky_exits_the_gpu_is_not_retried_in_process_either(tmp_path):
+    """Past the limit the GPU stays off for the window: not tried at start, and not by the fallback's
+    retries either (each would poison the context again and exit)."""
+    from services.detector.engine import Engine
+    from services.runtime.config import DetectorConfig
+    from tests.unit.test_decoders import constant_model
+
+    constant_model(tmp_path / "m.onnx", np.array([[10, 10, 30, 30, 0.9, 0]], np.float32))
+    cfg = DetectorConfig(
+        model="m.onnx", models_dir=str(tmp_path), backend="plugin:tests.fake_accelerators:FailsAfterBatches",
+        gpu_retry_seconds=0.0, gpu_retry_max_seconds=0.0, threads=1,
+    )  # fmt: skip
+    engine = Engine(cfg, tmp_path / "engines", lambda *a: None, start=False)
+    for _ in range(3):
+        engine.sticky.record()
+    engine.start_backend()
+    assert engine.backend.degraded and "3 sticky CUDA errors" in engine.backend.reason
+    engine.backend.infer(np.zeros((1, 3, 64, 64), np.float32))  # retry due at once: still refused
+    assert engine.backend.degraded and engine.backend.gpu is None
+    (tmp_path / "engines" / "sticky-cuda-errors").unlink()  # the window passed (or the operator cleared it)
+    engine.backend.infer(np.zeros((1, 3, 64, 64), np.float32))
+    assert not engine.backend.degraded
