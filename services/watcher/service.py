@@ -115,10 +115,10 @@ class Watcher:
         self.settler.observe(path, st.st_size, st.st_mtime_ns, time.monotonic(), camera=rel.parts[0])
         self.wakeup.set()
 
-    def list_files(self) -> list[str]:
-        """Walk the media root (in a thread) without following symlinks."""
+    def list_files(self, top: Path | None = None) -> list[str]:
+        """Walk the media root, or a folder in it (in a thread), without following symlinks."""
         found = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+        for dirpath, dirnames, filenames in os.walk(top or self.root, followlinks=False):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             found.extend(os.path.join(dirpath, name) for name in filenames)
         return found
@@ -166,10 +166,16 @@ class Watcher:
             ignore_permission_denied=True,
         ):
             for change, path in changes:
-                if change != watchfiles.Change.deleted:
-                    self.observe(path)
-                else:
+                if change == watchfiles.Change.deleted:
                     self.settler.forget(path)
+                elif change == watchfiles.Change.added and os.path.isdir(path) and not os.path.islink(path):
+                    # a new folder (a camera's new date folder at midnight): inotify watches it only once it
+                    # has seen it, so files written into it before that raise no event. Walk it now, or
+                    # its first file would wait for the next rescan and reach the events after later ones.
+                    for found in await asyncio.to_thread(self.list_files, Path(path)):
+                        self.observe(found)
+                else:
+                    self.observe(path)
             self.rt.beat("watch")
 
     async def rescan_loop(self) -> None:

@@ -226,3 +226,20 @@ def test_a_camera_with_a_wrong_clock_gets_arrival_times_and_an_alert(make_stack,
         ),
         what="camera_clock for both cameras",
     )
+
+
+def test_a_file_in_a_folder_that_appears_at_once_is_published_without_waiting_for_a_rescan(
+    make_stack, media, database, nats_server, tmp_path
+):
+    """Issue 12 (a chaos finding): inotify watches a new folder only once it has seen it, so a file
+    written into it before that (a camera's first file in its new date folder) raised no event and
+    waited for the next rescan, reaching the events after later files. A folder moved in with its
+    files inside is the deterministic case: one event for the folder, none for what it holds."""
+    stack = make_stack(model="none", watcher={"settle_seconds": 0.3, "rescan_seconds": 3600.0})
+    stack.start(*ALL)
+    stack.wait_ready(*ALL)
+    outside = tmp_path / "outside" / "2026-12-02"
+    drop(outside / "first.jpg", photo_bytes("coffee", scale=0.25))
+    drop(outside / "nested" / "second.jpg", photo_bytes("chelsea", scale=0.25))
+    os.rename(outside, media / "front_door" / "2026-12-02")
+    wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 2, timeout=30, what="both files, no rescan")
