@@ -65,11 +65,11 @@ getent group vigil >/dev/null || groupadd --system vigil
 getent passwd vigil >/dev/null || useradd --system --gid vigil --home-dir /var/lib/vigil --no-create-home --shell /usr/sbin/nologin vigil
 # One system user per unit: code run by one (the detector decodes hostile files) cannot open another's
 # state, credentials or /proc/<pid>/root. Those that read or delete media are also in group vigil.
-for u in nats postgres watcher detector aggregator recorder gpu-stats health retention; do
+for u in nats postgres watcher detector aggregator recorder gpu-stats health retention analyzer notifier; do
     getent passwd "vigil-$u" >/dev/null ||
         useradd --system --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin "vigil-$u"
 done
-for u in watcher detector retention; do usermod -a -G vigil "vigil-$u"; done
+for u in watcher detector retention analyzer; do usermod -a -G vigil "vigil-$u"; done
 say "users vigil-* ok"
 # Each unit's private state folder exists before any unit starts: the others hide it with
 # InaccessiblePaths=-..., which skips a path that does not exist yet (and would then show it later).
@@ -97,7 +97,7 @@ install -d -m 0700 "$ETC/credentials"
 if [ "$ROLE" = detector ]; then
     NEED="nats-detector nats-gpu-stats"
 else
-    NEED="nats-password db-password db-recorder db-retention db-health nats-route nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention"
+    NEED="nats-password db-password db-recorder db-retention db-health nats-route nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention nats-analyzer nats-notifier"
 fi
 for name in $NEED; do
     if [ -n "$CREDS_FROM" ] && [ -s "$CREDS_FROM/$name" ]; then  # a cluster shares users and passwords
@@ -112,6 +112,12 @@ for name in $NEED; do
     fi
     chmod 0600 "$ETC/credentials/$name"
 done
+if [ "$ROLE" = full ]; then
+    # The notify URLs' secrets: one file per secret, written {secret:NAME} in a rule (README: Notifications).
+    install -d -m 0700 "$ETC/credentials/notify"
+    # The analyzer's model token, if its endpoint wants one: empty means none (the unit loads it either way).
+    [ -e "$ETC/credentials/analyzer-api-key" ] || install -m 0600 /dev/null "$ETC/credentials/analyzer-api-key"
+fi
 
 # Apply this host's place in a cluster to a config (the new template, and a kept config on upgrade).
 configure() {
@@ -198,7 +204,7 @@ else
 fi
 systemctl daemon-reload
 case "$ROLE" in
-    full) UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service vigil-retention.service" ;;
+    full) UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service vigil-retention.service vigil-analyzer.service vigil-notifier.service" ;;
     bus) UNITS="vigil-nats.service"; DETECTORS= ;;
     detector) UNITS="vigil-gpu-stats.service" ;;
 esac

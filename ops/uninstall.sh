@@ -18,7 +18,7 @@ systemctl daemon-reload
 rm -rf /opt/vigil
 if [ "$PURGE" = yes ]; then
     rm -rf /etc/vigil /var/lib/vigil
-    for u in vigil vigil-nats vigil-postgres vigil-watcher vigil-detector vigil-aggregator vigil-recorder vigil-gpu-stats vigil-health vigil-retention; do
+    for u in vigil vigil-nats vigil-postgres vigil-watcher vigil-detector vigil-aggregator vigil-recorder vigil-gpu-stats vigil-health vigil-retention vigil-analyzer vigil-notifier; do
         userdel "$u" 2>/dev/null || true
     done
     echo "vigil removed, with its configuration, database and JetStream store"

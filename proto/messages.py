@@ -140,6 +140,19 @@ class Detections(_Msg, kw_only=True):
         return self.file_id if self.frame is None else f"{self.file_id}:{self.frame}"
 
 
+class Spot(msgspec.Struct, array_like=True):
+    """Where a box stood in its frame: the bottom-centre of the box in source pixels (the point a zone
+    test uses: where the feet are), with its label and best score. array_like: never reorder."""
+
+    label: str
+    x: int
+    y: int
+    score: float
+
+
+MAX_SPOTS = 200  # per event: the best-scored distinct (label, x, y), so an event message stays small
+
+
 class LabelSummary(msgspec.Struct, kw_only=True):
     count: int
     max_score: float
@@ -166,6 +179,79 @@ class EventClosed(_Msg, kw_only=True):
     best_file_id: str
     close_reason: CloseReason
     revision: int = 1
+    # Where the boxes stood (at most MAX_SPOTS, best first): what the analyzer's zones are tested on.
+    spots: list[Spot] = []
+    # The best detection's media file (relative to the media root) and, for a clip, the frame's offset.
+    best_path: str | None = None
+    best_offset_s: float = 0.0
+
+
+RiskLevel = Literal["low", "medium", "high", "critical"]
+RISK_LEVELS: tuple[RiskLevel, ...] = ("low", "medium", "high", "critical")
+
+
+def risk_level(score: int) -> RiskLevel:
+    """low 0-29, medium 30-59, high 60-84, critical 85-100."""
+    return "critical" if score >= 85 else "high" if score >= 60 else "medium" if score >= 30 else "low"
+
+
+class Factor(msgspec.Struct, kw_only=True):
+    """One reason for a risk score: its points (may be negative) and why, in words."""
+
+    name: str
+    points: int
+    detail: str
+
+
+class AnalyzerInfo(msgspec.Struct, kw_only=True):
+    name: str  # "rules" or "model"
+    version: str  # the rules' version, or the model's name
+
+
+class EventAnalyzed(_Msg, kw_only=True):
+    """The analyzer's judgement of one event revision (vigil.analysis.<camera>); the latest revision wins."""
+
+    event_id: str
+    revision: int
+    camera: Camera
+    risk_score: Annotated[int, msgspec.Meta(ge=0, le=100)]
+    risk_level: RiskLevel
+    summary: str  # one sentence a person reads on a phone
+    factors: list[Factor] = []
+    analyzer: AnalyzerInfo
+    fallback: bool = False  # the configured model did not answer usefully: these are the rules' results
+    fallback_reason: str | None = None
+    analyzed_at: float
+    # the event's facts the notifier's rules match on
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    labels: list[str] = []
+    zones: list[str] = []  # the analyzer's zones that a box stood in
+    best_path: str | None = None
+
+
+Severity = Literal["info", "warning", "critical"]
+
+
+class Notification(_Msg, kw_only=True):
+    """One message for one target of one notify rule (stream NOTIFY, a work queue of the notifier's
+    delivery loop). `target_name` is the target's URL with its secrets masked; the URL itself is only
+    ever in the notifier's config and credentials."""
+
+    notification_id: str  # "<rule>:<event or alert id>:<target index>": a rule fires once per event
+    rule: str
+    target: int  # index into the rule's urls
+    target_name: str
+    camera: str  # the event's camera, or "system" for health alerts
+    source_id: str  # the event id, or the alert id
+    title: str
+    body: str
+    severity: Severity = "warning"
+    risk_level: RiskLevel | None = None
+    event_time: float
+    link: str | None = None
+    created_at: float
+    test: bool = False  # `vigil notify test RULE`
 
 
 class Alert(_Msg, kw_only=True):
@@ -310,6 +396,8 @@ Message = (
     | GpuSample
     | HealthChanged
     | RetentionReport
+    | EventAnalyzed
+    | Notification
 )
 
 _encoder = msgspec.json.Encoder()

@@ -77,10 +77,22 @@ RETENTION_CHECK_SUBJECT = "vigil.control.retention"
 # The services, each its own process, systemd unit (vigil-<name>.service; the detector is the template
 # vigil-detector@<gpu>.service: one per GPU) and NATS user. vigil-nats and vigil-postgresql run the
 # servers and are not in this list. ops/install.sh and systemd/ follow it (tests/unit/test_architecture.py).
-SERVICES = ("watcher", "detector", "aggregator", "recorder", "gpu-stats", "health", "retention")
+SERVICES = (
+    "watcher",
+    "detector",
+    "aggregator",
+    "recorder",
+    "gpu-stats",
+    "health",
+    "retention",
+    "analyzer",
+    "notifier",
+)
 # What health watches go by as plain subscriptions (never holding anything back): uploads, detections
-# and events for camera activity, the watcher's rejections.
-HEALTH_OBSERVES = (every("uploads"), every("detections"), every("events"), dlq_filter("watcher"))
+# and events for camera activity, the analyses for its page, the watcher's rejections.
+HEALTH_OBSERVES = (every("uploads"), every("detections"), every("events"), every("analysis"), dlq_filter("watcher"))
+# The camera of health's (and the detector's) own alerts; notify rules name it to receive them.
+SYSTEM_CAMERA = "system"
 
 
 def dlq_subject_stage(subject: str) -> str | None:
@@ -127,6 +139,25 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_bytes=256 * MiB,
         # an alert re-sent from the aggregator's outbox after a long outage must still dedupe: at most
         # one alert per event, ever (alerts are few, so a day of message ids costs little)
+        duplicate_window=DAY,
+    ),
+    StreamSpec(
+        name="ANALYSIS",
+        description="The analyzer's risk judgement of every event revision (vigil.analysis.<camera>): score, level, summary, factors",
+        subjects=(every("analysis"),),
+        retention="interest",
+        max_age=7 * DAY,
+        max_bytes=512 * MiB,
+    ),
+    StreamSpec(
+        name="NOTIFY",
+        description="Notifications to deliver, one per rule, event and target (vigil.notify.<camera>); work queue of the notifier",
+        subjects=(every("notify"),),
+        retention="workqueue",
+        max_age=7 * DAY,
+        max_bytes=256 * MiB,
+        # a rule fires once per event: the id dedupes a decision repeated after a crash (the notifier's KV
+        # marker covers revisions that come later than this)
         duplicate_window=DAY,
     ),
     StreamSpec(
@@ -221,6 +252,54 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
         max_ack_pending=1024,
     ),
     ConsumerSpec(
+        stream="EVENTS",
+        durable="analyzer",
+        description="Judges every event revision; acks after the EventAnalyzed's PubAck (in_progress() while a model answers)",
+        filter_subject=every("events"),
+        ack_wait=60.0,
+        max_deliver=10,
+        max_ack_pending=512,
+    ),
+    ConsumerSpec(
+        stream="ANALYSIS",
+        durable="recorder-analysis",
+        description="Writes analyses to PostgreSQL (the latest revision wins); acks after commit",
+        filter_subject=every("analysis"),
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=1024,
+    ),
+    ConsumerSpec(
+        stream="ANALYSIS",
+        durable="notifier",
+        description="Matches every analysis against the notify rules; acks once its notifications are queued",
+        filter_subject=every("analysis"),
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=256,
+    ),
+    ConsumerSpec(
+        stream="ALERTS",
+        durable="notifier-alerts",
+        description="Matches health's alerts (camera system) against the notify rules",
+        filter_subject=every("alerts"),
+        ack_wait=30.0,
+        max_deliver=20,
+        max_ack_pending=256,
+    ),
+    ConsumerSpec(
+        stream="NOTIFY",
+        durable="notifier-deliver",
+        description="Sends each notification to its target; acks after the target accepted (retries in process, then dead-letters)",
+        filter_subject=every("notify"),
+        # the delivery loop keeps a message alive with in_progress() through its retries; a redelivery
+        # means the notifier died holding it, and comes 10 s later
+        ack_wait=10.0,
+        max_deliver=10,
+        max_ack_pending=64,
+        backoff=(10.0, 30.0, 120.0, 600.0),
+    ),
+    ConsumerSpec(
         stream="GPU",
         durable="recorder-gpu",
         description="Writes one GPU sample per GPU per minute to PostgreSQL; acks after commit",
@@ -280,6 +359,10 @@ HEARTBEAT_TTL = 30.0
 HEALTH_BUCKET = "vigil_health"
 # Latest GpuSample per GPU, key `<host>.<index>`.
 GPU_BUCKET = "vigil_gpu"
+# The notifier's bookkeeping: fired.<rule>.<source> (a rule fires once per event, revisions included),
+# cooldown.<rule>.<key>, last.<rule> (the last firing, for `vigil notify list`), delivered.<id> / failed.<id>.
+NOTIFIER_BUCKET = "vigil_notifier"
+NOTIFIER_TTL = EVENT_INDEX_TTL  # as long as a late revision of an event can come
 GPU_TTL = 60.0
 
 

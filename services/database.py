@@ -16,7 +16,7 @@ from psycopg import sql
 
 from services.runtime.config import Config, credential
 
-TABLES = ("detections", "events", "event_detections", "alerts", "gpu_samples", "dead_letters")
+TABLES = ("detections", "events", "event_detections", "alerts", "gpu_samples", "dead_letters", "event_analysis")
 
 # service -> (privileges, tables) grants; every role also reads schema_migrations (to know the schema is current)
 GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -25,6 +25,11 @@ GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "recorder": [
         ("SELECT, INSERT", TABLES),
         ("UPDATE (started_at, ended_at, detection_count, labels, best_file_id, close_reason, revision)", ("events",)),
+        (
+            "UPDATE (revision, risk_score, risk_level, summary, factors, analyzer, analyzer_version, fallback,"
+            " fallback_reason, zones, analyzed_at)",
+            ("event_analysis",),
+        ),
     ],
     "retention": [("SELECT, DELETE", TABLES), ("UPDATE (missing_since)", ("detections",))],
     "health": [("SELECT", TABLES)],

@@ -102,6 +102,8 @@ def toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, dict):  # an inline table; quoted keys are valid TOML
         return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return json.dumps(v)
 
 
@@ -236,3 +238,64 @@ def recorded_detections(dsn: str) -> list:
                    boxes=[Box(*b) for b in msgspec.json.decode(json.dumps(r[3]).encode())])
         for r in rows
     ]  # fmt: skip
+
+
+class LoopbackHTTP:
+    """A real HTTP server on 127.0.0.1 (aiohttp, in its own thread and loop) whose answers a test sets:
+    `handler` is an async function (request, n) -> aiohttp.web.Response, n counting from 1. Every request
+    is kept in `requests` as (path, headers, body); `accepted` counts the answers that reached a client
+    still connected (what "the target accepted it" means to the sender)."""
+
+    def __init__(self, handler=None, port: int = 0) -> None:
+        import threading
+
+        from aiohttp import web
+
+        self.handler = handler or (lambda request, n: _ok())
+        self.requests: list[tuple[str, dict, bytes]] = []
+        self.accepted: list[bytes] = []
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def handle(request):
+            body = await request.read()
+            self.requests.append((request.path, dict(request.headers), body))
+            response = await self.handler(request, len(self.requests))
+            transport = request.transport
+            if response.status < 300 and transport is not None and not transport.is_closing():
+                self.accepted.append(body)
+            return response
+
+        async def start():
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", handle)
+            self._runner = web.AppRunner(app, handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", port)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        def serve():
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(start())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        async def stop():
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+async def _ok(status: int = 200, body: str = "ok"):
+    from aiohttp import web
+
+    return web.Response(status=status, text=body)

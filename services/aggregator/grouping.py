@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from typing import NamedTuple
 
 import msgspec
 
-from proto import Alert, Detections, EventClosed, LabelSummary
+from proto import Alert, Detections, EventClosed, LabelSummary, Spot
+from proto.messages import MAX_SPOTS
 
 
 class Rules(NamedTuple):
@@ -45,6 +47,27 @@ def event_id(camera: str, first_key: str) -> str:
 def order(det: Detections) -> tuple[float, str]:
     """The total order of the contract: capture time, then the detection key for equal times."""
     return (det.captured_at, det.key)
+
+
+def _px(v: float) -> int:
+    return round(v) if math.isfinite(v) else 0
+
+
+def merge_spots(spots: list[Spot], det: Detections) -> list[Spot]:
+    """`spots` with `det`'s boxes added: per distinct (label, x, y) its best score, the MAX_SPOTS best
+    kept (score, then label and position: a total order, so the result does not depend on the order
+    the detections came in)."""
+    best = {(s.label, s.x, s.y): s.score for s in spots}
+    changed = False
+    for b in det.boxes:
+        k = (b.label, _px((b.x1 + b.x2) / 2), _px(b.y2))
+        if b.score > best.get(k, -math.inf):
+            best[k] = b.score
+            changed = True
+    if not changed:
+        return spots
+    ranked = sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_SPOTS]
+    return [Spot(label, x, y, score) for (label, x, y), score in ranked]
 
 
 # ---- the contract -------------------------------------------------------------------------------
@@ -79,13 +102,17 @@ def reference_events(detections: Iterable[Detections], rules: Rules) -> dict[str
         for g, reason in zip(groups, reasons, strict=False):
             labels: dict[str, LabelSummary] = {}
             best = (-1.0, 0.0, "")
+            best_det: Detections | None = None
+            spots: list[Spot] = []
             for d in g:
+                spots = merge_spots(spots, d)
                 for b in d.boxes:
                     s = labels.setdefault(b.label, LabelSummary(count=0, max_score=b.score))
                     s.count += 1
                     s.max_score = max(s.max_score, b.score)
                     if b.score > best[0]:
                         best = (b.score, d.captured_at, d.key)
+                        best_det = d
             eid = event_id(camera, g[0].key)
             out[eid] = EventClosed(
                 event_id=eid,
@@ -96,6 +123,9 @@ def reference_events(detections: Iterable[Detections], rules: Rules) -> dict[str
                 labels=labels,
                 best_file_id=best[2],
                 close_reason=reason,
+                spots=spots,
+                best_path=best_det.path if best_det else None,
+                best_offset_s=best_det.offset_s if best_det else 0.0,
             )  # type: ignore[arg-type]
     return out
 
@@ -116,6 +146,9 @@ class EventState(msgspec.Struct, kw_only=True):
     revision: int = 1  # bumped by every change; EventClosed carries it
     published: int = 0  # the highest revision whose EventClosed got its PubAck
     alerted: bool = False  # the fast-path alert of this event was raised: never again, whatever follows
+    spots: list[Spot] = []
+    best_path: str | None = None
+    best_offset_s: float = 0.0
 
     def message(self) -> EventClosed:
         return EventClosed(
@@ -128,6 +161,9 @@ class EventState(msgspec.Struct, kw_only=True):
             best_file_id=self.best_file_id,
             close_reason=self.close_reason,
             revision=self.revision,
+            spots=list(self.spots),
+            best_path=self.best_path,
+            best_offset_s=self.best_offset_s,
         )  # type: ignore[arg-type]
 
 
@@ -167,6 +203,7 @@ def add_to(ev: EventState, det: Detections, rules: Rules, now: float) -> Alert |
     ev.ended_at = max(ev.ended_at, det.captured_at)
     ev.revision += 1 if ev.published >= ev.revision else 0
     alert = None
+    ev.spots = merge_spots(ev.spots, det)
     for box in det.boxes:
         s = ev.labels.get(box.label)
         if s is None:
@@ -176,6 +213,7 @@ def add_to(ev: EventState, det: Detections, rules: Rules, now: float) -> Alert |
             s.max_score = max(s.max_score, box.score)
         if box.score > ev.best_score:
             ev.best_score, ev.best_file_id = box.score, det.key
+            ev.best_path, ev.best_offset_s = det.path, det.offset_s
         if box.label == rules.alert_label and box.score >= rules.alert_score and not ev.alerted:
             ev.alerted = True
             alert = Alert(

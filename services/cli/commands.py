@@ -235,15 +235,53 @@ def events(config: Config, args: argparse.Namespace) -> int:
     def human(data: list[dict]) -> None:
         render.table(
             "events",
-            ["event", "camera", "started", "detections", "labels", "closed by"],
+            ["event", "camera", "started", "detections", "labels", "risk", "summary", "closed by"],
             [
                 [e["event_id"], e["camera"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["started_at"])),
-                 e["detections"], ", ".join(e["labels"]), e["close_reason"]]
+                 e["detections"], ", ".join(e["labels"]),
+                 f"{e['risk_level']} {e['risk_score']}{' (fallback)' if e['analysis_fallback'] else ''}" if e["risk_level"] else "-",
+                 e["summary"] or "", e["close_reason"]]
                 for e in data
             ],
         )  # fmt: skip
 
     return emit(args, ctl.query_events(config, args.camera, args.since), human)
+
+
+@command(
+    "notify",
+    "notify rules: `notify list` shows them with their last firing, `notify test RULE` sends a test to its targets",
+    arg("action", choices=["list", "test"]),
+    arg("rule", nargs="?", default=None),
+)
+def notify(config: Config, args: argparse.Namespace) -> int:
+    if args.action == "test":
+        if not args.rule:
+            raise ValueError("usage: vigil notify test RULE")
+        results = asyncio.run(ctl.notify_test(config, args.rule))
+
+        def said(data: list[dict]) -> None:
+            for r in data:
+                verdict = "delivered" if r["delivered"] else "NOT delivered" if r["delivered"] is False else "unknown"
+                print(f"{r['target']}: {verdict}{': ' + r['error'] if r['error'] else ''}")
+
+        emit(args, results, said)
+        return 0 if all(r["delivered"] for r in results) else 1
+
+    def human(data: list[dict]) -> None:
+        render.table(
+            "notify rules",
+            ["rule", "when", "targets", "last fired"],
+            [
+                [r["rule"], ", ".join(f"{k} {v}" for k, v in r["when"].items() if v not in (None, [], 0.0)) or "always",
+                 "\n".join(r["targets"]),
+                 (f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['last_fired']['fired_at']))}"
+                  f" {r['last_fired']['camera']} {r['last_fired']['source_id']}") if r["last_fired"] else "never"]
+                for r in data
+            ],
+        )  # fmt: skip
+
+    return emit(args, asyncio.run(ctl.notify_list(config)), human)
 
 
 @command(

@@ -27,7 +27,15 @@ import msgspec
 
 import proto
 from proto import topology
-from proto.topology import CONSUMERS, RETENTION_REPORT_SUBJECT, STREAMS, dlq_filter, dlq_subject_stage
+from proto.topology import (
+    CONSUMERS,
+    NOTIFIER_BUCKET,
+    RETENTION_REPORT_SUBJECT,
+    STREAMS,
+    SYSTEM_CAMERA,
+    dlq_filter,
+    dlq_subject_stage,
+)
 from services.cli.render import human, one_line
 from services.runtime import dlq_retry
 from services.runtime.config import Config, credential, load_config
@@ -197,8 +205,9 @@ async def dlq(config: Config, action: str, seq: int | None, confirm=lambda lette
 def query_events(config: Config, camera: str | None, since: str | None) -> list[dict]:
 
     sql = (
-        "SELECT event_id, camera, extract(epoch from started_at), extract(epoch from ended_at), detection_count, labels,"
-        " close_reason, keep FROM events WHERE (%(camera)s::text IS NULL OR camera = %(camera)s)"
+        "SELECT e.event_id, e.camera, extract(epoch from started_at), extract(epoch from ended_at), detection_count, labels,"
+        " close_reason, keep, a.risk_score, a.risk_level, a.summary, a.fallback FROM events e"
+        " LEFT JOIN event_analysis a ON a.event_id = e.event_id WHERE (%(camera)s::text IS NULL OR e.camera = %(camera)s)"
         " AND (%(since)s::float IS NULL OR started_at >= now() - make_interval(secs => %(since)s)) ORDER BY started_at DESC LIMIT 500"
     )
     with _database(config) as conn:
@@ -213,9 +222,111 @@ def query_events(config: Config, camera: str | None, since: str | None) -> list[
             "labels": r[5],
             "close_reason": r[6],
             "keep": r[7],
+            "risk_score": r[8],
+            "risk_level": r[9],
+            "summary": r[10],
+            "analysis_fallback": r[11],
         }
         for r in rows
     ]
+
+
+async def notify_list(config: Config) -> list[dict]:
+    """The rules as configured, with their last firing (the notifier's bucket)."""
+    from services.notifier import service as notifier
+    from services.notifier.targets import outline
+
+    nc = await connect_nats(config)
+    try:
+        kv = await nc.jetstream(timeout=5).key_value(NOTIFIER_BUCKET)
+        out = []
+        for rule in config.notify.rules:
+            raw = await notifier.kv_get(kv, notifier.last_key(rule.name))
+            last = msgspec.json.decode(raw, type=notifier.Firing) if raw else None
+            out.append(
+                {
+                    "rule": rule.name,
+                    "when": {
+                        "cameras": rule.cameras,
+                        "labels": rule.labels,
+                        "zones": rule.zones,
+                        "min_risk": rule.min_risk,
+                        "min_level": rule.min_level,
+                        "schedule": msgspec.to_builtins(rule.schedule) if rule.schedule else None,
+                        "quiet_hours": rule.quiet_hours,
+                        "cooldown_seconds": rule.cooldown_seconds,
+                    },
+                    "targets": [outline(u) for u in rule.urls],
+                    "last_fired": msgspec.to_builtins(last) if last else None,
+                }
+            )
+        return out
+    finally:
+        await nc.close()
+
+
+async def notify_test(config: Config, rule_name: str, wait: float = 60.0) -> list[dict]:
+    """Queue a test notification to each target of `rule_name` and wait for the notifier's verdict on each."""
+    from services.notifier import service as notifier
+    from services.notifier.targets import outline
+
+    rule = next((r for r in config.notify.rules if r.name == rule_name), None)
+    if rule is None:
+        names = ", ".join(r.name for r in config.notify.rules) or "none configured"
+        raise LookupError(f"no notify rule {rule_name!r} (rules: {names})")
+    nc = await connect_nats(config)
+    try:
+        js = nc.jetstream(timeout=5)
+        kv = await js.key_value(NOTIFIER_BUCKET)
+        now = time.time()
+        source = f"test-{int(now * 1000)}"
+        notes = [
+            proto.Notification(
+                notification_id=f"{rule.name}:{source}:{i}",
+                rule=rule.name,
+                target=i,
+                target_name=outline(url),
+                camera=SYSTEM_CAMERA,
+                source_id=source,
+                title=f"vigil test: rule {rule.name}",
+                body=f"A test of notify rule {rule.name} from `vigil notify test` on {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+                severity=rule.severity,
+                event_time=now,
+                created_at=now,
+                test=True,
+            )
+            for i, url in enumerate(rule.urls)
+        ]
+        for n in notes:
+            await js.publish(
+                proto.subject("notify", n.camera), proto.encode(n), headers=proto.headers_for(n, n.notification_id)
+            )
+        results: dict[str, dict] = {}
+        deadline = time.monotonic() + wait
+        while len(results) < len(notes) and time.monotonic() < deadline:
+            for n in notes:
+                if n.notification_id in results:
+                    continue
+                for key, ok in (
+                    (notifier.delivered_key(n.notification_id), True),
+                    (notifier.failed_key(n.notification_id), False),
+                ):
+                    raw = await notifier.kv_get(kv, key)
+                    if raw:
+                        d = msgspec.json.decode(raw, type=notifier.Delivery)
+                        results[n.notification_id] = {"target": d.target, "delivered": ok, "error": d.error}
+            await asyncio.sleep(0.5)
+        return [
+            results.get(n.notification_id)
+            or {
+                "target": n.target_name,
+                "delivered": None,
+                "error": f"no answer within {wait:.0f} s: is vigil-notifier running?",
+            }
+            for n in notes
+        ]
+    finally:
+        await nc.close()
 
 
 async def provision_all(config: Config) -> dict:

@@ -1,4 +1,4 @@
-"""recorder: Detections, EventClosed, Alert, GpuSample and DeadLetter -> PostgreSQL.
+"""recorder: Detections, EventClosed, EventAnalyzed, Alert, GpuSample and DeadLetter -> PostgreSQL.
 
 Each consumer writes a fetched batch in one transaction (idempotent: ON CONFLICT on the message ids)
 and acks only after COMMIT. While PostgreSQL is away nothing is acked: the batch is held (with
@@ -18,7 +18,7 @@ import psycopg
 from nats.aio.msg import Msg
 
 import proto
-from proto import Alert, DeadLetter, Detections, EventClosed, FileUploaded, GpuSample
+from proto import Alert, DeadLetter, Detections, EventAnalyzed, EventClosed, FileUploaded, GpuSample
 from proto.topology import dlq_subject_stage
 from services import database
 from services.runtime import jetstream
@@ -113,6 +113,37 @@ async def write_events(cur: psycopg.AsyncCursor, items: list[EventClosed]) -> No
     await cur.executemany(
         "INSERT INTO event_detections (detection_id, event_id) VALUES (%s, %s) ON CONFLICT (detection_id) DO NOTHING",
         [(fid, e.event_id) for e in items for fid in e.file_ids],
+    )
+
+
+async def write_analyses(cur: psycopg.AsyncCursor, items: list[EventAnalyzed]) -> None:
+    await cur.executemany(
+        "INSERT INTO event_analysis (event_id, revision, camera, risk_score, risk_level, summary, factors, analyzer,"
+        " analyzer_version, fallback, fallback_reason, zones, analyzed_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb,"
+        " %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT (event_id) DO UPDATE SET revision = excluded.revision,"
+        " risk_score = excluded.risk_score, risk_level = excluded.risk_level, summary = excluded.summary,"
+        " factors = excluded.factors, analyzer = excluded.analyzer, analyzer_version = excluded.analyzer_version,"
+        " fallback = excluded.fallback, fallback_reason = excluded.fallback_reason, zones = excluded.zones,"
+        " analyzed_at = excluded.analyzed_at"
+        " WHERE event_analysis.revision < excluded.revision",  # the latest revision wins, in whatever order
+        [
+            (
+                a.event_id,
+                a.revision,
+                a.camera,
+                a.risk_score,
+                a.risk_level,
+                a.summary,
+                msgspec.json.encode(a.factors).decode(),
+                a.analyzer.name,
+                a.analyzer.version,
+                a.fallback,
+                a.fallback_reason,
+                a.zones,
+                a.analyzed_at,
+            )
+            for a in items
+        ],
     )
 
 
@@ -353,6 +384,7 @@ async def run(config: Config) -> None:
             TableWriter(rt, dsn, "recorder-detections", Detections, write_detections),
             TableWriter(rt, dsn, "recorder-events", EventClosed, write_events),
             TableWriter(rt, dsn, "recorder-alerts", Alert, write_alerts),
+            TableWriter(rt, dsn, "recorder-analysis", EventAnalyzed, write_analyses),
             TableWriter(rt, dsn, "recorder-gpu", GpuSample, write_gpu_samples),
             TableWriter(rt, dsn, "recorder-dlq", DeadLetter, write_dead_letters, trust=trusted_letter),
         ]

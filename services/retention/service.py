@@ -191,11 +191,13 @@ def delete_rows_for_paths(
                 )
             ]
             counts["event_detections"] += len(events)
-            counts["events"] += conn.execute(
+            gone = conn.execute(
                 "DELETE FROM events e WHERE event_id = ANY(%s) AND NOT keep AND NOT EXISTS"
-                " (SELECT 1 FROM event_detections ed WHERE ed.event_id = e.event_id)",
+                " (SELECT 1 FROM event_detections ed WHERE ed.event_id = e.event_id) RETURNING event_id",
                 (list(set(events)),),
-            ).rowcount
+            ).fetchall()
+            counts["events"] += len(gone)
+            conn.execute("DELETE FROM event_analysis WHERE event_id = ANY(%s)", ([r[0] for r in gone],))
     return counts
 
 
@@ -208,6 +210,7 @@ def sweep(conn: psycopg.Connection, table: str, where: str, params: dict, batch:
         "alerts": "alert_id",
         "gpu_samples": "ctid",
         "dead_letters": "dlq_seq",
+        "event_analysis": "event_id",
     }[table]
     if dry_run:
         return conn.execute(f"SELECT count(*) FROM {table} d WHERE {where}", params).fetchone()[0]
@@ -221,6 +224,8 @@ def sweep(conn: psycopg.Connection, table: str, where: str, params: dict, batch:
             ).fetchall()
             if table == "detections" and rows:  # event links have no foreign key to detections
                 conn.execute("DELETE FROM event_detections WHERE detection_id = ANY(%s)", ([r[0] for r in rows],))
+            if table == "events" and rows:  # nor analyses to events (they may come first)
+                conn.execute("DELETE FROM event_analysis WHERE event_id = ANY(%s)", ([r[0] for r in rows],))
         total += len(rows)
         if len(rows) < batch:
             return total
@@ -245,6 +250,15 @@ def sweep_all(conn: psycopg.Connection, config: Config, now: float, dry_run: boo
             conn,
             "events",
             "started_at < to_timestamp(%(cutoff)s) AND NOT keep",
+            cut(r.events_days),
+            r.delete_batch,
+            dry_run,
+        ),
+        # an analysis whose event row never came (or went without it)
+        "event_analysis": sweep(
+            conn,
+            "event_analysis",
+            "analyzed_at < to_timestamp(%(cutoff)s) AND NOT EXISTS (SELECT 1 FROM events e WHERE e.event_id = d.event_id AND e.keep)",
             cut(r.events_days),
             r.delete_batch,
             dry_run,

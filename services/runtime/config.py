@@ -15,12 +15,15 @@ import os
 import re
 import tomllib
 import typing
+import urllib.parse
+import zoneinfo
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from proto.messages import RiskLevel, Severity
 from proto.topology import SERVICES
 
 ENV_PREFIX = "VIGIL_"
@@ -261,6 +264,196 @@ class RecorderConfig(_Section):
     fetch_timeout: float = 0.2
 
 
+# "22:00-06:00": a daily time range in a time zone; it runs overnight when the end is earlier than the start.
+TimeRange = Annotated[
+    str, msgspec.Meta(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]-(([01][0-9]|2[0-3]):[0-5][0-9]|24:00)$")
+]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Points = Annotated[int, msgspec.Meta(ge=-100, le=100)]
+
+
+def check_timezone(name: str | None, where: str) -> None:
+    """An IANA zone name (Europe/Berlin), or None for the machine's own (/etc/localtime)."""
+    if name is None:
+        return
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{where}: unknown time zone {name!r} (an IANA name such as Europe/Berlin)") from None
+
+
+DEFAULT_LABEL_POINTS = {
+    "person": 40,
+    "car": 15,
+    "truck": 15,
+    "motorcycle": 15,
+    "bicycle": 10,
+    "bus": 10,
+    "dog": 8,
+    "horse": 8,
+    "bear": 30,
+    "cat": 5,
+    "bird": 1,
+}
+
+
+class Zone(_Section):
+    """A polygon in the camera's image pixels ([[x, y], ...], at least three corners). A box whose
+    bottom-centre (where the feet are) lies inside it adds the zone's points."""
+
+    name: Name
+    polygon: Annotated[list[tuple[float, float]], msgspec.Meta(min_length=3, max_length=64)]
+    points: Points = 20
+    labels: list[str] | None = None  # None: every label that scores points
+
+
+class AnalyzerCamera(_Section):
+    """Per camera: its time zone and night hours, label points over the defaults, its zones."""
+
+    timezone: str | None = None  # None: analyzer.timezone
+    night: TimeRange | None = None  # None: analyzer.night
+    label_points: dict[str, Points] = msgspec.field(default_factory=dict)
+    zones: list[Zone] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_timezone(self.timezone, "timezone")
+        names = [z.name for z in self.zones]
+        if len(set(names)) != len(names):
+            raise ValueError(f"zone names must be unique, got {names}")
+
+
+class ModelConfig(_Section):
+    """An OpenAI-compatible chat-completions endpoint (llama.cpp server, Ollama, vLLM) that judges each
+    event; its reply must be the JSON the analyzer asks for. When it is down, slow or answers nonsense,
+    the rules' result is published instead, flagged fallback with the reason."""
+
+    url: str  # e.g. http://127.0.0.1:8080/v1/chat/completions
+    model: str = "default"
+    api_key_credential: str | None = None  # a credential holding the bearer token, if the endpoint wants one
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 20.0
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 2  # per event, with backoff
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2  # requests in flight at once
+    vision: bool = False  # send the best frame (JPEG) to a vision model
+    # After an event's attempts all failed, the model is skipped (rules only, flagged fallback) this long.
+    retry_seconds: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    max_tokens: Annotated[int, msgspec.Meta(ge=16, le=8192)] = 400
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} must start with http:// or https://")
+
+
+class AnalyzerConfig(_Section):
+    """The rule-based risk judgement (services/analyzer/rules.py): points per label, count, dwell, best
+    score and zones, times night_multiplier during night hours, clamped to 0-100."""
+
+    timezone: str | None = None  # IANA name; None: the machine's own
+    night: TimeRange = "22:00-06:00"
+    night_multiplier: Annotated[float, msgspec.Meta(ge=1, le=5)] = 1.5
+    label_points: dict[str, Points] = msgspec.field(default_factory=lambda: dict(DEFAULT_LABEL_POINTS))
+    other_label_points: Points = 2  # a label not in label_points
+    count_points: Points = 3  # per detection of the top label after the first...
+    count_max_points: Points = 12  # ...up to this
+    dwell_points: Points = 15  # an event this long or longer gets them all, a shorter one its share
+    dwell_full_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    score_points: Points = 10  # best score 1.0: +score_points, 0.5: 0, 0.0: -score_points
+    cameras: dict[str, AnalyzerCamera] = msgspec.field(default_factory=dict)
+    model: ModelConfig | None = None
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 64
+
+    def __post_init__(self) -> None:
+        check_timezone(self.timezone, "timezone")
+
+
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+class Schedule(_Section):
+    """When a rule may fire: on these days, within these ranges. An overnight range belongs to the day it
+    starts on ("fri" with "22:00-06:00" covers Friday night into Saturday morning)."""
+
+    days: list[Weekday] = msgspec.field(default_factory=lambda: list(WEEKDAYS))
+    times: Annotated[list[TimeRange], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["00:00-24:00"]
+    )
+
+
+# {secret:NAME} in a notify URL is replaced by credential notify_NAME (the unit loads the folder
+# /etc/vigil/credentials/notify/ as LoadCredential=notify:..., so its file NAME becomes notify_NAME).
+SECRET_PLACEHOLDER = re.compile(r"\{secret:([A-Za-z0-9_.-]{1,64})\}")
+_SECRET_QUERY_KEYS = {"pass", "password", "token", "apikey", "api_key", "key", "secret", "access_token", "auth"}
+
+
+def clear_secret(url: str) -> str | None:
+    """What in `url` looks like a secret written in clear (a password, a token parameter), or None."""
+    plain = SECRET_PLACEHOLDER.sub("", url)
+    try:
+        parts = urllib.parse.urlsplit(plain)
+    except ValueError:
+        return None  # Apprise judges the URL itself at the notifier's start
+    if parts.password:
+        return "a password"
+    for key, value in urllib.parse.parse_qsl(parts.query):
+        if key.lower() in _SECRET_QUERY_KEYS and value:
+            return f"the parameter {key}"
+    return None
+
+
+class NotifyRule(_Section):
+    """Who is told about what (services/notifier/rules.py). Every condition given must hold."""
+
+    name: Name
+    # Apprise URLs (https://github.com/caronc/apprise/wiki): ntfy://, pover://, tgram://, mailto://,
+    # discord://, slack://, matrix://, json://... Secrets as {secret:NAME}, never in clear.
+    urls: Annotated[list[str], msgspec.Meta(min_length=1, max_length=16)]
+    min_risk: Annotated[int, msgspec.Meta(ge=0, le=100)] | None = None
+    min_level: RiskLevel | None = None
+    labels: list[str] | None = None  # any of these labels (for camera "system": alert kinds, e.g. service_down)
+    cameras: list[str] | None = None  # None: every camera but "system" (health's alerts go only to rules naming it)
+    zones: list[str] | None = None  # a box stood in any of these analyzer zones
+    timezone: str | None = None  # of schedule and quiet_hours; None: analyzer.timezone, else the machine's
+    schedule: Schedule | None = None  # None: always
+    quiet_hours: list[TimeRange] = msgspec.field(default_factory=list)
+    severity: Severity = "warning"
+    # After a firing, the same dedupe key does not fire again for this long (by event time).
+    cooldown_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    dedupe: Annotated[list[Literal["camera", "rule", "label", "zone"]], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["camera", "rule"]
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_risk is not None and self.min_level is not None:
+            raise ValueError(f"rule {self.name!r}: give min_risk or min_level, not both")
+        check_timezone(self.timezone, f"rule {self.name!r}: timezone")
+        for i, url in enumerate(self.urls):
+            what = clear_secret(url)
+            if what:
+                raise ValueError(
+                    f"rule {self.name!r}: urls[{i}] holds {what} in clear: put it in the credential"
+                    " file notify/NAME and write {secret:NAME} in its place"
+                )
+
+
+class NotifyConfig(_Section):
+    # The web UI's address; a notification then links to its event (<web_url>/events/<event id>).
+    web_url: str | None = None
+    # One delivery: this many tries, with exponential backoff between them, then a dead letter.
+    attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 4
+    retry_initial_seconds: Annotated[float, msgspec.Meta(gt=0)] = 2.0
+    retry_max_seconds: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 15.0  # one try, whatever the target
+    rules: list[NotifyRule] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"rule names must be unique: {', '.join(dupes)} twice")
+        if self.web_url is not None and not self.web_url.startswith(("http://", "https://")):
+            raise ValueError(f"web_url {self.web_url!r} must start with http:// or https://")
+
+
 class Config(_Section):
     """Everything a vigil service reads. Each service uses only its own section plus the shared ones."""
 
@@ -282,6 +475,8 @@ class Config(_Section):
     gpu_stats: GpuStatsConfig = msgspec.field(default_factory=GpuStatsConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
+    analyzer: AnalyzerConfig = msgspec.field(default_factory=AnalyzerConfig)
+    notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
 
 
 def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -34,6 +34,13 @@ STAGE_INPUTS: dict[str, dict[str, tuple[str, type]]] = {
         "EVENTS": ("events", proto.EventClosed),
         "ALERTS": ("alerts", proto.Alert),
         "GPU": ("gpu", proto.GpuSample),
+        "ANALYSIS": ("analysis", proto.EventAnalyzed),
+    },
+    "analyzer": {"EVENTS": ("events", proto.EventClosed)},
+    "notifier": {
+        "ANALYSIS": ("analysis", proto.EventAnalyzed),
+        "ALERTS": ("alerts", proto.Alert),
+        "NOTIFY": ("notify", proto.Notification),
     },
 }
 

@@ -141,3 +141,12 @@ def decode_as(msg: Msg, expected: type) -> msgspec.Struct | str:
         if isinstance(value, expected)
         else f"payload is not a valid {expected.__name__}: a {type(value).__name__}"
     )
+
+
+async def keep_alive(msgs: list[Msg], every: float) -> None:
+    """in_progress() every `every` seconds (less than the consumer's ack_wait) until cancelled: the
+    messages stay this process's while slow work on them (a model, a notification target) goes on."""
+    while True:
+        await asyncio.sleep(every)
+        with contextlib.suppress(*TRANSIENT):
+            await asyncio.gather(*(m.in_progress() for m in msgs))

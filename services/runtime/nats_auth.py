@@ -23,6 +23,7 @@ from proto.topology import (
     HEALTH_BUCKET,
     HEALTH_OBSERVES,
     HEARTBEAT_BUCKET,
+    NOTIFIER_BUCKET,
     RETENTION_CHECK_SUBJECT,
     RETENTION_REPORT_SUBJECT,
     SERVICES,
@@ -100,7 +101,14 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "recorder": {
         "publish": [
             p
-            for d in ("recorder-detections", "recorder-events", "recorder-gpu", "recorder-alerts", "recorder-dlq")
+            for d in (
+                "recorder-detections",
+                "recorder-events",
+                "recorder-analysis",
+                "recorder-gpu",
+                "recorder-alerts",
+                "recorder-dlq",
+            )
             for p in _consume(d, "recorder")
         ],
         "subscribe": [],
@@ -116,6 +124,8 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
             every("uploads"),
             every("detections"),
             every("events"),
+            every("analysis"),
+            every("notify"),
             every("gpu"),
             *_kv_read(HEARTBEAT_BUCKET),
             *_kv_read(GPU_BUCKET),
@@ -125,6 +135,18 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "subscribe": list(HEALTH_OBSERVES),
     },
     "retention": {"publish": [RETENTION_REPORT_SUBJECT], "subscribe": [RETENTION_CHECK_SUBJECT]},
+    "analyzer": {"publish": [every("analysis"), *_consume("analyzer", "analyzer")], "subscribe": []},
+    "notifier": {
+        "publish": [
+            every("notify"),
+            *_consume("notifier", "notifier"),
+            *_consume("notifier-alerts", "notifier"),
+            *_consume("notifier-deliver", "notifier"),
+            *_kv_write(NOTIFIER_BUCKET),
+            *_kv_read(NOTIFIER_BUCKET),
+        ],
+        "subscribe": [],
+    },
 }
 
 

@@ -23,6 +23,8 @@ from proto.topology import (
     HEALTH_BUCKET,
     HEARTBEAT_BUCKET,
     HEARTBEAT_TTL,
+    NOTIFIER_BUCKET,
+    NOTIFIER_TTL,
     STREAMS,
     ConsumerSpec,
     StreamSpec,
@@ -92,6 +94,7 @@ async def provision(js: JetStreamContext, log, replicas: int = 1) -> None:
         (HEARTBEAT_BUCKET, "Latest heartbeat of every vigil service instance", HEARTBEAT_TTL),
         (GPU_BUCKET, "Latest GPU sample per GPU (gpu-stats)", GPU_TTL),
         (HEALTH_BUCKET, "health's alert bookkeeping: conditions held and alerts fired", None),
+        (NOTIFIER_BUCKET, "The notifier's firings, cooldowns and deliveries", NOTIFIER_TTL),
     ):
         try:
             await js.key_value(bucket)
