@@ -27,7 +27,7 @@ unit *ARGS:
     python -m pytest -q tests/unit {{ARGS}}
 
 # every benchmark: the pipeline (model none), the reorder buffer, the aggregator alone, and the detector on the real model
-bench: bench-pipeline bench-reorder bench-aggregator bench-detector
+bench: bench-pipeline bench-reorder bench-aggregator bench-detector bench-analyzer
 
 # pipeline: files/s and latency end to end with the `none` model, raw fetch+ack, CPU and peak RSS per service
 bench-pipeline *ARGS:
@@ -60,3 +60,7 @@ backlog N="100000":
 # chaos: N files while services are SIGKILLed every few seconds, nats-server and PostgreSQL restarted once
 chaos N="400" *ARGS:
     python -m tests.chaos.chaos --files {{N}} {{ARGS}}
+
+# analyzer: rules alone and the service's events/s on a backlog; EventClosed -> notification accepted latency (p50/p99)
+bench-analyzer *ARGS:
+    python -m tests.bench.analyzer {{ARGS}}

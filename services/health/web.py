@@ -102,15 +102,26 @@ class HealthState:
                 if value.published_at:
                     self.latency.observe(max(0.0, time.time() - value.published_at))
             case proto.EventClosed():
-                self.events.append(
-                    {
-                        "event_id": value.event_id,
-                        "camera": value.camera,
-                        "started_at": value.started_at,
-                        "ended_at": value.ended_at,
-                        "labels": sorted(value.labels),
-                    }
-                )
+                known = next((ev for ev in self.events if ev["event_id"] == value.event_id), None)
+                entry = {
+                    "event_id": value.event_id,
+                    "camera": value.camera,
+                    "started_at": value.started_at,
+                    "ended_at": value.ended_at,
+                    "labels": sorted(value.labels),
+                    "revision": value.revision,
+                    "risk": known["risk"] if known else None,
+                    "summary": known["summary"] if known else None,
+                }
+                if known is None:
+                    self.events.append(entry)
+                elif value.revision >= known["revision"]:  # a later revision: the same event, updated
+                    known.update(entry)
+            case proto.EventAnalyzed():
+                for ev in self.events:
+                    if ev["event_id"] == value.event_id:
+                        ev["risk"] = f"{value.risk_level} {value.risk_score}" + (" (fallback)" if value.fallback else "")
+                        ev["summary"] = value.summary
 
     def update(self, snap: Snapshot, firing: dict[str, proto.Alert]) -> None:
         self.snapshot, self.firing = snap, dict(firing)
@@ -378,13 +389,15 @@ def render_page(state: HealthState) -> str:
     )
     table(
         "last events",
-        ["event", "camera", "started", "labels"],
+        ["event", "camera", "started", "labels", "risk", "summary"],
         [
             [
                 e(ev["event_id"]),
                 e(ev["camera"]),
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ev["started_at"])),
                 e(", ".join(ev["labels"])),
+                e(ev.get("risk") or "-"),
+                e(ev.get("summary") or ""),
             ]
             for ev in reversed(state.events)
         ],

@@ -8,16 +8,23 @@ from __future__ import annotations
 import asyncio
 import json
 
-import msgspec
+import aiohttp
 import nats
 import pytest
 from aiohttp import web
 
 import proto
 from proto import EventClosed, LabelSummary, Spot
-from proto.topology import HEARTBEAT_BUCKET
 from services.runtime.jetstream import stored_messages
 from tests.support import LoopbackHTTP
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def completion(content: str) -> web.Response:
@@ -78,10 +85,15 @@ async def analysis_of(js, event_id: str, timeout: float = 30.0) -> proto.EventAn
     raise AssertionError(f"no analysis of {event_id} within {timeout}s")
 
 
-async def analyzer_state(js) -> str:
-    kv = await js.key_value(HEARTBEAT_BUCKET)
-    keys = [k for k in await kv.keys() if k.startswith("analyzer.")]
-    return msgspec.json.decode((await kv.get(keys[0])).value)["state"] if keys else "absent"
+async def status(port: int) -> dict:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/status") as resp:
+        return await resp.json()
+
+
+async def analyzer_verdict(port: int) -> str:
+    """What health says of the analyzer (its /status, as the operator's page and `vigil status` show it)."""
+    services = [s for s in (await status(port)).get("services", []) if s["service"] == "analyzer" and s["instance"]]
+    return services[0]["verdict"] if services else "absent"
 
 
 @pytest.mark.timeout(180)
@@ -97,6 +109,7 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
         return MODES[mode["now"]]()
 
     server = LoopbackHTTP(handler)
+    health_port = free_port()
     stack = make_stack(
         analyzer={
             "timezone": "UTC",
@@ -107,11 +120,12 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
                 "attempts": 2,
                 "retry_seconds": 0.0,
             },
-        }
+        },
+        health={"http_port": health_port, "expected_services": ["analyzer"], "check_seconds": 0.5, "systemd": False},
     )
     port = server.port
-    stack.start("analyzer")
-    stack.wait_ready("analyzer")
+    stack.start("analyzer", "health")
+    stack.wait_ready("analyzer", "health")
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     expected = [
@@ -138,7 +152,7 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
                 assert a.analyzer.name == "rules"
                 # the rules' own judgement, not a flat 50: a person (2 detections, 0.9) in no zone, 5 s, by day
                 assert a.risk_score == 40 + 3 + 1 + 8 and a.factors[0].name == "label person"
-                await wait_until_async(lambda: analyzer_state(js), "degraded")
+                await wait_until_async(lambda: analyzer_verdict(health_port), "degraded")
             else:
                 assert (a.analyzer.name, a.analyzer.version, a.risk_score, a.risk_level) == (
                     "model",
@@ -147,11 +161,14 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
                     "critical",
                 )
                 assert a.summary == "A person at the door." and a.factors[0].name == "person"
-                await wait_until_async(lambda: analyzer_state(js), "ready")
+                await wait_until_async(lambda: analyzer_verdict(health_port), "healthy")
         # nothing lost: one analysis per event, every event acked
         info = await js.consumer_info("EVENTS", "analyzer")
         assert (info.num_pending, info.num_ack_pending) == (0, 0)
         assert (await js.stream_info("ANALYSIS")).state.messages == len(expected)
+        # the status page's last events carry their risk
+        risks = {ev["event_id"]: ev["risk"] for ev in (await status(health_port))["events"]}
+        assert risks["ev-0000"] == "critical 88" and risks["ev-0001"] == "medium 52 (fallback)", risks
     finally:
         await nc.close()
         stack.stop_all()

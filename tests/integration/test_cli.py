@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.integration.test_pipeline import ALL, drained
+from tests.integration.test_pipeline import FULL, drained
 from tests.support import REPO, drop, photo_bytes, query, wait_until
 
 
@@ -31,8 +31,8 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
         stack.config.read_text().replace("drain_seconds = 5.0", "drain_seconds = 5.0\nheartbeat_seconds = 0.5")
         + "[health]\nstale_seconds = 3.0\n"
     )
-    stack.start(*ALL)
-    stack.wait_ready(*ALL)
+    stack.start(*FULL)
+    stack.wait_ready(*FULL)
     follower = subprocess.Popen(
         [
             sys.executable,
@@ -58,6 +58,7 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     drop(media / "front_door" / "camera.jpg", photo_bytes("camera"), t0 + 1)
     drop(media / "backyard" / "broken.jpg", photo_bytes("coffee")[:300] + b"\x00" * 64)
     wait_until(lambda: query(database, "SELECT 1 FROM events"), what="the front_door event")
+    wait_until(lambda: query(database, "SELECT 1 FROM event_analysis"), what="the event's analysis")
     wait_until(lambda: drained(nats_server.url), what="quiet pipeline")
 
     lines = follower.communicate(timeout=30)[0].splitlines()
@@ -65,12 +66,12 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
 
     status = wait_until(
         lambda: (
-            (s := vigil(stack.config, "status")) and sum(x["instance"] is not None for x in s["services"]) == 4 and s
+            (s := vigil(stack.config, "status")) and sum(x["instance"] is not None for x in s["services"]) == len(FULL) and s
         ),
-        what="4 heartbeats",
+        what=f"{len(FULL)} heartbeats",
     )
     running = [s for s in status["services"] if s["instance"] is not None]
-    assert {s["service"] for s in running} == set(ALL)
+    assert {s["service"] for s in running} == set(FULL)
     assert all(s["state"] == "ready" and s["verdict"] == "healthy" for s in running)
     # gpu-stats and retention are expected by default and were not started: each is down as a whole
     assert [(s["service"], s["verdict"]) for s in status["services"] if s["instance"] is None] == [
@@ -93,12 +94,15 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
         "RETENTION",
         "ADVISORIES",
         "DLQ",
+        "ANALYSIS",
+        "NOTIFY",
     }
     assert [c["name"] for c in streams["DETECTIONS"]["consumers"]] == ["aggregator", "recorder-detections"]
     assert streams["DLQ"]["messages"] == 1
 
     events = vigil(stack.config, "events", "--camera", "front_door", "--since", "1h")
     assert len(events) == 1 and events[0]["detections"] == 2 and "person" in events[0]["labels"]
+    assert events[0]["risk_level"] in ("medium", "high", "critical") and events[0]["summary"].startswith("Person")
 
     traced = vigil(stack.config, "trace", "astronaut.jpg")
     assert traced["stage"] == "recorded" and traced["events"] == [events[0]["event_id"]]

@@ -15,7 +15,7 @@ import pytest
 from proto.topology import SERVICES
 from services.cli.stack import free_port
 from services.runtime.nats_auth import inbox_prefix, user
-from tests.support import REPO, Services, drop, photo_bytes, query, wait_until, write_config
+from tests.support import REPO, LoopbackHTTP, Services, drop, photo_bytes, query, wait_until, write_config
 
 
 def attempt(url: str, name: str, password: str, action) -> list[str]:
@@ -48,6 +48,7 @@ def attempt(url: str, name: str, password: str, action) -> list[str]:
 
 def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, models_dir):
     server, creds, passwords = locked_nats
+    hook = LoopbackHTTP()
     config = write_config(
         tmp_path / "vigil.toml",
         media=media,
@@ -57,6 +58,7 @@ def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, mo
         model="yolox-nano",
         models_dir=models_dir,
         health={"http_port": free_port(), "systemd": False},
+        notify={"rules": [{"name": "door", "cameras": ["front_door"], "urls": [f"json://127.0.0.1:{hook.port}/door"]}]},
     )
     env = {
         "CREDENTIALS_DIRECTORY": str(creds),
@@ -88,6 +90,9 @@ def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, mo
             what="detection, event and alert through least-privilege users",
         )
         assert query(database, "SELECT kind FROM alerts") == [("person",)]
+        # judged by the analyzer, recorded, and notified through the notifier's own bucket and streams
+        wait_until(lambda: query(database, "SELECT 1 FROM event_analysis"), what="the event's analysis recorded")
+        wait_until(lambda: hook.accepted, what="the notification delivered")
         wait_until(
             lambda: "retention run" in stack.log("retention") and "http listening" in stack.log("health"),
             what="retention and health working",
@@ -98,6 +103,7 @@ def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, mo
         ][:5]
     finally:
         stack.stop_all()
+        hook.close()
 
     watcher, detector = user("watcher"), user("detector")
 

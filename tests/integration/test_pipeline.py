@@ -9,25 +9,41 @@ import time
 from tests.support import consumer_states, drop, photo_bytes, query, recorded_detections, wait_until
 
 ALL = ("watcher", "detector", "aggregator", "recorder")
+FULL = (*ALL, "analyzer", "notifier")  # with nothing to notify: the notifier only reads and acks
 
 
 def drained(nats_url):
     return all(v == (0, 0) for v in consumer_states(nats_url).values())
 
 
-def test_photos_become_detections_events_and_alerts(make_stack, media, database, nats_server, models_dir):
-    """Four real photos in two cameras: one row each, the right labels, events per camera, all acked."""
-    stack = make_stack(model="yolox-nano", models=models_dir, aggregator={"idle_seconds": 3.0, "max_seconds": 20.0})
-    stack.start(*ALL)
-    stack.wait_ready(*ALL)
-    t0 = time.time() - 100  # detection times are the files' mtimes
+def test_photos_become_detections_events_analyses_and_alerts(make_stack, media, database, nats_server, models_dir):
+    """Four real photos in two cameras: one row each, the right labels, events per camera, each event
+    judged (a person in the porch zone at night: critical; the cat by day: low), all acked."""
+    porch = [[0, 256], [512, 256], [512, 512], [0, 512]]  # the lower half of the 512 x 512 photos
+    stack = make_stack(
+        model="yolox-nano",
+        models=models_dir,
+        aggregator={"idle_seconds": 3.0, "max_seconds": 20.0},
+        analyzer={
+            "timezone": "UTC",
+            "night": "22:00-06:00",
+            "cameras": {
+                "front_door": {"zones": [{"name": "porch", "points": 30, "labels": ["person"], "polygon": porch}]}
+            },
+        },
+    )
+    stack.start(*FULL)
+    stack.wait_ready(*FULL)
+    midnight = time.time() // 86400 * 86400
+    t0 = midnight - 1800  # detection times are the files' mtimes: front_door at 23:30 UTC last night
+    t1 = midnight - 12 * 3600  # backyard at noon
     drop(media / "front_door" / "astronaut.jpg", photo_bytes("astronaut"), t0)
     drop(media / "front_door" / "camera.jpg", photo_bytes("camera"), t0 + 1)
-    drop(media / "backyard" / "chelsea.jpg", photo_bytes("chelsea"), t0)
+    drop(media / "backyard" / "chelsea.jpg", photo_bytes("chelsea"), t1)
     wait_until(
         lambda: query(database, "SELECT 1 FROM detections WHERE path = 'backyard/chelsea.jpg'"), what="chelsea recorded"
     )
-    drop(media / "backyard" / "coffee.jpg", photo_bytes("coffee"), t0 + 10)  # 10 s later: beyond idle (3 s)
+    drop(media / "backyard" / "coffee.jpg", photo_bytes("coffee"), t1 + 10)  # 10 s later: beyond idle (3 s)
 
     wait_until(lambda: len(query(database, "SELECT event_id FROM events")) == 3, timeout=60, what="3 events")
     rows = {r[0]: r[1] for r in query(database, "SELECT path, labels FROM detections")}
@@ -52,15 +68,30 @@ def test_photos_become_detections_events_and_alerts(make_stack, media, database,
         " FROM events ORDER BY camera, started_at",
     )
     assert [(e[0], e[1]) for e in events] == [("backyard", 1), ("backyard", 1), ("front_door", 2)]
-    front = events[2]
-    assert abs(float(front[2]) - t0) < 0.01 and abs(float(front[3]) - (t0 + 1)) < 0.01
+    front_event = events[2]
+    assert abs(float(front_event[2]) - t0) < 0.01 and abs(float(front_event[3]) - (t0 + 1)) < 0.01
     # every detection belongs to exactly one event
     assert query(database, "SELECT count(*), count(DISTINCT detection_id) FROM event_detections")[0] == (4, 4)
     alerts = query(database, "SELECT camera, kind FROM alerts")
     assert alerts == [("front_door", "person")]
+    # every event judged and recorded with its factors
+    wait_until(lambda: len(query(database, "SELECT 1 FROM event_analysis")) == 3, timeout=30, what="3 analyses")
+    judged = query(
+        database,
+        "SELECT e.camera, d.path, a.risk_level, a.risk_score, a.factors, a.zones, a.fallback FROM event_analysis a"
+        " JOIN events e USING (event_id) JOIN event_detections ed USING (event_id) JOIN detections d USING (detection_id)"
+        " WHERE d.path IN ('front_door/astronaut.jpg', 'backyard/chelsea.jpg')",
+    )
+    by_path = {r[1]: r for r in judged}
+    front, cat = by_path["front_door/astronaut.jpg"], by_path["backyard/chelsea.jpg"]
+    names = lambda factors: {f["name"] for f in factors}  # noqa: E731
+    assert front[2:4] == ("critical", 100) and front[5] == ["porch"] and not front[6], front
+    assert {"label person", "zone porch", "night"} <= names(front[4]), front[4]
+    assert cat[2] == "low" and cat[3] < 30 and "label cat" in names(cat[4]) and "night" not in names(cat[4]), cat
+    assert all(f["detail"] for f in front[4] + cat[4])
     wait_until(lambda: drained(nats_server.url), timeout=10, what="every consumer drained (nothing unacked)")
     codes = stack.stop_all()
-    assert codes == {name: 0 for name in ALL}, codes
+    assert codes == {name: 0 for name in FULL}, codes
 
 
 def test_file_dropped_while_watcher_down_is_processed_once(make_stack, media, database, nats_server):

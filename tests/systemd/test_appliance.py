@@ -27,8 +27,22 @@ SERVICES = (
     "vigil-gpu-stats",
     "vigil-health",
     "vigil-retention",
+    "vigil-analyzer",
+    "vigil-notifier",
 )
 MEDIA = "/srv/vigil/media"
+HOOK_PORT = 8099
+HOOK_SECRET = "door-hook-s3cret"
+HOOK_SERVER = f"""
+import http.server, json
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with open("/var/tmp/hook.jsonl", "a") as f:
+            f.write(json.dumps({{"auth": self.headers.get("Authorization"), "body": body.decode()}}) + "\\n")
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+http.server.HTTPServer(("127.0.0.1", {HOOK_PORT}), H).serve_forever()
+"""
 
 
 class Appliance:
@@ -107,6 +121,8 @@ def appliance(tmp_path_factory):
         #   mode 0400 - bind-mounted where CREDENTIALS_DIRECTORY points. Every unit runs as its real user;
         # - a short detector watchdog so the hang test takes seconds.
         # (Drop-ins apply in file-name order across the prefix and unit directories: zz- comes last.)
+        # a notify secret, as an operator puts it: one file in /etc/vigil/credentials/notify/
+        sd.run("sh", "-c", f"umask 077; printf %s {HOOK_SECRET} > /etc/vigil/credentials/notify/hook")
         (root / "etc/systemd/system/vigil-.service.d").mkdir(parents=True, exist_ok=True)
         (root / "etc/systemd/system/vigil-.service.d/test.conf").write_text(
             "[Service]\nProtectHome=read-only\nLoadCredential=\nEnvironment=CREDENTIALS_DIRECTORY=/run/vigil-test-credentials\n"
@@ -119,7 +135,12 @@ def appliance(tmp_path_factory):
             for line in text.splitlines():
                 if line.startswith("LoadCredential="):
                     name, src = line.split("=", 1)[1].split(":", 1)
-                    script.append(f"install -m 0400 -o {owner} -g {owner} {src} {store}/{name}")
+                    # a folder is loaded file by file as NAME_FILE (the notifier's notify/ secrets)
+                    script.append(
+                        f'if [ -d {src} ]; then for f in {src}/*; do [ -f "$f" ] || continue;'
+                        f' install -m 0400 -o {owner} -g {owner} "$f" {store}/{name}_$(basename "$f"); done;'
+                        f" else install -m 0400 -o {owner} -g {owner} {src} {store}/{name}; fi"
+                    )
             sd.run("sh", "-c", " && ".join(script))
             (root / f"etc/systemd/system/{unit_file.name}.d").mkdir(parents=True, exist_ok=True)
             (root / f"etc/systemd/system/{unit_file.name}.d/test-credentials.conf").write_text(
@@ -138,7 +159,21 @@ def appliance(tmp_path_factory):
             config = config.replace('model = "yolox-nano"', 'model = "none"')
         else:
             config = config.replace('models_dir = "/var/lib/vigil/models"', f'models_dir = "{models}"')
+        config += (
+            '\n[[notify.rules]]\nname = "door"\ncameras = ["front_door"]\nlabels = ["person"]\n'
+            f'urls = ["json://vigil:{{secret:hook}}@127.0.0.1:{HOOK_PORT}/hook"]\n'
+        )
         (root / "etc/vigil/vigil.toml").write_text(config)
+        # a JSON webhook target inside the appliance (a transient unit on its loopback)
+        sd.run(
+            "systemd-run",
+            "--unit=vigil-test-hook",
+            "-p",
+            "Environment=PYTHONDONTWRITEBYTECODE=1",
+            sys.executable,
+            "-c",
+            HOOK_SERVER,
+        )
         sd.run("systemctl", "daemon-reload")
         sd.run(
             "systemctl", "start", "dbus.socket", check=False
@@ -167,6 +202,40 @@ def test_every_unit_becomes_active_and_photos_become_rows(appliance):
     )
     if find_models_dir() is not None:
         assert "cat" in rows[0][1] and "person" in rows[1][1]
+        # each event judged by vigil-analyzer and recorded (the person at the door above the cat)
+        judged = wait_until(
+            lambda: (
+                (r := appliance.sql("SELECT camera, risk_level, risk_score FROM event_analysis ORDER BY camera"))
+                and len(r) == 2
+                and r
+            ),
+            what="two analyses",
+        )
+        assert judged[0][0] == "backyard" and judged[1][0] == "front_door" and int(judged[1][2]) > int(judged[0][2]), (
+            judged
+        )
+
+
+def test_a_person_at_the_door_is_notified_with_the_secret_from_its_credential(appliance):
+    """vigil-notifier (its own user, its secret through LoadCredential=notify:...) delivers the rule
+    `door` for the astronaut's event to a webhook; the secret reaches the target and no log line."""
+    import base64
+
+    if find_models_dir() is None:
+        pytest.skip("no model: no person, no event to notify")
+    appliance.drop("front_door", "astronaut-2.jpg", photo_bytes("astronaut"))
+    got = wait_until(
+        lambda: (r := appliance.sd.run("cat", "/var/tmp/hook.jsonl", check=False)).returncode == 0 and r.stdout.strip(),
+        timeout=90,
+        what="a notification at the webhook",
+    )
+    first = json.loads(got.splitlines()[0])
+    body = json.loads(first["body"])
+    assert body["title"].endswith("risk on front_door") and "Person" in body["message"], body
+    assert base64.b64decode(first["auth"].split()[1]).decode() == f"vigil:{HOOK_SECRET}"
+    journal = appliance.sd.run("journalctl", "-u", "vigil-notifier", "--no-pager", "-o", "cat", check=False).stdout
+    assert '"rule fired"' in journal or "rule fired" in journal
+    assert HOOK_SECRET not in journal
 
 
 def test_units_verify(appliance):
