@@ -27,6 +27,7 @@ from services.runtime.files import open_beneath
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_SIDE = 1024  # the frame sent to a vision model is scaled down to this
+MAX_REPLY_BYTES = 1024 * 1024
 
 
 class ModelFactor(msgspec.Struct, forbid_unknown_fields=False):
@@ -121,6 +122,7 @@ def best_frame(media_root: str, ev: EventClosed) -> bytes | None:
 class ModelClient:
     def __init__(self, cfg: ModelConfig, session: aiohttp.ClientSession, api_key: str | None) -> None:
         self.cfg, self.session = cfg, session
+        self.api_key = api_key
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
@@ -153,17 +155,28 @@ class ModelClient:
                     timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_seconds),
                 ) as resp,
             ):
-                raw = await resp.content.read(1024 * 1024)
+                raw = b""
+                async for chunk in resp.content.iter_chunked(65536):
+                    raw += chunk
+                    if len(raw) > MAX_REPLY_BYTES:
+                        raise ModelFailed(f"model endpoint's answer is larger than {MAX_REPLY_BYTES} bytes")
                 if resp.status != 200:
-                    snippet = printable(raw[:200].decode("utf-8", "replace")).strip()
+                    snippet = self.scrub(printable(raw[:200].decode("utf-8", "replace")).strip())
                     raise ModelFailed(f"model endpoint answered HTTP {resp.status}: {snippet}")
         except TimeoutError:
             raise ModelFailed(f"model endpoint did not answer within {self.cfg.timeout_seconds:g} s") from None
         except aiohttp.ClientConnectorError as exc:
-            raise ModelFailed(f"model endpoint unreachable: {printable(str(exc))[:200]}") from None
+            raise ModelFailed(f"model endpoint unreachable: {self.scrub(printable(str(exc)))[:200]}") from None
         except aiohttp.ClientError as exc:
-            raise ModelFailed(f"model endpoint failed: {printable(repr(exc))[:200]}") from None
-        return parse_reply(raw)
+            raise ModelFailed(f"model endpoint failed: {self.scrub(printable(repr(exc)))[:200]}") from None
+        try:
+            return parse_reply(raw)
+        except ModelFailed as exc:
+            raise ModelFailed(self.scrub(str(exc))) from None
+
+    def scrub(self, text: str) -> str:
+        """An endpoint may echo what it refused ("invalid API key sk-..."): never into a result, a log or health."""
+        return text.replace(self.api_key, "***") if self.api_key else text
 
     async def ask(self, facts_: dict, image: bytes | None) -> ModelVerdict:
         """The verdict, after up to `attempts` tries with backoff (stamina); ModelFailed with the last reason."""

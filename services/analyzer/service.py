@@ -16,6 +16,7 @@ import aiohttp
 import msgspec
 from nats.aio.msg import Msg
 
+import proto
 from proto import AnalyzerInfo, EventAnalyzed, EventClosed, Factor, subject
 from proto.messages import risk_level
 from services.analyzer import model, rules
@@ -32,6 +33,7 @@ class Analyzer:
         self.client = client
         self.skip_model_until = 0.0  # monotonic: after a failure the model rests for model.retry_seconds
         self.last_failure = ""
+        self.model_slots = asyncio.Semaphore(self.cfg.model.concurrency if self.cfg.model else 1)
         self.describe(None)
 
     def describe(self, failure: str | None) -> None:
@@ -64,14 +66,19 @@ class Analyzer:
         by_rules = AnalyzerInfo(name="rules", version=rules.VERSION)
         if self.client is None or self.cfg.model is None:
             return self.result(ev, j, by_rules)
-        if time.monotonic() < self.skip_model_until:
-            self.rt.count("fallbacks")
-            return self.result(ev, j, by_rules, fallback=True, fallback_reason=f"model resting: {self.last_failure}")
         try:
-            image = None
-            if self.cfg.model.vision:
-                image = await asyncio.to_thread(model.best_frame, self.config.media_root, ev)
-            verdict = await self.client.ask(model.facts(ev, j, cam.timezone), image)
+            async with self.model_slots:
+                # asked again once a slot is ours: the events queued behind a failure do not each wait
+                # out the timeout of a model that has stopped answering
+                if time.monotonic() < self.skip_model_until:
+                    self.rt.count("fallbacks")
+                    return self.result(
+                        ev, j, by_rules, fallback=True, fallback_reason=f"model resting: {self.last_failure}"
+                    )
+                image = None
+                if self.cfg.model.vision:
+                    image = await asyncio.to_thread(model.best_frame, self.config.media_root, ev)
+                verdict = await self.client.ask(model.facts(ev, j, cam.timezone), image)
         except model.ModelFailed as exc:
             reason = str(exc)
             self.last_failure = reason
@@ -105,19 +112,31 @@ class Analyzer:
                 todo.append((msg, ev))
         if not todo:
             return
-        async with asyncio.TaskGroup() as tg:
-            keep = tg.create_task(jetstream.keep_alive([m for m, _ in todo], every=10.0))  # ack_wait is 60 s
-            try:
-                results = await asyncio.gather(*(self.analyze(ev) for _, ev in todo))
-            finally:
-                keep.cancel()
+        # ack_wait is 60 s; a model's answer is bounded by its timeout x attempts
+        async with jetstream.held([m for m, _ in todo], every=10.0, alive=self.rt.keepalive):
+            outcomes = await asyncio.gather(*(self.judged(ev) for _, ev in todo))
+        done: list[tuple[Msg, EventAnalyzed]] = []
+        for (msg, ev), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, str):  # this event cannot be judged: never a crash loop over it
+                await self.rt.bus.dead_letter(STAGE, msg, outcome, camera=ev.camera)
+            else:
+                done.append((msg, outcome))
         await self.rt.bus.publish_many(
-            [(subject("analysis", r.camera), r, f"{r.event_id}-r{r.revision}") for r in results]
+            [(subject("analysis", r.camera), r, f"{r.event_id}-r{r.revision}") for _, r in done]
         )
-        await asyncio.gather(*(m.ack() for m, _ in todo), return_exceptions=True)
-        self.rt.count("analyzed", len(results))
-        for r in results:
+        await asyncio.gather(*(m.ack() for m, _ in done), return_exceptions=True)
+        self.rt.count("analyzed", len(done))
+        for _, r in done:
             self.rt.count(f"risk_{r.risk_level}")
+
+    async def judged(self, ev: EventClosed) -> EventAnalyzed | str:
+        """The analysis, or why this event cannot have one (a time no calendar holds, say 1e300 s)."""
+        try:
+            result = await self.analyze(ev)
+            proto.encode(result)  # what publishing would refuse, refused here, where the event is known
+            return result
+        except Exception as exc:  # noqa: BLE001 - whatever breaks on this event must not crash-loop the stage
+            return f"cannot judge event {ev.event_id}: {type(exc).__name__}: {exc}"[:500]
 
 
 def api_key(config: Config) -> str | None:

@@ -120,7 +120,9 @@ class HealthState:
             case proto.EventAnalyzed():
                 for ev in self.events:
                     if ev["event_id"] == value.event_id:
-                        ev["risk"] = f"{value.risk_level} {value.risk_score}" + (" (fallback)" if value.fallback else "")
+                        ev["risk"] = f"{value.risk_level} {value.risk_score}" + (
+                            " (fallback)" if value.fallback else ""
+                        )
                         ev["summary"] = value.summary
 
     def update(self, snap: Snapshot, firing: dict[str, proto.Alert]) -> None:

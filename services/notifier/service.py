@@ -95,7 +95,6 @@ class Notifier:
     def __init__(self, rt: Runtime, config: Config, kv, found: dict[tuple[str, int], targets.Target]) -> None:
         self.rt, self.config, self.kv, self.targets = rt, config, kv, found
         self.cfg = config.notify
-        self.tz = config.analyzer.timezone
 
     # ---- deciding ------------------------------------------------------------------------------
     def notifications(self, rule: NotifyRule, f: rules.Facts) -> list[Notification]:
@@ -121,8 +120,10 @@ class Notifier:
         ]
 
     async def decide(self, f: rules.Facts) -> None:
+        cam = self.config.analyzer.cameras.get(f.camera)
+        tz = cam.timezone if cam and cam.timezone else self.config.analyzer.timezone  # the camera's clock
         for rule in self.cfg.rules:
-            why = rules.mismatch(rule, f, self.tz)
+            why = rules.mismatch(rule, f, tz)
             if why is not None:
                 if why in ("schedule", "quiet_hours"):  # matched otherwise: worth a line in the journal
                     self.rt.count(f"suppressed_{why}")
@@ -162,15 +163,28 @@ class Notifier:
             await self.kv.put(cooldown_key(rule.name, dedupe), repr(f.event_time).encode())
         await self.kv.put(last_key(rule.name), value)
 
+    async def decided(self, msg: Msg, facts) -> bool:
+        """decide(facts()); False when `msg` cannot be decided on and was dead-lettered instead (a time no
+        calendar holds, a text a notification may not carry): one bad message must not stop the others.
+        Errors of the bus itself go up, to be retried."""
+        try:
+            await self.decide(facts())
+            return True
+        except Exception as exc:  # whatever breaks on this message must not crash-loop the stage
+            if isinstance(exc, jetstream.TRANSIENT) and jetstream.is_transient(exc):
+                raise
+            await self.rt.bus.dead_letter(STAGE, msg, f"cannot decide: {type(exc).__name__}: {exc}"[:500])
+            return False
+
     async def handle_analyses(self, msgs: list[Msg]) -> None:
         for msg in msgs:
             a = jetstream.decode_as(msg, EventAnalyzed)
             if isinstance(a, str):
                 await self.rt.bus.dead_letter(STAGE, msg, a)
                 continue
-            await self.decide(rules.of_analysis(a))
-            await msg.ack()
-            self.rt.count("analyses")
+            if await self.decided(msg, lambda a=a: rules.of_analysis(a)):
+                await msg.ack()
+                self.rt.count("analyses")
 
     async def handle_alerts(self, msgs: list[Msg]) -> None:
         for msg in msgs:
@@ -179,13 +193,25 @@ class Notifier:
                 await self.rt.bus.dead_letter(STAGE, msg, alert)
                 continue
             if rules.is_system_alert(alert):
-                await self.decide(rules.of_alert(alert))
+                if not await self.decided(msg, lambda alert=alert: rules.of_alert(alert)):
+                    continue
                 self.rt.count("system_alerts")
             await msg.ack()
 
     # ---- delivering ----------------------------------------------------------------------------
     async def handle_deliveries(self, msgs: list[Msg]) -> None:
-        await asyncio.gather(*(self.deliver(m) for m in msgs))
+        """Each notification on its own: one that fails (the bus away) is naked alone, never the batch,
+        so the others' sends are not repeated."""
+        outcomes = await asyncio.gather(*(self.deliver(m) for m in msgs), return_exceptions=True)
+        for msg, outcome in zip(msgs, outcomes, strict=True):
+            if not isinstance(outcome, BaseException) or msg.is_acked:
+                continue
+            if not isinstance(outcome, Exception):
+                raise outcome  # cancelled: stopping
+            if jetstream.is_transient(outcome):
+                await self.rt.bus.give_up_or_retry(STAGE, "notifier-deliver", [msg], outcome)
+            else:
+                await self.rt.bus.dead_letter(STAGE, msg, f"delivery failed: {type(outcome).__name__}: {outcome}"[:500])
 
     async def deliver(self, msg: Msg) -> None:
         n = jetstream.decode_as(msg, Notification)
@@ -199,32 +225,38 @@ class Notifier:
                 STAGE, msg, f"rule {n.rule!r} has no target {n.target} (the config changed since it fired)", camera
             )
             return
-        if await kv_get(self.kv, delivered_key(n.notification_id)) is not None:
+        done = await self.rt.bus.retry(
+            "notifier bookkeeping", lambda: kv_get(self.kv, delivered_key(n.notification_id))
+        )
+        if done is not None:
             self.rt.count("already_delivered")  # sent before a crash took the ack with it
             await msg.ack()
             return
-        keep = asyncio.ensure_future(jetstream.keep_alive([msg], every=3.0))  # ack_wait is 10 s
         error = ""
         try:
-            async for attempt in stamina.retry_context(
-                on=SendFailed,
-                attempts=self.cfg.attempts,
-                wait_initial=self.cfg.retry_initial_seconds,
-                wait_max=self.cfg.retry_max_seconds,
-                timeout=None,
-            ):
-                with attempt:
-                    error = await target.send(n, self.cfg.timeout_seconds) or ""
-                    if error:
-                        self.rt.count("send_failures")
-                        self.rt.log.warning(
-                            "target refused, retrying", notification=n.notification_id, target=target.name, error=error
-                        )
-                        raise SendFailed(error)
+            # ack_wait is 10 s. A try that timed out may still have reached the target (Apprise gives up
+            # waiting, its worker may finish): retrying it favours "delivered twice" over "never".
+            async with jetstream.held([msg], every=3.0, alive=self.rt.keepalive):
+                async for attempt in stamina.retry_context(
+                    on=SendFailed,
+                    attempts=self.cfg.attempts,
+                    wait_initial=self.cfg.retry_initial_seconds,
+                    wait_max=self.cfg.retry_max_seconds,
+                    timeout=None,
+                ):
+                    with attempt:
+                        error = await target.send(n, self.cfg.timeout_seconds) or ""
+                        if error:
+                            self.rt.count("send_failures")
+                            self.rt.log.warning(
+                                "target refused, retrying",
+                                notification=n.notification_id,
+                                target=target.name,
+                                error=error,
+                            )
+                            raise SendFailed(error)
         except SendFailed:
             pass
-        finally:
-            keep.cancel()
         if not error:
             record = Delivery(notification_id=n.notification_id, target=target.name, at=time.time())
             await self.rt.bus.retry(

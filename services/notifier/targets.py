@@ -9,6 +9,7 @@ form, and every secret's text is scrubbed from a reason.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import NamedTuple
 
@@ -26,13 +27,14 @@ _TYPES = {
 
 
 def outline(template: str) -> str:
-    """A URL as the operator wrote it, reduced to scheme and host (for `vigil notify list`, which does not
-    read the secrets)."""
-    try:
-        parts = urllib.parse.urlsplit(SECRET_PLACEHOLDER.sub("***", template))
-        return f"{parts.scheme}://{parts.hostname or ''}/..."
-    except ValueError:
-        return "(unparsable URL)"
+    """A URL as the operator wrote it, reduced to its scheme (for `vigil notify list`, which does not read
+    the secrets): many schemes carry a token where a host would be (pover://user@TOKEN, tgram://BOT/CHAT)."""
+    scheme = template.split("://", 1)[0] if "://" in template else ""
+    return f"{scheme}://..." if re.fullmatch(r"[a-z0-9+]{1,20}", scheme) else "(unparsable URL)"
+
+
+# what a target may echo back of the request: its credentials, in any form
+_AUTH = re.compile(r"\b(Basic|Bearer|Token)\s+[A-Za-z0-9+/=._~-]{4,}", re.I)
 
 
 class Target(NamedTuple):
@@ -43,6 +45,7 @@ class Target(NamedTuple):
     server: apprise.Apprise
 
     def scrub(self, text: str) -> str:
+        text = _AUTH.sub(r"\1 ***", text)
         for s in self.secrets:
             if s:
                 text = text.replace(s, "***")
@@ -88,6 +91,12 @@ def resolve(config: Config, environ=None) -> dict[tuple[str, int], Target]:
                 raise ConfigError(
                     f"config error: {where}: Apprise cannot use {outline(template)!r} (unknown scheme or bad form)"
                 )
+            # Apprise's own socket timeouts (4 s) would cut a slow target short of notify.timeout_seconds
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+            if "rto" not in query:
+                plugin.socket_read_timeout = config.notify.timeout_seconds
+            if "cto" not in query:
+                plugin.socket_connect_timeout = min(config.notify.timeout_seconds, 10.0)
             server = apprise.Apprise()
             server.add(plugin)
             # masked by Apprise; its query (defaults it spells out: retry=0&wait=0.5...) only adds noise

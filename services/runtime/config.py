@@ -328,7 +328,7 @@ class ModelConfig(_Section):
     the rules' result is published instead, flagged fallback with the reason."""
 
     url: str  # e.g. http://127.0.0.1:8080/v1/chat/completions
-    model: str = "default"
+    model: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._:/@+-]{1,200}$")] = "default"
     api_key_credential: str | None = None  # a credential holding the bearer token, if the endpoint wants one
     timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 20.0
     attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 2  # per event, with backoff
@@ -373,7 +373,7 @@ class Schedule(_Section):
     """When a rule may fire: on these days, within these ranges. An overnight range belongs to the day it
     starts on ("fri" with "22:00-06:00" covers Friday night into Saturday morning)."""
 
-    days: list[Weekday] = msgspec.field(default_factory=lambda: list(WEEKDAYS))
+    days: Annotated[list[Weekday], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: list(WEEKDAYS))
     times: Annotated[list[TimeRange], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["00:00-24:00"]
     )
@@ -452,6 +452,10 @@ class NotifyConfig(_Section):
             raise ValueError(f"rule names must be unique: {', '.join(dupes)} twice")
         if self.web_url is not None and not self.web_url.startswith(("http://", "https://")):
             raise ValueError(f"web_url {self.web_url!r} must start with http:// or https://")
+        if self.retry_max_seconds < self.retry_initial_seconds:
+            raise ValueError(
+                f"retry_max_seconds ({self.retry_max_seconds}) must be >= retry_initial_seconds ({self.retry_initial_seconds})"
+            )
 
 
 class Config(_Section):

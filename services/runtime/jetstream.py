@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -143,10 +144,28 @@ def decode_as(msg: Msg, expected: type) -> msgspec.Struct | str:
     )
 
 
-async def keep_alive(msgs: list[Msg], every: float) -> None:
+async def keep_alive(msgs: list[Msg], every: float, alive: Callable[[], None] | None = None) -> None:
     """in_progress() every `every` seconds (less than the consumer's ack_wait) until cancelled: the
-    messages stay this process's while slow work on them (a model, a notification target) goes on."""
+    messages stay this process's while slow work on them (a model, a notification target) goes on.
+    `alive` (the runtime's keepalive) tells the watchdog the same: that wait is work, not a hang; the
+    work itself is bounded by its own timeouts and attempts."""
+    loop = asyncio.get_running_loop()
+    due = loop.time() + every
     while True:
-        await asyncio.sleep(every)
-        with contextlib.suppress(*TRANSIENT):
-            await asyncio.gather(*(m.in_progress() for m in msgs))
+        await asyncio.sleep(min(every, 1.0))  # the watchdog's window may be shorter than ack_wait
+        if alive is not None:
+            alive()
+        if loop.time() >= due:
+            due = loop.time() + every
+            with contextlib.suppress(*TRANSIENT):
+                await asyncio.gather(*(m.in_progress() for m in msgs))
+
+
+@contextlib.asynccontextmanager
+async def held(msgs: list[Msg], every: float, alive: Callable[[], None] | None = None) -> AsyncIterator[None]:
+    """`async with held(msgs, ...)`: keep_alive for as long as the block runs."""
+    task = asyncio.ensure_future(keep_alive(msgs, every, alive))
+    try:
+        yield
+    finally:
+        task.cancel()

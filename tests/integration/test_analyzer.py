@@ -137,6 +137,10 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
         ("good", False, None),  # it answers again: no longer degraded
     ]
     try:
+        # a poison event first (a time no calendar holds): dead-lettered with the reason, the rest go on
+        poison = event(999)
+        poison.started_at = poison.ended_at = 1e300
+        await publish(js, poison)
         for i, (m, fallback, reason) in enumerate(expected):
             if m == "refused":
                 server.close()
@@ -166,6 +170,8 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
         info = await js.consumer_info("EVENTS", "analyzer")
         assert (info.num_pending, info.num_ack_pending) == (0, 0)
         assert (await js.stream_info("ANALYSIS")).state.messages == len(expected)
+        [letter] = [proto.decode(raw.data) async for _, raw in stored_messages(js, "DLQ")]
+        assert letter.stage == "analyzer" and letter.reason.startswith("cannot judge event ev-0999"), letter.reason
         # the status page's last events carry their risk
         risks = {ev["event_id"]: ev["risk"] for ev in (await status(health_port))["events"]}
         assert risks["ev-0000"] == "critical 88" and risks["ev-0001"] == "medium 52 (fallback)", risks

@@ -59,14 +59,16 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     drop(media / "backyard" / "broken.jpg", photo_bytes("coffee")[:300] + b"\x00" * 64)
     wait_until(lambda: query(database, "SELECT 1 FROM events"), what="the front_door event")
     wait_until(lambda: query(database, "SELECT 1 FROM event_analysis"), what="the event's analysis")
-    wait_until(lambda: drained(nats_server.url), what="quiet pipeline")
+    wait_until(lambda: drained(nats_server.url, FULL), what="quiet pipeline")
 
     lines = follower.communicate(timeout=30)[0].splitlines()
     assert sorted(json.loads(line)["path"] for line in lines) == ["front_door/astronaut.jpg", "front_door/camera.jpg"]
 
     status = wait_until(
         lambda: (
-            (s := vigil(stack.config, "status")) and sum(x["instance"] is not None for x in s["services"]) == len(FULL) and s
+            (s := vigil(stack.config, "status"))
+            and sum(x["instance"] is not None for x in s["services"]) == len(FULL)
+            and s
         ),
         what=f"{len(FULL)} heartbeats",
     )
@@ -173,6 +175,6 @@ def test_dlq_retry_of_a_fixed_problem_is_recorded_once(make_stack, media, databa
     path.write_bytes(saved)
     vigil(stack.config, "dlq", "retry", str(letter["seq"]), "--yes")
     wait_until(lambda: query(database, "SELECT count(*) FROM detections")[0][0] == 1, what="recorded after retry")
-    wait_until(lambda: drained(nats_server.url), what="quiet")
+    wait_until(lambda: drained(nats_server.url, FULL), what="quiet")
     assert query(database, "SELECT count(*) FROM detections WHERE path = 'front_door/gone.jpg'")[0][0] == 1
     assert vigil(stack.config, "dlq", "list") == []

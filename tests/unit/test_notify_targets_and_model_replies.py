@@ -37,7 +37,7 @@ def test_a_missing_secret_or_an_unknown_scheme_stops_the_notifier_naming_it(tmp_
     env = creds(tmp_path)
     with pytest.raises(ConfigError, match=r"notify.rules\[0\] \(porch\).urls\[0\]: secret 'ntfy' not found"):
         targets.resolve(config("ntfys://bob:{secret:ntfy}@ntfy.sh/vigil"), env)
-    with pytest.raises(ConfigError, match=r"urls\[1\]: Apprise cannot use 'nope://host/...'"):
+    with pytest.raises(ConfigError, match=r"urls\[1\]: Apprise cannot use 'nope://...'"):
         targets.resolve(config("json://127.0.0.1/x", "nope://host/x"), env)
 
 
@@ -78,3 +78,11 @@ def test_nonsense_is_a_failure_with_the_reason(raw, reason):
 def test_control_characters_in_a_reply_are_made_printable():
     v = parse_reply(completion('{"risk_score": 5, "summary": "cat\\u001b[31m on the mat"}'))
     assert v.summary == "cat\\x1b[31m on the mat"
+
+
+def test_what_is_shown_of_a_url_never_holds_its_token(tmp_path):
+    assert targets.outline("pover://user@uQiRzpo4DXghDmr9QzzfQu27cmVRsG/{secret:x}") == "pover://..."
+    t = targets.resolve(config("json://127.0.0.1/x"), creds(tmp_path))[("porch", 0)]
+    assert t.scrub("401 for Authorization: Basic dmlnaWw6aHVudGVyMg== and Bearer sk-abc.def") == (
+        "401 for Authorization: Basic *** and Bearer ***"
+    )
