@@ -86,8 +86,16 @@ def facts(ev: EventClosed, rules: Judgement, timezone: str | None) -> dict:
 
 
 def best_frame(media_root: str, ev: EventClosed) -> bytes | None:
-    """The event's best frame as a JPEG no larger than MAX_SIDE, or None when it cannot be read. Runs in
-    a thread: it decodes. Never leaves the media root, never follows a symlink."""
+    """The event's best frame as a JPEG no larger than MAX_SIDE, or None when it cannot be read (the
+    model then judges from the facts alone). Runs in a thread: it decodes. Never leaves the media root,
+    never follows a symlink."""
+    try:
+        return _best_frame(media_root, ev)
+    except cv2.error:  # an empty or broken file: OpenCV asserts rather than answering None
+        return None
+
+
+def _best_frame(media_root: str, ev: EventClosed) -> bytes | None:
     if not ev.best_path:
         return None
     try:
