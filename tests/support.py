@@ -184,6 +184,19 @@ def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: st
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
 
 
+async def wait_until_async(probe, what: str = "condition", timeout: float = 60.0, interval: float = 0.2):
+    """wait_until for async tests: await `probe()` until it returns something truthy."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = None
+    while loop.time() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value: {last!r})")
+
+
 def query(dsn: str, sql: str, *params):
     try:
         with psycopg.connect(dsn, connect_timeout=3) as conn:

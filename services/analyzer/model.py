@@ -5,7 +5,6 @@ of 150 - is a `ModelFailed` with the reason, and the analyzer publishes the rule
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import re
@@ -134,7 +133,6 @@ class ModelClient:
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
-        self.limit = asyncio.Semaphore(cfg.concurrency)
 
     def request(self, facts_: dict, image: bytes | None) -> bytes:
         text = "Judge this camera event:\n" + msgspec.json.encode(facts_).decode()
@@ -155,7 +153,6 @@ class ModelClient:
     async def ask_once(self, body: bytes) -> ModelVerdict:
         try:
             async with (
-                self.limit,
                 self.session.post(
                     self.cfg.url,
                     data=body,

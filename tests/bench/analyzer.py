@@ -105,19 +105,24 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def config_for(home: Path, nats_url: str, **sections) -> Path:
+    """A config for the analyzer (and notifier): no database, no model; the camera's zones."""
+    return write_config(
+        home / "vigil.toml",
+        media=home / "media",
+        state=home / "state",
+        nats_url=nats_url,
+        dsn="postgresql://x@127.0.0.1:1/x",
+        model="none",
+        models_dir=None,
+        **sections,
+    )
+
+
 def bench_service(home: Path, n: int) -> tuple[float, float]:
     server = NatsServer(home / "nats", log_file=home / "nats.log").start()
     try:
-        config = write_config(
-            home / "vigil.toml",
-            media=home / "media",
-            state=home / "state",
-            nats_url=server.url,
-            dsn="postgresql://x@127.0.0.1:1/x",
-            model="none",
-            models_dir=None,
-            analyzer={"timezone": "UTC", "cameras": ZONES, "batch_size": 256},
-        )
+        config = config_for(home, server.url, analyzer={"timezone": "UTC", "cameras": ZONES, "batch_size": 256})
         svc = Services(config, home / "logs")
         svc.start("analyzer")  # provisions EVENTS' consumer first, so the backlog is kept for it
         svc.wait_ready("analyzer")
@@ -152,17 +157,7 @@ def bench_latency(home: Path, n: int, rate: float) -> list[float]:
             "web_url": "http://vigil.local",
             "rules": [{"name": "all", "cameras": ["front_door"], "urls": [f"json://127.0.0.1:{hook.port}/hook"]}],
         }
-        config = write_config(
-            home / "vigil.toml",
-            media=home / "media",
-            state=home / "state",
-            nats_url=server.url,
-            dsn="postgresql://x@127.0.0.1:1/x",
-            model="none",
-            models_dir=None,
-            analyzer={"timezone": "UTC", "cameras": ZONES},
-            notify=notify,
-        )
+        config = config_for(home, server.url, analyzer={"timezone": "UTC", "cameras": ZONES}, notify=notify)
         svc = Services(config, home / "logs")
         svc.start("analyzer", "notifier")
         svc.wait_ready("analyzer", "notifier")

@@ -15,16 +15,9 @@ from aiohttp import web
 
 import proto
 from proto import EventClosed, LabelSummary, Spot
+from services.cli.stack import free_port
 from services.runtime.jetstream import stored_messages
-from tests.support import LoopbackHTTP
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import LoopbackHTTP, wait_until_async
 
 
 def completion(content: str) -> web.Response:
@@ -88,6 +81,10 @@ async def analysis_of(js, event_id: str, timeout: float = 30.0) -> proto.EventAn
 async def status(port: int) -> dict:
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/status") as resp:
         return await resp.json()
+
+
+async def verdict_is(port: int, want: str) -> bool:
+    return await analyzer_verdict(port) == want
 
 
 async def analyzer_verdict(port: int) -> str:
@@ -156,7 +153,7 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
                 assert a.analyzer.name == "rules"
                 # the rules' own judgement, not a flat 50: a person (2 detections, 0.9) in no zone, 5 s, by day
                 assert a.risk_score == 40 + 3 + 1 + 8 and a.factors[0].name == "label person"
-                await wait_until_async(lambda: analyzer_verdict(health_port), "degraded")
+                await wait_until_async(lambda: verdict_is(health_port, "degraded"), "the analyzer degraded", timeout=15)
             else:
                 assert (a.analyzer.name, a.analyzer.version, a.risk_score, a.risk_level) == (
                     "model",
@@ -165,7 +162,7 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
                     "critical",
                 )
                 assert a.summary == "A person at the door." and a.factors[0].name == "person"
-                await wait_until_async(lambda: analyzer_verdict(health_port), "healthy")
+                await wait_until_async(lambda: verdict_is(health_port, "healthy"), "the analyzer healthy", timeout=15)
         # nothing lost: one analysis per event, every event acked
         info = await js.consumer_info("EVENTS", "analyzer")
         assert (info.num_pending, info.num_ack_pending) == (0, 0)
@@ -180,15 +177,3 @@ async def test_every_model_failure_gives_the_rules_result_flagged_with_its_reaso
         stack.stop_all()
         if server is not None:
             server.close()
-
-
-async def wait_until_async(probe, want: str, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last = None
-    while loop.time() < deadline:
-        last = await probe()
-        if last == want:
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"analyzer state {last!r}, not {want!r}")

@@ -26,8 +26,9 @@ import proto
 from proto import Alert, AnalyzerInfo, EventAnalyzed
 from proto.messages import risk_level
 from proto.topology import HEARTBEAT_BUCKET
+from services.cli.stack import free_port
 from services.runtime.jetstream import stored_messages
-from tests.support import REPO, LoopbackHTTP
+from tests.support import REPO, LoopbackHTTP, wait_until_async
 
 SECRET = "hunter2-very-secret"
 
@@ -62,14 +63,6 @@ async def publish(js, msg) -> None:
     await js.publish(subj, proto.encode(msg), headers=proto.headers_for(msg, msg_id))
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Mailbox:
     def __init__(self) -> None:
         self.messages: list[email.message.Message] = []
@@ -92,17 +85,6 @@ async def counter(js, name: str) -> int:
     kv = await js.key_value(HEARTBEAT_BUCKET)
     keys = [k for k in await kv.keys() if k.startswith("notifier.")]
     return proto.decode((await kv.get(keys[0])).value).counters.get(name, 0) if keys else 0
-
-
-async def until(probe, what: str, timeout: float = 60.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        got = await probe()
-        if got:
-            return got
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(240)
@@ -190,7 +172,7 @@ async def test_rules_and_durable_delivery(make_stack, nats_server, tmp_path):
                 alert_id="ev-x-person", camera="front_door", kind="person", message="p", created_at=day, event_id="ev-x"
             ),
         )
-        await until(lambda: settled(js), "every decision and delivery settled")
+        await wait_until_async(lambda: settled(js), "every decision and delivery settled")
 
         bodies = lambda path: [json.loads(b) for p, _, b in hook.requests if p == path]  # noqa: E731
         # email and webhook: title, body (the summary) and the link to the event
@@ -218,7 +200,9 @@ async def test_rules_and_durable_delivery(make_stack, nats_server, tmp_path):
         assert [b["message"].split("\n")[0] for b in bodies("/rev")] == ["Person on rev (event 1, revision 1)"]
         # ...recognised by the notifier's own record (fired.<rule>.<event>), which outlasts the stream's
         # one-day dedupe window: a revision weeks later is caught the same way
-        await until(lambda: counter(js, "already_notified"), "the notifier's heartbeat to count it", timeout=20)
+        await wait_until_async(
+            lambda: counter(js, "already_notified"), "the notifier's heartbeat to count it", timeout=20
+        )
         assert await counter(js, "already_notified") == 1
         # health's alert through camera system; the aggregator's fast-path alert is not a second path
         [sys_alert] = bodies("/sys")
@@ -261,14 +245,14 @@ async def test_rules_and_durable_delivery(make_stack, nats_server, tmp_path):
 
         # killed mid-delivery: the target never answered the first send; after a restart it gets it once
         await publish(js, analysis("stall", 1, day))
-        await until(lambda: asyncio.sleep(0, calls.get("/stall")), "the first send to reach the target")
+        await wait_until_async(lambda: asyncio.sleep(0, calls.get("/stall")), "the first send to reach the target")
         stack.kill("notifier")
         stack.start("notifier")
         stack.wait_ready("notifier")
-        await until(
+        await wait_until_async(
             lambda: asyncio.sleep(0, calls.get("/stall", 0) >= 2), "the redelivery after the restart", timeout=60
         )
-        await until(lambda: settled(js), "settled after the restart")
+        await wait_until_async(lambda: settled(js), "settled after the restart")
         stall_accepted = [b for b in hook.accepted if b"stall" in b]
         assert calls["/stall"] == 2 and len(stall_accepted) == 1, (calls, stall_accepted)
     finally:
@@ -335,9 +319,9 @@ async def test_a_slow_target_is_work_not_a_hang(make_stack, nats_server, tmp_pat
     js = nc.jetstream()
     try:
         await publish(js, analysis("front_door", 1, utc("2026-06-03T12:00")))
-        await until(lambda: asyncio.sleep(0, hook.requests), "the send to reach the target")
+        await wait_until_async(lambda: asyncio.sleep(0, hook.requests), "the send to reach the target")
         sent = time.monotonic()
-        await until(lambda: asyncio.sleep(0, hook.accepted), "the target to accept", timeout=40)
+        await wait_until_async(lambda: asyncio.sleep(0, hook.accepted), "the target to accept", timeout=40)
         done = time.monotonic()
         # every moment from the send to the target's answer lies within 12 s of a ping
         marks = [sent - 6, *(t for t in pings.times if sent - 6 <= t <= done), done]
