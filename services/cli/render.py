@@ -192,4 +192,6 @@ def print_status(data: dict) -> None:
                 for st in data["streams"]
             ],
         )
+    for what in data.get("unreadable", []):
+        print(styled(f"not readable now: {human(what)}", "yellow"))
     print(f"systemd: {human(data['systemd'])}")

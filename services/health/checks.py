@@ -113,6 +113,9 @@ class Snapshot(msgspec.Struct, kw_only=True):
     systemd: str  # "available", or why not
     streams: list[StreamStatus] = []
     nodes: list[str] = []  # NATS cluster nodes seen as leaders or replicas (empty on a single server)
+    # What could not be read this time and why, e.g. a consumer whose raft group is electing a new leader
+    # after a node died (JetStream answers 503 for a few seconds): the rest of the snapshot still stands.
+    unreadable: list[str] = []
 
 
 class UnitState(msgspec.Struct, kw_only=True):
@@ -184,7 +187,23 @@ def _age(stamp, now: float) -> float:
     return 0.0
 
 
-async def read_stages(js, now: float) -> list[StageStatus]:
+def _unreadable(what: str, exc: BaseException) -> str:
+    import nats.js.errors
+
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return f"{what}: JetStream temporarily unavailable (a leader election after a node left?)"
+    return f"{what}: {type(exc).__name__}: {exc}"
+
+
+# Answers that mean "not now" rather than "not there": the snapshot notes them and goes on.
+def _transient() -> tuple[type[BaseException], ...]:
+    import nats.errors
+    import nats.js.errors
+
+    return (nats.js.errors.APIError, nats.errors.TimeoutError, asyncio.TimeoutError)
+
+
+async def read_stages(js, now: float, unreadable: list[str] | None = None) -> list[StageStatus]:
     import nats.js.errors
 
     out = []
@@ -192,6 +211,10 @@ async def read_stages(js, now: float) -> list[StageStatus]:
         try:
             info = await js.consumer_info(c.stream, c.durable)
         except nats.js.errors.NotFoundError:
+            continue
+        except _transient() as exc:
+            if unreadable is not None:
+                unreadable.append(_unreadable(f"consumer {c.durable}", exc))
             continue
         oldest = 0.0
         if info.num_pending or info.num_ack_pending:
@@ -219,7 +242,7 @@ async def read_stages(js, now: float) -> list[StageStatus]:
     return out
 
 
-async def read_streams(js) -> list[StreamStatus]:
+async def read_streams(js, unreadable: list[str] | None = None) -> list[StreamStatus]:
     import nats.js.errors
 
     out = []
@@ -227,6 +250,10 @@ async def read_streams(js) -> list[StreamStatus]:
         try:
             info = await js.stream_info(spec.name)
         except nats.js.errors.NotFoundError:
+            continue
+        except _transient() as exc:
+            if unreadable is not None:
+                unreadable.append(_unreadable(f"stream {spec.name}", exc))
             continue
         cluster = info.cluster
         out.append(
@@ -246,13 +273,17 @@ async def read_streams(js) -> list[StreamStatus]:
     return out
 
 
-async def read_dead_letters(js) -> dict[str, int]:
+async def read_dead_letters(js, unreadable: list[str] | None = None) -> dict[str, int]:
     """Dead letters per stage (subjects vigil.dlq.<stage>.<camera>)."""
     import nats.js.errors
 
     try:
         info = await js.stream_info("DLQ", subjects_filter=DLQ_ALL)
     except nats.js.errors.NotFoundError:
+        return {}
+    except _transient() as exc:
+        if unreadable is not None:
+            unreadable.append(_unreadable("dead letters", exc))
         return {}
     out: dict[str, int] = {}
     for subject, count in (info.state.subjects or {}).items():
@@ -437,8 +468,13 @@ async def snapshot(nc, config: Config, now: float | None = None, gone: dict[str,
 
     now = now or time.time()
     js = nc.jetstream()
+    unreadable: list[str] = []
     heartbeats, stages, dead, gpus, streams = await asyncio.gather(
-        read_heartbeats(nc), read_stages(js, now), read_dead_letters(js), read_gpus(nc), read_streams(js)
+        read_heartbeats(nc),
+        read_stages(js, now, unreadable),
+        read_dead_letters(js, unreadable),
+        read_gpus(nc),
+        read_streams(js, unreadable),
     )
     nodes = sorted({n for st in streams for n in ([st.leader] if st.leader else []) + [r.node for r in st.replicas]})
     if config.health.systemd:
@@ -458,6 +494,7 @@ async def snapshot(nc, config: Config, now: float | None = None, gone: dict[str,
         systemd=systemd,
         streams=streams,
         nodes=nodes,
+        unreadable=unreadable,
     )
 
 

@@ -318,6 +318,7 @@ def render_page(state: HealthState) -> str:
     parts.append(
         f"<p>checked {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(snap.taken_at))}; systemd: {e(snap.systemd)}</p>"
     )
+    parts.extend(f"<p class=degraded>not readable now: {e(what)}</p>" for what in snap.unreadable)
 
     def table(title: str, head: list[str], rows: list[list[str]]) -> None:
         parts.append(f"<h2>{e(title)}</h2><table><tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr>")

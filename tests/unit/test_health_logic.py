@@ -296,3 +296,45 @@ def test_one_outage_is_one_service_down_alert_when_its_instance_expires_or_retur
     assert set(back) == {"service_down:aggregator.*"}
     two = frozenset({"service_down:aggregator.a", "service_down:aggregator.b"})
     assert set(observe(snap(None, "down"), state, config, BacklogTrend(), NOW, two)) == {"service_down:aggregator.*"}
+
+
+class ElectingJetStream:
+    """Answers like a JetStream whose consumer `detector` and stream UPLOADS are electing a leader after
+    a node died (the 503 a cluster gives for a few seconds; cluster tests met it by chance)."""
+
+    def __init__(self):
+        import nats.js.errors
+
+        self.errors = nats.js.errors
+        self.busy = self.errors.ServiceUnavailableError(
+            code=503, err_code=10008, description="JetStream system temporarily unavailable"
+        )
+
+    async def consumer_info(self, stream, durable):
+        if durable == "detector":
+            raise self.busy
+        raise self.errors.NotFoundError()
+
+    async def stream_info(self, name, subjects_filter=None):
+        if name == "UPLOADS":
+            raise self.busy
+        raise self.errors.NotFoundError()
+
+
+async def test_a_consumer_or_stream_electing_a_leader_is_noted_not_fatal():
+    from services.health.checks import read_dead_letters, read_stages, read_streams
+
+    js, unreadable = ElectingJetStream(), []
+    assert await read_stages(js, NOW, unreadable) == []
+    assert await read_streams(js, unreadable) == []
+    assert await read_dead_letters(js, unreadable) == {}
+    assert unreadable == [
+        "consumer detector: JetStream temporarily unavailable (a leader election after a node left?)",
+        "stream UPLOADS: JetStream temporarily unavailable (a leader election after a node left?)",
+    ]
+    snap = Snapshot(
+        taken_at=NOW, services=[], stages=[], disks=[], gpus=[], dead_letters={}, systemd="x", unreadable=unreadable
+    )
+    state = HealthState(load_config(environ={}))
+    state.snapshot = snap
+    assert "not readable now: consumer detector" in render_page(state)
