@@ -5,6 +5,7 @@ each carries the headers `Vigil-Type` and `Vigil-Version`.
 """
 
 from proto.messages import (
+    SNAPSHOTS_DIR,
     Alert,
     AnalyzerInfo,
     Box,
@@ -33,6 +34,7 @@ from proto.topology import CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, subject
 
 __all__ = [
     "CONSUMERS",
+    "SNAPSHOTS_DIR",
     "STREAMS",
     "Alert",
     "AnalyzerInfo",

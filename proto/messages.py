@@ -184,7 +184,11 @@ class EventClosed(_Msg, kw_only=True):
     # The best detection's media file (relative to the media root) and, for a clip, the frame's offset.
     best_path: str | None = None
     best_offset_s: float = 0.0
+    # The best detection's boxes (its MAX_BEST_BOXES best): what the event's snapshot draws.
+    best_boxes: list[Box] = []
 
+
+MAX_BEST_BOXES = 50
 
 RiskLevel = Literal["low", "medium", "high", "critical"]
 RISK_LEVELS: tuple[RiskLevel, ...] = ("low", "medium", "high", "critical")
@@ -228,7 +232,16 @@ class EventAnalyzed(_Msg, kw_only=True):
     labels: list[str] = []
     zones: list[str] = []  # the analyzer's zones that a box stood in
     best_path: str | None = None
+    # The annotated best frame and its thumbnail, relative to <state_dir>/snapshots (written before
+    # this was published; None when the frame could not be read: the reason is in snapshot_error).
+    snapshot: str | None = None
+    thumbnail: str | None = None
+    snapshot_error: str | None = None
 
+
+# Event snapshots live in <state_dir>/SNAPSHOTS_DIR/<camera>/ (written by the analyzer; read by the
+# notifier, the web service and retention).
+SNAPSHOTS_DIR = "snapshots"
 
 Severity = Literal["info", "warning", "critical"]
 
@@ -251,7 +264,10 @@ class Notification(_Msg, kw_only=True):
     event_time: float
     link: str | None = None
     created_at: float
-    test: bool = False  # `vigil notify test RULE`
+    test: bool = False
+    snapshot: str | None = (
+        None  # the event's annotated snapshot, relative to <state_dir>/snapshots: attached  # `vigil notify test RULE`
+    )
 
 
 class Alert(_Msg, kw_only=True):
@@ -381,6 +397,8 @@ class RetentionReport(_Msg, kw_only=True):
     total_bytes: int = 0
     unbounded_streams: list[str] = []  # JetStream streams without max_age or max_bytes
     errors: list[str] = []
+    snapshots_deleted: int = 0  # event snapshots and thumbnails (their event went, or over their quota)
+    snapshot_bytes_freed: int = 0
 
 
 MAX_REPORTED_PATHS = 1000

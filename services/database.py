@@ -16,7 +16,10 @@ from psycopg import sql
 
 from services.runtime.config import Config, credential
 
+# what the pipeline records (the recorder writes these, health reads them)
 TABLES = ("detections", "events", "event_detections", "alerts", "gpu_samples", "dead_letters", "event_analysis")
+# what the web UI reads (never the sessions of others through a SELECT *: it owns that table's rows)
+WEB_READS = ("detections", "events", "event_detections", "alerts", "dead_letters", "event_analysis", "audit_log")
 
 # service -> (privileges, tables) grants; every role also reads schema_migrations (to know the schema is current)
 GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -27,11 +30,23 @@ GRANTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("UPDATE (started_at, ended_at, detection_count, labels, best_file_id, close_reason, revision)", ("events",)),
         (
             "UPDATE (revision, risk_score, risk_level, summary, factors, analyzer, analyzer_version, fallback,"
-            " fallback_reason, zones, analyzed_at)",
+            " fallback_reason, zones, analyzed_at, snapshot, thumbnail, snapshot_error)",
             ("event_analysis",),
         ),
     ],
-    "retention": [("SELECT, DELETE", TABLES), ("UPDATE (missing_since)", ("detections",))],
+    # the web UI marks, keeps and annotates events and writes the audit trail; it deletes nothing but sessions
+    "web": [
+        ("SELECT", WEB_READS),
+        ("UPDATE (reviewed, reviewed_at, notes, keep)", ("events",)),
+        ("INSERT", ("audit_log",)),
+        ("SELECT, INSERT, DELETE", ("web_sessions",)),
+        ("USAGE", ("audit_log_id_seq",)),
+    ],
+    "retention": [
+        ("SELECT, DELETE", (*TABLES, "audit_log", "web_sessions")),  # the audit trail's age, expired sessions
+        ("UPDATE (missing_since)", ("detections",)),
+        ("UPDATE (snapshot, thumbnail, snapshot_error)", ("event_analysis",)),  # the snapshot quota
+    ],
     "health": [("SELECT", TABLES)],
 }
 
@@ -64,10 +79,12 @@ def setup_roles(conn: psycopg.Connection, passwords: dict[str, str | None]) -> l
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(db), role))
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
             conn.execute(sql.SQL("REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {}").format(role))
+            conn.execute(sql.SQL("REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {}").format(role))
             conn.execute(sql.SQL("GRANT SELECT ON schema_migrations TO {}").format(role))
             for privileges, tables in grants:
+                kind = "SEQUENCE " if all(t.endswith("_seq") for t in tables) else ""
                 conn.execute(
-                    sql.SQL("GRANT " + privileges + " ON {} TO {}").format(
+                    sql.SQL("GRANT " + privileges + " ON " + kind + "{} TO {}").format(
                         sql.SQL(", ").join(map(sql.Identifier, tables)), role
                     )
                 )

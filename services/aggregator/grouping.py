@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import msgspec
 
-from proto import Alert, Detections, EventClosed, LabelSummary, Spot
-from proto.messages import MAX_SPOTS
+from proto import Alert, Box, Detections, EventClosed, LabelSummary, Spot
+from proto.messages import MAX_BEST_BOXES, MAX_SPOTS
 
 
 class Rules(NamedTuple):
@@ -51,6 +51,15 @@ def order(det: Detections) -> tuple[float, str]:
 
 def _px(v: float) -> int:
     return round(v) if math.isfinite(v) else 0
+
+
+def best_boxes(det: Detections) -> list[Box]:
+    """The boxes an event's snapshot draws: its best detection's, the MAX_BEST_BOXES best-scored."""
+    return (
+        sorted(det.boxes, key=lambda b: -b.score)[:MAX_BEST_BOXES]
+        if len(det.boxes) > MAX_BEST_BOXES
+        else list(det.boxes)
+    )
 
 
 def merge_spots(spots: list[Spot], det: Detections) -> list[Spot]:
@@ -126,6 +135,7 @@ def reference_events(detections: Iterable[Detections], rules: Rules) -> dict[str
                 spots=spots,
                 best_path=best_det.path if best_det else None,
                 best_offset_s=best_det.offset_s if best_det else 0.0,
+                best_boxes=best_boxes(best_det) if best_det else [],
             )  # type: ignore[arg-type]
     return out
 
@@ -149,6 +159,7 @@ class EventState(msgspec.Struct, kw_only=True):
     spots: list[Spot] = []
     best_path: str | None = None
     best_offset_s: float = 0.0
+    best_boxes: list[Box] = []
 
     def message(self) -> EventClosed:
         return EventClosed(
@@ -164,6 +175,7 @@ class EventState(msgspec.Struct, kw_only=True):
             spots=list(self.spots),
             best_path=self.best_path,
             best_offset_s=self.best_offset_s,
+            best_boxes=list(self.best_boxes),
         )  # type: ignore[arg-type]
 
 
@@ -214,6 +226,7 @@ def add_to(ev: EventState, det: Detections, rules: Rules, now: float) -> Alert |
         if box.score > ev.best_score:
             ev.best_score, ev.best_file_id = box.score, det.key
             ev.best_path, ev.best_offset_s = det.path, det.offset_s
+            ev.best_boxes = best_boxes(det)
         if box.label == rules.alert_label and box.score >= rules.alert_score and not ev.alerted:
             ev.alerted = True
             alert = Alert(

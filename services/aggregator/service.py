@@ -60,7 +60,9 @@ STATE_BUDGET = 256 * 1024  # bytes of a camera's state (with its outbox) after w
 def state_bytes(state: CameraState, changed: dict[str, EventState]) -> int:
     """A generous estimate of the camera state's JSON size once `changed` is in its outbox."""
     events = list(changed.values()) + ([state.current] if state.current is not None else [])
-    return sum(300 + 50 * len(ev.keys) + 60 * len(ev.labels) + 40 * len(ev.spots) for ev in events)
+    return sum(
+        300 + 50 * len(ev.keys) + 60 * len(ev.labels) + 40 * len(ev.spots) + 60 * len(ev.best_boxes) for ev in events
+    )
 
 
 class _LegacyOpen(msgspec.Struct):

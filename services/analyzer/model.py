@@ -6,25 +6,20 @@ of 150 - is a `ModelFailed` with the reason, and the analyzer publishes the rule
 from __future__ import annotations
 
 import base64
-import os
 import re
-import stat
-from pathlib import Path
 from typing import Annotated
 
 import aiohttp
 import cv2
 import msgspec
-import numpy as np
 import stamina
 
 from proto import EventClosed, printable
+from services.analyzer import snapshot
 from services.analyzer.rules import Judgement
 from services.runtime import timeranges
 from services.runtime.config import ModelConfig
-from services.runtime.files import open_beneath
 
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_SIDE = 1024  # the frame sent to a vision model is scaled down to this
 MAX_REPLY_BYTES = 1024 * 1024
 
@@ -86,37 +81,10 @@ def facts(ev: EventClosed, rules: Judgement, timezone: str | None) -> dict:
 
 def best_frame(media_root: str, ev: EventClosed) -> bytes | None:
     """The event's best frame as a JPEG no larger than MAX_SIDE, or None when it cannot be read (the
-    model then judges from the facts alone). Runs in a thread: it decodes. Never leaves the media root,
-    never follows a symlink."""
+    model then judges from the facts alone). Runs in a thread: it decodes."""
     try:
-        return _best_frame(media_root, ev)
-    except cv2.error:  # an empty or broken file: OpenCV asserts rather than answering None
-        return None
-
-
-def _best_frame(media_root: str, ev: EventClosed) -> bytes | None:
-    if not ev.best_path:
-        return None
-    try:
-        fd = open_beneath(media_root, ev.best_path)
-    except (ValueError, OSError):
-        return None
-    with open(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_IMAGE_BYTES:
-            return None
-        frame = None
-        if Path(ev.best_path).suffix.lower() in (".mp4", ".mkv", ".avi", ".mov"):
-            cap = cv2.VideoCapture(f"/proc/self/fd/{fd}")
-            try:
-                cap.set(cv2.CAP_PROP_POS_MSEC, ev.best_offset_s * 1000)
-                ok, frame = cap.read()
-                frame = frame if ok else None
-            finally:
-                cap.release()
-        else:
-            frame = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)
-    if frame is None:
+        frame = snapshot.read_frame(media_root, ev)
+    except snapshot.FrameUnreadable:
         return None
     h, w = frame.shape[:2]
     if max(h, w) > MAX_SIDE:

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import aiohttp
 import msgspec
 from nats.aio.msg import Msg
 
 import proto
-from proto import AnalyzerInfo, EventAnalyzed, EventClosed, Factor, subject
+from proto import SNAPSHOTS_DIR, AnalyzerInfo, EventAnalyzed, EventClosed, Factor, subject
 from proto.messages import risk_level
-from services.analyzer import model, rules
+from services.analyzer import model, rules, snapshot
 from services.runtime import jetstream
 from services.runtime.config import Config, ConfigError, credential
 from services.runtime.service import Runtime
@@ -34,6 +35,7 @@ class Analyzer:
         self.skip_model_until = 0.0  # monotonic: after a failure the model rests for model.retry_seconds
         self.last_failure = ""
         self.model_slots = asyncio.Semaphore(self.cfg.model.concurrency if self.cfg.model else 1)
+        self.snapshots = snapshot_root(config)
         self.describe(None)
 
     def describe(self, failure: str | None) -> None:
@@ -129,14 +131,31 @@ class Analyzer:
         for _, r in done:
             self.rt.count(f"risk_{r.risk_level}")
 
+    async def snapshot(self, ev: EventClosed) -> snapshot.Made:
+        cam = self.cfg.cameras.get(ev.camera)
+        made = await asyncio.to_thread(
+            snapshot.make, self.config.media_root, self.snapshots, ev, cam.zones if cam else []
+        )
+        if made.error:
+            self.rt.count("snapshot_failures")
+            self.rt.log.warning("no snapshot", event_id=ev.event_id, reason=made.error)
+        elif made.written_bytes:
+            self.rt.count("snapshots")
+        return made
+
     async def judged(self, ev: EventClosed) -> EventAnalyzed | str:
         """The analysis, or why this event cannot have one (a time no calendar holds, say 1e300 s)."""
         try:
-            result = await self.analyze(ev)
+            made, result = await asyncio.gather(self.snapshot(ev), self.analyze(ev))
+            result.snapshot, result.thumbnail, result.snapshot_error = made.snapshot, made.thumbnail, made.error
             proto.encode(result)  # what publishing would refuse, refused here, where the event is known
             return result
         except Exception as exc:  # noqa: BLE001 - whatever breaks on this event must not crash-loop the stage
             return f"cannot judge event {ev.event_id}: {type(exc).__name__}: {exc}"[:500]
+
+
+def snapshot_root(config: Config) -> Path:
+    return Path(config.state_dir) / SNAPSHOTS_DIR
 
 
 def api_key(config: Config) -> str | None:

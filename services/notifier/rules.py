@@ -32,6 +32,7 @@ class Facts(NamedTuple):
     title: str
     body: str
     event_id: str | None  # for the web UI's link
+    snapshot: str | None = None  # the event's annotated snapshot (relative to <state_dir>/snapshots)
 
 
 def of_analysis(a: EventAnalyzed) -> Facts:
@@ -46,6 +47,7 @@ def of_analysis(a: EventAnalyzed) -> Facts:
         title=f"{a.risk_level.capitalize()} risk on {a.camera}",
         body=a.summary,
         event_id=a.event_id,
+        snapshot=a.snapshot,
     )
 
 

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import stat
 import time
+from pathlib import Path
 
 import msgspec
 import nats.js.errors
 import stamina
 from nats.aio.msg import Msg
 
-from proto import Alert, EventAnalyzed, Notification, subject
+from proto import SNAPSHOTS_DIR, Alert, EventAnalyzed, Notification, subject
 from proto.messages import valid_camera
 from proto.topology import NOTIFIER_BUCKET
 from services.notifier import rules, targets
@@ -95,6 +97,19 @@ class Notifier:
     def __init__(self, rt: Runtime, config: Config, kv, found: dict[tuple[str, int], targets.Target]) -> None:
         self.rt, self.config, self.kv, self.targets = rt, config, kv, found
         self.cfg = config.notify
+        self.snapshots = Path(config.state_dir) / SNAPSHOTS_DIR
+
+    def attachment(self, n: Notification) -> str | None:
+        """The event's snapshot as a file path, when it names one that is there (a plain file, reached
+        without a symlink: the name comes off the bus). Gone (retention, a quota): sent without it."""
+        if not n.snapshot or n.snapshot.startswith("/") or ".." in n.snapshot.split("/"):
+            return None
+        path = self.snapshots / n.snapshot
+        try:
+            st = path.lstat()
+        except OSError:
+            return None
+        return str(path) if stat.S_ISREG(st.st_mode) and not path.parent.is_symlink() else None
 
     # ---- deciding ------------------------------------------------------------------------------
     def notifications(self, rule: NotifyRule, f: rules.Facts) -> list[Notification]:
@@ -115,6 +130,7 @@ class Notifier:
                 event_time=f.event_time,
                 link=link,
                 created_at=now,
+                snapshot=f.snapshot,
             )
             for i in range(len(rule.urls))
         ]
@@ -245,7 +261,7 @@ class Notifier:
                     timeout=None,
                 ):
                     with attempt:
-                        error = await target.send(n, self.cfg.timeout_seconds) or ""
+                        error = await target.send(n, self.cfg.timeout_seconds, self.attachment(n)) or ""
                         if error:
                             self.rt.count("send_failures")
                             self.rt.log.warning(

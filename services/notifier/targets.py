@@ -52,12 +52,18 @@ class Target(NamedTuple):
                 text = text.replace(urllib.parse.quote(s, safe=""), "***")
         return printable(text)
 
-    async def send(self, n: Notification, timeout: float) -> str | None:
-        """None once the target accepted `n`, else why not (secrets scrubbed)."""
+    async def send(self, n: Notification, timeout: float, attach: str | None = None) -> str | None:
+        """None once the target accepted `n` (with the file `attach` where its kind takes attachments:
+        email, ntfy, Pushover, Telegram, Discord, Slack, Matrix, JSON webhooks), else why not (secrets
+        scrubbed)."""
         body = n.body + (f"\n{n.link}" if n.link else "")
         try:
             result = await self.server.async_notify(
-                body=body, title=n.title, notify_type=_TYPES.get(n.severity, apprise.NotifyType.INFO), timeout=timeout
+                body=body,
+                title=n.title,
+                notify_type=_TYPES.get(n.severity, apprise.NotifyType.INFO),
+                timeout=timeout,
+                attach=attach,
             )
         except Exception as exc:  # noqa: BLE001 - a plugin's own bug must not take the delivery loop down
             return self.scrub(f"{type(exc).__name__}: {exc}")[:300]

@@ -119,12 +119,14 @@ async def write_events(cur: psycopg.AsyncCursor, items: list[EventClosed]) -> No
 async def write_analyses(cur: psycopg.AsyncCursor, items: list[EventAnalyzed]) -> None:
     await cur.executemany(
         "INSERT INTO event_analysis (event_id, revision, camera, risk_score, risk_level, summary, factors, analyzer,"
-        " analyzer_version, fallback, fallback_reason, zones, analyzed_at) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb,"
-        " %s, %s, %s, %s, %s, to_timestamp(%s)) ON CONFLICT (event_id) DO UPDATE SET revision = excluded.revision,"
+        " analyzer_version, fallback, fallback_reason, zones, analyzed_at, snapshot, thumbnail, snapshot_error)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s, to_timestamp(%s), %s, %s, %s)"
+        " ON CONFLICT (event_id) DO UPDATE SET revision = excluded.revision,"
         " risk_score = excluded.risk_score, risk_level = excluded.risk_level, summary = excluded.summary,"
         " factors = excluded.factors, analyzer = excluded.analyzer, analyzer_version = excluded.analyzer_version,"
         " fallback = excluded.fallback, fallback_reason = excluded.fallback_reason, zones = excluded.zones,"
-        " analyzed_at = excluded.analyzed_at"
+        " analyzed_at = excluded.analyzed_at, snapshot = excluded.snapshot, thumbnail = excluded.thumbnail,"
+        " snapshot_error = excluded.snapshot_error"
         " WHERE event_analysis.revision < excluded.revision",  # the latest revision wins, in whatever order
         [
             (
@@ -141,6 +143,9 @@ async def write_analyses(cur: psycopg.AsyncCursor, items: list[EventAnalyzed]) -
                 a.fallback_reason,
                 a.zones,
                 a.analyzed_at,
+                a.snapshot,
+                a.thumbnail,
+                a.snapshot_error,
             )
             for a in items
         ],

@@ -35,6 +35,7 @@ import proto
 from proto.messages import MAX_REPORTED_PATHS, CameraFreed, RetentionReport
 from proto.topology import RETENTION_CHECK_SUBJECT, RETENTION_REPORT_SUBJECT, STREAMS
 from services import database
+from services.retention import snapshots
 from services.retention.media import (
     DAY,
     MediaFile,
@@ -389,6 +390,9 @@ def run_once(
         rows[table] = rows.get(table, 0) + n
     for table, n in sweep_all(conn, config, now, dry_run).items():
         rows[table] = rows.get(table, 0) + n
+    snaps = snapshots.run(conn, config, now, dry_run)
+    report.snapshots_deleted, report.snapshot_bytes_freed = snaps.files, snaps.bytes
+    report.errors += [proto.printable(e) for e in snaps.errors]
     report.rows_deleted = {t: n for t, n in rows.items() if n}
     report.deleted_count = len(deleted)
     report.deleted_paths = sorted(deleted)[:MAX_REPORTED_PATHS]
