@@ -65,11 +65,11 @@ getent group vigil >/dev/null || groupadd --system vigil
 getent passwd vigil >/dev/null || useradd --system --gid vigil --home-dir /var/lib/vigil --no-create-home --shell /usr/sbin/nologin vigil
 # One system user per unit: code run by one (the detector decodes hostile files) cannot open another's
 # state, credentials or /proc/<pid>/root. Those that read or delete media are also in group vigil.
-for u in nats postgres watcher detector aggregator recorder gpu-stats health retention analyzer notifier; do
+for u in nats postgres watcher detector aggregator recorder gpu-stats health retention analyzer notifier web; do
     getent passwd "vigil-$u" >/dev/null ||
         useradd --system --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin "vigil-$u"
 done
-for u in watcher detector retention analyzer; do usermod -a -G vigil "vigil-$u"; done
+for u in watcher detector retention analyzer notifier web; do usermod -a -G vigil "vigil-$u"; done
 say "users vigil-* ok"
 # Each unit's private state folder exists before any unit starts: the others hide it with
 # InaccessiblePaths=-..., which skips a path that does not exist yet (and would then show it later).
@@ -79,6 +79,9 @@ install -d -m 0755 -o root -g root /var/lib/vigil
 for d in nats:vigil-nats watcher:vigil-watcher engines:vigil-detector postgresql:vigil-postgres; do
     [ -d "/var/lib/vigil/${d%%:*}" ] || install -d -m 0700 -o "${d#*:}" -g "${d#*:}" "/var/lib/vigil/${d%%:*}"
 done
+# Event snapshots: the analyzer writes them, retention deletes them, the web UI and the notifier read
+# them (group vigil; setgid so each camera's folder stays in the group).
+[ -d /var/lib/vigil/snapshots ] || install -d -m 2770 -o vigil-analyzer -g vigil /var/lib/vigil/snapshots
 
 install -d -m 0755 "$PREFIX" "$PREFIX/src"
 cp "$SRC/README.md" "$PREFIX/src/README.md"
@@ -97,7 +100,7 @@ install -d -m 0700 "$ETC/credentials"
 if [ "$ROLE" = detector ]; then
     NEED="nats-detector nats-gpu-stats"
 else
-    NEED="nats-password db-password db-recorder db-retention db-health nats-route nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention nats-analyzer nats-notifier"
+    NEED="nats-password db-password db-recorder db-retention db-health nats-route nats-watcher nats-detector nats-aggregator nats-recorder nats-gpu-stats nats-health nats-retention nats-analyzer nats-notifier nats-web db-web"
 fi
 for name in $NEED; do
     if [ -n "$CREDS_FROM" ] && [ -s "$CREDS_FROM/$name" ]; then  # a cluster shares users and passwords
@@ -117,6 +120,21 @@ if [ "$ROLE" = full ]; then
     install -d -m 0700 "$ETC/credentials/notify"
     # The analyzer's model token, if its endpoint wants one: empty means none (the unit loads it either way).
     [ -e "$ETC/credentials/analyzer-api-key" ] || install -m 0600 /dev/null "$ETC/credentials/analyzer-api-key"
+    # The web UI: per-camera upload tokens (one file per camera), an optional API token for scripts
+    # (empty: none), and the login password's bcrypt hash: made here once, the password shown once.
+    install -d -m 0700 "$ETC/credentials/upload"
+    [ -e "$ETC/credentials/web-api-token" ] || install -m 0600 /dev/null "$ETC/credentials/web-api-token"
+    if [ ! -s "$ETC/credentials/web-password" ]; then
+        WEB_PW=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+        # the password goes through a pipe, never an argv (ps shows argvs to every local user)
+        printf '%s' "$WEB_PW" | (umask 077; "$PREFIX/venv/bin/python" -c 'import sys; from services.web.auth import hash_password; print(hash_password(sys.stdin.read()))' > "$ETC/credentials/web-password")
+        say "web UI login: user admin, password $WEB_PW (shown once; change it with: vigil web password)"
+        unset WEB_PW
+    fi
+    # The Services page's start/stop/restart: polkit lets vigil-web manage the vigil service units only.
+    install -d -m 0755 /etc/polkit-1/rules.d
+    install -m 0644 "$SRC/ops/polkit/50-vigil-web.rules" /etc/polkit-1/rules.d/50-vigil-web.rules
+    command -v pkaction >/dev/null || say "polkit is not installed (apt install polkitd): the Services page cannot start or stop units until it is"
 fi
 
 # Apply this host's place in a cluster to a config (the new template, and a kept config on upgrade).
@@ -204,7 +222,7 @@ else
 fi
 systemctl daemon-reload
 case "$ROLE" in
-    full) UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service vigil-retention.service vigil-analyzer.service vigil-notifier.service" ;;
+    full) UNITS="vigil-nats.service vigil-postgresql.service vigil-watcher.service vigil-aggregator.service vigil-recorder.service vigil-gpu-stats.service vigil-health.service vigil-retention.service vigil-analyzer.service vigil-notifier.service vigil-web.service" ;;
     bus) UNITS="vigil-nats.service"; DETECTORS= ;;
     detector) UNITS="vigil-gpu-stats.service" ;;
 esac

@@ -14,11 +14,12 @@ done
 rm -f /etc/systemd/system/vigil.target /etc/systemd/system/vigil-*.service
 rm -rf /etc/systemd/system/vigil.target.wants
 rm -f /etc/systemd/system/vigil-.service.d/cluster.conf
+rm -f /etc/polkit-1/rules.d/50-vigil-web.rules
 systemctl daemon-reload
 rm -rf /opt/vigil
 if [ "$PURGE" = yes ]; then
     rm -rf /etc/vigil /var/lib/vigil
-    for u in vigil vigil-nats vigil-postgres vigil-watcher vigil-detector vigil-aggregator vigil-recorder vigil-gpu-stats vigil-health vigil-retention vigil-analyzer vigil-notifier; do
+    for u in vigil vigil-nats vigil-postgres vigil-watcher vigil-detector vigil-aggregator vigil-recorder vigil-gpu-stats vigil-health vigil-retention vigil-analyzer vigil-notifier vigil-web; do
         userdel "$u" 2>/dev/null || true
     done
     echo "vigil removed, with its configuration, database and JetStream store"

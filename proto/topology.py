@@ -87,6 +87,7 @@ SERVICES = (
     "retention",
     "analyzer",
     "notifier",
+    "web",
 )
 # What health watches go by as plain subscriptions (never holding anything back): uploads, detections
 # and events for camera activity, the analyses for its page, the watcher's rejections.

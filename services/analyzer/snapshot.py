@@ -144,8 +144,17 @@ def draw(frame: np.ndarray, boxes: list[Box], zones: list[Zone]) -> np.ndarray:
     return frame
 
 
+def ensure_folder(path: Path) -> None:
+    """A camera's snapshot folder: group-writable and setgid (the installer makes the snapshots folder
+    group vigil), so retention, in that group, can delete what the analyzer wrote whatever its umask
+    (the units run with UMask=0077); the web and the notifier see it read-only through their units."""
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o2770)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    ensure_folder(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jpg")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     arg("--models-dir", default=None, help="folder with yolox_nano.onnx (default $VIGIL_MODELS_DIR, else HOME/models)"),
     arg("--nats-port", type=int, default=4222),
     arg("--pg-port", type=int, default=5433),
+    arg("--web-port", type=int, default=8470, help="the web UI (http://127.0.0.1:PORT/)"),
+    arg("--health-port", type=int, default=9470, help="health's status page and /metrics"),
     operator=False,
 )
 def up(args: argparse.Namespace) -> int:

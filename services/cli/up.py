@@ -7,10 +7,16 @@ to drop images and how to look at results. Ctrl-C drains the services, then stop
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
+import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +27,15 @@ from services.runtime.service import EX_CONFIG
 DEMO_CAMERAS = ("front_door", "backyard")
 
 
-def write_config(home: Path, nats: NatsServer, pg: Postgres, models_dir: Path, model: str) -> Path:
+def write_config(
+    home: Path,
+    nats: NatsServer,
+    pg: Postgres,
+    models_dir: Path,
+    model: str,
+    web_port: int = 8470,
+    health_port: int = 9470,
+) -> Path:
     path = home / "vigil.toml"
     path.write_text(
         "# Written by `vigil up`; every option is described in services/runtime/config.py\n"
@@ -32,18 +46,111 @@ def write_config(home: Path, nats: NatsServer, pg: Postgres, models_dir: Path, m
         f'[nats]\nservers = ["{nats.url}"]\n\n'
         f'[database]\ndsn = "{pg.dsn()}"\n\n'
         f'[detector]\nmodel = "{model}"\nmodels_dir = "{models_dir}"\n\n'
-        "[aggregator]\nidle_seconds = 30.0\nmax_seconds = 90.0\n"
+        "[aggregator]\nidle_seconds = 30.0\nmax_seconds = 90.0\n\n"
+        f"[health]\nhttp_port = {health_port}\n\n"
+        f"[web]\nhttp_port = {web_port}\n"
+        f'[notify]\nweb_url = "http://127.0.0.1:{web_port}"\n'
     )
     return path
+
+
+def web_login(home: Path) -> str:
+    """The web UI's password: made once, kept in <home>/web-password.txt (0600) for the person who ran
+    `vigil up`; the services get only its bcrypt hash, as credential web-password."""
+    from services.web.auth import hash_password
+
+    creds = home / "credentials"
+    creds.mkdir(mode=0o700, exist_ok=True)
+    clear = home / "web-password.txt"
+    if not clear.is_file() or not (creds / "web-password").is_file():
+        password = secrets.token_urlsafe(12)
+        clear.write_text(password + "\n")
+        clear.chmod(0o600)
+        hashed = creds / "web-password"
+        hashed.write_text(hash_password(password) + "\n")
+        hashed.chmod(0o600)
+    return clear.read_text().strip()
+
+
+class Control:
+    """`vigil up`'s control socket (<state>/up.sock): the web UI's Services page asks it to start, stop
+    or restart a service, one JSON line each way. The socket is 0600 in a 0700-made home: only the user
+    who ran `vigil up` (and so its services) can reach it. Requests are queued and carried out by the
+    supervisor's own loop, so the supervisor is only ever touched from one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.requests: queue.Queue[tuple[str, str, queue.Queue[str]]] = queue.Queue()
+        path.unlink(missing_ok=True)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(str(path))
+        finally:
+            os.umask(old)
+        self.sock.listen(8)
+        threading.Thread(target=self.serve, daemon=True, name="up-control").start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(90)
+            try:
+                line = conn.makefile("rb").readline(4096)
+                req = json.loads(line)
+                action, service = str(req["action"]), str(req["service"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return
+            reply: queue.Queue[str] = queue.Queue()
+            self.requests.put((action, service, reply))
+            try:
+                result = reply.get(timeout=80)
+            except queue.Empty:
+                result = "the supervisor did not answer in time"
+            with contextlib.suppress(OSError):
+                conn.sendall(json.dumps({"result": result}).encode() + b"\n")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
 
 
 class Supervisor:
     """Runs each service as a child process and restarts it if it dies (not while stopping)."""
 
-    def __init__(self, config: Path, logs: Path) -> None:
+    def __init__(self, config: Path, logs: Path, env: dict[str, str] | None = None) -> None:
         self.config, self.logs = config, logs
+        self.env = env
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts: dict[str, int] = {}
+        self.held: set[str] = set()  # stopped by an operator: not restarted until started again
+
+    def act(self, action: str, name: str) -> str:
+        """An operator's start, stop or restart (from the web UI through the control socket)."""
+        if name not in SERVICES or action not in ("start", "stop", "restart"):
+            return f"refused: {action} {name}"
+        proc = self.procs.get(name)
+        if action in ("stop", "restart") and proc is not None and proc.poll() is None:
+            self.held.add(name)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if action in ("start", "restart"):
+            self.held.discard(name)
+            if self.procs.get(name) is None or self.procs[name].poll() is not None:
+                self.spawn(name)
+        print(f"  [{time.strftime('%H:%M:%S')}] {name}: {action} (asked through the web UI)", flush=True)
+        return "ok"
 
     def spawn(self, name: str) -> None:
         with open(self.logs / f"{name}.log", "ab") as log:  # the child keeps its own copy of the descriptor
@@ -55,10 +162,13 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=die_with_parent,
+                env=self.env,
             )
 
     def check(self) -> None:
         for name, proc in self.procs.items():
+            if name in self.held:
+                continue
             if proc.poll() == EX_CONFIG:
                 log = (self.logs / f"{name}.log").read_text().strip().splitlines()
                 raise SystemExit(f"{name} refused its configuration: {log[-1] if log else '?'}")
@@ -124,8 +234,11 @@ def up(args) -> int:
     print(f"vigil: starting NATS and PostgreSQL in {home}", flush=True)
     nats = NatsServer(home / "nats", port=args.nats_port, log_file=home / "logs" / "nats-server.log").start()
     pg = Postgres(home / "pg", port=args.pg_port, log_file=home / "logs" / "postgres.log").start()
-    config = write_config(home, nats, pg, models_dir, model)
-    sup = Supervisor(config, home / "logs")
+    config = write_config(home, nats, pg, models_dir, model, args.web_port, args.health_port)
+    password = web_login(home)
+    env = {**os.environ, "CREDENTIALS_DIRECTORY": str(home / "credentials")}
+    sup = Supervisor(config, home / "logs", env)
+    control = Control(home / "state" / "up.sock")
     try:
         for name in SERVICES:
             sup.spawn(name)
@@ -137,6 +250,8 @@ vigil is running ({", ".join(SERVICES)}), model: {model}
   results            {pg.bindir() / "psql"} {pg.dsn()} -c 'SELECT camera, path, labels FROM detections'
   the bus            nats --server {nats.url} stream ls   |   nats --server {nats.url} sub 'vigil.>'
   logs               {home / "logs"}/<service>.log
+  web UI             http://127.0.0.1:{args.web_port}/   user admin, password {password}
+                     (kept in {home / "web-password.txt"}; status page http://127.0.0.1:{args.health_port}/)
   config             {config}
 Ctrl-C stops everything (services drain first, then the servers).""",
             flush=True,
@@ -154,6 +269,9 @@ Ctrl-C stops everything (services drain first, then the servers).""",
             if stopping:
                 break
             sup.check()
+            while not control.requests.empty():
+                action, name, reply = control.requests.get()
+                reply.put(sup.act(action, name))
             if time.monotonic() >= next_summary:
                 line = summary(pg.dsn())
                 if line != last:
@@ -161,6 +279,7 @@ Ctrl-C stops everything (services drain first, then the servers).""",
                     last = line
                 next_summary = time.monotonic() + 5
     finally:
+        control.close()
         print("\nvigil: stopping services (draining)...", flush=True)
         sup.stop(timeout=15)
         print("vigil: stopping PostgreSQL and NATS...", flush=True)

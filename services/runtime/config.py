@@ -250,6 +250,8 @@ class RetentionConfig(_Section):
     gpu_samples_days: float = 7.0
     delete_batch: Annotated[int, msgspec.Meta(ge=1)] = 1000  # rows per DELETE statement: short locks, steady autovacuum
     missing_grace_days: float = 7.0  # rows whose file vanished are deleted after this long
+    # Event snapshots (<state_dir>/snapshots) over this many bytes: the oldest of events not kept go; 0 = none.
+    snapshots_max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 2 * 1024**3
 
     def __post_init__(self) -> None:
         for name in ("low_watermark", "high_watermark"):
@@ -458,6 +460,26 @@ class NotifyConfig(_Section):
             )
 
 
+class WebConfig(_Section):
+    # The web UI (events, cameras, services, dead letters, audit trail) and the HTTP upload API.
+    # Loopback by default: put it behind a reverse proxy with TLS to reach it from the LAN (README).
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8470
+    # Host names answered besides loopback ones, e.g. ["vigil.lan"] behind a proxy (DNS rebinding guard).
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    username: Name = "admin"
+    # Credential holding the bcrypt hash of the login password (`vigil web password` writes it).
+    password_credential: str = "web-password"
+    session_hours: Annotated[float, msgspec.Meta(gt=0, le=24 * 30)] = 12.0
+    # Mark the session cookie Secure: set this when the UI is served over HTTPS by a proxy.
+    secure_cookies: bool = False
+    # Failed logins allowed per client address in 15 minutes before it must wait.
+    login_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    # Uploads: POST /api/v1/uploads/<camera> with the bearer token in credential upload-<camera>.
+    upload_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
+    page_size: Annotated[int, msgspec.Meta(ge=5, le=500)] = 50
+
+
 class Config(_Section):
     """Everything a vigil service reads. Each service uses only its own section plus the shared ones."""
 
@@ -481,6 +503,7 @@ class Config(_Section):
     retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     analyzer: AnalyzerConfig = msgspec.field(default_factory=AnalyzerConfig)
     notify: NotifyConfig = msgspec.field(default_factory=NotifyConfig)
+    web: WebConfig = msgspec.field(default_factory=WebConfig)
 
 
 def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -147,6 +147,24 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         ],
         "subscribe": [],
     },
+    # the web UI reads what the status page reads; its dead-letter page retries (the message back on
+    # its stage's input, as `vigil dlq retry` does) and purges
+    "web": {
+        "publish": [
+            "$JS.API.STREAM.MSG.GET.*",
+            "$JS.API.STREAM.MSG.DELETE.DLQ",
+            "$JS.API.STREAM.PURGE.DLQ",
+            every("uploads"),
+            every("detections"),
+            every("events"),
+            every("analysis"),
+            every("notify"),
+            every("gpu"),
+            *_kv_read(HEARTBEAT_BUCKET),
+            *_kv_read(GPU_BUCKET),
+        ],
+        "subscribe": [every("events"), every("analysis")],  # the events page updates live
+    },
 }
 
 

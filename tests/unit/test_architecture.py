@@ -134,6 +134,10 @@ def test_the_service_list_is_the_units_and_the_installers():
     assert set(users) - {"nats", "postgres"} == set(SERVICES)  # a system user per service
     for s in SERVICES:
         assert f"nats-{s}" in install  # and its NATS credential
+    # the web UI's polkit rule names every service unit but its own (restart only) and the detector's template
+    rule = (REPO / "ops" / "polkit" / "50-vigil-web.rules").read_text()
+    listed = re.search(r"var services = \[([^\]]*)\]", rule).group(1)
+    assert sorted(re.findall(r'"([a-z-]+)"', listed)) == sorted(set(SERVICES) - {"web", "detector"})
 
 
 def test_services_that_never_touch_the_database_do_not_load_psycopg():
