@@ -12,8 +12,9 @@ default:
 up *ARGS:
     vigil up {{ARGS}}
 
-# the whole test suite: unit tests, then integration tests against real servers and processes
+# the whole test suite: unit tests, then integration tests against real servers, processes and a browser
 test *ARGS: lint
+    tests/system-packages.sh
     python -m pytest -q -rs {{ARGS}}
 
 # ruff (lint and format, line length 120) on everything, mypy on proto/ and services/runtime/ (pyproject.toml)

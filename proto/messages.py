@@ -239,7 +239,7 @@ class EventAnalyzed(_Msg, kw_only=True):
     snapshot_error: str | None = None
 
 
-# Event snapshots live in <state_dir>/SNAPSHOTS_DIR/<camera>/ (written by the analyzer; read by the
+# Event snapshots live in <state_dir>/SNAPSHOTS_DIR/, one flat folder (written by the analyzer; read by the
 # notifier, the web service and retention).
 SNAPSHOTS_DIR = "snapshots"
 

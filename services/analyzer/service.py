@@ -132,10 +132,14 @@ class Analyzer:
             self.rt.count(f"risk_{r.risk_level}")
 
     async def snapshot(self, ev: EventClosed) -> snapshot.Made:
+        """The revision's snapshot, or why there is none: never a reason not to publish the analysis."""
         cam = self.cfg.cameras.get(ev.camera)
-        made = await asyncio.to_thread(
-            snapshot.make, self.config.media_root, self.snapshots, ev, cam.zones if cam else []
-        )
+        try:
+            made = await asyncio.to_thread(
+                snapshot.make, self.config.media_root, self.snapshots, ev, cam.zones if cam else []
+            )
+        except Exception as exc:  # noqa: BLE001 - a drawing bug must cost the picture, not the judgement
+            made = snapshot.Made(None, None, f"snapshot failed: {type(exc).__name__}: {exc}"[:300])
         if made.error:
             self.rt.count("snapshot_failures")
             self.rt.log.warning("no snapshot", event_id=ev.event_id, reason=made.error)

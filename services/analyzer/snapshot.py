@@ -1,5 +1,5 @@
 """Event snapshots: the best frame of each event revision with its boxes, labels, scores and the camera's
-zones drawn, and a small thumbnail, written under <state_dir>/snapshots/<camera>/.
+zones drawn, and a small thumbnail, written under <state_dir>/snapshots/.
 
 Why the analyzer makes them: it is the one stage that sees every revision of an event already judged
 (the aggregator picks the best detection but holds no pixels; the detector holds the decoded frame but
@@ -9,8 +9,8 @@ the notifier can attach it and the recorder stores its name with the analysis. T
 reads these files: no page view decodes an image.
 
 Made once per revision (a redelivery finds the file and keeps it), written atomically (a temp file in
-the same folder, fsync, rename), named by a hash of the event id so nothing a camera sends becomes part
-of a path."""
+the same folder, fsync, rename), named by the camera and a hash of the event id so nothing else a
+message carries becomes part of a path."""
 
 from __future__ import annotations
 
@@ -49,8 +49,10 @@ class Made:
 
 
 def names(camera: str, event_id: str, revision: int) -> tuple[str, str]:
-    stem = hashlib.sha256(event_id.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return f"{camera}/{stem}-r{revision}.jpg", f"{camera}/{stem}-r{revision}.thumb.jpg"
+    """One flat folder: the installer makes it group vigil and setgid, and a unit with
+    RestrictSUIDSGID= could not give a subfolder of its own those bits."""
+    stem = f"{camera}.{hashlib.sha256(event_id.encode('utf-8', 'surrogateescape')).hexdigest()[:32]}-r{revision}"
+    return f"{stem}.jpg", f"{stem}.thumb.jpg"
 
 
 def clip_frame_index(best_file_id: str) -> int | None:
@@ -144,17 +146,8 @@ def draw(frame: np.ndarray, boxes: list[Box], zones: list[Zone]) -> np.ndarray:
     return frame
 
 
-def ensure_folder(path: Path) -> None:
-    """A camera's snapshot folder: group-writable and setgid (the installer makes the snapshots folder
-    group vigil), so retention, in that group, can delete what the analyzer wrote whatever its umask
-    (the units run with UMask=0077); the web and the notifier see it read-only through their units."""
-    if not path.is_dir():
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o2770)
-
-
 def write_atomic(path: Path, data: bytes) -> None:
-    ensure_folder(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)  # under `vigil up`; the installer makes it on an appliance
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jpg")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -193,6 +186,9 @@ def make(media_root: str, root: Path, ev: EventClosed, zones: list[Zone]) -> Mad
         big, small = encode(frame), encode(thumbnail(frame))
     except FrameUnreadable as exc:
         return Made(None, None, str(exc))
-    write_atomic(root / thumb, small)  # the thumbnail first: the snapshot's presence means both are there
-    write_atomic(root / snap, big)
+    try:
+        write_atomic(root / thumb, small)  # the thumbnail first: the snapshot's presence means both are there
+        write_atomic(root / snap, big)
+    except OSError as exc:  # a full disk, a folder it may not write: the event is still judged
+        return Made(None, None, f"cannot write the snapshot in {root}: {exc.strerror or exc}")
     return Made(snap, thumb, written_bytes=len(big) + len(small))

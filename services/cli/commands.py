@@ -200,14 +200,23 @@ def tail(config: Config, args: argparse.Namespace) -> int:
     arg("--yes", action="store_true", help="retry without asking (it shows the target and asks otherwise)"),
 )
 def dlq(config: Config, args: argparse.Namespace) -> int:
-    data = asyncio.run(
-        ctl.dlq(
-            config,
-            args.action,
-            args.seq,
-            confirm=lambda letter, subject: render.confirm_retry(letter, subject, args.yes),
+    try:
+        data = asyncio.run(
+            ctl.dlq(
+                config,
+                args.action,
+                args.seq,
+                confirm=lambda letter, subject: render.confirm_retry(letter, subject, args.yes),
+            )
         )
-    )
+    except LookupError as exc:
+        if args.action in ("retry", "purge"):
+            ctl.audit_cli(config, args.action, f"dlq:{args.seq}" if args.seq is not None else "dlq", f"refused: {exc}")
+        raise
+    if args.action == "retry" and isinstance(data, dict) and not data.get("cancelled"):
+        ctl.audit_cli(config, "retry", f"dlq:{args.seq}", f"ok: back on {data['subject']}")
+    elif args.action == "purge" and isinstance(data, dict):
+        ctl.audit_cli(config, "purge", "dlq", f"ok: {data['purged']} purged")
     if args.json or args.action != "list":
         print(json.dumps(data))
         return 0
@@ -248,6 +257,42 @@ def events(config: Config, args: argparse.Namespace) -> int:
         )  # fmt: skip
 
     return emit(args, ctl.query_events(config, args.camera, args.since), human)
+
+
+@command(
+    "web",
+    "the web UI: `web password` sets its login password (stores only the bcrypt hash, as its credential)",
+    arg("action", choices=["password"]),
+    arg("--stdin", action="store_true", help="read the new password from standard input (for scripts)"),
+)
+def web(config: Config, args: argparse.Namespace) -> int:
+    import getpass
+
+    from services.web.auth import hash_password
+
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ValueError(
+            "no credential folder: run it as root on the appliance (/etc/vigil/credentials), or set"
+            " CREDENTIALS_DIRECTORY (under `vigil up`: .vigil/credentials)"
+        )
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("new web UI password: ")
+        if getpass.getpass("again: ") != password:
+            raise ValueError("the two passwords differ")
+    if len(password) < 8:
+        raise ValueError("the password needs at least 8 characters")
+    path = Path(directory) / config.web.password_credential
+    tmp = path.with_name(f".{path.name}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(hash_password(password) + "\n")
+    os.replace(tmp, path)
+    ctl.audit_cli(config, "password", "web", "ok")
+    print(f"saved its hash in {path}; restart the web UI to use it (systemctl restart vigil-web)")
+    return 0
 
 
 @command(

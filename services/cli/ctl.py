@@ -51,6 +51,18 @@ def _database(config: Config):
     return database.connect(config)
 
 
+def audit_cli(config: Config, action: str, target: str | None, result: str) -> None:
+    """The audit trail's entry for an operator command (best effort: a database that is away must not
+    turn a done action into a failed command; services/runtime/audit.py logs what it could not write)."""
+    from services.runtime import audit
+
+    try:
+        with _database(config) as conn:
+            audit.record_sync(conn, audit.cli_actor(), "cli", action, target, result)
+    except Exception as exc:  # noqa: BLE001
+        audit.log.warning("audit trail not written", action=action, target=target, error=str(exc)[:200])
+
+
 def load_operator_config(path: str | None) -> Config:
     if path is None and not os.environ.get("VIGIL_CONFIG") and Path("/etc/vigil/vigil.toml").is_file():
         path = "/etc/vigil/vigil.toml"
@@ -366,6 +378,10 @@ def keep_event(config: Config, event_id: str, keep: bool) -> dict:
         row = conn.execute(
             "UPDATE events SET keep = %s WHERE event_id = %s RETURNING event_id, keep", (keep, event_id)
         ).fetchone()
+        if row is not None:
+            from services.runtime import audit
+
+            audit.record_sync(conn, audit.cli_actor(), "cli", "keep" if keep else "unkeep", event_id, "ok")
     if row is None:
         raise LookupError(f"no event {event_id!r}")
     return {"event_id": row[0], "keep": row[1]}

@@ -102,14 +102,14 @@ class Notifier:
     def attachment(self, n: Notification) -> str | None:
         """The event's snapshot as a file path, when it names one that is there (a plain file, reached
         without a symlink: the name comes off the bus). Gone (retention, a quota): sent without it."""
-        if not n.snapshot or n.snapshot.startswith("/") or ".." in n.snapshot.split("/"):
+        if not n.snapshot or "/" in n.snapshot or n.snapshot.startswith("."):
             return None
         path = self.snapshots / n.snapshot
         try:
             st = path.lstat()
         except OSError:
             return None
-        return str(path) if stat.S_ISREG(st.st_mode) and not path.parent.is_symlink() else None
+        return str(path) if stat.S_ISREG(st.st_mode) else None
 
     # ---- deciding ------------------------------------------------------------------------------
     def notifications(self, rule: NotifyRule, f: rules.Facts) -> list[Notification]:

@@ -26,7 +26,7 @@ QUOTA_REASON = "removed by retention: over retention.snapshots_max_bytes"
 
 @dataclass
 class SnapshotFile:
-    rel: str  # "<camera>/<name>.jpg"
+    rel: str  # "<camera>.<hash>-r<revision>[.thumb].jpg"
     size: int
     mtime: float
 
@@ -43,22 +43,18 @@ def root_of(config: Config) -> Path:
 
 
 def scan(root: Path) -> list[SnapshotFile]:
-    """Every regular file two levels down (camera folder, file); symlinks and temp files are skipped."""
+    """Every regular file in the (flat) snapshots folder; symlinks, folders and temp files are skipped."""
     out: list[SnapshotFile] = []
     try:
-        cameras = list(os.scandir(root))
+        entries = list(os.scandir(root))
     except FileNotFoundError:
         return out
-    for cam in cameras:
-        if not cam.is_dir(follow_symlinks=False):
-            continue
-        with os.scandir(cam.path) as it:
-            for f in it:
-                if f.name.startswith(".tmp-"):
-                    continue  # being written (or left by a crash: the age test below still takes it)
-                st = f.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode):
-                    out.append(SnapshotFile(f"{cam.name}/{f.name}", st.st_size, st.st_mtime))
+    for f in entries:
+        if f.name.startswith(".tmp-"):
+            continue  # being written (or left by a crash: run() takes it once it is old)
+        st = f.stat(follow_symlinks=False)
+        if stat.S_ISREG(st.st_mode):
+            out.append(SnapshotFile(f.name, st.st_size, st.st_mtime))
     return out
 
 
@@ -107,12 +103,10 @@ def run(conn: psycopg.Connection, config: Config, now: float, dry_run: bool) -> 
             continue
         report.files += 1
         report.bytes += f.size
-    # the temp files of a crashed write
-    for cam in (p for p in (root.iterdir() if root.is_dir() else []) if p.is_dir() and not p.is_symlink()):
-        for tmp in cam.glob(".tmp-*"):
-            try:
-                if now - tmp.lstat().st_mtime > ORPHAN_GRACE and not dry_run:
-                    tmp.unlink()
-            except OSError:
-                pass
+    for tmp in root.glob(".tmp-*"):  # the temp files of a crashed write
+        try:
+            if now - tmp.lstat().st_mtime > ORPHAN_GRACE and not dry_run:
+                tmp.unlink()
+        except OSError:
+            pass
     return report

@@ -38,7 +38,7 @@ from services.runtime.http import host_guard
 from services.web import auth, control, queries, uploads
 
 HERE = Path(__file__).parent
-SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}/[0-9a-f]{32}-r[0-9]{1,9}(\.thumb)?\.jpg$")
+SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[0-9a-f]{32}-r[0-9]{1,9}(\.thumb)?\.jpg$")
 OPEN = ("/login", "/static/", "/api/v1/uploads/")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"

@@ -29,7 +29,9 @@ SERVICES = (
     "vigil-retention",
     "vigil-analyzer",
     "vigil-notifier",
+    "vigil-web",
 )
+WEB_PASSWORD = "appliance-web-pw"
 MEDIA = "/srv/vigil/media"
 HOOK_PORT = 8099
 HOOK_SECRET = "door-hook-s3cret"
@@ -113,6 +115,12 @@ def appliance(tmp_path_factory):
         sd.run("chmod", "o+rx", "/root")  # inside the overlay only: CI's Python lives under /root/.pyenv
         result = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", check=False)
         assert result.returncode == 0, result.stdout + result.stderr
+        assert "web UI login: user admin, password " in result.stdout  # shown once, to whoever installs
+        assert (root / "etc/vigil/credentials/web-password").read_text().startswith("$2b$")  # the hash, never it
+        # a known password for the tests below (what `vigil web password` does)
+        from services.web.auth import hash_password
+
+        sd.run("sh", "-c", "umask 077; cat > /etc/vigil/credentials/web-password", input=hash_password(WEB_PASSWORD))
         # Test-only drop-ins, for this sandbox rather than for vigil:
         # - CI's Python lives under /root/.pyenv, which ProtectHome=yes would hide (appliances use /usr/bin/python3);
         # - systemd 252 booted inside these namespaces does not deliver LoadCredential= (the directory it
@@ -236,6 +244,50 @@ def test_a_person_at_the_door_is_notified_with_the_secret_from_its_credential(ap
     journal = appliance.sd.run("journalctl", "-u", "vigil-notifier", "--no-pager", "-o", "cat", check=False).stdout
     assert '"rule fired"' in journal or "rule fired" in journal
     assert HOOK_SECRET not in journal
+
+
+WEB_CLIENT = """
+import http.cookiejar, re, sys, urllib.parse, urllib.request
+jar = http.cookiejar.CookieJar()
+op = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+base = "http://127.0.0.1:8470"
+page = op.open(base + "/login").read().decode()
+token = re.search(r'name="login_csrf" value="([^"]+)"', page).group(1)
+form = {"login_csrf": token, "username": "admin", "password": sys.argv[1], "next": "/services"}
+page = op.open(base + "/login", urllib.parse.urlencode(form).encode()).read().decode()
+csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+for unit, action in zip(sys.argv[2::2], sys.argv[3::2]):
+    done = op.open(base + f"/services/{unit}/{action}", urllib.parse.urlencode({"csrf": csrf}).encode()).read().decode()
+    print(re.search(r'class="flash[^"]*"[^>]*>([^<]*)<', done).group(1))
+"""
+
+
+def test_the_services_page_stops_and_starts_units_through_polkit(appliance):
+    """The web UI's user asks systemd over D-Bus; the installer's polkit rule allows the vigil service
+    units (and those verbs) only. The page's verdict follows (health sees the unit inactive)."""
+    web = appliance.sd.run_on_its_network(
+        sys.executable, "-c", WEB_CLIENT, WEB_PASSWORD, "vigil-gpu-stats.service", "stop", "vigil-nats.service", "stop"
+    )
+    assert web.returncode == 0, web.stdout + web.stderr
+    lines = web.stdout.strip().splitlines()
+    assert lines[0] == "stop vigil-gpu-stats.service: ok", lines
+    assert "is not a vigil service unit" in lines[1], lines
+    assert appliance.state("vigil-gpu-stats")["ActiveState"] == "inactive"
+    assert appliance.state("vigil-nats")["ActiveState"] == "active"
+    # polkit itself: the same user may not stop what is not vigil's, whatever the web code would ask
+    denied = appliance.sd.run(
+        "setpriv", "--reuid=vigil-web", "--regid=vigil-web", "--init-groups",
+        "systemctl", "stop", "systemd-journald.service", check=False,
+    )  # fmt: skip
+    assert denied.returncode != 0 and appliance.state("systemd-journald")["ActiveState"] == "active", denied.stderr
+    web = appliance.sd.run_on_its_network(
+        sys.executable, "-c", WEB_CLIENT, WEB_PASSWORD, "vigil-gpu-stats.service", "start"
+    )
+    assert web.stdout.strip() == "start vigil-gpu-stats.service: ok", web.stdout + web.stderr
+    appliance.wait_active("vigil-gpu-stats")
+    audit = appliance.sql("SELECT actor, action, target, result FROM audit_log WHERE via = 'web' ORDER BY id")
+    assert ["admin", "stop", "vigil-gpu-stats.service", "ok"] in audit, audit
+    assert ["admin", "start", "vigil-gpu-stats.service", "ok"] in audit, audit
 
 
 def test_units_verify(appliance):
