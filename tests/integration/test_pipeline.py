@@ -6,6 +6,9 @@ import json
 import os
 import time
 
+import cv2
+
+from services.analyzer import snapshot
 from tests.support import consumer_states, drop, photo_bytes, query, recorded_detections, wait_until
 
 ALL = ("watcher", "detector", "aggregator", "recorder")
@@ -22,7 +25,9 @@ def drained(nats_url, services=ALL):
     return all(v == (0, 0) for d, v in consumer_states(nats_url).items() if owner(d) in services)
 
 
-def test_photos_become_detections_events_analyses_and_alerts(make_stack, media, database, nats_server, models_dir):
+def test_photos_become_detections_events_analyses_and_alerts(
+    make_stack, media, database, nats_server, models_dir, tmp_path
+):
     """Four real photos in two cameras: one row each, the right labels, events per camera, each event
     judged (a person in the porch zone at night: critical; the cat by day: low), all acked."""
     porch = [[0, 256], [512, 256], [512, 512], [0, 512]]  # the lower half of the 512 x 512 photos
@@ -95,6 +100,20 @@ def test_photos_become_detections_events_analyses_and_alerts(make_stack, media, 
     assert {"label person", "zone porch", "night"} <= names(front[4]), front[4]
     assert cat[2] == "low" and cat[3] < 30 and "label cat" in names(cat[4]) and "night" not in names(cat[4]), cat
     assert all(f["detail"] for f in front[4] + cat[4])
+    # every event has its annotated snapshot: the person's box drawn where the detector put it
+    snaps = query(database, "SELECT snapshot, thumbnail, snapshot_error FROM event_analysis")
+    assert all(s[0] and s[1] and s[2] is None for s in snaps), snaps
+    best, best_boxes = query(
+        database,
+        "SELECT a.snapshot, d.boxes FROM event_analysis a JOIN events e USING (event_id) JOIN detections d"
+        " ON d.detection_id = e.best_file_id WHERE e.camera = 'front_door'",
+    )[0]
+    img = cv2.imread(str(tmp_path / "state" / "snapshots" / best))
+    x1, y1, _, y2 = (round(v) for v in max((b for b in best_boxes if b[0] == "person"), key=lambda b: b[1])[2:6])
+    far = lambda px: int(abs(px.astype(int) - snapshot.colour("person")).max())  # noqa: E731
+    row = img[(y1 + y2) // 2]
+    assert min(far(row[x]) for x in (x1 - 1, x1, x1 + 1)) < 40, row[x1 - 1 : x1 + 2]  # the line is on the box's edge
+    assert far(row[x1 + 12]) > 80, row[x1 + 12]  # and the photo inside the box is the photo
     wait_until(lambda: drained(nats_server.url, FULL), timeout=10, what="every consumer drained (nothing unacked)")
     codes = stack.stop_all()
     assert codes == {name: 0 for name in FULL}, codes

@@ -293,3 +293,50 @@ def test_first_start_waits_for_the_recorders_schema(make_stack, database):
     wait_until(
         lambda: '"event": "retention run"' in stack.log("retention"), timeout=60, what="a run after the migration"
     )
+
+
+def test_snapshots_go_with_their_events_and_within_their_quota(tmp_path, media, database):
+    """A snapshot whose event went (here: its media aged out) is deleted in the same run; one no row
+    names is deleted once past the grace (an older revision, a crash) but not while its analysis may
+    still be on its way; over snapshots_max_bytes the oldest of events not kept go, and say why."""
+    from services.retention.snapshots import ORPHAN_GRACE, QUOTA_REASON
+
+    migrate(database)
+    now = time.time()
+    _, config = config_for(tmp_path, media, database, max_age_days=10.0, snapshots_max_bytes=25_000)
+    snaps = tmp_path / "state" / "snapshots"
+    snaps.mkdir(parents=True)
+
+    def snapshot(event_id: str, name: str, age_days: float, size: int = 10_000) -> None:
+        for suffix in (".jpg", ".thumb.jpg"):
+            path = snaps / f"{name}{suffix}"
+            path.write_bytes(b"\xff\xd8\xff" + bytes(size - 3))
+            os.utime(path, (now - age_days * DAY, now - age_days * DAY))
+        if event_id:
+            with connect(config, autocommit=True) as conn:
+                conn.execute(
+                    "INSERT INTO event_analysis (event_id, revision, camera, risk_score, risk_level, summary, factors,"
+                    " analyzer, analyzer_version, analyzed_at, snapshot, thumbnail) VALUES (%s, 1, 'front_door', 10,"
+                    " 'low', 's', '[]', 'rules', '1', to_timestamp(%s), %s, %s)",
+                    (event_id, now - age_days * DAY, f"{name}.jpg", f"{name}.thumb.jpg"),
+                )
+
+    for rel, days, keep in (("front_door/old.jpg", 12, False), ("front_door/kept.jpg", 9, True),
+                            ("front_door/mid.jpg", 5, False), ("front_door/new.jpg", 1, False)):  # fmt: skip
+        put_file(media, rel, now - days * DAY)
+        record(database, rel, now - days * DAY, event_id=f"ev-{rel}", keep=keep)
+        snapshot(f"ev-{rel}", f"front_door.{rel[11:-4]:0<32}-r1", days, size=6_000)
+    snapshot("", "front_door.orphan_old".ljust(43, "0") + "-r1", 1)  # no row names it, a day old
+    young = "front_door.orphan_young".ljust(43, "0") + "-r1"
+    snapshot("", young, ORPHAN_GRACE / 2 / DAY)  # written a moment ago: its analysis may still come
+
+    report = run(config, now)
+    left = sorted(p.name.split("-r1")[0] for p in snaps.iterdir() if p.name.endswith(".thumb.jpg"))
+    # old.jpg aged out: its event, its analysis and its snapshot went with it; the old orphan went;
+    # then 3 x 12 kB + the young orphan is over 25 kB: the oldest not kept (mid) went, kept stayed
+    assert left == sorted(["front_door.kept".ljust(43, "0"), "front_door.new".ljust(43, "0"), young.split("-r1")[0]])
+    assert report.snapshots_deleted == 6 and report.snapshot_bytes_freed == 6_000 * 4 + 10_000 * 2
+    assert rows(database, "SELECT event_id, snapshot_error FROM event_analysis WHERE snapshot IS NULL") == [
+        ("ev-front_door/mid.jpg", QUOTA_REASON)
+    ]
+    assert rows(database, "SELECT count(*) FROM event_analysis WHERE event_id = 'ev-front_door/old.jpg'") == [(0,)]
