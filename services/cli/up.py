@@ -54,6 +54,29 @@ def write_config(
     return path
 
 
+def find_or_pull_model(models_dir: Path, home: Path) -> tuple[Path, str, str | None]:
+    """(models dir, model, what to tell the user). The model where it was asked for, else in
+    <home>/models, else pulled there once - hash-checked by `vigil models pull`'s own code - so a fresh
+    clone detects things on its first run; offline, model "none", said so."""
+    from services.detector.catalog import CATALOG, PullError, pull
+
+    entry = CATALOG["yolox-nano"]
+    for folder in (models_dir, (home / "models").resolve()):
+        if (folder / entry.file).is_file():
+            return folder, entry.name, None
+    target = (home / "models").resolve()
+    print(f"vigil: no {entry.file} found; pulling it into {target} (once, sha256 checked)...", flush=True)
+    try:
+        pull(entry, target, url=os.environ.get("VIGIL_MODEL_URL"), timeout=30)
+    except PullError as exc:
+        return (
+            models_dir,
+            "none",
+            f"NOTE: could not pull the model ({exc}); offline? `vigil models pull yolox-nano` later",
+        )
+    return target, entry.name, f"pulled {entry.file} ({entry.size:,} bytes, sha256 checked) into {target}"
+
+
 def web_login(home: Path) -> str:
     """The web UI's password: made once, kept in <home>/web-password.txt (0600) for the person who ran
     `vigil up`; the services get only its bcrypt hash, as credential web-password."""
@@ -218,7 +241,7 @@ def up(args) -> int:
     for cam in DEMO_CAMERAS:
         (home / "media" / cam).mkdir(exist_ok=True)
     models_dir = Path(args.models_dir or os.environ.get("VIGIL_MODELS_DIR") or home / "models").resolve()
-    model = "yolox-nano" if (models_dir / "yolox_nano.onnx").is_file() else "none"
+    models_dir, model, model_note = find_or_pull_model(models_dir, home)
 
     # Ctrl-C goes to the whole foreground process group; we want the servers to outlive the services,
     # so they run in their own sessions and we stop everything in order ourselves.
@@ -256,6 +279,8 @@ vigil is running ({", ".join(SERVICES)}), model: {model}
 Ctrl-C stops everything (services drain first, then the servers).""",
             flush=True,
         )
+        if model_note:
+            print(f"\n  {model_note}", flush=True)
         if model == "none":
             print(
                 f"\n  NOTE: no yolox_nano.onnx in {models_dir}: the detector runs with model 'none' (zero boxes).\n"

@@ -15,7 +15,8 @@ from tests.support import REPO, drop, photo_bytes, wait_until
 def test_vigil_up_runs_the_pipeline_and_stops_cleanly_on_ctrl_c(tmp_path):
     home = tmp_path / "home"
     out = tmp_path / "up.log"
-    env = {**os.environ, "VIGIL_MODELS_DIR": str(tmp_path / "no-models")}  # model "none": fast and model-free
+    # model "none": fast and model-free; the first-run pull finds nothing to download from (offline)
+    env = {**os.environ, "VIGIL_MODELS_DIR": str(tmp_path / "no-models"), "VIGIL_MODEL_URL": "http://127.0.0.1:9/"}
     with open(out, "wb") as log:
         proc = subprocess.Popen(
             [
@@ -39,7 +40,10 @@ def test_vigil_up_runs_the_pipeline_and_stops_cleanly_on_ctrl_c(tmp_path):
         wait_until(lambda: "Ctrl-C stops everything" in out.read_text(), timeout=60, what="the banner")
         text = out.read_text()
         assert (
-            f"{home / 'media' / 'front_door'}/" in text and "model: none" in text and "NOTE: no yolox_nano.onnx" in text
+            f"{home / 'media' / 'front_door'}/" in text
+            and "model: none" in text
+            and "NOTE: no yolox_nano.onnx" in text
+            and "NOTE: could not pull the model" in text
         )
         drop(home / "media" / "front_door" / "a.jpg", photo_bytes("coffee", scale=0.2))
         wait_until(lambda: "1 files detected" in out.read_text(), timeout=60, what="the summary line")
