@@ -15,7 +15,7 @@ up *ARGS:
 # the whole test suite: unit tests, then integration tests against real servers, processes and a browser
 test *ARGS: lint
     tests/system-packages.sh
-    python -m pytest -q -rs {{ARGS}}
+    python -m pytest -q -rs --durations=15 {{ARGS}}
 
 # ruff (lint and format, line length 120) on everything, mypy on proto/ and services/runtime/ (pyproject.toml)
 lint:
@@ -28,7 +28,7 @@ unit *ARGS:
     python -m pytest -q tests/unit {{ARGS}}
 
 # every benchmark: the pipeline (model none), the reorder buffer, the aggregator alone, and the detector on the real model
-bench: bench-pipeline bench-reorder bench-aggregator bench-detector bench-analyzer
+bench: bench-pipeline bench-reorder bench-aggregator bench-detector bench-analyzer bench-web
 
 # pipeline: files/s and latency end to end with the `none` model, raw fetch+ack, CPU and peak RSS per service
 bench-pipeline *ARGS:
@@ -65,3 +65,7 @@ chaos N="400" *ARGS:
 # analyzer: rules alone and the service's events/s on a backlog; EventClosed -> notification accepted latency (p50/p99)
 bench-analyzer *ARGS:
     python -m tests.bench.analyzer {{ARGS}}
+
+# the web UI over 10,000 events: page load p50/p99 per page; and the snapshot cost per event revision
+bench-web *ARGS:
+    python -m tests.bench.web {{ARGS}}
