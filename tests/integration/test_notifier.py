@@ -28,7 +28,7 @@ from proto.messages import risk_level
 from proto.topology import HEARTBEAT_BUCKET
 from services.cli.stack import free_port
 from services.runtime.jetstream import stored_messages
-from tests.support import REPO, LoopbackHTTP, wait_until_async
+from tests.support import REPO, LoopbackHTTP, photo_bytes, wait_until_async
 
 SECRET = "hunter2-very-secret"
 
@@ -38,7 +38,7 @@ def utc(iso: str) -> float:
 
 
 def analysis(
-    camera: str, n: int, start: float, score: int = 90, revision: int = 1, labels=("person",)
+    camera: str, n: int, start: float, score: int = 90, revision: int = 1, labels=("person",), snapshot=None
 ) -> EventAnalyzed:
     return EventAnalyzed(
         event_id=f"ev-{camera}-{n}",
@@ -52,6 +52,7 @@ def analysis(
         started_at=start,
         ended_at=start + 5,
         labels=list(labels),
+        snapshot=snapshot,
     )
 
 
@@ -146,7 +147,11 @@ async def test_rules_and_durable_delivery(make_stack, nats_server, tmp_path):
         poison = analysis("mail", 99, 1e300)  # a time no calendar holds: dead-lettered, never a crash loop
         await publish(js, poison)
         day = utc("2026-06-03T00:00")
-        await publish(js, analysis("mail", 1, day + 3600, score=90))
+        # the event's snapshot, as the analyzer leaves it: attached to the email
+        snap_name = "mail." + "ab" * 16 + "-r1.jpg"
+        (tmp_path / "state" / "snapshots").mkdir(parents=True)
+        (tmp_path / "state" / "snapshots" / snap_name).write_bytes(photo_bytes("astronaut", scale=0.2))
+        await publish(js, analysis("mail", 1, day + 3600, score=90, snapshot=snap_name))
         await publish(js, analysis("mail", 2, day + 7200, score=40))  # medium: below min_level high
         for i in range(3):  # three events a minute apart: one message
             await publish(js, analysis("cool", i, day + 3600 + 60 * i))
@@ -179,8 +184,12 @@ async def test_rules_and_durable_delivery(make_stack, nats_server, tmp_path):
         assert len(box.messages) == 1
         mail = box.messages[0]
         assert mail["Subject"] == "Critical risk on mail" and mail["To"] == "owner@example.com"
-        text = mail.get_payload(0).get_payload(decode=True).decode()
+        text = (
+            next(p for p in mail.walk() if p.get_content_type().startswith("text/")).get_payload(decode=True).decode()
+        )
         assert "Person on mail (event 1, revision 1)" in text and "http://vigil.lan:8090/events/ev-mail-1" in text
+        [attached] = [p for p in mail.walk() if p.get_filename() == snap_name]
+        assert attached.get_payload(decode=True) == photo_bytes("astronaut", scale=0.2)
         [hooked] = bodies("/mail")
         assert hooked["title"] == "Critical risk on mail" and hooked["type"] == "warning"
         assert hooked["message"] == "Person on mail (event 1, revision 1)\nhttp://vigil.lan:8090/events/ev-mail-1"
