@@ -212,6 +212,8 @@ def sweep(conn: psycopg.Connection, table: str, where: str, params: dict, batch:
         "gpu_samples": "ctid",
         "dead_letters": "dlq_seq",
         "event_analysis": "event_id",
+        "audit_log": "id",
+        "web_sessions": "token_hash",
     }[table]
     if dry_run:
         return conn.execute(f"SELECT count(*) FROM {table} d WHERE {where}", params).fetchone()[0]
@@ -269,6 +271,13 @@ def sweep_all(conn: psycopg.Connection, config: Config, now: float, dry_run: boo
         ),
         "gpu_samples": sweep(
             conn, "gpu_samples", "minute < to_timestamp(%(cutoff)s)", cut(r.gpu_samples_days), r.delete_batch, dry_run
+        ),
+        "audit_log": sweep(
+            conn, "audit_log", "at < to_timestamp(%(cutoff)s)", cut(r.audit_days), r.delete_batch, dry_run
+        ),
+        # a session past its expiry opens nothing; the row only waits for this
+        "web_sessions": sweep(
+            conn, "web_sessions", "expires_at < to_timestamp(%(cutoff)s)", cut(0), r.delete_batch, dry_run
         ),
         # a dead letter stands in for the detections its file never got: it lasts as long as they would
         "dead_letters": sweep(

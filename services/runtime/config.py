@@ -248,6 +248,7 @@ class RetentionConfig(_Section):
     events_days: float = 30.0
     alerts_days: float = 90.0
     gpu_samples_days: float = 7.0
+    audit_days: float = 365.0  # the operators' audit trail (web UI and CLI actions)
     delete_batch: Annotated[int, msgspec.Meta(ge=1)] = 1000  # rows per DELETE statement: short locks, steady autovacuum
     missing_grace_days: float = 7.0  # rows whose file vanished are deleted after this long
     # Event snapshots (<state_dir>/snapshots) over this many bytes: the oldest of events not kept go; 0 = none.

@@ -176,6 +176,17 @@ async def test_uploads_events_review_audit_and_dead_letters(web_stack, database,
             assert bad["path"] in await r.text()
         async with s.post(f"{url}/dead-letters/{letter['seq']}/retry", data={"csrf": csrf}) as r:
             assert r.status == 200 and "is back on vigil.uploads.front_door" in await r.text()
+        # retried, the detector refuses it again: a new letter, which a purge (ticked) then removes
+        await wait_until_async(letters, what="the retried upload dead-lettered again")
+        async with s.post(f"{url}/dead-letters/purge", data={"csrf": csrf}) as r:
+            assert "tick the box" in await r.text()
+        async with s.post(f"{url}/dead-letters/purge", data={"csrf": csrf, "confirm": "yes"}) as r:
+            assert re.search(r"\d+ dead letters purged", await r.text())
+        assert await letters() == []
+        # the cameras page: the upload's camera, its latest thumbnail, today's counts
+        async with s.get(f"{url}/api/v1/cameras") as r:
+            cams = {c["camera"]: c for c in (await r.json())["cameras"]}
+            assert cams["front_door"]["events_today"] >= 1 and cams["front_door"]["latest_event"] == event_id
         # the Services page: every service's verdict; no supervisor to act through here, said so
         async with s.get(f"{url}/api/v1/services") as r:
             services = (await r.json())["services"]
@@ -186,10 +197,21 @@ async def test_uploads_events_review_audit_and_dead_letters(web_stack, database,
             assert "is not a vigil service unit" in await r.text()
         async with s.get(f"{url}/audit") as r:
             page = await r.text()
+        # logging out ends the session on the server: the old cookie opens nothing afterwards
+        stolen = {c.key: c.value for c in s.cookie_jar}["vigil_session"]
+        async with s.post(f"{url}/logout", data={"csrf": csrf}) as r:
+            assert r.status == 200 and "/login" in str(r.url)
+    async with aiohttp.ClientSession() as replay:  # the cookie by hand: a jar would not send it to an IP address
+        async with replay.get(f"{url}/api/v1/events", headers={"Cookie": f"vigil_session={stolen}"}) as r:
+            assert r.status == 401
+        async with replay.get(f"{url}/api/v1/events", headers={"Cookie": f"vigil_session={stolen}x"}) as r:
+            assert r.status == 401
     entries = query(database, "SELECT actor, via, action, target, result FROM audit_log ORDER BY id")
     actions = [e[2] for e in entries]
     # the bad token first (an upload refused is an attempt someone made), then the operator's session
     assert entries[0][1:3] == ("api", "upload") and entries[0][4].startswith("refused"), entries[0]
-    assert actions[1] == "login" and {"reviewed", "notes", "keep", "retry", "stop"} <= set(actions), actions
+    assert actions[1] == "login" and {"reviewed", "notes", "keep", "retry", "purge", "stop", "logout"} <= set(
+        actions
+    ), actions
     assert all(e[0] == "admin" for e in entries[1:]), entries
     assert "retry" in page and "dlq:" in page
