@@ -290,8 +290,11 @@ def web(config: Config, args: argparse.Namespace) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(hash_password(password) + "\n")
     os.replace(tmp, path)
-    ctl.audit_cli(config, "password", "web", "ok")
-    print(f"saved its hash in {path}; restart the web UI to use it (systemctl restart vigil-web)")
+    ended = ctl.end_web_sessions(config)
+    ctl.audit_cli(config, "password", "web", f"ok: {ended} sessions ended")
+    print(
+        f"saved its hash in {path}; {ended} open sessions ended; restart the web UI to use it (systemctl restart vigil-web)"
+    )
     return 0
 
 

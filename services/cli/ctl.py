@@ -63,6 +63,15 @@ def audit_cli(config: Config, action: str, target: str | None, result: str) -> N
         audit.log.warning("audit trail not written", action=action, target=target, error=str(exc)[:200])
 
 
+def end_web_sessions(config: Config) -> int:
+    """A new password ends every open session (best effort: 0 when the database is away)."""
+    try:
+        with _database(config) as conn:
+            return conn.execute("DELETE FROM web_sessions").rowcount
+    except Exception:  # noqa: BLE001
+        return 0
+
+
 def load_operator_config(path: str | None) -> Config:
     if path is None and not os.environ.get("VIGIL_CONFIG") and Path("/etc/vigil/vigil.toml").is_file():
         path = "/etc/vigil/vigil.toml"

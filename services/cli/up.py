@@ -87,18 +87,17 @@ def web_login(home: Path) -> str:
     clear = home / "web-password.txt"
     if not clear.is_file() or not (creds / "web-password").is_file():
         password = secrets.token_urlsafe(12)
-        clear.write_text(password + "\n")
-        clear.chmod(0o600)
-        hashed = creds / "web-password"
-        hashed.write_text(hash_password(password) + "\n")
-        hashed.chmod(0o600)
+        for path, text in ((clear, password), (creds / "web-password", hash_password(password))):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # 0600 from the first byte
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
     return clear.read_text().strip()
 
 
 class Control:
     """`vigil up`'s control socket (<state>/up.sock): the web UI's Services page asks it to start, stop
-    or restart a service, one JSON line each way. The socket is 0600 in a 0700-made home: only the user
-    who ran `vigil up` (and so its services) can reach it. Requests are queued and carried out by the
+    or restart a service, one JSON line each way. The socket is made 0600 (umask 0177 around bind):
+    only the user who ran `vigil up` (and so its services) can reach it. Requests are queued and carried out by the
     supervisor's own loop, so the supervisor is only ever touched from one thread."""
 
     def __init__(self, path: Path) -> None:
@@ -160,8 +159,9 @@ class Supervisor:
         if name not in SERVICES or action not in ("start", "stop", "restart"):
             return f"refused: {action} {name}"
         proc = self.procs.get(name)
+        if action in ("stop", "restart"):
+            self.held.add(name)  # a crash-looping service is what one stops: check() must not revive it
         if action in ("stop", "restart") and proc is not None and proc.poll() is None:
-            self.held.add(name)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(30)

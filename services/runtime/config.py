@@ -468,6 +468,9 @@ class WebConfig(_Section):
     http_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8470
     # Host names answered besides loopback ones, e.g. ["vigil.lan"] behind a proxy (DNS rebinding guard).
     allowed_hosts: list[str] = msgspec.field(default_factory=list)
+    # Addresses of reverse proxies whose X-Forwarded-For names the browser (the login limit and the
+    # audit trail then see the browser, not the proxy). Nobody else's header is believed.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
     username: Name = "admin"
     # Credential holding the bcrypt hash of the login password (`vigil web password` writes it).
     password_credential: str = "web-password"
@@ -476,7 +479,7 @@ class WebConfig(_Section):
     secure_cookies: bool = False
     # Failed logins allowed per client address in 15 minutes before it must wait.
     login_attempts: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
-    # Uploads: POST /api/v1/uploads/<camera> with the bearer token in credential upload-<camera>.
+    # Uploads: POST /api/v1/uploads/<camera> with the bearer token in credential upload_<camera>.
     upload_max_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024
     page_size: Annotated[int, msgspec.Meta(ge=5, le=500)] = 50
 

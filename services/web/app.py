@@ -13,7 +13,9 @@ reads): GET /api/v1/events[?camera=&label=&level=&reviewed=&from=&to=&page=], /a
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import hmac
 import json
 import os
 import re
@@ -38,13 +40,25 @@ from services.runtime.http import host_guard
 from services.web import auth, control, queries, uploads
 
 HERE = Path(__file__).parent
-SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}\.[0-9a-f]{32}-r[0-9]{1,9}(\.thumb)?\.jpg$")
+SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}\.[0-9a-f]{32}-r[0-9]{1,9}(\.thumb)?\.jpg$")
 OPEN = ("/login", "/static/", "/api/v1/uploads/")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self';"
     " form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 MAX_NOTES = 4000
+MAX_FORM_BYTES = 1024 * 1024  # every form; uploads stream past this limit (request.content)
+FILE_CHUNK = 256 * 1024
+
+
+def _nats_errors() -> tuple[type[BaseException], ...]:
+    import nats.errors
+    import nats.js.errors
+
+    return (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+
+
+NATS_ERRORS = _nats_errors()
 
 
 class Web:
@@ -66,16 +80,45 @@ class Web:
         self.templates.filters.update(when=when, age=lambda s: fmt_age(s) if s is not None else "", labels=labels)
         h = config.health
         self.health_url = f"http://{h.http_host}:{h.http_port}/" if h.http_port else None
+        self.flash_key = secrets.token_bytes(32)  # flash messages in redirects are ours, never a link's
+        self.quiet_audit: dict[tuple[str, str], float] = {}
+
+    def sign(self, text: str) -> str:
+        return hmac.new(self.flash_key, text.encode(), "sha256").hexdigest()[:24]
+
+    def flash(self, request: web.Request, name: str) -> str | None:
+        text = request.query.get(name)
+        return text if text and auth.same(request.query.get(f"{name}_sig"), self.sign(f"{name}:{text}")) else None
+
+    def client(self, request: web.Request) -> str:
+        """The browser's address: the peer, or X-Forwarded-For's last hop when the peer is a proxy
+        named in web.trusted_proxies (anyone else could write that header)."""
+        peer = request.remote or "?"
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded and peer in self.cfg.trusted_proxies:
+            return forwarded.split(",")[-1].strip()[:64] or peer
+        return peer
+
+    def audit_once(self, key: tuple[str, str], every: float = 60.0) -> bool:
+        """For what anyone can cause (a refused upload, a rate-limited login): one row per source a
+        minute, so a flood cannot push the operators' own entries out of view."""
+        now = time.monotonic()
+        if now - self.quiet_audit.get(key, -every) < every:
+            return False
+        if len(self.quiet_audit) > 10_000:
+            self.quiet_audit.clear()
+        self.quiet_audit[key] = now
+        return True
 
     async def audit(self, request: web.Request, action: str, target: str | None, result: str) -> None:
         session = request.get("session")
         actor = session.username if session else request.get("actor", "?")
         via = "api" if request.path.startswith("/api/") else "web"
-        await audit.record(self.pool, actor, via, action, target, result, request.remote)
+        await audit.record(self.pool, actor, via, action, target, result, self.client(request))
 
     def render(self, request: web.Request, name: str, status: int = 200, **ctx) -> web.Response:
-        ctx.setdefault("message", request.query.get("msg"))
-        ctx.setdefault("error", request.query.get("err"))
+        ctx.setdefault("message", self.flash(request, "msg"))
+        ctx.setdefault("error", self.flash(request, "err"))
         html = self.templates.get_template(name).render(
             session=request.get("session"), health_url=self.health_url, **ctx
         )
@@ -113,8 +156,14 @@ def json_error(status: int, error: str, detail: str) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status)
 
 
-def back(path: str, **query) -> web.HTTPSeeOther:
-    q = "&".join(f"{k}={quote(str(v))}" for k, v in query.items() if v)
+def back(request: web.Request, path: str, **query) -> web.HTTPSeeOther:
+    """A redirect after a write (PRG), its message signed so that only this server's can be shown."""
+    state: Web = request.app["web"]
+    parts = []
+    for k, v in query.items():
+        if v:
+            parts += [f"{k}={quote(str(v))}", f"{k}_sig={state.sign(f'{k}:{v}')}"]
+    q = "&".join(parts)
     return web.HTTPSeeOther(path + (("&" if "?" in path else "?") + q if q else ""))
 
 
@@ -163,6 +212,8 @@ def make_auth(state: Web):
                 return await handler(request)
             if path.startswith("/api/"):
                 return json_error(401, "unauthorized", "log in (session cookie) or send the API token")
+            if request.headers.get("HX-Request"):  # a live part of a page whose session ended: the page goes
+                return web.Response(status=401, headers={"HX-Redirect": "/login"})
             nxt = request.path_qs if request.method == "GET" else "/"
             raise web.HTTPSeeOther("/login?next=" + quote(nxt, safe=""))
         request["session"] = session
@@ -181,9 +232,13 @@ def make_auth(state: Web):
 
 
 # ---- login ---------------------------------------------------------------------------------------
+SAFE_NEXT = re.compile(r"^/(?![/\\])[A-Za-z0-9/_.~%?=&+-]*$")
+
+
 def local_next(value: str | None) -> str:
-    """Only a path on this site (never //elsewhere or a scheme): no open redirect."""
-    return value if value and value.startswith("/") and not value.startswith("//") and "\\" not in value else "/events"
+    """Only a path on this site: no scheme, no //host, no backslash, tab or other character a browser
+    or URL library might drop or read as a host separator (no open redirect)."""
+    return value if value and len(value) < 500 and SAFE_NEXT.match(value) else "/events"
 
 
 async def login_page(request: web.Request) -> web.Response:
@@ -197,26 +252,27 @@ async def login_page(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.StreamResponse:
     state: Web = request.app["web"]
     form = await request.post()
-    client = request.remote or "?"
+    client = state.client(request)
     if not same_origin(request) or not auth.same(
         str(form.get("login_csrf", "")), request.cookies.get(auth.LOGIN_COOKIE)
     ):
         return web.Response(status=403, text="CSRF check failed: reload the login page\n")
     wait = state.limiter.wait_for(client)
     if wait > 0:
-        await state.audit(
-            request, "login_refused", str(form.get("username", ""))[:100], f"rate limited for {wait:.0f} s"
-        )
+        if state.audit_once(("login_refused", client)):
+            await state.audit(request, "login_refused", None, f"rate limited for {wait:.0f} s")
         return web.Response(
             status=429,
             text=f"too many failed logins: try again in {wait:.0f} s\n",
             headers={"Retry-After": str(int(wait) + 1)},
         )
+    # counted as a failure before bcrypt runs (undone on success): parallel guesses cannot outrun the limit
+    state.limiter.failed(client)
+    await asyncio.sleep(state.limiter.slowdown())  # many failures from everyone: every try slows, none is refused
     username, password = str(form.get("username", "")), str(form.get("password", ""))
     ok = await auth.password_ok(state.password_hash, password)  # always run: the answer takes as long either way
     ok = auth.same(username, state.cfg.username) and ok
     if not ok:
-        state.limiter.failed(client)
         request["actor"] = printable(username)[:100] or "?"
         await state.audit(request, "login_failed", None, "wrong user name or password")
         token = request.cookies.get(auth.LOGIN_COOKIE, "")
@@ -233,7 +289,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         auth.SESSION_COOKIE,
         session.token,
         httponly=True,
-        samesite="Strict",
+        # Lax: a notification's link into the UI opens with the session; every write still needs the CSRF token
+        samesite="Lax",
         secure=state.cfg.secure_cookies,
         max_age=int(state.cfg.session_hours * 3600),
     )
@@ -258,8 +315,9 @@ async def events_page(request: web.Request) -> web.Response:
         rows, more = await queries.events(conn, f, state.cfg.page_size)
         cams = await queries.camera_names(conn)
     return state.render(
-        request, "events.html", nav="events", events=rows, more=more, f=f, cameras=cams, levels=RISK_LEVELS
-    )
+        request, "events.html", nav="events", events=rows, more=more, f=f, cameras=cams, levels=RISK_LEVELS,
+        seen_at=dt.datetime.now(dt.UTC).isoformat(),
+    )  # fmt: skip
 
 
 async def event_rows(request: web.Request) -> web.Response:
@@ -281,10 +339,14 @@ async def events_api(request: web.Request) -> web.Response:
 async def mark_all_reviewed(request: web.Request) -> web.StreamResponse:
     state: Web = request.app["web"]
     f = queries.EventFilter.of(request.query)
+    try:
+        seen_at = dt.datetime.fromisoformat(str((await request.post()).get("seen_at", "")))
+    except ValueError:
+        seen_at = None
     async with state.pool.connection() as conn:
-        n = await queries.mark_reviewed(conn, f)
+        n = await queries.mark_reviewed(conn, f, seen_at)
     await state.audit(request, "reviewed", f"events?{f.query_string()}", f"ok: {n} marked reviewed")
-    raise back("/events?" + f.query_string(), msg=f"{n} events marked reviewed")
+    raise back(request, "/events?" + f.query_string(), msg=f"{n} events marked reviewed")
 
 
 async def event_page(request: web.Request) -> web.Response:
@@ -310,7 +372,7 @@ async def event_flag(request: web.Request) -> web.StreamResponse:
     await state.audit(request, column if value else f"un{column}", event_id, "ok" if found else "no such event")
     if not found:
         raise web.HTTPNotFound(text="no such event\n")
-    raise back(f"/events/{quote(event_id)}")
+    raise back(request, f"/events/{quote(event_id)}")
 
 
 async def event_notes(request: web.Request) -> web.StreamResponse:
@@ -325,22 +387,34 @@ async def event_notes(request: web.Request) -> web.StreamResponse:
     await state.audit(request, "notes", event_id, "ok" if found else "no such event")
     if not found:
         raise web.HTTPNotFound(text="no such event\n")
-    raise back(f"/events/{quote(event_id)}", msg="notes saved")
+    raise back(request, f"/events/{quote(event_id)}", msg="notes saved")
 
 
-def _send_file(path: Path, content_type: str, download: str | None = None) -> web.StreamResponse:
+async def _stream(request: web.Request, fd: int, content_type: str, headers: dict[str, str]) -> web.StreamResponse:
+    """A file already opened (and checked) by descriptor, sent in chunks read in a thread: a clip of
+    gigabytes neither blocks the event loop nor sits in memory."""
+    f = open(fd, "rb")  # noqa: SIM115 - closed below, after the last chunk
+    try:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise web.HTTPNotFound()
+        resp = web.StreamResponse(headers={**headers, "Content-Type": content_type})
+        resp.content_length = st.st_size
+        await resp.prepare(request)
+        while chunk := await asyncio.to_thread(f.read, FILE_CHUNK):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+    finally:
+        f.close()
+
+
+async def _send_file(request: web.Request, path: Path, content_type: str) -> web.StreamResponse:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         raise web.HTTPNotFound(text="gone (retention, or not made)\n") from None
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise web.HTTPNotFound()
-        body = f.read()
-    headers = {"Cache-Control": "private, max-age=86400"}
-    if download:
-        headers["Content-Disposition"] = f"attachment; filename*=UTF-8''{quote(download)}"
-    return web.Response(body=body, content_type=content_type, headers=headers)
+    return await _stream(request, fd, content_type, {"Cache-Control": "private, max-age=86400"})
 
 
 async def event_image(request: web.Request) -> web.StreamResponse:
@@ -352,7 +426,7 @@ async def event_image(request: web.Request) -> web.StreamResponse:
     rel = (e or {}).get("snapshot" if which == "snapshot" else "thumbnail")
     if not rel or not SNAPSHOT_NAME.match(rel):
         raise web.HTTPNotFound(text="no snapshot\n")
-    return _send_file(state.snapshots / rel, "image/jpeg")
+    return await _send_file(request, state.snapshots / rel, "image/jpeg")
 
 
 async def media(request: web.Request) -> web.StreamResponse:
@@ -366,23 +440,19 @@ async def media(request: web.Request) -> web.StreamResponse:
         fd = open_beneath(state.config.media_root, rel)
     except (ValueError, OSError):
         raise web.HTTPNotFound(text="the file is gone (retention?)\n") from None
-    with open(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise web.HTTPNotFound()
-        body = f.read()
     name = printable(Path(rel).name)
-    return web.Response(
-        body=body,
-        content_type="application/octet-stream",
-        headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"},
-    )
+    disposition = {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}"}
+    return await _stream(request, fd, "application/octet-stream", disposition)
 
 
 # ---- cameras, audit -------------------------------------------------------------------------------
 async def cameras_page(request: web.Request) -> web.Response:
     state: Web = request.app["web"]
+    from services.health.service import camera_folders
+
+    folders = await asyncio.to_thread(camera_folders, state.config.media_root, state.config.watcher.camera_prefix)
     async with state.pool.connection() as conn:
-        cams = await queries.cameras(conn)
+        cams = await queries.cameras(conn, folders)
         alerts = await queries.camera_alerts(conn)
     if request.path.startswith("/api/"):
         return to_json({"cameras": cams, "alerts": alerts})
@@ -400,7 +470,14 @@ async def audit_page(request: web.Request) -> web.Response:
 
 
 # ---- services ---------------------------------------------------------------------------------------
+def bus(state: Web):
+    if state.js is None:
+        raise web.HTTPServiceUnavailable(text="still connecting to NATS; try again in a moment\n")
+    return state.js
+
+
 async def service_rows(state: Web) -> list[dict]:
+    bus(state)
     snap = await snapshot(state.nc, state.config)
     rows = []
     for s in snap.services:
@@ -425,13 +502,16 @@ async def service_action(request: web.Request) -> web.StreamResponse:
     state: Web = request.app["web"]
     unit, action = request.match_info["unit"], request.match_info["action"]
     try:
-        control.check(unit, action)
+        if control.check(unit, action) == "web":  # it ends this very process: say so first, then ask
+            await state.audit(request, action, unit, "ok: the web UI restarts itself")
+            await control.act(state.config, unit, action, no_block=True)
+            raise back(request, "/services", msg=f"{action} {unit}: restarting; reload in a few seconds")
         result = await control.act(state.config, unit, action)
     except (control.NotAllowed, RuntimeError) as exc:
         await state.audit(request, action, unit, f"refused: {exc}")
-        raise back("/services", err=f"{action} {unit}: {exc}") from None
+        raise back(request, "/services", err=f"{action} {unit}: {exc}") from None
     await state.audit(request, action, unit, result)
-    raise back("/services", msg=f"{action} {unit}: {result}")
+    raise back(request, "/services", msg=f"{action} {unit}: {result}")
 
 
 async def logs_page(request: web.Request) -> web.Response:
@@ -485,7 +565,7 @@ async def dead_letters_page(request: web.Request) -> web.Response:
     from services.cli import ctl
 
     state: Web = request.app["web"]
-    letters = await ctl.dlq_on(state.js, state.config, "list", None)
+    letters = await ctl.dlq_on(bus(state), state.config, "list", None)
     if request.path.startswith("/api/"):
         return to_json({"dead_letters": letters})
     return state.render(request, "dead_letters.html", nav="dlq", letters=letters)
@@ -497,7 +577,7 @@ async def dead_letter_page(request: web.Request) -> web.Response:
     state: Web = request.app["web"]
     try:
         seq = int(request.match_info["seq"])
-        letter = await ctl.dlq_on(state.js, state.config, "show", seq)
+        letter = await ctl.dlq_on(bus(state), state.config, "show", seq)
     except (ValueError, LookupError) as exc:
         raise web.HTTPNotFound(text=f"{exc}\n") from None
     return state.render(
@@ -511,12 +591,12 @@ async def dead_letter_retry(request: web.Request) -> web.StreamResponse:
     state: Web = request.app["web"]
     seq_text = request.match_info["seq"]
     try:
-        result = await ctl.dlq_on(state.js, state.config, "retry", int(seq_text))
-    except (ValueError, LookupError) as exc:
+        result = await ctl.dlq_on(bus(state), state.config, "retry", int(seq_text))
+    except (ValueError, LookupError, *NATS_ERRORS) as exc:
         await state.audit(request, "retry", f"dlq:{seq_text}", f"refused: {exc}")
-        raise back("/dead-letters", err=str(exc)) from None
+        raise back(request, "/dead-letters", err=str(exc)) from None
     await state.audit(request, "retry", f"dlq:{seq_text}", f"ok: back on {result['subject']}")
-    raise back("/dead-letters", msg=f"dead letter {seq_text} is back on {result['subject']}")
+    raise back(request, "/dead-letters", msg=f"dead letter {seq_text} is back on {result['subject']}")
 
 
 async def dead_letters_purge(request: web.Request) -> web.StreamResponse:
@@ -525,10 +605,14 @@ async def dead_letters_purge(request: web.Request) -> web.StreamResponse:
     state: Web = request.app["web"]
     form = await request.post()
     if form.get("confirm") != "yes":
-        raise back("/dead-letters", err="tick the box to purge every letter")
-    result = await ctl.dlq_on(state.js, state.config, "purge", None)
+        raise back(request, "/dead-letters", err="tick the box to purge every letter")
+    try:
+        result = await ctl.dlq_on(bus(state), state.config, "purge", None)
+    except NATS_ERRORS as exc:
+        await state.audit(request, "purge", "dlq", f"failed: {exc!r}"[:200])
+        raise back(request, "/dead-letters", err=f"purge failed: {exc!r}"[:200]) from None
     await state.audit(request, "purge", "dlq", f"ok: {result['purged']} purged")
-    raise back("/dead-letters", msg=f"{result['purged']} dead letters purged")
+    raise back(request, "/dead-letters", msg=f"{result['purged']} dead letters purged")
 
 
 # ---- uploads ----------------------------------------------------------------------------------------
@@ -540,19 +624,22 @@ async def upload(request: web.Request) -> web.Response:
     if not bearer.startswith("Bearer "):
         return json_error(401, "unauthorized", "send the camera's token: Authorization: Bearer <token>")
     try:
-        folder = uploads.camera_folder(state.config.media_root, camera)
-        if not auth.upload_token_ok(camera, bearer.removeprefix("Bearer ")):
+        # the token first: without it nobody learns which camera names exist
+        if not uploads.valid_camera(camera) or not auth.upload_token_ok(camera, bearer.removeprefix("Bearer ")):
             raise uploads.Refused(401, "bad_token", "this token is not the camera's")
+        folder = uploads.camera_folder(state.config.media_root, camera)
+        w = state.config.watcher
         answer = await uploads.receive(
             request.content,
             folder,
-            state.config.watcher.camera_prefix + camera,
+            w.camera_prefix + camera,
             state.cfg.upload_max_bytes,
             request.content_length,
+            {e.lower() for e in (*w.image_extensions, *w.clip_extensions)},
         )
     except uploads.Refused as exc:
-        if exc.status == 401:
-            await state.audit(request, "upload", camera, f"refused: {exc.detail}")
+        if exc.status == 401 and state.audit_once(("upload", state.client(request))):
+            await state.audit(request, "upload", printable(camera)[:128], f"refused: {exc.detail}")
         return json_error(exc.status, exc.error, exc.detail)
     return web.json_response(answer, status=202)
 
@@ -565,7 +652,7 @@ async def home(request: web.Request) -> web.StreamResponse:
 def make_app(state: Web) -> web.Application:
     app = web.Application(
         middlewares=[host_guard(state.cfg.allowed_hosts), headers, make_auth(state)],
-        client_max_size=state.cfg.upload_max_bytes + 1024 * 1024,
+        client_max_size=MAX_FORM_BYTES,
     )
     app["web"] = state
     ev = r"{event_id:[^/]{1,200}}"

@@ -7,8 +7,9 @@ CSRF tokens, a limit on failed logins, and per-camera upload tokens.
   SHA-256, the user and the session's CSRF token, so a database dump opens no session.
 - Every write needs the session's CSRF token (form field `csrf` or header X-CSRF-Token) and, when the
   browser sends one, an Origin that is this very host: a page elsewhere cannot act with the cookie.
-- Failed logins: `web.login_attempts` per client address in WINDOW seconds, and GLOBAL_FAILURES from
-  everyone together (a guesser with many addresses), then 429 with Retry-After.
+- Failed logins: `web.login_attempts` per client address in WINDOW seconds, then 429 with Retry-After
+  (a try counts before bcrypt runs, so parallel guesses do not outrun it); past GLOBAL_FAILURES from
+  everyone together every login is slowed, never refused (no one can lock the operator out).
 - Upload tokens: credential `upload_<camera>` (a file <camera> in the credential folder `upload`),
   compared in constant time.
 """
@@ -131,12 +132,13 @@ class LoginLimiter:
         q = self.failures.get(client, deque())
         self._trim(q, now)
         self._trim(self.everyone, now)
-        waits = [0.0]
-        if len(q) >= self.per_client:
-            waits.append(q[0] + self.window - now)
-        if len(self.everyone) >= self.overall:
-            waits.append(self.everyone[0] + self.window - now)
-        return max(waits)
+        return q[0] + self.window - now if len(q) >= self.per_client else 0.0
+
+    def slowdown(self, now: float | None = None) -> float:
+        """Seconds every login waits while failures from everyone together are many (a guesser with
+        many addresses): slower for all, refused for none, so nobody can lock the operator out."""
+        self._trim(self.everyone, time.monotonic() if now is None else now)
+        return 2.0 if len(self.everyone) >= self.overall else 0.0
 
     def failed(self, client: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

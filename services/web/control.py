@@ -59,15 +59,17 @@ def supervisor(config: Config) -> str:
     return "none"
 
 
-async def act(config: Config, unit: str, action: str, timeout: float = 60.0) -> str:
-    """Do it; "ok" or NotAllowed / RuntimeError with what went wrong."""
+async def act(config: Config, unit: str, action: str, timeout: float = 60.0, no_block: bool = False) -> str:
+    """Do it; "ok" or NotAllowed / RuntimeError with what went wrong. `no_block`: ask and return (the
+    web UI restarting itself would not live to hear the answer)."""
     service = check(unit, action)
     mode = supervisor(config)
     if mode == "up":
-        return await _up(config, service, action, timeout)
+        return await _up(config, service, action, timeout, no_block)
     if mode == "systemd":
+        argv = ["systemctl", *(["--no-block"] if no_block else []), action, unit]
         proc = await asyncio.create_subprocess_exec(
-            "systemctl", action, unit, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         try:
             _, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -80,7 +82,7 @@ async def act(config: Config, unit: str, action: str, timeout: float = 60.0) -> 
     raise NotAllowed("no supervisor to ask: not under systemd and no `vigil up` running")
 
 
-async def _up(config: Config, service: str, action: str, timeout: float) -> str:
+async def _up(config: Config, service: str, action: str, timeout: float, no_block: bool = False) -> str:
     path = Path(config.state_dir) / UP_SOCKET
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(path)), 5)
@@ -89,6 +91,8 @@ async def _up(config: Config, service: str, action: str, timeout: float) -> str:
     try:
         writer.write(json.dumps({"action": action, "service": service}).encode() + b"\n")
         await writer.drain()
+        if no_block:
+            return "ok"
         line = await asyncio.wait_for(reader.readline(), timeout)
     except TimeoutError:
         raise RuntimeError(f"`vigil up` did not {action} {service} within {timeout:g} s") from None

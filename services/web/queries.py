@@ -50,7 +50,8 @@ class EventFilter:
         )
 
     def where(self) -> tuple[str, list]:
-        parts, args = ["true"], []
+        parts: list[str] = ["true"]
+        args: list = []
         if self.camera:
             parts.append("e.camera = %s")
             args.append(self.camera)
@@ -63,12 +64,13 @@ class EventFilter:
         if self.reviewed != "any":
             parts.append("e.reviewed = %s")
             args.append(self.reviewed == "yes")
+        # days on this box's clock, as the pages show times
         if self.day_from:
             parts.append("e.started_at >= %s")
-            args.append(dt.datetime.combine(self.day_from, dt.time(), dt.UTC))
+            args.append(dt.datetime.combine(self.day_from, dt.time()).astimezone())
         if self.day_to:
             parts.append("e.started_at < %s")
-            args.append(dt.datetime.combine(self.day_to + dt.timedelta(days=1), dt.time(), dt.UTC))
+            args.append(dt.datetime.combine(self.day_to + dt.timedelta(days=1), dt.time()).astimezone())
         return " AND ".join(parts), args
 
     def query_string(self, **change) -> str:
@@ -107,8 +109,13 @@ async def events(conn, f: EventFilter, page_size: int) -> tuple[list[dict], bool
     return rows[:page_size], len(rows) > page_size
 
 
-async def mark_reviewed(conn, f: EventFilter) -> int:
+async def mark_reviewed(conn, f: EventFilter, seen_at: dt.datetime | None) -> int:
+    """Every event the filter matches that was recorded by `seen_at` (when the page was drawn): one that
+    closed after the operator looked is not marked seen."""
     where, args = f.where()
+    if seen_at is not None:
+        where += " AND e.recorded_at <= %s"
+        args.append(seen_at)
     cur = await conn.execute(
         f"UPDATE events e SET reviewed = true, reviewed_at = now() FROM events e2"
         f" LEFT JOIN event_analysis a ON a.event_id = e2.event_id"
@@ -157,11 +164,13 @@ async def set_notes(conn, event_id: str, notes: str) -> bool:
     return cur.rowcount == 1
 
 
-async def cameras(conn) -> list[dict]:
-    """Per camera: last upload, today's counts, the latest snapshot."""
+async def cameras(conn, folders: list[str]) -> list[dict]:
+    """Per camera (every camera folder, and every camera with rows): last upload (when vigil recorded
+    it: the camera's own clock may be off), today's counts, the latest snapshot."""
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
-        "WITH d AS (SELECT camera, max(captured_at) AS last_upload,"
+        "WITH f AS (SELECT unnest(%s::text[]) AS camera),"
+        " d AS (SELECT camera, max(recorded_at) AS last_upload,"
         "   count(*) FILTER (WHERE captured_at >= date_trunc('day', now())) AS detections_today"
         "   FROM detections GROUP BY camera),"
         " e AS (SELECT camera, count(*) FILTER (WHERE started_at >= date_trunc('day', now())) AS events_today"
@@ -169,10 +178,12 @@ async def cameras(conn) -> list[dict]:
         " s AS (SELECT DISTINCT ON (e.camera) e.camera, e.event_id, a.thumbnail FROM events e"
         "   JOIN event_analysis a ON a.event_id = e.event_id WHERE a.thumbnail IS NOT NULL"
         "   ORDER BY e.camera, e.started_at DESC)"
-        " SELECT coalesce(d.camera, e.camera) AS camera, d.last_upload, coalesce(d.detections_today, 0)"
-        "   AS detections_today, coalesce(e.events_today, 0) AS events_today, s.event_id AS latest_event,"
-        "   s.thumbnail FROM d FULL JOIN e ON e.camera = d.camera LEFT JOIN s ON s.camera = coalesce(d.camera, e.camera)"
-        " ORDER BY 1"
+        " SELECT c.camera, d.last_upload, coalesce(d.detections_today, 0) AS detections_today,"
+        "   coalesce(e.events_today, 0) AS events_today, s.event_id AS latest_event, s.thumbnail"
+        " FROM (SELECT camera FROM f UNION SELECT camera FROM d UNION SELECT camera FROM e) c"
+        " LEFT JOIN d ON d.camera = c.camera LEFT JOIN e ON e.camera = c.camera LEFT JOIN s ON s.camera = c.camera"
+        " ORDER BY 1",
+        (folders,),
     )
     return await cur.fetchall()
 

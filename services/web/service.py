@@ -31,14 +31,17 @@ async def database_down(request: web.Request, handler):
     try:
         return await handler(request)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-        request.app["web"].rt.note_error(f"database: {exc}"[:200])
+        rt = request.app["web"].rt
+        if rt is not None:
+            rt.note_error(f"database: {exc}"[:200])
         return web.Response(status=503, text="the database does not answer; try again in a moment\n")
 
 
 async def start_http(state: Web) -> web.AppRunner:
     app = make_app(state)
     app.middlewares.insert(0, database_down)
-    runner = web.AppRunner(app, access_log=None)
+    # handler_cancellation: a browser that goes away ends its handler (a live log's journalctl with it)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     host, port = state.cfg.http_host, state.cfg.http_port
     try:

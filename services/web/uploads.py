@@ -7,6 +7,8 @@ the file id the watcher will give it (the same deterministic id: camera, path, S
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import os
 import secrets
@@ -58,7 +60,17 @@ def camera_folder(media_root: str, camera: str) -> Path:
     return folder
 
 
-async def receive(content, folder: Path, camera_id: str, max_bytes: int, length: int | None) -> dict:
+def _fsync_folder(folder: Path) -> None:
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+async def receive(
+    content, folder: Path, camera_id: str, max_bytes: int, length: int | None, accepted: set[str]
+) -> dict:
     """Stream `content` (aiohttp's StreamReader) into the folder; the answer's JSON, or Refused."""
     if length is not None and length > max_bytes:
         raise Refused(413, "too_large", f"{length} bytes is more than the limit of {max_bytes}")
@@ -66,7 +78,16 @@ async def receive(content, folder: Path, camera_id: str, max_bytes: int, length:
     digest = hashlib.sha256()
     size = 0
     head = b""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+    except OSError as exc:  # a camera folder vigil-web may not write (made by root 0755, say)
+        raise Refused(
+            507 if exc.errno == errno.ENOSPC else 500,
+            "cannot_write",
+            f"cannot write into the camera's folder: {exc.strerror} (it must be writable by group vigil)",
+        ) from None
+    # the unit's UMask=0077 would leave 0600, which the watcher (another user, group vigil) cannot read
+    os.fchmod(fd, 0o640)
     try:
         with os.fdopen(fd, "wb") as f:
             async for chunk in content.iter_chunked(CHUNK):
@@ -82,15 +103,18 @@ async def receive(content, folder: Path, camera_id: str, max_bytes: int, length:
             ext = kind_of(head)
             if ext is None:
                 raise Refused(415, "not_media", "not an image or clip (JPEG, PNG, BMP, WebP, MP4, MOV, MKV, AVI)")
+            if ext not in accepted:
+                raise Refused(415, "not_accepted", f"{ext} files are not watched here (watcher.*_extensions)")
             f.flush()
-            os.fsync(f.fileno())
+            await asyncio.to_thread(os.fsync, f.fileno())  # on the disk before it is answered for
         name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}{ext}"
         os.rename(tmp, folder / name)
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)  # the rename survives a power cut
-        finally:
-            os.close(dfd)
+        await asyncio.to_thread(_fsync_folder, folder)  # the rename survives a power cut
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise Refused(
+            507 if exc.errno == errno.ENOSPC else 500, "cannot_write", f"cannot store it: {exc.strerror}"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
