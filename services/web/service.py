@@ -20,14 +20,15 @@ from services import database
 from services.runtime.config import Config, ConfigError
 from services.runtime.service import Runtime
 from services.web import auth
-from services.web.app import Web, make_app
+from services.web.app import NATS_ERRORS, Web, make_app
 
 STAGE = "web"
 PROBE_SECONDS = 5.0
 
 
 @web.middleware
-async def database_down(request: web.Request, handler):
+async def servers_away(request: web.Request, handler):
+    """PostgreSQL or NATS not answering: 503 with what is away (never a 500 with a traceback)."""
     try:
         return await handler(request)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
@@ -35,11 +36,13 @@ async def database_down(request: web.Request, handler):
         if rt is not None:
             rt.note_error(f"database: {exc}"[:200])
         return web.Response(status=503, text="the database does not answer; try again in a moment\n")
+    except NATS_ERRORS as exc:
+        return web.Response(status=503, text=f"NATS does not answer ({type(exc).__name__}); try again in a moment\n")
 
 
 async def start_http(state: Web) -> web.AppRunner:
     app = make_app(state)
-    app.middlewares.insert(0, database_down)
+    app.middlewares.insert(0, servers_away)
     # handler_cancellation: a browser that goes away ends its handler (a live log's journalctl with it)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()

@@ -75,10 +75,11 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     running = [s for s in status["services"] if s["instance"] is not None]
     assert {s["service"] for s in running} == set(FULL)
     assert all(s["state"] == "ready" and s["verdict"] == "healthy" for s in running)
-    # gpu-stats and retention are expected by default and were not started: each is down as a whole
+    # gpu-stats, retention and web are expected by default and were not started: each is down as a whole
     assert [(s["service"], s["verdict"]) for s in status["services"] if s["instance"] is None] == [
         ("gpu-stats", "down"),
         ("retention", "down"),
+        ("web", "down"),
     ]
     assert {st["consumer"] for st in status["stages"]} >= {"detector", "aggregator", "recorder-detections"}
     assert all(st["backlog"] == 0 and st["oldest_unacked_s"] == 0 for st in status["stages"])

@@ -7,6 +7,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import urllib.request
 
 import nats
 import nats.errors
@@ -15,6 +16,7 @@ import pytest
 from proto.topology import SERVICES
 from services.cli.stack import free_port
 from services.runtime.nats_auth import inbox_prefix, user
+from tests.integration.conftest import WEB_API_TOKEN
 from tests.support import REPO, LoopbackHTTP, Services, drop, photo_bytes, query, wait_until, write_config
 
 
@@ -58,6 +60,7 @@ def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, mo
         model="yolox-nano",
         models_dir=models_dir,
         health={"http_port": free_port(), "systemd": False},
+        web={"http_port": (web_port := free_port())},
         notify={"rules": [{"name": "door", "cameras": ["front_door"], "urls": [f"json://127.0.0.1:{hook.port}/door"]}]},
     )
     env = {
@@ -97,6 +100,15 @@ def test_each_service_as_its_own_user(locked_nats, tmp_path, media, database, mo
             lambda: "retention run" in stack.log("retention") and "http listening" in stack.log("health"),
             what="retention and health working",
         )
+        # the web UI reads its pages through its own user (the Services page, the dead letters)
+        for page in ("services", "dead-letters", "events"):
+            got = urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://127.0.0.1:{web_port}/api/v1/{page}", headers={"Authorization": f"Bearer {WEB_API_TOKEN}"}
+                ),
+                timeout=30,
+            )
+            assert got.status == 200, page
         log = (tmp_path / "nats-server.log").read_text()
         assert "Permissions Violation" not in log, [
             line for line in log.splitlines() if "Permissions Violation" in line
