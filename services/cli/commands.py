@@ -230,8 +230,9 @@ def dlq(config: Config, args: argparse.Namespace) -> int:
 
 @command(
     "events",
-    "closed events from PostgreSQL; `events keep ID` keeps one (and its media) forever, `unkeep ID` undoes it",
-    arg("action", nargs="?", choices=["list", "keep", "unkeep"], default="list"),
+    "closed events from PostgreSQL; `events keep ID` keeps one (and its media) forever, `unkeep ID` undoes it;"
+    " `reviewed ID` / `unreviewed ID` as on the web UI",
+    arg("action", nargs="?", choices=["list", "keep", "unkeep", "reviewed", "unreviewed"], default="list"),
     arg("event_id", nargs="?", default=None),
     arg("--camera", default=None),
     arg("--since", default=None, help="e.g. 30m, 1h, 2d"),
@@ -242,6 +243,11 @@ def events(config: Config, args: argparse.Namespace) -> int:
             raise ValueError(f"usage: vigil events {args.action} EVENT_ID")
         kept = ctl.keep_event(config, args.event_id, args.action == "keep")
         return emit(args, kept, lambda d: print(f"event {d['event_id']}: keep = {str(d['keep']).lower()}"))
+    if args.action in ("reviewed", "unreviewed"):
+        if not args.event_id:
+            raise ValueError(f"usage: vigil events {args.action} EVENT_ID")
+        seen = ctl.review_event(config, args.event_id, args.action == "reviewed")
+        return emit(args, seen, lambda d: print(f"event {d['event_id']}: reviewed = {str(d['reviewed']).lower()}"))
 
     def human(data: list[dict]) -> None:
         render.table(
@@ -257,6 +263,31 @@ def events(config: Config, args: argparse.Namespace) -> int:
         )  # fmt: skip
 
     return emit(args, ctl.query_events(config, args.camera, args.since), human)
+
+
+@command(
+    "service",
+    "start, stop or restart a vigil service (systemd's unit, or `vigil up`'s supervisor), recorded in the audit trail",
+    arg("action", choices=["start", "stop", "restart"]),
+    arg("unit", help="a service (detector) or its unit (vigil-detector@cpu.service)"),
+)
+def service(config: Config, args: argparse.Namespace) -> int:
+    from services.web import control
+
+    unit = args.unit if args.unit.endswith(".service") else control.unit_of(args.unit)
+    if unit == "vigil-detector.service" and control.supervisor(config) == "systemd":
+        raise ValueError("name the detector's instance: vigil-detector@cpu.service, vigil-detector@0.service, ...")
+    try:
+        result = asyncio.run(control.act(config, unit, args.action))
+    except (control.NotAllowed, RuntimeError) as exc:
+        ctl.audit_cli(config, args.action, unit, f"refused: {exc}")
+        raise ValueError(str(exc)) from None
+    ctl.audit_cli(config, args.action, unit, result)
+    return emit(
+        args,
+        {"unit": unit, "action": args.action, "result": result},
+        lambda d: print(f"{d['action']} {d['unit']}: {d['result']}"),
+    )
 
 
 @command(

@@ -381,6 +381,22 @@ async def provision_all(config: Config) -> dict:
     return {"streams": [s.name for s in STREAMS], "consumers": [c.durable for c in CONSUMERS]}
 
 
+def review_event(config: Config, event_id: str, reviewed: bool) -> dict:
+    from services.runtime import audit
+
+    with _database(config) as conn:
+        row = conn.execute(
+            "UPDATE events SET reviewed = %s, reviewed_at = CASE WHEN %s THEN now() END WHERE event_id = %s"
+            " RETURNING event_id, reviewed",
+            (reviewed, reviewed, event_id),
+        ).fetchone()
+        if row is not None:
+            audit.record_sync(conn, audit.cli_actor(), "cli", "reviewed" if reviewed else "unreviewed", event_id, "ok")
+    if row is None:
+        raise LookupError(f"no event {event_id!r}")
+    return {"event_id": row[0], "reviewed": row[1]}
+
+
 def keep_event(config: Config, event_id: str, keep: bool) -> dict:
 
     with _database(config) as conn:

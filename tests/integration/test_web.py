@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
+import sys
 
 import aiohttp
 import pytest
 
 from services.cli.stack import free_port
 from services.web.auth import hash_password
-from tests.support import photo_bytes, query, wait_until, wait_until_async
+from tests.support import REPO, photo_bytes, query, wait_until, wait_until_async
 
 PIPELINE = ("watcher", "detector", "aggregator", "recorder", "analyzer")
 PASSWORD = "correct horse battery staple"
@@ -218,7 +220,17 @@ async def test_uploads_events_review_audit_and_dead_letters(web_stack, database,
             assert r.status == 401
         async with replay.get(f"{url}/api/v1/events", headers={"Cookie": f"vigil_session={stolen}x"}) as r:
             assert r.status == 401
-    entries = query(database, "SELECT actor, via, action, target, result FROM audit_log ORDER BY id")
+    # the CLI's actions go into the same trail, as cli:<unix user>
+    for argv in (["events", "unreviewed", event_id], ["service", "stop", "detector"]):
+        subprocess.run(
+            [sys.executable, "-m", "services.cli.main", *argv, "--config", str(web_stack.config), "--json"],
+            capture_output=True, text=True, cwd=REPO, timeout=60, env={**os.environ, "VIGIL_CONFIG": ""},
+        )  # fmt: skip
+    cli = query(database, "SELECT actor, action, target, result FROM audit_log WHERE via = 'cli' ORDER BY id")
+    assert [(a, t) for _, a, t, _ in cli] == [("unreviewed", event_id), ("stop", "vigil-detector.service")], cli
+    assert cli[0][0].startswith("cli:") and cli[1][3].startswith("refused: no supervisor"), cli
+    assert query(database, "SELECT reviewed FROM events") == [(False,)]
+    entries = query(database, "SELECT actor, via, action, target, result FROM audit_log WHERE via <> 'cli' ORDER BY id")
     actions = [e[2] for e in entries]
     # the bad token first (an upload refused is an attempt someone made), then the operator's session
     assert entries[0][1:3] == ("api", "upload") and entries[0][4].startswith("refused"), entries[0]
