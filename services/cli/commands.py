@@ -246,7 +246,7 @@ def events(config: Config, args: argparse.Namespace) -> int:
     if args.action in ("reviewed", "unreviewed"):
         if not args.event_id:
             raise ValueError(f"usage: vigil events {args.action} EVENT_ID")
-        seen = ctl.review_event(config, args.event_id, args.action == "reviewed")
+        seen = ctl.set_event_flag(config, args.event_id, "reviewed", args.action == "reviewed")
         return emit(args, seen, lambda d: print(f"event {d['event_id']}: reviewed = {str(d['reviewed']).lower()}"))
 
     def human(data: list[dict]) -> None:

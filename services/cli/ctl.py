@@ -381,35 +381,26 @@ async def provision_all(config: Config) -> dict:
     return {"streams": [s.name for s in STREAMS], "consumers": [c.durable for c in CONSUMERS]}
 
 
-def review_event(config: Config, event_id: str, reviewed: bool) -> dict:
+def set_event_flag(config: Config, event_id: str, column: str, value: bool) -> dict:
+    """`vigil events keep|unkeep|reviewed|unreviewed ID`, recorded in the audit trail."""
     from services.runtime import audit
 
+    assert column in ("keep", "reviewed")
+    extra = ", reviewed_at = CASE WHEN %(v)s THEN now() END" if column == "reviewed" else ""
     with _database(config) as conn:
         row = conn.execute(
-            "UPDATE events SET reviewed = %s, reviewed_at = CASE WHEN %s THEN now() END WHERE event_id = %s"
-            " RETURNING event_id, reviewed",
-            (reviewed, reviewed, event_id),
+            f"UPDATE events SET {column} = %(v)s{extra} WHERE event_id = %(id)s RETURNING event_id, {column}",
+            {"v": value, "id": event_id},
         ).fetchone()
         if row is not None:
-            audit.record_sync(conn, audit.cli_actor(), "cli", "reviewed" if reviewed else "unreviewed", event_id, "ok")
+            audit.record_sync(conn, audit.cli_actor(), "cli", column if value else f"un{column}", event_id, "ok")
     if row is None:
         raise LookupError(f"no event {event_id!r}")
-    return {"event_id": row[0], "reviewed": row[1]}
+    return {"event_id": row[0], column: row[1]}
 
 
 def keep_event(config: Config, event_id: str, keep: bool) -> dict:
-
-    with _database(config) as conn:
-        row = conn.execute(
-            "UPDATE events SET keep = %s WHERE event_id = %s RETURNING event_id, keep", (keep, event_id)
-        ).fetchone()
-        if row is not None:
-            from services.runtime import audit
-
-            audit.record_sync(conn, audit.cli_actor(), "cli", "keep" if keep else "unkeep", event_id, "ok")
-    if row is None:
-        raise LookupError(f"no event {event_id!r}")
-    return {"event_id": row[0], "keep": row[1]}
+    return set_event_flag(config, event_id, "keep", keep)
 
 
 async def retention_run(config: Config, dry_run: bool) -> dict:

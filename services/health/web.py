@@ -40,8 +40,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 import proto
 from services.health.checks import Snapshot, fmt_age, healthy_enough, snapshot_json
-from services.runtime.config import Config, ConfigError
-from services.runtime.http import host_guard
+from services.runtime.config import Config
+from services.runtime.http import bind, host_guard
 
 
 class HealthState:
@@ -290,16 +290,7 @@ def make_app(state: HealthState):
 async def start_http(state: HealthState, host: str, port: int):
     """Bind the HTTP server (before the service connects to NATS, so a port in use stops it at start
     with the field named - exit 78, no crash loop). Returns the runner; `await runner.cleanup()` stops it."""
-    from aiohttp import web
-
-    runner = web.AppRunner(make_app(state), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"config error: health.http_host/http_port {host}:{port}: {exc.strerror}") from None
-    return runner
+    return await bind(make_app(state), host, port, "health")
 
 
 def render_page(state: HealthState) -> str:

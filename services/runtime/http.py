@@ -1,4 +1,4 @@
-"""What every vigil HTTP server shares (health's status page now, the web UI next)."""
+"""What every vigil HTTP server shares (health's status page and the web UI)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,20 @@ def host_guard(extra: list[str] | tuple[str, ...] = ()):
         return await handler(request)
 
     return guard
+
+
+async def bind(app, host: str, port: int, field: str, **runner_options):
+    """Serve `app` on host:port, before the service connects to anything: a port in use stops it at
+    start with the config field named (exit 78, no crash loop). Returns the runner (`cleanup()` stops it)."""
+    from aiohttp import web
+
+    from services.runtime.config import ConfigError
+
+    runner = web.AppRunner(app, access_log=None, **runner_options)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"config error: {field}.http_host/http_port {host}:{port}: {exc.strerror}") from None
+    return runner

@@ -77,6 +77,19 @@ def _kv_read(bucket: str) -> list[str]:
     return [f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.DIRECT.GET.{stream}", f"$JS.API.STREAM.MSG.GET.{stream}"]
 
 
+# Re-publishing a dead letter onto its stage's input (services/runtime/dlq_retry.py) and taking it off
+# the DLQ: health's automatic retries and the web UI's Dead letters page (the same code as `vigil dlq`).
+_RETRY = [
+    "$JS.API.STREAM.MSG.GET.*",
+    "$JS.API.STREAM.MSG.DELETE.DLQ",
+    every("uploads"),
+    every("detections"),
+    every("events"),
+    every("analysis"),
+    every("notify"),
+    every("gpu"),
+]
+
 # What every service does: look streams and consumers up.
 _COMMON_PUB = ["$JS.API.INFO", "$JS.API.STREAM.INFO.>", "$JS.API.CONSUMER.INFO.>"]
 
@@ -119,14 +132,7 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "publish": [
             every("health"),
             every("alerts"),
-            "$JS.API.STREAM.MSG.GET.*",
-            "$JS.API.STREAM.MSG.DELETE.DLQ",
-            every("uploads"),
-            every("detections"),
-            every("events"),
-            every("analysis"),
-            every("notify"),
-            every("gpu"),
+            *_RETRY,
             *_kv_read(HEARTBEAT_BUCKET),
             *_kv_read(GPU_BUCKET),
             *_kv_read(HEALTH_BUCKET),
@@ -151,15 +157,8 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
     # its stage's input, as `vigil dlq retry` does) and purges
     "web": {
         "publish": [
-            "$JS.API.STREAM.MSG.GET.*",
-            "$JS.API.STREAM.MSG.DELETE.DLQ",
+            *_RETRY,
             "$JS.API.STREAM.PURGE.DLQ",
-            every("uploads"),
-            every("detections"),
-            every("events"),
-            every("analysis"),
-            every("notify"),
-            every("gpu"),
             *_kv_read(HEARTBEAT_BUCKET),
             *_kv_read(GPU_BUCKET),
         ],

@@ -68,6 +68,7 @@ class Web:
         self.config, self.cfg = config, config.web
         self.pool, self.js, self.nc = pool, js, nc
         self.rt: Any = None  # the Runtime, once started (services/web/service.py)
+        self.schema_ready = False  # the recorder's schema is migrated: pages may query
         self.password_hash = password_hash
         self.sessions = auth.Sessions(pool, self.cfg.session_hours)
         self.limiter = auth.LoginLimiter(self.cfg.login_attempts)

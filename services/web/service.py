@@ -17,7 +17,9 @@ import psycopg_pool
 from aiohttp import web
 
 from services import database
-from services.runtime.config import Config, ConfigError
+from services.recorder.service import wait_for_database
+from services.runtime.config import Config
+from services.runtime.http import bind
 from services.runtime.service import Runtime
 from services.web import auth
 from services.web.app import NATS_ERRORS, Web, make_app
@@ -29,6 +31,8 @@ PROBE_SECONDS = 5.0
 @web.middleware
 async def servers_away(request: web.Request, handler):
     """PostgreSQL or NATS not answering: 503 with what is away (never a 500 with a traceback)."""
+    if not request.app["web"].schema_ready and not request.path.startswith("/static/"):
+        return web.Response(status=503, text="waiting for the database schema (the recorder migrates it)\n")
     try:
         return await handler(request)
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
@@ -44,15 +48,7 @@ async def start_http(state: Web) -> web.AppRunner:
     app = make_app(state)
     app.middlewares.insert(0, servers_away)
     # handler_cancellation: a browser that goes away ends its handler (a live log's journalctl with it)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    host, port = state.cfg.http_host, state.cfg.http_port
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"config error: web.http_host/http_port {host}:{port}: {exc.strerror}") from None
-    return runner
+    return await bind(app, state.cfg.http_host, state.cfg.http_port, "web", handler_cancellation=True)
 
 
 async def probe(rt: Runtime, pool: psycopg_pool.AsyncConnectionPool) -> None:
@@ -85,6 +81,10 @@ async def run(config: Config) -> None:
         await pool.open(wait=False)
         async with Runtime.start(STAGE, config) as rt:
             state.rt, state.nc, state.js = rt, rt.nc, rt.js
+            # a first start beside the recorder: its tables exist once the schema is migrated (the
+            # recorder or vigil-postgres does it; this role may not); pages answer 503 until then
+            await wait_for_database(rt, database.conninfo(config, STAGE))
+            state.schema_ready = True
             rt.log.info("serving", url=f"http://{config.web.http_host}:{config.web.http_port}/")
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(probe(rt, pool))

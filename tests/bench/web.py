@@ -121,6 +121,8 @@ def bench_pages(home: Path, n: int, requests: int) -> None:
         svc = Services(config, home / "logs", {"CREDENTIALS_DIRECTORY": str(creds)})
         svc.start("web")
         svc.wait_ready("web", timeout=60)
+        while '"event": "serving"' not in svc.log("web"):
+            time.sleep(0.1)
         results = asyncio.run(measure(f"http://127.0.0.1:{port}", "bench-password", n, requests))
         svc.stop_all()
         print(f"\npages over {n} events, {requests} requests each (one client, loopback), ms:")

@@ -56,6 +56,7 @@ def up(tmp_path):
         password = (home / "web-password.txt").read_text().strip()
         assert f"http://127.0.0.1:{ports['web']}/" in banner and f"password {password}" in banner
         assert "model: yolox-nano" in banner
+        wait_until(lambda: '"event": "serving"' in (home / "logs" / "web.log").read_text(), what="the web UI serving")
         yield {"home": home, "url": f"http://127.0.0.1:{ports['web']}", "password": password, "log": out}
     finally:
         proc.send_signal(signal.SIGINT)

@@ -48,6 +48,7 @@ def web_stack(make_stack, tmp_path):
     finally:
         os.umask(old)
     stack.wait_ready(*PIPELINE, "web", timeout=60)
+    wait_until(lambda: '"event": "serving"' in stack.log("web"), what="the web UI serving (schema migrated)")
     stack.url = f"http://127.0.0.1:{port}"
     return stack
 
