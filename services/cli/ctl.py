@@ -34,12 +34,10 @@ from proto.topology import (
     STREAMS,
     SYSTEM_CAMERA,
     dlq_filter,
-    dlq_subject_stage,
 )
 from services.cli.render import human, one_line
-from services.runtime import dlq_retry
+from services.runtime import dlq_ops
 from services.runtime.config import Config, credential, load_config
-from services.runtime.dead_letters import stored_letters
 
 
 def _database(config: Config):
@@ -148,84 +146,14 @@ async def gather_streams(config: Config) -> list[dict]:
     return out
 
 
-async def dead_letters(js) -> list[tuple[int, str, proto.DeadLetter | str]]:
-    return [letter async for letter in stored_letters(js)]
-
-
 async def dlq(config: Config, action: str, seq: int | None, confirm=lambda letter, subject: True) -> dict | list:
     """`vigil dlq list|show|retry|purge`: `confirm(letter, subject)` is asked before a retry
     re-publishes, with the checked target."""
     nc = await connect_nats(config)
     try:
-        return await dlq_on(nc.jetstream(), config, action, seq, confirm)
+        return await dlq_ops.operate(nc.jetstream(), config, action, seq, confirm)
     finally:
         await nc.close()
-
-
-async def dlq_on(js, config: Config, action: str, seq: int | None, confirm=lambda letter, subject: True) -> dict | list:
-    """What `vigil dlq` and the web UI's dead-letter page both do, on a JetStream context of theirs."""
-    if action == "purge":  # without reading the letters: an undecodable one must not stop a purge
-        messages = (await js.stream_info("DLQ")).state.messages
-        await js.purge_stream("DLQ")
-        return {"purged": messages}
-    letters = await dead_letters(js)
-    if action == "list":
-        h = config.health
-        return [
-            {
-                "seq": s,
-                "stage": d.stage,
-                "reason": d.reason,
-                "camera": d.camera,
-                "file_id": d.file_id,
-                "path": d.path,
-                "original_subject": d.original_subject,
-                "failed_at": d.failed_at,
-                "transient": d.transient,
-                "retries": d.retries,
-                "retry_at": (p := dlq_retry.plan(d, subj, h.dlq_retry_seconds, h.dlq_retry_max))[0],
-                "retry": p[1],
-            }
-            if isinstance(d, proto.DeadLetter)
-            else {
-                "seq": s,
-                "stage": dlq_subject_stage(subj),
-                "reason": d,
-                "camera": None,
-                "file_id": None,
-                "path": None,
-                "original_subject": None,
-                "failed_at": None,
-                "transient": False,
-                "retries": 0,
-                "retry_at": None,
-                "retry": "no: undecodable",
-            }
-            for s, subj, d in letters
-        ]
-    found = {s: (subj, d) for s, subj, d in letters}.get(seq)
-    if found is None:
-        raise LookupError(f"no dead letter with sequence {seq}")
-    letter_subject, letter = found
-    if isinstance(letter, str):
-        if action == "show":
-            return {"seq": seq, "subject": letter_subject, "undecodable": letter}
-        raise LookupError(f"dead letter {seq} cannot be retried: {letter}")
-    if action == "show":
-        return {"seq": seq, **to_builtins(letter)}
-    # retry: the original message goes back onto its stage's input subject (checked: services/runtime/dlq_retry.py),
-    # so the stage that refused it sees it again. A fresh Nats-Msg-Id bypasses the duplicate window;
-    # downstream writes are idempotent.
-    try:
-        subject, data = dlq_retry.target(letter, letter_subject)
-    except dlq_retry.NotRetryable as exc:
-        raise LookupError(f"dead letter {seq} cannot be retried: {exc}") from None
-    if not confirm(letter, subject):
-        return {"retried": None, "seq": seq, "subject": subject, "cancelled": True}
-    headers = dlq_retry.headers(letter, seq, letter.retries, f"retry-{seq}-{int(time.time())}")
-    ack = await js.publish(subject, data, headers=headers)
-    await js.delete_msg("DLQ", seq)
-    return {"retried": seq, "subject": subject, "stream": ack.stream, "seq": ack.seq}
 
 
 def query_events(config: Config, camera: str | None, since: str | None) -> list[dict]:
@@ -459,7 +387,7 @@ async def trace(config: Config, needle: str) -> dict:
     nc = await connect_nats(config)
     letters = [
         {"seq": s, "stage": d.stage, "reason": d.reason, "path": d.path}
-        for s, _, d in await dead_letters(nc.jetstream())
+        for s, _, d in await dlq_ops.dead_letters(nc.jetstream())
         if isinstance(d, proto.DeadLetter)
         and (d.file_id in file_ids or d.file_id == needle or d.path == needle or needle in d.original_payload)
     ]

@@ -33,7 +33,7 @@ from aiohttp import web
 from proto import SNAPSHOTS_DIR, printable
 from proto.messages import RISK_LEVELS
 from services.health.checks import fmt_age, snapshot
-from services.runtime import audit
+from services.runtime import audit, dlq_ops
 from services.runtime.config import Config, credential
 from services.runtime.files import open_beneath
 from services.runtime.http import host_guard
@@ -563,22 +563,18 @@ async def logs_download(request: web.Request) -> web.StreamResponse:
 
 # ---- dead letters -----------------------------------------------------------------------------------
 async def dead_letters_page(request: web.Request) -> web.Response:
-    from services.cli import ctl
-
     state: Web = request.app["web"]
-    letters = await ctl.dlq_on(bus(state), state.config, "list", None)
+    letters = await dlq_ops.operate(bus(state), state.config, "list", None)
     if request.path.startswith("/api/"):
         return to_json({"dead_letters": letters})
     return state.render(request, "dead_letters.html", nav="dlq", letters=letters)
 
 
 async def dead_letter_page(request: web.Request) -> web.Response:
-    from services.cli import ctl
-
     state: Web = request.app["web"]
     try:
         seq = int(request.match_info["seq"])
-        letter = await ctl.dlq_on(bus(state), state.config, "show", seq)
+        letter = await dlq_ops.operate(bus(state), state.config, "show", seq)
     except (ValueError, LookupError) as exc:
         raise web.HTTPNotFound(text=f"{exc}\n") from None
     return state.render(
@@ -587,12 +583,10 @@ async def dead_letter_page(request: web.Request) -> web.Response:
 
 
 async def dead_letter_retry(request: web.Request) -> web.StreamResponse:
-    from services.cli import ctl
-
     state: Web = request.app["web"]
     seq_text = request.match_info["seq"]
     try:
-        result = await ctl.dlq_on(bus(state), state.config, "retry", int(seq_text))
+        result = await dlq_ops.operate(bus(state), state.config, "retry", int(seq_text))
     except (ValueError, LookupError, *NATS_ERRORS) as exc:
         await state.audit(request, "retry", f"dlq:{seq_text}", f"refused: {exc}")
         raise back(request, "/dead-letters", err=str(exc)) from None
@@ -601,14 +595,12 @@ async def dead_letter_retry(request: web.Request) -> web.StreamResponse:
 
 
 async def dead_letters_purge(request: web.Request) -> web.StreamResponse:
-    from services.cli import ctl
-
     state: Web = request.app["web"]
     form = await request.post()
     if form.get("confirm") != "yes":
         raise back(request, "/dead-letters", err="tick the box to purge every letter")
     try:
-        result = await ctl.dlq_on(bus(state), state.config, "purge", None)
+        result = await dlq_ops.operate(bus(state), state.config, "purge", None)
     except NATS_ERRORS as exc:
         await state.audit(request, "purge", "dlq", f"failed: {exc!r}"[:200])
         raise back(request, "/dead-letters", err=f"purge failed: {exc!r}"[:200]) from None
