@@ -22,7 +22,8 @@ from services.runtime.config import Config
 from services.runtime.http import bind
 from services.runtime.service import Runtime
 from services.web import auth
-from services.web.app import NATS_ERRORS, Web, make_app
+from services.web.app import make_app
+from services.web.core import NATS_ERRORS, Web
 
 STAGE = "web"
 PROBE_SECONDS = 5.0

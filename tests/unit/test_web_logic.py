@@ -9,8 +9,8 @@ import json
 import pytest
 
 from services.web import control, uploads
-from services.web.app import local_next
 from services.web.auth import LoginLimiter
+from services.web.pages import local_next
 from services.web.queries import EventFilter
 
 
