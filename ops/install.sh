@@ -198,6 +198,10 @@ fi
 if [ "$ROLE" = full ]; then
     install -d -m 2775 -o vigil -g vigil "$MEDIA"
     say "media root $MEDIA (cameras write one folder each; group vigil)"
+    # A default ACL group:vigil:rwX on every folder (and the entry on what is there already), at install
+    # and at every upgrade: an FTP server with umask 077 still writes files vigil can read.
+    "$PREFIX/venv/bin/python" -m services.runtime.acl "$MEDIA" vigil ||
+        say "WARNING: no ACLs on $MEDIA's filesystem: an FTP server must write files group-readable (umask 002)"
 fi
 
 case "$ROLE" in

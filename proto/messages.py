@@ -325,6 +325,9 @@ class Heartbeat(_Msg, kw_only=True):
     last_progress: float | None = None  # wall clock of the oldest work loop's latest beat
     backend: str | None = None  # e.g. "backend onnxruntime:cpu, model yolox_nano@e8af07"
     last_error: str | None = None
+    # The watcher's cameras with files it may not read, each with one example and why ("front_door/a.jpg:
+    # not readable by vigil (owner ftp-cam, mode 0600)"): health raises camera_unreadable while it lasts.
+    unreadable: dict[str, str] = {}
 
 
 Verdict = Literal["healthy", "degraded", "down", "stale"]

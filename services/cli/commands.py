@@ -266,6 +266,33 @@ def events(config: Config, args: argparse.Namespace) -> int:
 
 
 @command(
+    "camera",
+    "onboard cameras: `camera add NAME [--http]` makes its folder (group vigil, setgid, default ACL) and its"
+    " HTTP upload token and prints what to type into the camera; `list`; `rotate NAME`; `remove NAME [--keep-media]`",
+    arg("action", choices=["add", "list", "rotate", "remove"]),
+    arg("name", nargs="?", default=None),
+    arg("--http", action="store_true", help="an HTTP upload token (POST /api/v1/uploads/NAME)"),
+    arg("--keep-media", action="store_true", help="remove: keep the camera's folder and files"),
+    arg("--url", default=None, help="the address cameras reach the web UI at (default: web.http_host:http_port)"),
+)
+def camera(config: Config, args: argparse.Namespace) -> int:
+    from services.cli import cameras
+
+    if args.action == "list":
+        return emit(args, cameras.listing(config), cameras.print_listing)
+    if not args.name:
+        raise ValueError(f"usage: vigil camera {args.action} NAME")
+    if args.action == "add":
+        done = cameras.add(config, args.name, http=args.http, url=args.url)
+    elif args.action == "rotate":
+        done = cameras.rotate(config, args.name, url=args.url)
+    else:
+        done = cameras.remove(config, args.name, keep_media=args.keep_media)
+    ctl.audit_cli(config, f"camera_{args.action}", args.name, "ok")
+    return emit(args, done, cameras.print_done)
+
+
+@command(
     "service",
     "start, stop or restart a vigil service (systemd's unit, or `vigil up`'s supervisor), recorded in the audit trail",
     arg("action", choices=["start", "stop", "restart"]),

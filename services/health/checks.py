@@ -53,6 +53,7 @@ class ServiceStatus(msgspec.Struct, kw_only=True):
     active_state: str | None = None
     sub_state: str | None = None
     restarts: int | None = None
+    unreadable: dict[str, str] = {}  # the watcher's cameras with files vigil may not read
 
     @property
     def key(self) -> str:
@@ -403,6 +404,7 @@ def judge(
             counters=hb.counters,
             backend=hb.backend,
             last_error=hb.last_error,
+            unreadable=hb.unreadable,
         )
     for key, last_seen in (gone or {}).items():
         if key not in out:

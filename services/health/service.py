@@ -11,6 +11,8 @@ when a condition has held long enough - once when it fires, once more (state "re
     detector_cpu_fallback  a detector instance running on the CPU because its GPU failed
     camera_silent          no upload from a camera for its expected interval (health.camera_silent_seconds / .cameras)
     camera_clock           a camera's latest upload is dated far in the future or before any retention age
+    camera_unreadable      the watcher finds files in a camera's folder that vigil may not read (an FTP
+                           server's umask 077, a chmod): the file, its owner and mode are in the message
 
 Alerts also go to health.webhook_url (JSON POST, retried with backoff) when one is set. HTTP endpoints
 (127.0.0.1:9470 by default) are in services/health/web.py.
@@ -168,6 +170,9 @@ def observe(
                 f"{s.key}: {s.backend}",
                 0.0,
             )
+        if s.service == "watcher" and s.verdict not in ("down", "stale"):
+            for camera, detail in s.unreadable.items():  # held while the watcher still cannot read them
+                out[f"camera_unreadable:{camera}"] = ("camera_unreadable", camera, "warning", detail, 0.0)
     for st in snap.stages:
         if trend.add(st.consumer, now, st.backlog, h.backlog_alert_seconds) and st.backlog >= h.backlog_min:
             out[f"backlog_growing:{st.consumer}"] = (

@@ -69,6 +69,7 @@ class Runtime:
         self.counters: dict[str, int] = {}
         self.bus = Bus(self)  # publishing, the fetch loop, dead letters, and their bookkeeping
         self.status_extra = ""
+        self.unreadable: dict[str, str] = {}  # camera -> an unreadable file and why (the watcher fills it)
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self.notifier = Notifier()
@@ -237,6 +238,7 @@ class Runtime:
             last_progress=time.time() - (time.monotonic() - oldest) if oldest is not None else None,
             backend=self.status_extra or None,
             last_error=self.last_error,
+            unreadable=dict(self.unreadable),
         )
         try:
             if self._heartbeat_kv is None:  # looked up once, not on every beat

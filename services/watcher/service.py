@@ -50,6 +50,27 @@ class Rejected(NamedTuple):
     size: int
     mtime_ns: int
     reason: str
+    # not remembered in the ledger: tried again every UNREADABLE_RETRY_SECONDS until it can be read
+    # (or is gone), so a chmod or a default ACL fixes it without the file changing
+    retry: bool = False
+
+
+UNREADABLE_RETRY_SECONDS = 5.0
+
+
+def not_readable(path: str) -> str:
+    """Why vigil cannot read a file it may see, in the operator's words: its owner and mode."""
+    import pwd
+
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"not readable by vigil ({exc.strerror})"
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f"not readable by vigil (owner {printable(owner)}, mode {stat.S_IMODE(st.st_mode):04o})"
 
 
 class Watcher:
@@ -64,6 +85,10 @@ class Watcher:
         self.rescan_now = asyncio.Event()  # the file watch failed: what it missed is found by a scan
         self.scanned = asyncio.Event()  # the start-up scan has observed every file
         self.skipped: set[str] = set()  # paths already reported as not regular files
+        # files vigil may not read: path -> (camera, relative path, reason); and the versions already
+        # dead-lettered (one letter per version, however often it is tried again)
+        self.unreadable: dict[str, tuple[str, str, str]] = {}
+        self.reported_unreadable: set[tuple[str, int, int]] = set()
         self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
         self.disk_checked_at = self.retention_asked_at = -1e9
         ages = [config.retention.max_age_days] + [
@@ -257,10 +282,15 @@ class Watcher:
             if item is None:
                 continue
             if isinstance(item, Rejected):
-                rows.append((item.path, item.size, item.mtime_ns, "", f"rejected: {item.reason}", now))
-                sends.append(self.rejection(item, now))
+                if not item.retry:
+                    rows.append((item.path, item.size, item.mtime_ns, "", f"rejected: {item.reason}", now))
+                if (item.path, item.size, item.mtime_ns) not in self.reported_unreadable:
+                    sends.append(self.rejection(item, now))
+                    if item.retry:
+                        self.reported_unreadable.add((item.path, item.size, item.mtime_ns))
                 continue
             msg, size, mtime_ns = item
+            self.readable_again(str(self.root / msg.path))
             rows.append((msg.path, size, mtime_ns, msg.file_id, "published", now))
             if self.ledger.published_before(msg.file_id):
                 self.rt.count("unchanged")  # touched or re-sent with the same bytes: remembered, not re-published
@@ -269,6 +299,36 @@ class Watcher:
         await self.rt.bus.publish_many(sends)
         self.ledger.mark(rows)  # only after every PubAck
         self.rt.count("published", sum(1 for _, m, _ in sends if isinstance(m, FileUploaded)))
+
+    # ---- files vigil may not read ---------------------------------------------------------------
+    def report_unreadable(self) -> None:
+        """The heartbeat's per-camera summary (health's camera_unreadable alert)."""
+        by_camera: dict[str, list[tuple[str, str]]] = {}
+        for camera, rel, reason in self.unreadable.values():
+            by_camera.setdefault(camera, []).append((rel, reason))
+        self.rt.unreadable = {
+            camera: f"{rel}: {reason}" + (f" (and {len(files) - 1} more)" if len(files) > 1 else "")
+            for camera, files in by_camera.items()
+            for rel, reason in [min(files)]
+        }
+
+    def readable_again(self, path: str) -> None:
+        gone = self.unreadable.pop(path, None)
+        if gone is not None:
+            self.reported_unreadable = {k for k in self.reported_unreadable if k[0] != gone[1]}
+            self.report_unreadable()
+
+    async def unreadable_loop(self) -> None:
+        """Try the unreadable files again: a chmod, a default ACL or the FTP server's umask fixed makes
+        them readable without changing them (no watch event, no new version)."""
+        while not self.rt.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rt.stopping.wait(), timeout=UNREADABLE_RETRY_SECONDS)
+            for path, st in await asyncio.to_thread(_restat, list(self.unreadable)):
+                if st is None:  # deleted (by hand, by retention): nothing left to read
+                    self.readable_again(path)
+                else:
+                    self.observe(path)
 
     def rejection(self, item: Rejected, now: float) -> tuple[str, DeadLetter, str]:
         """A refused file as a dead letter of stage watcher: `vigil dlq list`, `vigil trace PATH` and
@@ -309,10 +369,15 @@ class Watcher:
             digest, head, size2, mtime2 = hash_file(self.root, rel)
         except (FileNotFoundError, NotRegularFile):
             return None
-        except PermissionError as exc:
-            self.rt.log.warning("file not readable, skipped", path=rel, error=str(exc))
-            self.rt.count("rejected")
-            return Rejected(rel, size, mtime_ns, "permission denied")
+        except PermissionError:
+            reason = not_readable(path)
+            camera = camera_id(rel.split("/", 1)[0], self.cfg.camera_prefix) or rel.split("/", 1)[0]
+            if path not in self.unreadable:
+                self.rt.log.warning("file not readable by vigil, tried again until it is", path=rel, reason=reason)
+                self.rt.count("unreadable")
+            self.unreadable[path] = (camera, rel, reason)
+            self.report_unreadable()
+            return Rejected(rel, size, mtime_ns, reason, retry=True)
         except OSError as exc:  # swapped for a symlink (ELOOP), I/O error, stale NFS handle...
             self.rt.log.warning("file could not be read, skipped until it changes", path=rel, error=str(exc))
             self.rt.count("rejected")
@@ -385,5 +450,6 @@ async def run(config: Config) -> None:
                 tg.create_task(watcher.watch_loop())
                 tg.create_task(watcher.rescan_loop())
                 tg.create_task(watcher.settle_loop())
+                tg.create_task(watcher.unreadable_loop())
         finally:
             watcher.ledger.close()

@@ -152,5 +152,8 @@ class LoginLimiter:
 
 
 def upload_token_ok(camera: str, presented: str | None) -> bool:
-    expected = credential(UPLOAD_PREFIX + camera)
+    """systemd's LoadCredential=upload:<folder> names the folder's file CAMERA `upload_CAMERA`; without
+    systemd (`vigil up`, tests) the folder is there as it is: `upload/CAMERA`. `camera` is a checked
+    camera id (letters, digits, '-', '_'), so it cannot lead out of the credential folder."""
+    expected = credential(UPLOAD_PREFIX + camera) or credential(f"upload/{camera}")
     return expected is not None and same(presented, expected)

@@ -7,6 +7,7 @@ corrupt upload's dead letter shown and retried; the Services page's refusal with
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import subprocess
@@ -240,3 +241,55 @@ async def test_uploads_events_review_audit_and_dead_letters(web_stack, database,
     ), actions
     assert all(e[0] == "admin" for e in entries[1:]), entries
     assert "retry" in page and "dlq:" in page
+
+
+def vigil_cli(stack, *argv: str) -> dict | list:
+    creds = stack.env["CREDENTIALS_DIRECTORY"]
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *argv, "--config", str(stack.config), "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=60,
+        env={**os.environ, "VIGIL_CONFIG": "", "CREDENTIALS_DIRECTORY": creds},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+async def test_a_camera_onboarded_with_its_http_token_uploads_and_is_recorded(web_stack, database, media):
+    """`vigil camera add porch --http`: its folder (with the default ACL) and a token the web UI takes
+    once restarted; `rotate` retires the old token; `remove` takes token and media."""
+    url = web_stack.url
+    added = vigil_cli(web_stack, "camera", "add", "porch", "--http", "--url", url)
+    assert (media / "porch").is_dir() and (media / "porch").stat().st_mode & 0o2070 == 0o2070
+    assert added["upload_url"] == f"{url}/api/v1/uploads/porch" and len(added["token"]) >= 32
+    creds = web_stack.env["CREDENTIALS_DIRECTORY"]
+    assert oct(os.stat(f"{creds}/upload/porch").st_mode & 0o777) == "0o600"
+
+    def restart_web():
+        web_stack.stop("web")
+        web_stack.start("web")
+        wait_until(lambda: web_stack.log("web").count('"event": "serving"') >= 2 + restart_web.n, what="web again")
+        restart_web.n += 1
+
+    restart_web.n = 0
+    restart_web()  # the unit loads its credentials at start
+    status, answer = await upload(url, photo_bytes("camera", scale=0.3), camera="porch", token=added["token"])
+    assert status == 202, answer
+    wait_until(
+        lambda: query(database, "SELECT 1 FROM detections WHERE file_id = %s", answer["file_id"]), what="recorded"
+    )
+    listed = {c["camera"]: c for c in vigil_cli(web_stack, "camera", "list")}
+    assert listed["porch"]["http_token"] and listed["porch"]["files"] == 1 and not listed["front_door"]["http_token"]
+
+    rotated = vigil_cli(web_stack, "camera", "rotate", "porch")
+    restart_web()
+    assert (await upload(url, photo_bytes("camera", scale=0.3), camera="porch", token=added["token"]))[0] == 401
+    assert (await upload(url, photo_bytes("camera", scale=0.31), camera="porch", token=rotated["token"]))[0] == 202
+
+    assert vigil_cli(web_stack, "camera", "remove", "porch") == {
+        "camera": "porch",
+        "token_removed": True,
+        "media_removed": True,
+    }
+    assert not (media / "porch").exists() and not os.path.exists(f"{creds}/upload/porch")
+    audit = [a for (a,) in query(database, "SELECT action FROM audit_log WHERE via = 'cli' ORDER BY id")]
+    assert audit == ["camera_add", "camera_rotate", "camera_remove"], audit

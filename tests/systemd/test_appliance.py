@@ -368,6 +368,59 @@ def test_services_use_their_own_database_roles(appliance):
     assert users == {"vigil_recorder"}
 
 
+def test_a_file_vigil_cannot_read_is_rejected_visibly_alerted_and_taken_once_fixed(appliance):
+    """The watcher runs as vigil-watcher here, not root: a file an FTP server wrote with umask 077 (root's,
+    0600) is a rejection naming its owner and mode, health raises camera_unreadable for its camera, and
+    a chmod (no new version of the file) makes it detected and the alert resolved. Hostile names beside
+    it are refused one by one, and the watcher goes on."""
+    import base64
+
+    photo = base64.b64encode(photo_bytes("coffee", scale=0.3)).decode()
+    folder = "/srv/vigil/media/backyard"
+    appliance.sd.run(
+        "sh", "-c", f"mkdir -p {folder} && umask 077 && base64 -d > /var/tmp/locked.jpg && mv /var/tmp/locked.jpg {folder}/locked.jpg",
+        input=photo,
+    )  # fmt: skip
+    for name in (b"bad\x01name.jpg", b"line\nbreak.jpg", b"caf\xe9.jpg"):  # a control character, a newline, not UTF-8
+        code = f"import os; os.close(os.open({folder.encode() + b'/' + name!r}, os.O_CREAT | os.O_WRONLY, 0o644))"
+        appliance.sd.run(sys.executable, "-c", code)
+
+    def rejections():
+        rows = appliance.sql("SELECT path, reason FROM dead_letters WHERE stage = 'watcher'")
+        return dict(rows) if len(rows) >= 4 else None
+
+    reasons = wait_until(rejections, what="four rejections recorded", timeout=60)
+    assert reasons["backyard/locked.jpg"] == "rejected by the watcher: not readable by vigil (owner root, mode 0600)", (
+        reasons
+    )
+    assert any("\\x01" in p for p in reasons) and any("\\xe9" in p for p in reasons), reasons  # escaped, recorded
+    alert = wait_until(
+        lambda: appliance.sql("SELECT message FROM alerts WHERE kind = 'camera_unreadable' AND camera = 'backyard'"),
+        what="camera_unreadable raised",
+    )
+    assert "backyard/locked.jpg: not readable by vigil (owner root, mode 0600)" in alert[0][0]
+    assert appliance.state("vigil-watcher")["ActiveState"] == "active"
+    appliance.sd.run("chmod", "0644", "/srv/vigil/media/backyard/locked.jpg")
+    wait_until(
+        lambda: appliance.sql("SELECT 1 FROM detections WHERE path = 'backyard/locked.jpg'"),
+        what="detected once readable",
+    )
+    wait_until(
+        lambda: appliance.sql(
+            "SELECT 1 FROM alerts WHERE kind = 'camera_unreadable' AND camera = 'backyard' AND state = 'resolved'"
+        ),
+        what="camera_unreadable resolved",
+    )
+    # written in place with umask 077, as vsftpd's default does: the installer's default ACL on the media
+    # root (services/runtime/acl.py) keeps it readable for group vigil, so it is simply detected
+    appliance.sd.run("sh", "-c", f"umask 077 && base64 -d > {folder}/umask077.jpg", input=photo)
+    mode = appliance.sd.run("stat", "-c", "%a", f"{folder}/umask077.jpg").stdout.strip()
+    wait_until(
+        lambda: appliance.sql("SELECT 1 FROM detections WHERE path = 'backyard/umask077.jpg'"),
+        what=f"umask077.jpg ({mode})",
+    )
+
+
 def test_journal_has_structured_fields(appliance):
     """Log records reach the journal as fields: `journalctl -u vigil-detector@cpu CAMERA=front_door` works."""
     good = photo_bytes("coffee")
