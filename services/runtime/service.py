@@ -106,6 +106,40 @@ class Runtime:
         self._js = value
 
     # ---- lifecycle -------------------------------------------------------------------------
+    async def _until_provisioned(self) -> None:
+        """Declare (or wait for) the streams, consumers and buckets; a NATS that is up but not ready
+        (JetStream still recovering after a restart or a power cut: timeouts, 503) is waited for, not
+        a crash: under systemd, crashes at boot would use up StartLimitBurst and leave the unit failed."""
+        import nats.errors
+        import nats.js.errors
+
+        retryable = (
+            TimeoutError,
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.ConnectionReconnectingError,
+            nats.errors.StaleConnectionError,
+            nats.js.errors.ServiceUnavailableError,
+            ConnectionError,
+        )
+        delay = 0.5
+        while True:
+            try:
+                if self.config.nats.provision:
+                    await provision.provision(self.js, self.log, self.config.nats.replicas)
+                else:
+                    await provision.wait_provisioned(self)
+                return
+            except retryable as exc:
+                if self.stopping.is_set():
+                    raise StoppedBeforeReady from None
+                self.log.warning("NATS not ready to provision yet, retrying", error=repr(exc)[:200], in_s=delay)
+                self.notifier.status(f"waiting for NATS to provision: {exc!r}"[:200])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=delay)
+                delay = min(delay * 2, 5.0)
+
     @classmethod
     @contextlib.asynccontextmanager
     async def start(cls, service: str, config: Config) -> AsyncIterator[Runtime]:
@@ -120,10 +154,7 @@ class Runtime:
             if nc is None:
                 raise StoppedBeforeReady
             rt.nc, rt.js = nc, nc.jetstream(timeout=config.nats.publish_timeout)
-            if config.nats.provision:
-                await provision.provision(rt.js, log, config.nats.replicas)
-            else:
-                await provision.wait_provisioned(rt)
+            await rt._until_provisioned()
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(rt._watchdog_loop())
                 rt.notifier.ready(rt.status_line())

@@ -177,6 +177,7 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
     stack = Services(config, work / "logs")
     kills: dict[str, int] = {name: 0 for name in SERVICES}
     restarts = {"nats-server": 0, "postgresql": 0}
+    crashes: dict[str, int] = {}
     rss = None
     try:
         stack.start(*SERVICES)
@@ -214,6 +215,11 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
                 time.sleep(2.0)
                 pg.start()
                 restarts["postgresql"] += 1
+            for name, proc in list(stack.procs.items()):  # Restart=on-failure: a crash is restarted, and counted
+                if proc.poll() is not None:
+                    crashes[name] = crashes.get(name, 0) + 1
+                    stack.procs.pop(name)
+                    stack.start(name)
             if time.monotonic() >= next_kill:
                 if not victims:  # every service in turn, in a random order each round
                     victims = rng.sample(SERVICES, len(SERVICES))
@@ -265,6 +271,7 @@ def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: flo
             "bad": n_bad,
             "kills": kills,
             "restarts": restarts,
+            "crashes": crashes,  # services that exited on their own (restarted, as systemd would)
             "recorded_rows": rows,
             "recorded_files": distinct,
             "lost": sorted(p for p, k in names.items() if k == "valid" and p not in recorded),
