@@ -19,19 +19,10 @@ from pathlib import Path
 
 from proto.messages import valid_camera
 from services.runtime import acl
-from services.runtime.config import Config
+from services.runtime.config import Config, credential_folder
+from services.runtime.files import write_secret
 
 TOKEN_FOLDER = "upload"
-
-
-def credentials() -> Path:
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        raise ValueError(
-            "no credential folder: run it as root on the appliance (/etc/vigil/credentials), or set"
-            " CREDENTIALS_DIRECTORY (under `vigil up`: .vigil/credentials)"
-        )
-    return Path(directory)
 
 
 def _checked(name: str) -> str:
@@ -50,14 +41,10 @@ def upload_url(config: Config, name: str, url: str | None) -> str:
 
 
 def _write_token(name: str) -> str:
-    folder = credentials() / TOKEN_FOLDER
+    folder = credential_folder() / TOKEN_FOLDER
     folder.mkdir(mode=0o700, exist_ok=True)
     token = secrets.token_urlsafe(24)
-    tmp = folder / f".{name}.new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.replace(tmp, folder / name)
+    write_secret(folder / name, token)
     return token
 
 
@@ -86,14 +73,14 @@ def add(config: Config, name: str, http: bool, url: str | None) -> dict:
 
 def rotate(config: Config, name: str, url: str | None) -> dict:
     _checked(name)
-    if not (credentials() / TOKEN_FOLDER / name).is_file():
+    if not (credential_folder() / TOKEN_FOLDER / name).is_file():
         raise LookupError(f"camera {name!r} has no HTTP token to rotate (vigil camera add {name} --http)")
     return {"camera": name, "token": _write_token(name), "upload_url": upload_url(config, name, url)}
 
 
 def remove(config: Config, name: str, keep_media: bool) -> dict:
     folder = _folder(config, name)
-    token = credentials() / TOKEN_FOLDER / name
+    token = credential_folder() / TOKEN_FOLDER / name
     had_token = token.is_file()
     token.unlink(missing_ok=True)
     removed = False
@@ -105,7 +92,7 @@ def remove(config: Config, name: str, keep_media: bool) -> dict:
 
 def listing(config: Config) -> list[dict]:
     root = Path(config.media_root)
-    tokens = credentials() / TOKEN_FOLDER if os.environ.get("CREDENTIALS_DIRECTORY") else None
+    tokens = credential_folder() / TOKEN_FOLDER if os.environ.get("CREDENTIALS_DIRECTORY") else None
     out = []
     for entry in sorted(root.iterdir() if root.is_dir() else [], key=lambda p: p.name):
         if entry.is_dir() and not entry.is_symlink() and valid_camera(entry.name):

@@ -326,14 +326,11 @@ def service(config: Config, args: argparse.Namespace) -> int:
 def web(config: Config, args: argparse.Namespace) -> int:
     import getpass
 
+    from services.runtime.config import credential_folder
+    from services.runtime.files import write_secret
     from services.web.auth import hash_password
 
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        raise ValueError(
-            "no credential folder: run it as root on the appliance (/etc/vigil/credentials), or set"
-            " CREDENTIALS_DIRECTORY (under `vigil up`: .vigil/credentials)"
-        )
+    path = credential_folder() / config.web.password_credential
     if args.stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -342,12 +339,7 @@ def web(config: Config, args: argparse.Namespace) -> int:
             raise ValueError("the two passwords differ")
     if len(password) < 8:
         raise ValueError("the password needs at least 8 characters")
-    path = Path(directory) / config.web.password_credential
-    tmp = path.with_name(f".{path.name}.new")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(hash_password(password) + "\n")
-    os.replace(tmp, path)
+    write_secret(path, hash_password(password))
     ended = ctl.end_web_sessions(config)
     ctl.audit_cli(config, "password", "web", f"ok: {ended} sessions ended")
     print(

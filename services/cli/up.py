@@ -80,6 +80,7 @@ def find_or_pull_model(models_dir: Path, home: Path) -> tuple[Path, str, str | N
 def web_login(home: Path) -> str:
     """The web UI's password: made once, kept in <home>/web-password.txt (0600) for the person who ran
     `vigil up`; the services get only its bcrypt hash, as credential web-password."""
+    from services.runtime.files import write_secret
     from services.web.auth import hash_password
 
     creds = home / "credentials"
@@ -87,10 +88,8 @@ def web_login(home: Path) -> str:
     clear = home / "web-password.txt"
     if not clear.is_file() or not (creds / "web-password").is_file():
         password = secrets.token_urlsafe(12)
-        for path, text in ((clear, password), (creds / "web-password", hash_password(password))):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # 0600 from the first byte
-            with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
+        write_secret(clear, password)
+        write_secret(creds / "web-password", hash_password(password))
     return clear.read_text().strip()
 
 

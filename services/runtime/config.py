@@ -510,6 +510,18 @@ class Config(_Section):
     web: WebConfig = msgspec.field(default_factory=WebConfig)
 
 
+def credential_folder() -> Path:
+    """Where an operator command writes credentials ($CREDENTIALS_DIRECTORY: /etc/vigil/credentials on
+    an appliance, .vigil/credentials under `vigil up`), or ValueError saying how to name it."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ValueError(
+            "no credential folder: run it as root on the appliance (/etc/vigil/credentials), or set"
+            " CREDENTIALS_DIRECTORY (under `vigil up`: .vigil/credentials)"
+        )
+    return Path(directory)
+
+
 def credential(name: str, environ: Mapping[str, str] | None = None) -> str | None:
     """A secret handed over by systemd's LoadCredential= ($CREDENTIALS_DIRECTORY/<name>), or None.
 

@@ -33,3 +33,13 @@ def open_beneath(root: str | Path, rel: str) -> int:
         return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
     finally:
         os.close(fd)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """A credential file: 0600 from its first byte (never readable by others, whatever the umask),
+    written beside its final name and renamed into place, so a reader sees the old or the new one."""
+    tmp = path.with_name(f".{path.name}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    os.replace(tmp, path)
