@@ -9,6 +9,7 @@ keep go first; their analysis rows then say why they have none."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -42,26 +43,30 @@ def root_of(config: Config) -> Path:
     return Path(config.state_dir) / SNAPSHOTS_DIR
 
 
-def scan(root: Path) -> list[SnapshotFile]:
-    """Every regular file in the (flat) snapshots folder; symlinks, folders and temp files are skipped."""
-    out: list[SnapshotFile] = []
+def scan(root: Path) -> tuple[list[SnapshotFile], list[SnapshotFile]]:
+    """(snapshots, temp files of writes in progress or crashed) in the flat snapshots folder, in one
+    listing; symlinks and folders are skipped."""
+    files: list[SnapshotFile] = []
+    temps: list[SnapshotFile] = []
     try:
         entries = list(os.scandir(root))
     except FileNotFoundError:
-        return out
+        return files, temps
     for f in entries:
-        if f.name.startswith(".tmp-"):
-            continue  # being written (or left by a crash: run() takes it once it is old)
         st = f.stat(follow_symlinks=False)
         if stat.S_ISREG(st.st_mode):
-            out.append(SnapshotFile(f.name, st.st_size, st.st_mtime))
-    return out
+            (temps if f.name.startswith(".tmp-") else files).append(SnapshotFile(f.name, st.st_size, st.st_mtime))
+    return files, temps
 
 
 def run(conn: psycopg.Connection, config: Config, now: float, dry_run: bool) -> SnapshotReport:
     root = root_of(config)
     report = SnapshotReport()
-    files = scan(root)
+    files, temps = scan(root)
+    for tmp in temps:  # a write that crashed (one still going is younger than the grace)
+        if now - tmp.mtime > ORPHAN_GRACE and not dry_run:
+            with contextlib.suppress(OSError):
+                (root / tmp.rel).unlink()
     if not files:
         return report
     named: dict[str, tuple[str, bool]] = {}  # file -> (event id, kept)
@@ -103,10 +108,4 @@ def run(conn: psycopg.Connection, config: Config, now: float, dry_run: bool) -> 
             continue
         report.files += 1
         report.bytes += f.size
-    for tmp in root.glob(".tmp-*"):  # the temp files of a crashed write
-        try:
-            if now - tmp.lstat().st_mtime > ORPHAN_GRACE and not dry_run:
-                tmp.unlink()
-        except OSError:
-            pass
     return report
