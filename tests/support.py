@@ -172,6 +172,20 @@ class Services:
         return codes
 
 
+def vigil_json(config, *args: str, timeout: float = 60, env: dict[str, str] | None = None):
+    """`vigil ARGS --config CONFIG --json` as a real subprocess: its parsed output (it must succeed)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "services.cli.main", *args, "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "VIGIL_CONFIG": "", **(env or {})},
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.2, what: str = "condition"):
     """Poll `predicate` until it returns something truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

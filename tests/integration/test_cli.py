@@ -9,20 +9,9 @@ import sys
 import time
 
 from tests.integration.test_pipeline import FULL, drained
-from tests.support import REPO, drop, photo_bytes, query, wait_until
+from tests.support import REPO, drop, photo_bytes, query, vigil_json, wait_until
 
-
-def vigil(config, *args, timeout=60):
-    out = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args, "--config", str(config), "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=timeout,
-        env={**os.environ, "VIGIL_CONFIG": ""},
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+vigil = vigil_json
 
 
 def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_server, models_dir):

@@ -4,10 +4,6 @@ loss of a stream leader's node, and detectors on several "hosts" share one durab
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 
 import nats
@@ -17,7 +13,7 @@ import structlog
 from services.cli.stack import NatsCluster
 from services.runtime.provision import provision
 from tests.integration.test_service_lifecycle import read_heartbeats
-from tests.support import REPO, Services, drop, photo_bytes, query, wait_until, write_config
+from tests.support import Services, drop, photo_bytes, query, vigil_json, wait_until, write_config
 from tests.support import count_rows as rows
 
 PIPELINE = ("watcher", "detector", "aggregator", "recorder")
@@ -116,16 +112,7 @@ def test_losing_the_stream_leaders_node_loses_nothing(tmp_path, media, database,
         # `vigil status` answers while the cluster settles; what it cannot read yet (a consumer still
         # electing its leader answers 503) it names instead of failing, and a rerun sees the whole.
         def settled_status() -> dict | None:
-            out = subprocess.run(
-                [sys.executable, "-m", "services.cli.main", "status", "--json", "--config", str(stack.config)],
-                capture_output=True,
-                text=True,
-                cwd=REPO,
-                timeout=60,
-                env={**os.environ, "VIGIL_CONFIG": ""},
-            )
-            assert out.returncode == 0, out.stderr
-            status = json.loads(out.stdout)
+            status = vigil_json(stack.config, "status")
             return None if status["unreadable"] else status
 
         status = wait_until(settled_status, timeout=60, what="a status with every stream and consumer read")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import proto
 from services.cli.stack import free_port
-from tests.support import REPO, drop, photo_bytes, stream_messages, wait_until
+from tests.support import drop, photo_bytes, stream_messages, vigil_json, wait_until
 
 HEARTBEAT = 1.0
 
@@ -244,16 +241,7 @@ def test_metrics_and_status_agree_with_the_cli(make_stack, nats_server, media):
     assert {s.labels["stage"] for s in families["vigil_stage_backlog"].samples} >= {"detector", "aggregator"}
 
     served = status(port)
-    out = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", "status", "--json", "--config", str(stack.config)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        env={**os.environ, "VIGIL_CONFIG": ""},
-    )
-    assert out.returncode == 0, out.stderr
-    cli = json.loads(out.stdout)
+    cli = vigil_json(stack.config, "status")
     pick = lambda doc: {(s["service"], s["instance"], s["verdict"], s["pid"]) for s in doc["services"]}  # noqa: E731
     assert pick(served) == pick(cli)
     assert {s["consumer"] for s in served["stages"]} == {s["consumer"] for s in cli["stages"]}

@@ -18,7 +18,7 @@ from services.database import connect
 from services.retention.service import run_once
 from services.runtime.config import load_config
 from tests.integration.retention_support import DAY, migrate, put_file, record, rows
-from tests.support import REPO, drop, photo_bytes, stream_messages, wait_until, write_config
+from tests.support import REPO, drop, photo_bytes, stream_messages, vigil_json, wait_until, write_config
 
 
 def config_for(tmp_path: Path, media: Path, database: str, nats_url: str = "nats://127.0.0.1:1", **retention):
@@ -41,16 +41,7 @@ def run(config, now: float, dry_run: bool = False, **kw):
 
 
 def cli(config_path: Path, *args: str) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *args, "--config", str(config_path), "--json"],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        env={**os.environ, "VIGIL_CONFIG": ""},
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return vigil_json(config_path, *args, timeout=120)
 
 
 def test_ages_per_camera_keep_and_dry_run(tmp_path, media, database, nats_server):

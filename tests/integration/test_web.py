@@ -7,7 +7,6 @@ corrupt upload's dead letter shown and retried; the Services page's refusal with
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 
 from services.cli.stack import free_port
 from services.web.auth import hash_password
-from tests.support import REPO, photo_bytes, query, wait_until, wait_until_async
+from tests.support import REPO, photo_bytes, query, vigil_json, wait_until, wait_until_async
 
 PIPELINE = ("watcher", "detector", "aggregator", "recorder", "analyzer")
 PASSWORD = "correct horse battery staple"
@@ -244,14 +243,7 @@ async def test_uploads_events_review_audit_and_dead_letters(web_stack, database,
 
 
 def vigil_cli(stack, *argv: str) -> dict | list:
-    creds = stack.env["CREDENTIALS_DIRECTORY"]
-    out = subprocess.run(
-        [sys.executable, "-m", "services.cli.main", *argv, "--config", str(stack.config), "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
-        env={**os.environ, "VIGIL_CONFIG": "", "CREDENTIALS_DIRECTORY": creds},
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return vigil_json(stack.config, *argv, env={"CREDENTIALS_DIRECTORY": stack.env["CREDENTIALS_DIRECTORY"]})
 
 
 async def test_a_camera_onboarded_with_its_http_token_uploads_and_is_recorded(web_stack, database, media):
