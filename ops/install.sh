@@ -9,6 +9,9 @@
 #         --credentials-from DIR (a copy of the first node's /etc/vigil/credentials: the users must match)
 #     a detector-only host: --role detector --servers ... --replicas 3 --credentials-from DIR --detectors 0,1
 #   The role and cluster flags are saved in /etc/vigil/install.env; running again without them keeps them.
+#   Camera uploads over FTP (README "Add a camera"): --ftp [--ftp-ports 40100-40119] [--ftps]
+#     installs vsftpd from Debian, for camera accounts only (vigil camera add NAME --ftp makes them);
+#     --ftps adds a generated certificate and requires TLS for logins and transfers. Kept on upgrade.
 # What it does, each step idempotent:
 #   system user `vigil`; venv /opt/vigil/venv with this checkout installed; /etc/vigil/vigil.toml
 #   (commented, every option; kept on upgrade, the new template lands beside it as vigil.toml.new);
@@ -32,6 +35,9 @@ NODE_NAME=
 LISTEN=127.0.0.1
 ROUTES=
 CREDS_FROM=
+FTP_ARG=
+FTP_PORTS_ARG=
+FTPS_ARG=
 PLACED=no  # any of role/cluster/detector/media flags given
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -46,6 +52,9 @@ while [ $# -gt 0 ]; do
         --listen) LISTEN=$2; PLACED=yes; shift 2 ;;
         --cluster-routes) ROUTES=$2; PLACED=yes; shift 2 ;;
         --credentials-from) CREDS_FROM=$2; shift 2 ;;
+        --ftp) FTP_ARG=yes; shift ;;
+        --ftp-ports) FTP_ARG=yes; FTP_PORTS_ARG=$2; shift 2 ;;
+        --ftps) FTP_ARG=yes; FTPS_ARG=yes; shift ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -53,6 +62,21 @@ done
 if [ "$PLACED" = no ] && [ -f "$ETC/install.env" ]; then
     . "$ETC/install.env"  # an upgrade without flags: this host keeps its role and cluster settings
 fi
+if [ -f "$ETC/install.env" ]; then  # the FTP server, once set up, stays set up (and keeps its settings)
+    FTP=$(sed -n "s/^FTP='\(.*\)'$/\1/p" "$ETC/install.env")
+    FTP_PORTS=$(sed -n "s/^FTP_PORTS='\(.*\)'$/\1/p" "$ETC/install.env")
+    FTPS=$(sed -n "s/^FTPS='\(.*\)'$/\1/p" "$ETC/install.env")
+fi
+FTP=${FTP_ARG:-${FTP:-no}}
+FTP_PORTS=${FTP_PORTS_ARG:-${FTP_PORTS:-40100-40119}}
+FTPS=${FTPS_ARG:-${FTPS:-no}}
+case "$FTP_PORTS" in
+    *[!0-9-]*|-*|*-|*-*-*|"") echo "--ftp-ports is a range like 40100-40119" >&2; exit 2 ;;
+esac
+if [ "$FTP" = yes ] && { [ "${FTP_PORTS%-*}" -lt 1024 ] || [ "${FTP_PORTS#*-}" -gt 65535 ] || [ "${FTP_PORTS%-*}" -gt "${FTP_PORTS#*-}" ]; }; then
+    echo "--ftp-ports: $FTP_PORTS is not a range of unprivileged ports (1024-65535, low-high)" >&2; exit 2
+fi
+[ "$FTP" = no ] || [ "$ROLE" = full ] || { echo "--ftp needs the full role (the camera folders live there)" >&2; exit 2; }
 case "$ROLE" in full|bus|detector) ;; *) echo "--role is full, bus or detector" >&2; exit 2 ;; esac
 if [ "$ROLE" = detector ] && { [ -z "$SERVERS" ] || [ -z "$CREDS_FROM" ]; }; then
     echo "--role detector needs --servers (the cluster) and --credentials-from (nats-detector, nats-gpu-stats from the primary)" >&2; exit 2
@@ -92,6 +116,7 @@ else
     "$PREFIX/venv/bin/pip" install -q --upgrade pip
     "$PREFIX/venv/bin/pip" install -q --upgrade "$SRC"
 fi
+ln -sfn "$PREFIX/venv/bin/vigil" /usr/local/bin/vigil  # `sudo vigil camera add ...`, as the README says
 say "venv $PREFIX/venv ok"
 
 install -d -m 0755 "$ETC"
@@ -203,6 +228,38 @@ if [ "$ROLE" = full ]; then
     "$PREFIX/venv/bin/python" -m services.runtime.acl "$MEDIA" vigil ||
         say "WARNING: no ACLs on $MEDIA's filesystem: an FTP server must write files group-readable (umask 002)"
 fi
+if [ "$FTP" = yes ]; then
+    # vsftpd (Debian's): small, chroots each account, its own seccomp sandbox; what cameras speak.
+    if [ ! -x /usr/sbin/vsftpd ]; then
+        say "installing vsftpd from Debian"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends vsftpd >/dev/null ||
+            { echo "could not install vsftpd (apt-get install vsftpd): see its output above" >&2; exit 1; }
+    fi
+    [ -e "$ETC/ftp-users" ] || install -m 0600 /dev/null "$ETC/ftp-users"  # vigil camera add --ftp fills it
+    install -d -m 0700 "$ETC/credentials/ftp" "$ETC/ftp"
+    if [ -f /etc/vsftpd.conf ] && [ ! -f /etc/vsftpd.conf.before-vigil ] && ! head -1 /etc/vsftpd.conf | grep -q '^# vigil camera uploads'; then
+        cp -p /etc/vsftpd.conf /etc/vsftpd.conf.before-vigil
+    fi
+    TLS="ssl_enable=NO"
+    if [ "$FTPS" = yes ]; then
+        if [ ! -s "$ETC/ftp/key.pem" ]; then
+            (umask 077; openssl req -x509 -newkey rsa:3072 -nodes -days 3650 -subj "/CN=$(hostname)" \
+                -keyout "$ETC/ftp/key.pem" -out "$ETC/ftp/cert.pem" 2>/dev/null) ||
+                { echo "could not make the FTPS certificate (is openssl installed?)" >&2; exit 1; }
+            say "FTPS certificate $ETC/ftp/cert.pem (self-signed, 10 years; SHA-256 $(openssl x509 -in "$ETC/ftp/cert.pem" -noout -fingerprint -sha256 | cut -d= -f2))"
+        fi
+        TLS=$(printf 'ssl_enable=YES\nrsa_cert_file=%s\nrsa_private_key_file=%s\nallow_anon_ssl=NO\nforce_local_logins_ssl=YES\nforce_local_data_ssl=YES\nssl_sslv2=NO\nssl_sslv3=NO\nssl_tlsv1=YES\nrequire_ssl_reuse=NO\nssl_ciphers=HIGH' "$ETC/ftp/cert.pem" "$ETC/ftp/key.pem")
+    fi
+    sed -e "s|@PASV_MIN@|${FTP_PORTS%-*}|" -e "s|@PASV_MAX@|${FTP_PORTS#*-}|" "$SRC/ops/ftp/vsftpd.conf.in" |
+        awk -v tls="$TLS" '$0 == "@TLS@" { print tls; next } { print }' > /etc/vsftpd.conf.vigil
+    chmod 0644 /etc/vsftpd.conf.vigil
+    mv /etc/vsftpd.conf.vigil /etc/vsftpd.conf
+    install -m 0644 "$SRC/ops/ftp/pam-vigil-ftp" /etc/pam.d/vigil-ftp
+    install -d -m 0755 "$UNITDIR/vsftpd.service.d"
+    sed "s|@MEDIA@|$MEDIA|" "$SRC/ops/ftp/vsftpd-vigil.conf" > "$UNITDIR/vsftpd.service.d/vigil.conf"
+    chmod 0644 "$UNITDIR/vsftpd.service.d/vigil.conf"
+    say "FTP server vsftpd: port 21, passive ports $FTP_PORTS, TLS ${FTPS}; add a camera with: vigil camera add NAME --ftp"
+fi
 
 case "$ROLE" in
     full) FILES="$SRC/systemd/*.service $SRC/systemd/*.target" ;;
@@ -241,11 +298,18 @@ LISTEN='$LISTEN'
 ROUTES='$ROUTES'
 DETECTORS='$DETECTORS'
 MEDIA='$MEDIA'
+FTP='$FTP'
+FTP_PORTS='$FTP_PORTS'
+FTPS='$FTPS'
 ENV
 chmod 0600 "$ETC/install.env"
 # shellcheck disable=SC2086
 systemctl enable -q vigil.target $UNITS
 say "units installed and enabled: vigil.target $UNITS"
+if [ "$FTP" = yes ]; then
+    systemctl enable -q vsftpd.service
+    systemctl restart vsftpd.service  # the new configuration (cameras reconnect: they retry)
+fi
 if [ "$START" = yes ]; then
     systemctl restart vigil.target $UNITS
     say "started; watch with: systemctl status 'vigil-*'   journalctl -u 'vigil-*' -f"

@@ -15,13 +15,23 @@ rm -f /etc/systemd/system/vigil.target /etc/systemd/system/vigil-*.service
 rm -rf /etc/systemd/system/vigil.target.wants
 rm -f /etc/systemd/system/vigil-.service.d/cluster.conf
 rm -f /etc/polkit-1/rules.d/50-vigil-web.rules
+# The FTP server install.sh --ftp set up: stopped, its vigil configuration gone (the one it had before
+# put back); the camera accounts can no longer log in (they were only in /etc/vigil/ftp-users).
+if head -1 /etc/vsftpd.conf 2>/dev/null | grep -q '^# vigil camera uploads'; then
+    systemctl disable -q --now vsftpd.service 2>/dev/null || true
+    if [ -f /etc/vsftpd.conf.before-vigil ]; then mv /etc/vsftpd.conf.before-vigil /etc/vsftpd.conf; else rm -f /etc/vsftpd.conf; fi
+    rm -f /etc/pam.d/vigil-ftp /etc/systemd/system/vsftpd.service.d/vigil.conf
+    echo "vsftpd stopped and disabled, its vigil configuration removed"
+fi
 systemctl daemon-reload
 rm -rf /opt/vigil
+[ "$(readlink /usr/local/bin/vigil 2>/dev/null)" != /opt/vigil/venv/bin/vigil ] || rm -f /usr/local/bin/vigil
 if [ "$PURGE" = yes ]; then
     rm -rf /etc/vigil /var/lib/vigil
     for u in vigil vigil-nats vigil-postgres vigil-watcher vigil-detector vigil-aggregator vigil-recorder vigil-gpu-stats vigil-health vigil-retention vigil-analyzer vigil-notifier vigil-web; do
         userdel "$u" 2>/dev/null || true
     done
+    for u in $(getent passwd | cut -d: -f1 | grep '^vigil-cam-'); do userdel "$u" 2>/dev/null || true; done  # camera FTP accounts
     echo "vigil removed, with its configuration, database and JetStream store"
 else
     echo "vigil removed; kept /etc/vigil and /var/lib/vigil (run with --purge to delete them)"

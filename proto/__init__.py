@@ -5,6 +5,7 @@ each carries the headers `Vigil-Type` and `Vigil-Version`.
 """
 
 from proto.messages import (
+    FTP_UPLOAD_FOLDER,
     SNAPSHOTS_DIR,
     Alert,
     AnalyzerInfo,
@@ -34,6 +35,7 @@ from proto.topology import CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, subject
 
 __all__ = [
     "CONSUMERS",
+    "FTP_UPLOAD_FOLDER",
     "SNAPSHOTS_DIR",
     "STREAMS",
     "Alert",

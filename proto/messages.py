@@ -243,6 +243,11 @@ class EventAnalyzed(_Msg, kw_only=True):
 # notifier, the web service and retention).
 SNAPSHOTS_DIR = "snapshots"
 
+# A camera with an FTP account (vigil camera add NAME --ftp) is chrooted into <media_root>/<camera>,
+# which it may not write (vsftpd refuses a writable chroot), and uploads into this folder inside it,
+# which it owns. Retention never removes it when it empties: the account could not make it again.
+FTP_UPLOAD_FOLDER = "upload"
+
 Severity = Literal["info", "warning", "critical"]
 
 

@@ -40,6 +40,13 @@ def photo_bytes(name: str, quality: int = 92, scale: float = 1.0) -> bytes:
     return data.tobytes()
 
 
+def tagged(jpeg: bytes, *tag: int) -> bytes:
+    """The same JPEG with a comment segment (COM) holding `tag` after its SOI: distinct bytes, so a
+    distinct file id, and still a whole JPEG (its end marker kept: the watcher holds a file without one)."""
+    body = bytes(tag)
+    return jpeg[:2] + b"\xff\xfe" + (len(body) + 2).to_bytes(2, "big") + body + jpeg[2:]
+
+
 def drop(path: Path, data: bytes, mtime: float | None = None) -> Path:
     """Place a file the way a careful uploader does: write hidden, set mtime, rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,7 +71,7 @@ def write_config(
 ) -> Path:
     """A TOML config for test services; `sections` override per-section values, e.g. aggregator={...}."""
     base = {
-        "watcher": {"settle_seconds": 0.5, "rescan_seconds": 30.0},
+        "watcher": {"settle_seconds": 0.5, "rescan_seconds": 30.0, "incomplete_seconds": 3.0},
         "detector": {
             "model": model,
             "models_dir": str(models_dir or "/nonexistent"),

@@ -3,6 +3,14 @@
 # test, driven by selenium) and polkitd (the appliance test starts and stops units from the Services
 # page through the installer's polkit rule). Installed when missing, as root with apt-get; elsewhere
 # those tests skip and say why.
+# vsftpd is only downloaded (into $DEBS, never installed on this host, where nothing should serve FTP):
+# the appliance test puts it in the booted system's apt cache, and `install.sh --ftp` installs it there.
+DEBS=/var/cache/vigil-tests/debs
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && ! ls "$DEBS"/vsftpd_*.deb >/dev/null 2>&1; then
+    mkdir -p "$DEBS/partial"
+    get() { apt-get install -y -qq --download-only --no-install-recommends -o Dir::Cache::archives="$DEBS" vsftpd >/dev/null 2>&1; }
+    get || { apt-get update -qq >/dev/null 2>&1 && get; } || echo "could not download vsftpd: the appliance's FTP tests skip"
+fi
 need=""
 [ -x /usr/bin/chromium ] || need="$need chromium"
 [ -x /usr/bin/chromedriver ] || need="$need chromium-driver"

@@ -267,10 +267,12 @@ def events(config: Config, args: argparse.Namespace) -> int:
 
 @command(
     "camera",
-    "onboard cameras: `camera add NAME [--http]` makes its folder (group vigil, setgid, default ACL) and its"
-    " HTTP upload token and prints what to type into the camera; `list`; `rotate NAME`; `remove NAME [--keep-media]`",
+    "onboard cameras: `camera add NAME [--ftp] [--http]` makes its folder (group vigil, setgid, default ACL),"
+    " its FTP account and/or HTTP upload token, and prints what to type into the camera; `list`; `rotate NAME`"
+    " (new password/token); `remove NAME [--keep-media]`",
     arg("action", choices=["add", "list", "rotate", "remove"]),
     arg("name", nargs="?", default=None),
+    arg("--ftp", action="store_true", help="an FTP account vigil-cam-NAME (root; after ops/install.sh --ftp)"),
     arg("--http", action="store_true", help="an HTTP upload token (POST /api/v1/uploads/NAME)"),
     arg("--keep-media", action="store_true", help="remove: keep the camera's folder and files"),
     arg("--url", default=None, help="the address cameras reach the web UI at (default: web.http_host:http_port)"),
@@ -283,7 +285,7 @@ def camera(config: Config, args: argparse.Namespace) -> int:
     if not args.name:
         raise ValueError(f"usage: vigil camera {args.action} NAME")
     if args.action == "add":
-        done = cameras.add(config, args.name, http=args.http, url=args.url)
+        done = cameras.add(config, args.name, http=args.http, url=args.url, ftp=args.ftp)
     elif args.action == "rotate":
         done = cameras.rotate(config, args.name, url=args.url)
     else:

@@ -10,6 +10,7 @@ vigil config check [FILE]    validate a config file, naming a bad field
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
 from services.cli import ctl, render
@@ -47,6 +48,12 @@ def run_operator(c: Command, args: argparse.Namespace) -> int:
     except (LookupError, ValueError) as exc:
         print(f"vigil {c.name}: {render.human(exc)}", file=sys.stderr)
         return 2
+    except PermissionError as exc:  # before OSError: "needs root", not "cannot reach the server"
+        print(f"vigil {c.name}: {exc}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as exc:  # useradd, chpasswd, userdel: their own words
+        print(f"vigil {c.name}: {exc.cmd[0]} failed: {(exc.stderr or '').strip()}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"vigil {c.name}: cannot reach the server: {exc}", file=sys.stderr)
         return 1

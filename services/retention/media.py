@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+from proto import FTP_UPLOAD_FOLDER
 from services.runtime.config import ConfigError, RetentionConfig, parse_watermark
 from services.runtime.files import safe_parts
 from services.watcher.files import camera_id, name_problem
@@ -226,8 +227,11 @@ def unlink_under(root: Path, rel: str) -> int:
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{rel!r} is not a regular file")
         os.unlink(parts[-1], dir_fd=fds[-1])
-        # Remove folders this left empty (date folders), never the camera folder itself.
+        # Remove folders this left empty (date folders), never the camera folder itself nor the upload
+        # folder of a camera's FTP account (which it may not make again).
         for i in range(len(parts) - 2, 0, -1):
+            if i == 1 and parts[1] == FTP_UPLOAD_FOLDER:
+                break
             try:
                 os.rmdir(parts[i], dir_fd=fds[i])
             except OSError:

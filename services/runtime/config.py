@@ -73,6 +73,10 @@ class DatabaseConfig(_Section):
 class WatcherConfig(_Section):
     # A file is published once its size and mtime have not changed for this long.
     settle_seconds: Annotated[float, msgspec.Meta(ge=0)] = 2.0
+    # A settled file that is not whole (a JPEG without its end marker, an MP4 cut inside a box: an
+    # FTP upload whose connection dropped) is held this long for the camera to resume it (APPE), then
+    # rejected as truncated (a watcher dead letter); it is never processed as complete.
+    incomplete_seconds: Annotated[float, msgspec.Meta(ge=0)] = 120.0
     # Camera clocks: an mtime more than this ahead of the file's arrival, or older than the longest
     # retention age (clock_floor_days, default retention's), is replaced by the arrival time and the
     # file is marked clock_suspect (health raises camera_clock).

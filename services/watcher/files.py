@@ -25,6 +25,57 @@ def sniff_kind(head: bytes) -> str | None:
     return None
 
 
+def incomplete(f, head: bytes, size: int) -> str | None:
+    """Why a file of a known format is not whole yet (None: it is, or its format cannot tell).
+
+    An FTP upload cut off mid-file settles like a finished one (nothing writes to it any more), and
+    OpenCV decodes a JPEG without its end with a grey bottom: without this check a camera's dropped
+    connection would be detected, evented and recorded as if it were the picture. Each format says
+    where it ends: JPEG its EOI marker, PNG its IEND chunk, BMP and RIFF (WebP, AVI) their declared
+    length, MP4/MOV a chain of boxes that must end exactly at the end of the file and hold the `moov`
+    index. Matroska (its segments may say "unknown size") is not checked. `f` is open at any offset.
+    """
+
+    def at(offset: int, n: int) -> bytes:
+        f.seek(offset)
+        return f.read(n)
+
+    if head.startswith(b"\xff\xd8\xff"):
+        tail = at(max(0, size - 4096), 4096).rstrip(b"\x00")  # some cameras pad with NULs
+        return None if tail.endswith(b"\xff\xd9") else "JPEG without its end marker (EOI)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if at(max(0, size - 12), 12) == b"\x00\x00\x00\x00IEND\xaeB`\x82" else "PNG without its IEND chunk"
+    if head.startswith(b"BM") and len(head) >= 6:
+        declared = int.from_bytes(head[2:6], "little")
+        return f"BMP of {size} bytes, its header says {declared}" if declared > size else None
+    if head[:4] == b"RIFF" and len(head) >= 8:
+        declared = int.from_bytes(head[4:8], "little") + 8
+        return (
+            f"{head[8:12].decode('latin-1').strip()} of {size} bytes, its header says {declared}"
+            if declared > size
+            else None
+        )
+    if head[4:8] == b"ftyp":
+        offset, boxes = 0, set()
+        while offset < size:
+            box = at(offset, 16)
+            if len(box) < 8:
+                return f"MP4 cut inside a box header at byte {offset}"
+            length, kind = int.from_bytes(box[:4], "big"), box[4:8]
+            if length == 1:  # 64-bit length follows
+                length = int.from_bytes(box[8:16], "big") if len(box) == 16 else 0
+            elif length == 0:  # "to the end of the file"
+                length = size - offset
+            if length < 8:
+                return f"MP4 with a box of length {length} at byte {offset}"
+            if offset + length > size:
+                return f"MP4 cut inside its {kind.decode('latin-1')!r} box ({size} of {offset + length} bytes)"
+            boxes.add(kind)
+            offset += length
+        return None if b"moov" in boxes else "MP4 without its index (moov box)"
+    return None
+
+
 def camera_id(folder: str, prefix: str = "") -> str | None:
     """The camera id of a folder under the media root: `prefix` + the folder name, when that is a valid
     id (a NATS subject token: letters, digits, '-' and '_'). None otherwise: "front.door" and
@@ -183,8 +234,9 @@ class Ledger:
         self._db.close()
 
 
-def hash_file(root: str | Path, rel: str) -> tuple[str, bytes, int, int]:
-    """sha256, first 16 bytes, and the (size, mtime_ns) read *after* hashing, so a change is noticed.
+def hash_file(root: str | Path, rel: str) -> tuple[str, bytes, int, int, str | None]:
+    """sha256, first 16 bytes, the (size, mtime_ns) read *after* hashing, so a change is noticed, and
+    why the file is not whole yet (`incomplete`; then it is not hashed: "" stands for the digest).
 
     Opened folder by folder without following a symlink at any level (services/runtime/files.py), never
     blocking on a FIFO; raises NotRegularFile for anything but a plain file, OSError when it cannot open.
@@ -194,10 +246,14 @@ def hash_file(root: str | Path, rel: str) -> tuple[str, bytes, int, int]:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise NotRegularFile(rel)
         head = f.read(16)
+        cut = incomplete(f, head, os.fstat(fd).st_size)
+        if cut is not None:
+            st = os.fstat(fd)
+            return "", head, st.st_size, st.st_mtime_ns, cut
         f.seek(0)
         digest = hashlib.file_digest(f, "sha256").hexdigest()
         st = os.fstat(fd)
-    return digest, head, st.st_size, st.st_mtime_ns
+    return digest, head, st.st_size, st.st_mtime_ns, None
 
 
 class NotRegularFile(OSError):

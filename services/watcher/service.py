@@ -89,6 +89,9 @@ class Watcher:
         # dead-lettered (one letter per version, however often it is tried again)
         self.unreadable: dict[str, tuple[str, str, str]] = {}
         self.reported_unreadable: set[tuple[str, int, int]] = set()
+        # files cut short (a dropped upload): path -> (size, mtime_ns, held since): looked at again
+        # with the unreadable ones until they are whole or incomplete_seconds have passed unchanged
+        self.incomplete: dict[str, tuple[int, int, float]] = {}
         self.disk = FallingFast(config.retention.low_watermark, horizon=2 * config.retention.disk_check_seconds)
         self.disk_checked_at = self.retention_asked_at = -1e9
         ages = [config.retention.max_age_days] + [
@@ -318,17 +321,37 @@ class Watcher:
             self.reported_unreadable = {k for k in self.reported_unreadable if k[0] != gone[1]}
             self.report_unreadable()
 
-    async def unreadable_loop(self) -> None:
-        """Try the unreadable files again: a chmod, a default ACL or the FTP server's umask fixed makes
-        them readable without changing them (no watch event, no new version)."""
+    async def retry_loop(self) -> None:
+        """Try the unreadable and the incomplete files again: a chmod, a default ACL or the FTP server's
+        umask fixed makes a file readable without changing it (no watch event, no new version), and a
+        truncated upload must be looked at again to be rejected once its time is up."""
         while not self.rt.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=UNREADABLE_RETRY_SECONDS)
-            for path, st in await asyncio.to_thread(_restat, list(self.unreadable)):
+            for path, st in await asyncio.to_thread(_restat, list(self.unreadable) + list(self.incomplete)):
                 if st is None:  # deleted (by hand, by retention): nothing left to read
                     self.readable_again(path)
+                    self.incomplete.pop(path, None)
                 else:
                     self.observe(path)
+            self.rt.counters["incomplete"] = len(self.incomplete)
+
+    def hold_incomplete(self, path: str, rel: str, size: int, mtime_ns: int, cut: str) -> Rejected | None:
+        """A file that is not whole: None (held, looked at again) until it has stayed so, unchanged, for
+        incomplete_seconds; then its rejection. A resume after that is a new version, processed."""
+        now = time.monotonic()
+        held = self.incomplete.get(path)
+        if held is None or held[:2] != (size, mtime_ns):
+            if held is None:
+                self.rt.log.info("upload not complete yet: held for the camera to resume it", path=rel, reason=cut)
+            held = self.incomplete[path] = (size, mtime_ns, now)
+        if now - held[2] < self.cfg.incomplete_seconds:
+            return None
+        del self.incomplete[path]
+        reason = f"truncated upload: {cut}, unchanged for {now - held[2]:.0f} s"
+        self.rt.log.warning("truncated upload not resumed, skipped", path=rel, reason=reason)
+        self.rt.count("rejected")
+        return Rejected(rel, size, mtime_ns, reason)
 
     def rejection(self, item: Rejected, now: float) -> tuple[str, DeadLetter, str]:
         """A refused file as a dead letter of stage watcher: `vigil dlq list`, `vigil trace PATH` and
@@ -366,7 +389,7 @@ class Watcher:
             self.rt.count("rejected")
             return Rejected(ledger_key(rel), size, mtime_ns, problem)
         try:
-            digest, head, size2, mtime2 = hash_file(self.root, rel)
+            digest, head, size2, mtime2, cut = hash_file(self.root, rel)
         except (FileNotFoundError, NotRegularFile):
             return None
         except PermissionError:
@@ -390,6 +413,9 @@ class Watcher:
             self.rt.log.warning("not an image or clip (magic bytes), skipped", path=rel, size=size)
             self.rt.count("rejected")
             return Rejected(rel, size, mtime_ns, "unrecognised content")
+        if cut is not None:
+            return self.hold_incomplete(path, rel, size, mtime_ns, cut)
+        self.incomplete.pop(path, None)
         camera = camera_id(rel.split("/", 1)[0], self.cfg.camera_prefix)
         assert camera is not None  # name_problem refused every other folder
         arrived = time.time()
@@ -450,6 +476,6 @@ async def run(config: Config) -> None:
                 tg.create_task(watcher.watch_loop())
                 tg.create_task(watcher.rescan_loop())
                 tg.create_task(watcher.settle_loop())
-                tg.create_task(watcher.unreadable_loop())
+                tg.create_task(watcher.retry_loop())
         finally:
             watcher.ledger.close()

@@ -192,7 +192,7 @@ def test_an_operator_reviews_an_event_and_runs_the_services(up, browser, tmp_pat
     shots.take("5-logs")
 
     # a corrupt photo's dead letter, retried from the page
-    drop(up["home"] / "media" / "front_door" / "broken.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 64)
+    drop(up["home"] / "media" / "front_door" / "broken.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 64 + b"\xff\xd9")
     d.get(f"{url}/dead-letters")
     until(d, lambda d: d.refresh() or "front_door/broken.jpg" in d.page_source, "the dead letter", timeout=60)
     shots.take("6-dead-letters")

@@ -117,7 +117,9 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
             tmp_path = path.with_name("." + path.name)
             with open(tmp_path, "wb") as f:
                 f.write(jpeg(41)[:1024])
-                f.truncate(2 * 1024**3)  # 2 GiB, nearly all hole
+                f.truncate(2 * 1024**3)  # 2 GiB, nearly all hole...
+                f.seek(2 * 1024**3 - 2)
+                f.write(b"\xff\xd9")  # ...ending as a JPEG ends
             os.replace(tmp_path, path)
 
         return make
@@ -158,22 +160,37 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
         Case("good photo", "front_door/good.jpg", RECORDED, make=put("front_door/good.jpg", jpeg(1))),
         Case("good png", "front_door/good.png", RECORDED, make=put("front_door/good.png", png_bytes())),
         Case("good clip", "front_door/good.mp4", RECORDED, make=put("front_door/good.mp4", good_clip)),
+        # cut short (a dropped upload): held incomplete_seconds for a resume, then refused by the watcher
         Case(
             "truncated JPEG",
             "front_door/truncated.jpg",
-            DEAD,
-            "decod",
+            SKIPPED,
+            "jpeg without its end marker",
             put("front_door/truncated.jpg", bad_jpeg[: len(bad_jpeg) // 3]),
         ),
         Case(
             "truncated PNG",
             "front_door/truncated.png",
-            DEAD,
-            "decod",
+            SKIPPED,
+            "png without its iend",
             put("front_door/truncated.png", png_bytes(0.3)[:400]),
         ),
         Case("zero bytes", "front_door/empty.jpg", SKIPPED, "not an image or clip", put("front_door/empty.jpg", b"")),
-        Case("header only", "front_door/header.jpg", DEAD, "decod", put("front_door/header.jpg", bad_jpeg[:20])),
+        Case(
+            "header only",
+            "front_door/header.jpg",
+            SKIPPED,
+            "truncated upload",
+            put("front_door/header.jpg", bad_jpeg[:20]),
+        ),
+        # whole by its structure, but nothing the decoder can read: the detector's dead letter
+        Case(
+            "header and end only",
+            "front_door/header-end.jpg",
+            DEAD,
+            "decod",
+            put("front_door/header-end.jpg", bad_jpeg[:20] + b"\xff\xd9"),
+        ),
         Case(
             "random bytes as .jpg",
             "front_door/random.jpg",
@@ -202,13 +219,14 @@ def file_cases(tmp: Path, media: Path) -> list[Case]:
             "front_door/noframes.mp4",
             DEAD,
             "clip",
-            put("front_door/noframes.mp4", b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"),
+            # its boxes whole (an empty index), its frames none
+            put("front_door/noframes.mp4", b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2\x00\x00\x00\x08moov"),
         ),
         Case(
-            "clip with a broken index",
+            "clip cut in half",
             "front_door/broken.mp4",
-            DEAD,
-            "clip",
+            SKIPPED,
+            "mp4 cut inside its 'mdat' box",
             put("front_door/broken.mp4", good_clip[: len(good_clip) // 2]),
         ),
         Case("2 GiB sparse file", "front_door/sparse.jpg", DEAD, "limit", sparse("front_door/sparse.jpg")),

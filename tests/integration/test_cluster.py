@@ -13,7 +13,7 @@ import structlog
 from services.cli.stack import NatsCluster
 from services.runtime.provision import provision
 from tests.integration.test_service_lifecycle import read_heartbeats
-from tests.support import Services, drop, photo_bytes, query, vigil_json, wait_until, write_config
+from tests.support import Services, drop, photo_bytes, query, tagged, vigil_json, wait_until, write_config
 from tests.support import count_rows as rows
 
 PIPELINE = ("watcher", "detector", "aggregator", "recorder")
@@ -94,7 +94,7 @@ def test_losing_the_stream_leaders_node_loses_nothing(tmp_path, media, database,
         blob = photo_bytes("coffee", scale=0.1)
         n = 60
         for i in range(n):
-            drop(media / ("front_door" if i % 2 else "backyard") / f"f{i:03}.jpg", blob[:-2] + bytes([i, 0xD9]))
+            drop(media / ("front_door" if i % 2 else "backyard") / f"f{i:03}.jpg", tagged(blob, i))
             time.sleep(0.1)
             if i == 20:
                 leader = stream_cluster(cluster.urls, "UPLOADS").leader
@@ -139,7 +139,7 @@ def test_detectors_on_two_hosts_share_the_work_and_one_can_leave(tmp_path, media
         blob = photo_bytes("camera", scale=0.1)
         time.sleep(2)  # both in their fetch loops before work arrives
         for i in range(120):  # a steady stream (not one burst), so both keep asking for work
-            drop(media / "front_door" / f"a{i:03}.jpg", blob[:-2] + bytes([i, 0xD9]))
+            drop(media / "front_door" / f"a{i:03}.jpg", tagged(blob, i))
             time.sleep(0.05)
         wait_until(lambda: rows(database) >= 120, timeout=120, what="first 120 rows")
 
@@ -151,7 +151,7 @@ def test_detectors_on_two_hosts_share_the_work_and_one_can_leave(tmp_path, media
         assert len(shares) == 2 and all(n > 0 for n in shares.values()), shares  # both hosts did part of the work
         assert second.stop("detector") == 0  # host b leaves cleanly
         for i in range(40):
-            drop(media / "front_door" / f"b{i:03}.jpg", blob[:-2] + bytes([i, 0xD8, 0xD9]))
+            drop(media / "front_door" / f"b{i:03}.jpg", tagged(blob, i, 1))
         wait_until(lambda: rows(database) >= 160, timeout=120, what="the rest on host a")
         time.sleep(1)
         assert query(database, "SELECT count(*), count(DISTINCT path) FROM detections")[0] == (160, 160)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tests.integration.test_pipeline import ALL, drained
-from tests.support import drop, photo_bytes, query, stream_messages, wait_until
+from tests.support import drop, photo_bytes, query, stream_messages, tagged, wait_until
 
 
 def test_kill_9_detector_mid_batch_and_aggregator_mid_event(make_stack, media, database, nats_server, models_dir):
@@ -50,13 +50,13 @@ def test_postgres_outage_loses_nothing(make_stack, media, database, nats_server,
     stack.wait_ready(*ALL)
     small = photo_bytes("coffee", scale=0.1)
     for i in range(10):
-        drop(media / "backyard" / f"before{i}.jpg", small[:-2] + bytes([i, 0xD9]))
+        drop(media / "backyard" / f"before{i}.jpg", tagged(small, i))
     wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 10, what="rows before the outage")
 
     postgres.stop()
     try:
         for i in range(25):
-            drop(media / "backyard" / f"during{i}.jpg", small[:-2] + bytes([i, 0xD9]))
+            drop(media / "backyard" / f"during{i}.jpg", tagged(small, i))
         wait_until(lambda: "database unavailable, holding batch" in stack.log("recorder"), what="recorder holding")
         time.sleep(3)  # the outage lasts a while; the recorder must neither ack nor crash
         assert stack.procs["recorder"].poll() is None
@@ -73,7 +73,7 @@ def test_corrupt_jpeg_is_dead_lettered_and_slow_upload_waits(make_stack, media, 
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     good = photo_bytes("chelsea", scale=0.3)
-    drop(media / "backyard" / "corrupt.jpg", good[:200] + b"\x00" * 50)  # JPEG magic, then garbage
+    drop(media / "backyard" / "corrupt.jpg", good[:200] + b"\x00" * 50 + b"\xff\xd9")  # JPEG magic, garbage, its end
     drop(media / "backyard" / "good.jpg", good)
 
     slow = media / "front_door" / "slow.jpg"
@@ -97,3 +97,57 @@ def test_corrupt_jpeg_is_dead_lettered_and_slow_upload_waits(make_stack, media, 
     assert (
         '"path": "backyard/corrupt.jpg"' in letters[0].original_payload or "corrupt.jpg" in letters[0].original_payload
     )
+
+
+def test_an_upload_cut_short_is_held_for_its_resume_and_rejected_if_it_never_comes(
+    make_stack, media, database, nats_server
+):
+    """A camera's FTP connection drops mid-file: the partial file settles like a finished one (nothing
+    writes to it), but it is never processed as complete. Resumed (APPE appends the rest), it is
+    recorded once, whole; left cut past watcher.incomplete_seconds, it is a watcher dead letter with
+    the reason; resumed after that, the whole file is a new version and recorded."""
+    import hashlib
+
+    from services.watcher.files import file_id
+
+    stack = make_stack(model="none", watcher={"settle_seconds": 0.5, "incomplete_seconds": 8.0})
+    stack.start(*ALL)
+    stack.wait_ready(*ALL)
+    import cv2
+    import skimage.data
+
+    photo = photo_bytes("astronaut", scale=0.5)
+    png = cv2.imencode(".png", cv2.resize(skimage.data.chelsea(), (160, 120)))[1].tobytes()
+    half = {
+        "front_door/resumed.jpg": photo,
+        "front_door/resumed.png": png,
+        "front_door/abandoned.jpg": photo_bytes("coffee", scale=0.4),
+    }
+    for rel, data in half.items():
+        (media / rel).parent.mkdir(parents=True, exist_ok=True)
+        (media / rel).write_bytes(data[: len(data) * 2 // 5])  # the connection dropped here
+    drop(media / "front_door" / "whole.jpg", photo_bytes("chelsea", scale=0.3))  # the next one, whole
+    wait_until(lambda: query(database, "SELECT 1 FROM detections WHERE path = 'front_door/whole.jpg'"), what="whole")
+    time.sleep(3)  # settled (0.5 s) long ago: before, the partial files were published here
+    assert query(database, "SELECT path FROM detections WHERE path <> 'front_door/whole.jpg'") == []
+    assert stream_messages(nats_server.url, "DLQ") == []
+    for rel in ("front_door/resumed.jpg", "front_door/resumed.png"):  # the camera reconnects: APPE
+        with open(media / rel, "ab") as f:
+            f.write(half[rel][len(half[rel]) * 2 // 5 :])
+
+    def letters():
+        return [m for m in stream_messages(nats_server.url, "DLQ") if m.path == "front_door/abandoned.jpg"]
+
+    (letter,) = wait_until(letters, timeout=60, what="the abandoned upload rejected")
+    assert letter.stage == "watcher" and letter.camera == "front_door"
+    assert "truncated upload: JPEG without its end marker (EOI), unchanged for" in letter.reason
+    with open(media / "front_door" / "abandoned.jpg", "ab") as f:  # the camera comes back a day late
+        f.write(half["front_door/abandoned.jpg"][len(half["front_door/abandoned.jpg"]) * 2 // 5 :])
+    wait_until(lambda: len(query(database, "SELECT 1 FROM detections")) == 4, what="every whole file recorded")
+    wait_until(lambda: drained(nats_server.url), timeout=20, what="nothing unacked")
+    rows = query(database, "SELECT path, file_id FROM detections ORDER BY path")
+    assert rows == sorted(
+        (rel, file_id("front_door", rel, hashlib.sha256(data).hexdigest()))
+        for rel, data in {**half, "front_door/whole.jpg": (media / "front_door" / "whole.jpg").read_bytes()}.items()
+    )  # each once, and each the whole file's bytes
+    assert len(stream_messages(nats_server.url, "DLQ")) == 1

@@ -15,7 +15,7 @@ import pytest
 
 from services.cli.stack import NatsServer, die_with_parent
 from tests.integration.test_cluster import PIPELINE, caught_up, provision_when_ready, stream_cluster
-from tests.support import Services, drop, photo_bytes, query, wait_until, write_config
+from tests.support import Services, drop, photo_bytes, query, tagged, wait_until, write_config
 from tests.support import count_rows as rows
 
 pytestmark = pytest.mark.skipif(
@@ -143,14 +143,14 @@ def test_a_partitioned_node_does_not_stop_the_majority(tmp_path, media, database
         stack.start(*PIPELINE)
         stack.wait_ready(*PIPELINE, timeout=60)
         for i in range(30):
-            drop(media / "front_door" / f"before{i:03}.jpg", blob[:-2] + bytes([i, 0xD9]))
+            drop(media / "front_door" / f"before{i:03}.jpg", tagged(blob, i))
         wait_until(lambda: rows(database) >= 30, timeout=90, what="30 rows before the partition")
 
         leader = stream_cluster(cluster.urls, "UPLOADS").leader
         cut = int(leader[1:])
         cluster.cut(cut)  # the work queue's leader is cut off from everyone
         for i in range(30):
-            drop(media / "backyard" / f"during{i:03}.jpg", blob[:-2] + bytes([i, 0xD8, 0xD9]))
+            drop(media / "backyard" / f"during{i:03}.jpg", tagged(blob, i, 1))
             time.sleep(0.1)
         wait_until(lambda: rows(database) >= 60, timeout=180, what="30 more rows on the majority side")
         majority = [u for j, u in enumerate(cluster.urls) if j != cut]
@@ -159,7 +159,7 @@ def test_a_partitioned_node_does_not_stop_the_majority(tmp_path, media, database
         cluster.heal(cut)
         wait_until(lambda: caught_up(cluster.urls, leader), timeout=120, what=f"{leader} back and current")
         for i in range(10):
-            drop(media / "front_door" / f"after{i:03}.jpg", blob[:-2] + bytes([i, 0xD7, 0xD9]))
+            drop(media / "front_door" / f"after{i:03}.jpg", tagged(blob, i, 2))
         wait_until(lambda: rows(database) >= 70, timeout=90, what="rows after healing")
         time.sleep(2)
         assert query(database, "SELECT count(*), count(DISTINCT path) FROM detections")[0] == (70, 70)

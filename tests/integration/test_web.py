@@ -178,8 +178,8 @@ async def test_uploads_events_review_audit_and_dead_letters(web_stack, database,
             assert r.status == 200 and (await r.read())[:3] == b"\xff\xd8\xff"
             assert "attachment" in r.headers["Content-Disposition"]
 
-        # a corrupt upload: a JPEG that ends after its header, dead-lettered by the detector
-        status, bad = await upload(url, b"\xff\xd8\xff\xe0" + b"\0" * 64)
+        # a corrupt upload: a JPEG with nothing between its header and its end, dead-lettered by the detector
+        status, bad = await upload(url, b"\xff\xd8\xff\xe0" + b"\0" * 64 + b"\xff\xd9")
         assert status == 202
 
         async def letters():
@@ -280,6 +280,7 @@ async def test_a_camera_onboarded_with_its_http_token_uploads_and_is_recorded(we
     assert vigil_cli(web_stack, "camera", "remove", "porch") == {
         "camera": "porch",
         "token_removed": True,
+        "ftp_account_removed": False,
         "media_removed": True,
     }
     assert not (media / "porch").exists() and not os.path.exists(f"{creds}/upload/porch")

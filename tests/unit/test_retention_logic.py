@@ -99,6 +99,12 @@ def test_unlink_under_refuses_symlinks_dotdot_and_non_files(tmp_path):
     )  # the emptied date folder goes, the camera stays
     assert unlink_under(root, "cam/gone.jpg") == 0
     assert sorted(x.rel for x in scan(root)) == []  # symlinks, FIFOs and folders are not media
+    # an FTP camera's upload folder stays when emptied (its account may not make it again); the date
+    # folder the camera made inside it goes
+    (root / "cam" / "upload" / "2026-12-02").mkdir(parents=True)
+    (root / "cam" / "upload" / "2026-12-02" / "x.jpg").write_bytes(b"123")
+    assert unlink_under(root, "cam/upload/2026-12-02/x.jpg") == 3
+    assert (root / "cam" / "upload").is_dir() and not (root / "cam" / "upload" / "2026-12-02").exists()
 
 
 def test_quota_never_takes_files_younger_than_min_keep():

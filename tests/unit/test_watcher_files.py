@@ -3,7 +3,10 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from proto import unsafe_field
 from services.watcher.files import (
@@ -13,6 +16,7 @@ from services.watcher.files import (
     camera_id,
     file_id,
     hash_file,
+    incomplete,
     is_candidate,
     ledger_key,
     name_problem,
@@ -109,15 +113,15 @@ def test_ledger_survives_reopen(tmp_path):
 
 def test_hash_file_refuses_symlink_and_fifo(tmp_path):
     target = tmp_path / "t.jpg"
-    target.write_bytes(b"\xff\xd8\xff" + b"x" * 10)
+    target.write_bytes(b"\xff\xd8\xff" + b"x" * 10 + b"\xff\xd9")
     (tmp_path / "link.jpg").symlink_to(target)
     with pytest.raises(OSError):
         hash_file(tmp_path, "link.jpg")
     os.mkfifo(tmp_path / "fifo.jpg")
     with pytest.raises(NotRegularFile):
         hash_file(tmp_path, "fifo.jpg")
-    digest, head, size, _ = hash_file(tmp_path, "t.jpg")
-    assert head.startswith(b"\xff\xd8\xff") and size == 13 and len(digest) == 64
+    digest, head, size, _, cut = hash_file(tmp_path, "t.jpg")
+    assert head.startswith(b"\xff\xd8\xff") and size == 15 and len(digest) == 64 and cut is None
 
 
 def test_hash_file_never_leaves_the_root_through_a_linked_folder(tmp_path):
@@ -133,3 +137,61 @@ def test_hash_file_never_leaves_the_root_through_a_linked_folder(tmp_path):
     for bad in ("../etc/secret.jpg", "/etc/passwd", "cam//x.jpg", "cam/./x.jpg"):
         with pytest.raises(ValueError):
             hash_file(root, bad)
+
+
+# ---- a file cut short (a dropped FTP upload) is told from a whole one ---------------------------------
+def _whole_files(tmp: Path) -> dict[str, bytes]:
+    import cv2
+    import skimage.data
+
+    cat = cv2.resize(skimage.data.chelsea(), (96, 64))
+    out = {ext: cv2.imencode(ext, cat)[1].tobytes() for ext in (".jpg", ".png", ".bmp", ".webp")}
+    for ext, fourcc in ((".mp4", "mp4v"), (".avi", "MJPG")):
+        writer = cv2.VideoWriter(str(tmp / f"c{ext}"), cv2.VideoWriter_fourcc(*fourcc), 5.0, (96, 64))
+        for i in range(6):
+            writer.write(np.roll(cat, i * 7, axis=1))
+        writer.release()
+        out[ext] = (tmp / f"c{ext}").read_bytes()
+    return out
+
+
+def _cut(data: bytes, size: int | None = None) -> str | None:
+    import io
+
+    return incomplete(io.BytesIO(data), data[:16], len(data) if size is None else size)
+
+
+def test_whole_files_of_every_checked_format_are_complete(tmp_path):
+    for ext, data in _whole_files(tmp_path).items():
+        assert _cut(data) is None, ext
+    jpeg = _whole_files(tmp_path)[".jpg"]
+    assert _cut(jpeg + b"\x00" * 300) is None  # a camera that pads its JPEGs with NULs
+    assert _cut(b"\x1a\x45\xdf\xa3" + b"\x00" * 40) is None  # Matroska: not checked (sizes may be "unknown")
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_every_file_cut_short_is_incomplete(tmp_path, data):
+    """Wherever an upload stops (after the 16 bytes that say its format), the watcher sees it is not
+    whole: a JPEG's entropy-coded data never holds FF D9, a PNG ends with IEND, BMP and RIFF declare
+    their length, an MP4's boxes overrun the end."""
+    files = _WHOLE.setdefault("files", _whole_files(tmp_path))
+    ext = data.draw(st.sampled_from(sorted(files)))
+    whole = files[ext]
+    cut = data.draw(st.integers(min_value=16, max_value=len(whole) - 1))
+    assert _cut(whole[:cut]) is not None, (ext, cut, len(whole))
+
+
+_WHOLE: dict[str, dict[str, bytes]] = {}
+
+
+def test_the_reasons_name_the_missing_part(tmp_path):
+    files = _whole_files(tmp_path)
+    assert _cut(files[".jpg"][:500]) == "JPEG without its end marker (EOI)"
+    assert _cut(files[".png"][:500]) == "PNG without its IEND chunk"
+    assert "its header says" in _cut(files[".bmp"][:500])
+    assert _cut(files[".mp4"][: len(files[".mp4"]) - 10]).startswith("MP4 cut inside its 'moov' box")
+    assert _cut(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2") == "MP4 without its index (moov box)"
+    assert _cut(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2\x00\x00\x00\x04free") == (
+        "MP4 with a box of length 4 at byte 24"
+    )
