@@ -54,6 +54,10 @@ bench-cluster *ARGS:
 bench-detector *ARGS:
     python -m tests.bench.detector {{ARGS}}
 
+# the aggregator's crash-point properties with more crash points than `just test` tries (8)
+test-crash-points N="60":
+    VIGIL_CRASH_EXAMPLES={{N}} python -m pytest -q tests/integration/test_aggregator_crash_points.py
+
 # the watcher's start-up backlog test at full size: N files (command B runs 20,000)
 backlog N="100000":
     VIGIL_BACKLOG_FILES={{N}} python -m pytest -q tests/integration/test_watcher_backlog.py

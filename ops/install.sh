@@ -70,10 +70,8 @@ fi
 FTP=${FTP_ARG:-${FTP:-no}}
 FTP_PORTS=${FTP_PORTS_ARG:-${FTP_PORTS:-40100-40119}}
 FTPS=${FTPS_ARG:-${FTPS:-no}}
-case "$FTP_PORTS" in
-    *[!0-9-]*|-*|*-|*-*-*|"") echo "--ftp-ports is a range like 40100-40119" >&2; exit 2 ;;
-esac
-if [ "$FTP" = yes ] && { [ "${FTP_PORTS%-*}" -lt 1024 ] || [ "${FTP_PORTS#*-}" -gt 65535 ] || [ "${FTP_PORTS%-*}" -gt "${FTP_PORTS#*-}" ]; }; then
+echo "$FTP_PORTS" | grep -Eqx '[0-9]{4,5}-[0-9]{4,5}' || { echo "--ftp-ports is a range like 40100-40119" >&2; exit 2; }
+if [ "${FTP_PORTS%-*}" -lt 1024 ] || [ "${FTP_PORTS#*-}" -gt 65535 ] || [ "${FTP_PORTS%-*}" -gt "${FTP_PORTS#*-}" ]; then
     echo "--ftp-ports: $FTP_PORTS is not a range of unprivileged ports (1024-65535, low-high)" >&2; exit 2
 fi
 [ "$FTP" = no ] || [ "$ROLE" = full ] || { echo "--ftp needs the full role (the camera folders live there)" >&2; exit 2; }
@@ -232,6 +230,9 @@ if [ "$FTP" = yes ]; then
     # vsftpd (Debian's): small, chroots each account, its own seccomp sandbox; what cameras speak.
     if [ ! -x /usr/sbin/vsftpd ]; then
         say "installing vsftpd from Debian"
+        # masked until its configuration is vigil's: the package starts it at once with Debian's own
+        # (every local user, no chroot); the mask is --runtime, gone at the next boot whatever happens
+        systemctl mask --runtime -q vsftpd.service 2>/dev/null || true
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends vsftpd >/dev/null ||
             { echo "could not install vsftpd (apt-get install vsftpd): see its output above" >&2; exit 1; }
     fi
@@ -307,10 +308,19 @@ chmod 0600 "$ETC/install.env"
 systemctl enable -q vigil.target $UNITS
 say "units installed and enabled: vigil.target $UNITS"
 if [ "$FTP" = yes ]; then
+    systemctl unmask --runtime -q vsftpd.service 2>/dev/null || true
     systemctl enable -q vsftpd.service
     systemctl restart vsftpd.service  # the new configuration (cameras reconnect: they retry)
 fi
 if [ "$START" = yes ]; then
-    systemctl restart vigil.target $UNITS
-    say "started; watch with: systemctl status 'vigil-*'   journalctl -u 'vigil-*' -f"
+    # the install itself is done: a unit that does not start is reported, not an installer failure
+    # (a detector without its model yet exits 78 and waits for `vigil models pull`)
+    if systemctl restart vigil.target $UNITS; then
+        say "started; watch with: systemctl status 'vigil-*'   journalctl -u 'vigil-*' -f"
+    else
+        say "started, but not every unit is running: systemctl --failed; journalctl -u UNIT -n 20"
+    fi
+    if [ "$ROLE" != bus ] && ! ls /var/lib/vigil/models/*.onnx /var/lib/vigil/models/*.engine >/dev/null 2>&1; then
+        say "no detector model yet: vigil models pull yolox-nano --models-dir /var/lib/vigil/models; then systemctl restart 'vigil-detector@*'"
+    fi
 fi

@@ -407,6 +407,8 @@ class RetentionReport(_Msg, kw_only=True):
     errors: list[str] = []
     snapshots_deleted: int = 0  # event snapshots and thumbnails (their event went, or over their quota)
     snapshot_bytes_freed: int = 0
+    stale_uploads_deleted: int = 0  # hidden files (uploads under a temporary name) older than stale_upload_hours
+    stale_upload_bytes_freed: int = 0
 
 
 MAX_REPORTED_PATHS = 1000

@@ -18,6 +18,8 @@ printed from /etc/vsftpd.conf itself, so it is what the server does.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import grp
 import os
 import pwd
@@ -26,6 +28,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from proto.messages import FTP_UPLOAD_FOLDER, valid_camera
@@ -73,6 +76,21 @@ def ftp_user(name: str) -> str:
     return f"vigil-cam-{name}"
 
 
+def _this_address() -> str:
+    """The address a camera on the LAN reaches this box at: the source address of the default route
+    (a UDP socket's connect sends nothing), else a non-loopback address of the host name, else the name
+    (Debian maps the host name to 127.0.1.1, which no camera can use)."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere, only looked up in the table
+        return s.getsockname()[0]
+    with contextlib.suppress(OSError):
+        found = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+        for address in sorted(found):
+            if not address.startswith("127."):
+                return address
+    return socket.gethostname()
+
+
 def ftp_server() -> dict:
     """What the FTP server set up by `ops/install.sh --ftp` does, read from its own vsftpd.conf."""
     try:
@@ -85,14 +103,13 @@ def ftp_server() -> dict:
             " server you run yourself, see the README: Add a camera)"
         )
     conf = dict(re.findall(r"^([a-z_0-9]+)=(.*)$", text, re.M))
-    addresses = sorted(
-        {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1", "127.0.1.1"}
-    ) if socket.gethostname() else []  # fmt: skip
     return {
-        "server": addresses[0] if addresses else socket.gethostname(),
+        "server": _this_address(),
         "port": int(conf.get("listen_port", "21")),
+        "passive": "on (active mode is refused)",
         "passive_ports": f"{conf.get('pasv_min_port', '?')}-{conf.get('pasv_max_port', '?')}",
         "tls": "required (explicit FTPS, AUTH TLS)" if conf.get("ssl_enable") == "YES" else "none (plain FTP)",
+        "remote_folder": f"/{FTP_UPLOAD_FOLDER}",
     }
 
 
@@ -106,16 +123,40 @@ def _ftp_password(user: str, name: str) -> str:
 
 
 def _ftp_users(change) -> None:
-    users = {u for u in (FTP_USERS.read_text().split() if FTP_USERS.exists() else []) if u}
-    users = change(users)
-    write_secret(FTP_USERS, "\n".join(sorted(users)))
+    """Rewrite the list of who may log in, under a lock (two `camera add` at once lose no one)."""
+    with open(FTP_USERS.with_name(".ftp-users.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        users = {u for u in (FTP_USERS.read_text().split() if FTP_USERS.exists() else []) if u}
+        write_secret(FTP_USERS, "\n".join(sorted(change(users))))
 
 
-def add_ftp(folder: Path, name: str, gid: int) -> dict:
-    """The camera's account, its upload folder and its password (root only)."""
-    if os.geteuid() != 0:
-        raise PermissionError("an FTP account is a system user: run it as root (sudo vigil camera add NAME --ftp)")
-    server = ftp_server()
+def _own_folder(parent_fd: int, name: str, mode: int, uid: int, gid: int) -> int:
+    """Make (or take) folder `name` in `parent_fd` and set its owner, mode and ACL through its own fd,
+    never through a path: the media root is writable by group vigil, and root must not be led by a
+    symlink swapped in meanwhile to chown or chmod something else. The fd is the caller's to close."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, mode, dir_fd=parent_fd)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file
+        raise ValueError(f"{name} is not a folder ({exc.strerror}): refused") from None
+    try:
+        try:
+            os.fchown(fd, uid, gid)
+        except PermissionError:
+            if uid != -1:
+                raise
+        gid = os.fstat(fd).st_gid  # group vigil, or (no such group, or no right to give it) its own
+        os.fchmod(fd, mode)
+        acl.grant_fd(fd, gid)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def add_ftp(folder_fd: int, folder: Path, name: str, gid: int, server: dict) -> dict:
+    """The camera's account, its upload folder and its password (root; the checks are done)."""
     user = ftp_user(name)
     try:
         pwd.getpwnam(user)
@@ -126,60 +167,74 @@ def add_ftp(folder: Path, name: str, gid: int) -> dict:
             check=True, capture_output=True, text=True,
         )  # fmt: skip
     account = pwd.getpwnam(user)
-    # the chroot: root's, so the account cannot write it (vsftpd refuses a writable chroot); the
-    # account's folder inside it, setgid vigil with the default ACL like every camera folder
-    os.chown(folder, 0, gid)
-    upload = folder / FTP_UPLOAD_FOLDER
-    if upload.is_symlink():
-        raise ValueError(f"{upload} is a symlink: refused")
-    upload.mkdir(mode=0o2770, exist_ok=True)
-    os.chown(upload, account.pw_uid, gid)
-    os.chmod(upload, 0o2770)
-    acl.grant(str(upload), gid)
+    # the chroot is root's, so the account cannot write it (vsftpd refuses a writable chroot); the
+    # account's own folder inside it, setgid vigil with the default ACL like every camera folder
+    os.fchown(folder_fd, 0, gid)
+    os.close(_own_folder(folder_fd, FTP_UPLOAD_FOLDER, 0o2770, account.pw_uid, gid))
     _ftp_users(lambda users: users | {user})
-    return {
-        **server,
-        "user": user,
-        "password": _ftp_password(user, name),
-        "remote_folder": f"/{FTP_UPLOAD_FOLDER}",
-        "passive": "on (active mode is refused)",
-    }
+    return {**server, "user": user, "password": _ftp_password(user, name)}
 
 
-def remove_ftp(name: str) -> bool:
+def remove_ftp(name: str, folder: Path | None) -> bool:
+    """The account goes (its sessions first); a kept upload folder is given to root, so the freed uid,
+    which a later system user may get, owns nothing of the camera's."""
     user = f"vigil-cam-{name}"
     try:
-        pwd.getpwnam(user)
+        uid = pwd.getpwnam(user).pw_uid
     except KeyError:
         return False
     _ftp_users(lambda users: users - {user})
-    subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True)  # its open FTP sessions
+    for _ in range(50):  # its open FTP sessions: killed, and gone before userdel (which refuses a busy user)
+        if subprocess.run(["pkill", "-KILL", "-u", user], capture_output=True).returncode == 1:
+            break  # none left
+        time.sleep(0.1)
     subprocess.run(["userdel", user], check=True, capture_output=True, text=True)
     (credential_folder() / FTP_FOLDER / name).unlink(missing_ok=True)
+    if folder is not None and (folder / FTP_UPLOAD_FOLDER).is_dir():
+        for dirpath, dirnames, filenames in os.walk(folder / FTP_UPLOAD_FOLDER, followlinks=False):
+            for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                with contextlib.suppress(OSError):
+                    if os.lstat(entry).st_uid == uid:
+                        os.lchown(entry, 0, -1)
     return True
 
 
 def add(config: Config, name: str, http: bool, url: str | None, ftp: bool = False) -> dict:
     folder = _folder(config, name)
-    if ftp:
-        ftp_user(name)  # refused before anything is made
-    if folder.is_symlink():
-        raise ValueError(f"{folder} is a symlink: refused")
-    folder.mkdir(mode=0o2775, exist_ok=True)
-    os.chmod(folder, 0o2775)
+    server: dict = {}
+    if ftp:  # every refusal before anything is made
+        ftp_user(name)
+        if os.geteuid() != 0:
+            raise PermissionError("an FTP account is a system user: run it as root (sudo vigil camera add NAME --ftp)")
+        server = ftp_server()
     try:
         gid = grp.getgrnam("vigil").gr_gid
-        os.chown(folder, -1, gid)
-    except (KeyError, PermissionError):
-        gid = os.stat(folder).st_gid  # no vigil group here (a development box): the folder's own
+    except KeyError:
+        gid = -1  # no vigil group here (a development box): the folder keeps its own
+    root_fd = os.open(config.media_root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        acl.grant(str(folder), gid)
-        acls = "group vigil rwX, default for new files"
-    except OSError as exc:
-        acls = f"none ({exc.strerror}): uploads must be written group-readable"
-    out = {"camera": name, "folder": str(folder), "acl": acls}
-    if ftp:
-        out["ftp"] = add_ftp(folder, name, gid)
+        try:
+            fd = _own_folder(root_fd, name, 0o2775, -1, gid)
+            acls = "group vigil rwX, default for new files"
+        except PermissionError:  # not root, not the owner: the folder as it is
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+            acls = "unchanged (not root)"
+        except OSError as exc:
+            if ftp:
+                raise ValueError(
+                    f"no ACLs on {config.media_root}'s filesystem ({exc.strerror}): vsftpd's camera files"
+                    " would not be readable by vigil; put the media root on ext4, xfs or btrfs"
+                ) from None
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+            acls = f"none ({exc.strerror}): uploads must be written group-readable"
+        try:
+            out: dict = {"camera": name, "folder": str(folder), "acl": acls}
+            if ftp:
+                out["ftp"] = add_ftp(fd, folder, name, os.fstat(fd).st_gid, server)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(root_fd)
     if http:
         out["token"] = _write_token(name)
         out["upload_url"] = upload_url(config, name, url)
@@ -201,9 +256,7 @@ def rotate(config: Config, name: str, url: str | None) -> dict:
     if _has_ftp(name):
         if os.geteuid() != 0:
             raise PermissionError("a new FTP password needs root (sudo vigil camera rotate NAME)")
-        out["ftp"] = {**ftp_server(), "user": f"vigil-cam-{name}", "remote_folder": f"/{FTP_UPLOAD_FOLDER}",
-                      "passive": "on (active mode is refused)",
-                      "password": _ftp_password(f"vigil-cam-{name}", name)}  # fmt: skip
+        out["ftp"] = {**ftp_server(), "user": f"vigil-cam-{name}", "password": _ftp_password(f"vigil-cam-{name}", name)}
     if (credential_folder() / TOKEN_FOLDER / name).is_file():
         out["token"] = _write_token(name)
         out["upload_url"] = upload_url(config, name, url)
@@ -223,7 +276,7 @@ def remove(config: Config, name: str, keep_media: bool) -> dict:
     if had_ftp:
         if os.geteuid() != 0:
             raise PermissionError("removing an FTP account needs root (sudo vigil camera remove NAME)")
-        remove_ftp(name)
+        remove_ftp(name, folder if keep_media else None)
     removed = False
     if not keep_media and folder.is_dir() and not folder.is_symlink():
         shutil.rmtree(folder)

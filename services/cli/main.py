@@ -57,6 +57,13 @@ def run_operator(c: Command, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"vigil {c.name}: cannot reach the server: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] != "psycopg":
+            raise
+        # no password (not root on an appliance: the credentials are root's), database down, ...
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        print(f"vigil {c.name}: cannot use the database: {first} (on an appliance: sudo vigil ...)", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

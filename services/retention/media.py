@@ -55,11 +55,12 @@ def check_root(root: str) -> Path:
     return path
 
 
-def scan(root: Path, prefix: str = "") -> list[MediaFile]:
+def scan(root: Path, prefix: str = "", hidden: list[MediaFile] | None = None) -> list[MediaFile]:
     """Every regular file under <root>/<camera>/..., never through a symlink; hidden files (uploads
-    in progress) are left alone. Folders that are not camera ids and names that are not UTF-8 (or hold
-    control characters) are not listed: the watcher refused them, so the pipeline never recorded
-    them and nothing here could ever delete them; their names could not even be queried."""
+    in progress) are not media, and go to `hidden` when given (the stale-upload sweep). Folders that
+    are not camera ids and names that are not UTF-8 (or hold control characters) are not listed: the
+    watcher refused them, so the pipeline never recorded them and nothing here could ever delete them;
+    their names could not even be queried."""
     out: list[MediaFile] = []
     try:
         with os.scandir(root) as cams:
@@ -80,6 +81,13 @@ def scan(root: Path, prefix: str = "") -> list[MediaFile]:
                 with os.scandir(folder) as it:
                     for e in it:
                         if e.name.startswith("."):
+                            if hidden is not None and e.is_file(follow_symlinks=False):
+                                with contextlib.suppress(OSError):
+                                    st = e.stat(follow_symlinks=False)
+                                    if name_problem(f"{rel}/{e.name}", prefix) is None:
+                                        hidden.append(
+                                            MediaFile(f"{rel}/{e.name}", camera, st.st_size, st.st_mtime, st.st_ctime)
+                                        )
                             continue
                         try:
                             st = e.stat(follow_symlinks=False)

@@ -360,7 +360,19 @@ def run_once(
     )
     free, total = free_space(root)
     report.free_bytes_before, report.total_bytes = free, total
-    files = scan(root, config.watcher.camera_prefix)
+    hidden: list[MediaFile] = []
+    files = scan(root, config.watcher.camera_prefix, hidden)
+    for f in hidden:  # uploads that never finished under their temporary name
+        if now - f.mtime < r.stale_upload_hours * 3600:
+            continue
+        try:
+            if not dry_run:
+                unlink_under(root, f.rel)
+        except (OSError, ValueError) as exc:
+            report.errors.append(proto.printable(f"{f.rel}: {exc}"))
+            continue
+        report.stale_uploads_deleted += 1
+        report.stale_upload_bytes_freed += f.size
     prefix = config.watcher.camera_prefix
     finished = dead_lettered(conn, files, prefix)  # before the pipeline's times replace the files' mtimes
     files, recorded_finished = with_pipeline_times(files, recorded(conn, [f.rel for f in files], prefix))

@@ -61,10 +61,21 @@ def grant(path: str, gid: int) -> None:
     if stat.S_ISLNK(st.st_mode):
         return  # never through a symlink
     if stat.S_ISDIR(st.st_mode):
-        os.setxattr(path, DEFAULT, encode(group_entries(st.st_mode, gid, 7)), follow_symlinks=False)
-        os.setxattr(path, ACCESS, encode(group_entries(st.st_mode, gid, 7)), follow_symlinks=False)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            grant_fd(fd, gid)
+        finally:
+            os.close(fd)
     elif stat.S_ISREG(st.st_mode):
         os.setxattr(path, ACCESS, encode(group_entries(st.st_mode, gid, 6)), follow_symlinks=False)
+
+
+def grant_fd(fd: int, gid: int) -> None:
+    """A folder, through its open fd (never a path a symlink could be swapped into): the default ACL,
+    and rwx for the group."""
+    mode = os.fstat(fd).st_mode
+    os.setxattr(fd, DEFAULT, encode(group_entries(mode, gid, 7)))
+    os.setxattr(fd, ACCESS, encode(group_entries(mode, gid, 7)))
 
 
 def grant_tree(root: str, group: str) -> int:

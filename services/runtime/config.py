@@ -238,6 +238,10 @@ class RetentionConfig(_Section):
         30.0  # media older than this goes, per camera unless overridden
     )
     camera_max_bytes: int = 0  # per-camera size quota in bytes; 0 = none
+    # A hidden file in a camera folder is an upload still under its temporary name; one this old never
+    # finished (a dropped FTP connection, a crashed HTTP upload) and is deleted: the watcher never takes
+    # hidden files, so nothing else would ever free their space.
+    stale_upload_hours: Annotated[float, msgspec.Meta(gt=0)] = 24.0
     cameras: dict[str, RetentionCamera] = msgspec.field(default_factory=dict)
     # Watermarks: "10%" of the filesystem, or a size ("20GiB", "500MB", "1073741824"). Below the low
     # one, the oldest media go until free space is above the high one.

@@ -25,15 +25,23 @@ def sniff_kind(head: bytes) -> str | None:
     return None
 
 
+# Walks stop after this many segments, chunks or boxes (a fragmented MP4 has two top-level boxes per
+# fragment: an hour at one a second is 7,200); a hostile file of tiny ones is then not checked, and the
+# detector judges it, instead of costing a read per 8 bytes.
+MAX_WALK = 100_000
+
+
 def incomplete(f, head: bytes, size: int) -> str | None:
     """Why a file of a known format is not whole yet (None: it is, or its format cannot tell).
 
     An FTP upload cut off mid-file settles like a finished one (nothing writes to it any more), and
     OpenCV decodes a JPEG without its end with a grey bottom: without this check a camera's dropped
     connection would be detected, evented and recorded as if it were the picture. Each format says
-    where it ends: JPEG its EOI marker, PNG its IEND chunk, BMP and RIFF (WebP, AVI) their declared
-    length, MP4/MOV a chain of boxes that must end exactly at the end of the file and hold the `moov`
-    index. Matroska (its segments may say "unknown size") is not checked. `f` is open at any offset.
+    where it ends: a JPEG's EOI marker after its first scan's header (so not an EXIF thumbnail's), a
+    PNG's IEND chunk, BMP's and RIFF's (WebP, AVI) declared length, an MP4/MOV's chain of boxes holding
+    its `moov` index. Bytes after the end are allowed (motion photos append a clip, some cameras pad
+    with NULs or a newline). Matroska (segments may be of "unknown size") is not checked. `f` is open
+    at any offset; it is read in place, never whole into memory.
     """
 
     def at(offset: int, n: int) -> bytes:
@@ -41,10 +49,17 @@ def incomplete(f, head: bytes, size: int) -> str | None:
         return f.read(n)
 
     if head.startswith(b"\xff\xd8\xff"):
-        tail = at(max(0, size - 4096), 4096).rstrip(b"\x00")  # some cameras pad with NULs
-        return None if tail.endswith(b"\xff\xd9") else "JPEG without its end marker (EOI)"
+        return _jpeg_cut(at, size)
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return None if at(max(0, size - 12), 12) == b"\x00\x00\x00\x00IEND\xaeB`\x82" else "PNG without its IEND chunk"
+        offset = 8
+        for _ in range(MAX_WALK):
+            chunk = at(offset, 8)
+            if len(chunk) < 8:
+                return "PNG without its IEND chunk"
+            if chunk[4:8] == b"IEND":
+                return None if offset + 12 <= size else "PNG without its IEND chunk"
+            offset += 12 + int.from_bytes(chunk[:4], "big")
+        return None
     if head.startswith(b"BM") and len(head) >= 6:
         declared = int.from_bytes(head[2:6], "little")
         return f"BMP of {size} bytes, its header says {declared}" if declared > size else None
@@ -56,8 +71,10 @@ def incomplete(f, head: bytes, size: int) -> str | None:
             else None
         )
     if head[4:8] == b"ftyp":
-        offset, boxes = 0, set()
-        while offset < size:
+        offset, indexed = 0, False
+        for _ in range(MAX_WALK):
+            if offset >= size or (indexed and size - offset < 8 and not at(offset, 8).strip(b"\x00")):
+                break  # the end (a few NULs of padding after a whole file are no box)
             box = at(offset, 16)
             if len(box) < 8:
                 return f"MP4 cut inside a box header at byte {offset}"
@@ -70,10 +87,47 @@ def incomplete(f, head: bytes, size: int) -> str | None:
                 return f"MP4 with a box of length {length} at byte {offset}"
             if offset + length > size:
                 return f"MP4 cut inside its {kind.decode('latin-1')!r} box ({size} of {offset + length} bytes)"
-            boxes.add(kind)
+            indexed = indexed or kind == b"moov"
             offset += length
-        return None if b"moov" in boxes else "MP4 without its index (moov box)"
+        else:
+            return None  # more top-level boxes than any camera writes: not walked to the end
+        return None if indexed else "MP4 without its index (moov box)"
     return None
+
+
+def _jpeg_cut(at, size: int) -> str | None:
+    """Walk the marker segments from SOI to the first SOS (an EXIF thumbnail, with its own EOI, lives in
+    APP1 before it), then look for EOI in what follows: entropy-coded data never holds FF D9 (a data FF
+    is followed by 00, or by D0-D7 for a restart marker), so the first one is the image's end."""
+    offset = 2
+    for _ in range(MAX_WALK):
+        marker = at(offset, 4)
+        if len(marker) < 4:
+            return "JPEG cut inside its headers"
+        if marker[0] != 0xFF:
+            return None  # not a marker where one must be: corrupt, not cut short (the detector says so)
+        if marker[1] == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker[1] == 0xD8 or 0xD0 <= marker[1] <= 0xD7 or marker[1] == 0x01:  # no length
+            offset += 2
+            continue
+        if marker[1] == 0xD9:
+            return None
+        offset += 2 + int.from_bytes(marker[2:4], "big")
+        if marker[1] == 0xDA:  # start of scan: the image data follows
+            break
+    else:
+        return None
+    keep = b""
+    while offset < size:
+        block = at(offset, 1 << 20)
+        if not block:
+            break
+        if b"\xff\xd9" in keep + block:
+            return None
+        keep, offset = block[-1:], offset + len(block)
+    return "JPEG without its end marker (EOI)"
 
 
 def camera_id(folder: str, prefix: str = "") -> str | None:

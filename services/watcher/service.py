@@ -328,10 +328,18 @@ class Watcher:
         while not self.rt.stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.rt.stopping.wait(), timeout=UNREADABLE_RETRY_SECONDS)
+            now = time.monotonic()
             for path, st in await asyncio.to_thread(_restat, list(self.unreadable) + list(self.incomplete)):
+                held = self.incomplete.get(path)
                 if st is None:  # deleted (by hand, by retention): nothing left to read
                     self.readable_again(path)
                     self.incomplete.pop(path, None)
+                elif (
+                    held is not None
+                    and held[:2] == (st.st_size, st.st_mtime_ns)
+                    and now - held[2] < self.cfg.incomplete_seconds
+                ):
+                    continue  # unchanged and its time not up: nothing to look at (thousands may wait)
                 else:
                     self.observe(path)
             self.rt.counters["incomplete"] = len(self.incomplete)
@@ -347,7 +355,7 @@ class Watcher:
             held = self.incomplete[path] = (size, mtime_ns, now)
         if now - held[2] < self.cfg.incomplete_seconds:
             return None
-        del self.incomplete[path]
+        self.incomplete.pop(path, None)  # not del: the retry loop may have dropped it (deleted meanwhile)
         reason = f"truncated upload: {cut}, unchanged for {now - held[2]:.0f} s"
         self.rt.log.warning("truncated upload not resumed, skipped", path=rel, reason=reason)
         self.rt.count("rejected")

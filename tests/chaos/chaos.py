@@ -151,7 +151,7 @@ def valid_photo(i: int) -> bytes:
 
 def bad_file(i: int) -> bytes:
     good = photo_bytes("camera", scale=0.2, quality=60 + i % 30)
-    return good[:200] + bytes(80) + b"\xff\xd9"  # a JPEG header, nothing decodable, its end marker
+    return good[:20] + bytes(80) + bytes([i % 256]) + b"\xff\xd9"  # SOI and JFIF, nothing decodable, its end marker
 
 
 def run(work: Path, models_dir: Path, files: int, seed: int = 7, kill_every: float = 3.0, rate: float = 8.0) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 
@@ -31,6 +32,9 @@ from tests.integration.test_events_contract import make_detections, summary
 from tests.unit.test_events import block_shuffle, lateness
 
 RULES = Rules(idle=3.0, max_seconds=20.0, max_detections=6)
+# Crash points tried per property (each a real aggregator run against nats-server, ~2.5 s): `just test`
+# tries 8 (and 6 timeout pairs, plus the pinned examples), `just test-crash-points` as many as asked.
+EXAMPLES = int(os.environ.get("VIGIL_CRASH_EXAMPLES", "8"))
 
 
 class Crash(BaseException):
@@ -190,7 +194,7 @@ def test_a_crash_before_or_after_any_io_step_changes_nothing(setup):
     url, config, dets, arrivals, ops, want = setup
     expected_alerts = {eid for eid, e in reference_events(dets, RULES).items() if "person" in e.labels}
 
-    @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(point=st.integers(1, ops), after=st.booleans())
     def check(point, after):
         _, latest, alerts, crashes = asyncio.run(scenario(url, config, arrivals, point, after))
@@ -255,7 +259,9 @@ def test_timeouts_at_any_put_including_the_reload_flush(setup, monkeypatch):
     url, config, _dets, arrivals, _ops, want = setup
     real_init = Aggregator.__init__
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(
+        max_examples=max(4, EXAMPLES * 3 // 4), deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
     @given(first=st.integers(2, 60), gap=st.integers(1, 3))
     @example(first=50, gap=1)  # found by hand: with the flag cleared before the flush these gave wrong events
     @example(first=59, gap=2)

@@ -45,7 +45,7 @@ def test_every_command_on_a_seeded_pipeline(make_stack, media, database, nats_se
     t0 = time.time() - 60
     drop(media / "front_door" / "astronaut.jpg", photo_bytes("astronaut"), t0)
     drop(media / "front_door" / "camera.jpg", photo_bytes("camera"), t0 + 1)
-    drop(media / "backyard" / "broken.jpg", photo_bytes("coffee")[:300] + b"\x00" * 64 + b"\xff\xd9")
+    drop(media / "backyard" / "broken.jpg", photo_bytes("coffee")[:20] + b"\x00" * 64 + b"\xff\xd9")
     wait_until(lambda: query(database, "SELECT 1 FROM events"), what="the front_door event")
     wait_until(lambda: query(database, "SELECT 1 FROM event_analysis"), what="the event's analysis")
     wait_until(lambda: drained(nats_server.url, FULL), what="quiet pipeline")

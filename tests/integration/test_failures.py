@@ -73,7 +73,7 @@ def test_corrupt_jpeg_is_dead_lettered_and_slow_upload_waits(make_stack, media, 
     stack.start(*ALL)
     stack.wait_ready(*ALL)
     good = photo_bytes("chelsea", scale=0.3)
-    drop(media / "backyard" / "corrupt.jpg", good[:200] + b"\x00" * 50 + b"\xff\xd9")  # JPEG magic, garbage, its end
+    drop(media / "backyard" / "corrupt.jpg", good[:20] + b"\x00" * 50 + b"\xff\xd9")  # SOI and JFIF, garbage, its end
     drop(media / "backyard" / "good.jpg", good)
 
     slow = media / "front_door" / "slow.jpg"

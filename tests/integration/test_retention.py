@@ -140,6 +140,25 @@ def test_symlinks_and_dotdot_paths_are_never_followed_or_deleted(tmp_path, media
     assert late.rows_deleted["detections"] == 3 and secret.exists()
 
 
+def test_uploads_that_never_finished_under_a_hidden_name_go_after_stale_upload_hours(tmp_path, media, database):
+    """The watcher never takes a hidden file, so a camera's temporary upload left by a dropped
+    connection (or a stolen camera password writing dot-files) would fill the disk past every quota;
+    one older than stale_upload_hours goes, a younger one (an upload in progress) stays."""
+    migrate(database)
+    now = time.time()
+    _, config = config_for(tmp_path, media, database, stale_upload_hours=24.0)
+    old = put_file(media, "front_door/upload/.p3.jpg.tmp", now - 2 * DAY, size=5000)
+    young = put_file(media, "front_door/upload/.p4.jpg.tmp", now - 3600)
+    put_file(media, "front_door/.hidden-dir/x.jpg", now - 2 * DAY)  # inside a hidden folder: not walked
+    dry = run(config, now, dry_run=True)
+    assert (dry.stale_uploads_deleted, dry.stale_upload_bytes_freed) == (1, 5000) and old.exists()
+    report = run(config, now)
+    assert (report.stale_uploads_deleted, report.stale_upload_bytes_freed, report.errors) == (1, 5000, [])
+    assert not old.exists() and young.exists() and (media / "front_door/.hidden-dir/x.jpg").exists()
+    assert (media / "front_door" / "upload").is_dir()  # an FTP camera's upload folder stays, emptied or not
+    assert report.deleted_paths == []  # not media: no rows, no events
+
+
 def test_names_that_are_not_text_or_not_cameras_never_stop_a_run(tmp_path, media, database):
     """A Latin-1 name stopped retention before (the name cannot be queried); a folder "front.door" was
     folded into front_door, its files counted against front_door's quota. Both are left alone now:

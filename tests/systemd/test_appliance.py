@@ -439,7 +439,7 @@ def test_a_file_vigil_cannot_read_is_rejected_visibly_alerted_and_taken_once_fix
 def test_journal_has_structured_fields(appliance):
     """Log records reach the journal as fields: `journalctl -u vigil-detector@cpu CAMERA=front_door` works."""
     good = photo_bytes("coffee")
-    appliance.drop("front_door", "corrupt.jpg", good[:300] + b"\x00" * 100 + b"\xff\xd9")
+    appliance.drop("front_door", "corrupt.jpg", good[:20] + b"\x00" * 100 + b"\xff\xd9")
     entries = wait_until(
         lambda: [
             json.loads(line)
@@ -586,6 +586,11 @@ def test_cameras_upload_over_ftp_as_cameras_do_and_only_into_their_own_folder(ap
     out = sd.run(str(REPO / "ops" / "install.sh"), "--venv", sys.prefix, "--no-start", "--ftps", check=False)
     assert out.returncode == 0 and "FTPS certificate" in out.stdout, out.stdout + out.stderr
     cam["password"] = rotated
+    appliance.wait_active("vsftpd")  # Type=simple: "active" at its fork, listening a moment later
+    wait_until(
+        lambda: "refused" not in str(ftp_plan(appliance, [{"up": {**cam, "do": "login", "tls": True}}])),
+        what="vsftpd listening again",
+    )
     tls = ftp_plan(appliance, [{
         "plain": {**cam, "do": "login"},
         "tls": {**cam, "do": "stor", "tls": True, "path": "upload/tls.jpg", "hex": photo(11).hex()},

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from proto import unsafe_field
 from services.watcher.files import (
+    MAX_WALK,
     Ledger,
     NotRegularFile,
     Settler,
@@ -113,7 +114,7 @@ def test_ledger_survives_reopen(tmp_path):
 
 def test_hash_file_refuses_symlink_and_fifo(tmp_path):
     target = tmp_path / "t.jpg"
-    target.write_bytes(b"\xff\xd8\xff" + b"x" * 10 + b"\xff\xd9")
+    target.write_bytes(b"\xff\xd8\xff\xd9" + b"x" * 11)  # SOI, EOI, and trailing bytes
     (tmp_path / "link.jpg").symlink_to(target)
     with pytest.raises(OSError):
         hash_file(tmp_path, "link.jpg")
@@ -152,6 +153,10 @@ def _whole_files(tmp: Path) -> dict[str, bytes]:
             writer.write(np.roll(cat, i * 7, axis=1))
         writer.release()
         out[ext] = (tmp / f"c{ext}").read_bytes()
+    # an EXIF APP1 holding a thumbnail, itself a whole JPEG with its own EOI, and NUL padding
+    thumb = cv2.imencode(".jpg", cv2.resize(cat, (16, 12)))[1].tobytes()
+    app1 = b"Exif\x00\x00" + thumb + b"\x00" * 64
+    out[".exif.jpg"] = out[".jpg"][:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + out[".jpg"][2:]
     return out
 
 
@@ -167,6 +172,13 @@ def test_whole_files_of_every_checked_format_are_complete(tmp_path):
     jpeg = _whole_files(tmp_path)[".jpg"]
     assert _cut(jpeg + b"\x00" * 300) is None  # a camera that pads its JPEGs with NULs
     assert _cut(b"\x1a\x45\xdf\xa3" + b"\x00" * 40) is None  # Matroska: not checked (sizes may be "unknown")
+    # bytes after the end: a newline, fill bytes, a text trailer, a motion photo's clip, NUL padding
+    files = _whole_files(tmp_path)
+    for trailer in (b"\r\n", b"\xff" * 16, b"camera 3 v1.2", files[".mp4"], b"\x00" * 5000):
+        assert _cut(files[".jpg"] + trailer) is None, trailer[:16]
+        assert _cut(files[".exif.jpg"] + trailer) is None, trailer[:16]
+    assert _cut(files[".png"] + b"\n") is None
+    assert _cut(files[".mp4"] + b"\x00" * 4) is None
 
 
 @given(st.data())
@@ -187,7 +199,8 @@ _WHOLE: dict[str, dict[str, bytes]] = {}
 
 def test_the_reasons_name_the_missing_part(tmp_path):
     files = _whole_files(tmp_path)
-    assert _cut(files[".jpg"][:500]) == "JPEG without its end marker (EOI)"
+    assert _cut(files[".jpg"][:300]) == "JPEG cut inside its headers"
+    assert _cut(files[".jpg"][: len(files[".jpg"]) - 2]) == "JPEG without its end marker (EOI)"
     assert _cut(files[".png"][:500]) == "PNG without its IEND chunk"
     assert "its header says" in _cut(files[".bmp"][:500])
     assert _cut(files[".mp4"][: len(files[".mp4"]) - 10]).startswith("MP4 cut inside its 'moov' box")
@@ -195,3 +208,9 @@ def test_the_reasons_name_the_missing_part(tmp_path):
     assert _cut(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2\x00\x00\x00\x04free") == (
         "MP4 with a box of length 4 at byte 24"
     )
+    # a hostile chain of 8-byte boxes is walked only so far (MAX_WALK), then left to the detector
+    ftyp = b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+    assert _cut(ftyp + b"\x00\x00\x00\x08free" * (MAX_WALK + 5)) is None
+    assert _cut(ftyp + b"\x00\x00\x00\x08free" * 1000) == "MP4 without its index (moov box)"
+    # 64-bit box lengths, and a last box "to the end of the file"
+    assert _cut(ftyp + b"\x00\x00\x00\x01mdat" + (24).to_bytes(8, "big") + b"x" * 8 + b"\x00\x00\x00\x00moov") is None
