@@ -342,6 +342,18 @@ def missing(
 
 
 # ---- one run ---------------------------------------------------------------------------------------
+def _delete(root: Path, rel: str, dry_run: bool, errors: list[str]) -> bool:
+    """One file beneath the media root (never through a symlink); False, with the reason in `errors`,
+    when it could not be deleted."""
+    try:
+        if not dry_run:
+            unlink_under(root, rel)
+        return True
+    except (OSError, ValueError) as exc:
+        errors.append(proto.printable(f"{rel}: {exc}"))
+        return False
+
+
 def run_once(
     config: Config, conn: psycopg.Connection, now: float, trigger: str, dry_run: bool, unbounded: list[str] = ()
 ) -> RetentionReport:
@@ -363,13 +375,7 @@ def run_once(
     hidden: list[MediaFile] = []
     files = scan(root, config.watcher.camera_prefix, hidden)
     for f in hidden:  # uploads that never finished under their temporary name
-        if now - f.mtime < r.stale_upload_hours * 3600:
-            continue
-        try:
-            if not dry_run:
-                unlink_under(root, f.rel)
-        except (OSError, ValueError) as exc:
-            report.errors.append(proto.printable(f"{f.rel}: {exc}"))
+        if now - f.mtime < r.stale_upload_hours * 3600 or not _delete(root, f.rel, dry_run, report.errors):
             continue
         report.stale_uploads_deleted += 1
         report.stale_upload_bytes_freed += f.size
@@ -391,11 +397,7 @@ def run_once(
         if f.rel in kept_now:
             report.kept_skipped += 1
             continue
-        try:
-            if not dry_run:
-                unlink_under(root, f.rel)
-        except (OSError, ValueError) as exc:
-            report.errors.append(proto.printable(f"{f.rel}: {exc}"))
+        if not _delete(root, f.rel, dry_run, report.errors):
             continue
         deleted.append(f.rel)
         cam = report.cameras.setdefault(f.camera, CameraFreed())
