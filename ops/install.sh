@@ -320,7 +320,7 @@ if [ "$START" = yes ]; then
     else
         say "started, but not every unit is running: systemctl --failed; journalctl -u UNIT -n 20"
     fi
-    if [ "$ROLE" != bus ] && ! ls /var/lib/vigil/models/*.onnx /var/lib/vigil/models/*.engine >/dev/null 2>&1; then
+    if [ "$ROLE" != bus ] && [ -z "$(find /var/lib/vigil/models -maxdepth 1 -name '*.onnx' 2>/dev/null | head -1)" ]; then
         say "no detector model yet: vigil models pull yolox-nano --models-dir /var/lib/vigil/models; then systemctl restart 'vigil-detector@*'"
     fi
 fi

@@ -49,6 +49,10 @@ EX_CONFIG = 78  # sysexits.h; the systemd units set RestartPreventExitStatus=78 
 EX_TEMPFAIL = 75  # sysexits.h: "try again later"; Restart=on-failure starts the service again
 
 
+# Provisioning checks that time out this many times in a row are retried on a new connection.
+PROVISION_TIMEOUTS_BEFORE_RECONNECT = 3
+
+
 class StoppedBeforeReady(Exception):
     """A stop signal arrived before READY (waiting for NATS, building an engine): nothing to drain, exit 0."""
 
@@ -123,7 +127,7 @@ class Runtime:
             nats.js.errors.ServiceUnavailableError,
             ConnectionError,
         )
-        delay = 0.5
+        delay, timeouts = 0.5, 0
         while True:
             try:
                 if self.config.nats.provision:
@@ -139,6 +143,23 @@ class Runtime:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), timeout=delay)
                 delay = min(delay * 2, 5.0)
+                timeouts = timeouts + 1 if isinstance(exc, TimeoutError | nats.errors.TimeoutError) else 0
+                if timeouts >= PROVISION_TIMEOUTS_BEFORE_RECONNECT:
+                    await self._connect_anew()
+                    timeouts = 0
+
+    async def _connect_anew(self) -> None:
+        """Seen when every unit starts at once on a loaded box (an upgrade's restart, a boot): one
+        connection's requests stayed unanswered for minutes while a new process's were answered at
+        once; so after a few timeouts in a row, this connection is dropped for a new one."""
+        self.log.warning("NATS requests keep timing out on this connection: connecting anew")
+        with contextlib.suppress(Exception):
+            await self.nc.close()
+        nc = await jetstream.connect(self)
+        if nc is None:
+            raise StoppedBeforeReady
+        self.nc, self.js = nc, nc.jetstream(timeout=self.config.nats.publish_timeout)
+        self._heartbeat_kv = None
 
     @classmethod
     @contextlib.asynccontextmanager

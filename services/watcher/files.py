@@ -102,7 +102,7 @@ def _jpeg_cut(at, size: int) -> str | None:
     offset = 2
     for _ in range(MAX_WALK):
         marker = at(offset, 4)
-        if len(marker) < 4:
+        if len(marker) < 2:
             return "JPEG cut inside its headers"
         if marker[0] != 0xFF:
             return None  # not a marker where one must be: corrupt, not cut short (the detector says so)
@@ -114,6 +114,8 @@ def _jpeg_cut(at, size: int) -> str | None:
             continue
         if marker[1] == 0xD9:
             return None
+        if len(marker) < 4:
+            return "JPEG cut inside its headers"
         offset += 2 + int.from_bytes(marker[2:4], "big")
         if marker[1] == 0xDA:  # start of scan: the image data follows
             break

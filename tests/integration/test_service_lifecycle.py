@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -231,3 +232,51 @@ def test_world_readable_secret_stops_the_service_naming_the_file(make_stack, tmp
     stack.start("watcher")
     assert stack.procs["watcher"].wait(30) == 78
     assert f"credential file {creds / 'nats-password'} is readable by other users" in stack.log("watcher")
+
+
+def test_a_connection_whose_requests_go_unanswered_is_replaced_at_start(tmp_path, nats_server, media):
+    """Seen when every unit restarts at once on a loaded box: one process's NATS connection stayed up
+    (pings answered) while its provisioning requests went unanswered for minutes, until systemd's start
+    timeout killed it; a new process was answered at once. Played here by a proxy in front of the real
+    nats-server that, on its first connection only, passes the handshake and PING/PONG but drops every
+    answer. The service must connect anew and become ready; before, it retried on that connection forever."""
+    from services.runtime.config import load_config
+    from services.runtime.service import Runtime
+    from tests.support import write_config
+
+    host, port = nats_server.url.removeprefix("nats://").split(":")
+    connections = 0
+
+    async def proxy(reader, writer):
+        nonlocal connections
+        connections += 1
+        black_hole = connections == 1
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(src, dst, filtered):
+            handshake_done = False
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if filtered and handshake_done and set(data.split(b"\r\n")) - {b"PING", b"PONG", b"+OK", b""}:
+                        continue  # an answer (MSG): dropped
+                    handshake_done = handshake_done or b"PONG\r\n" in data
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, black_hole))
+
+    async def go():
+        server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        url = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        path = write_config(
+            tmp_path / "vigil.toml", media=media, state=tmp_path / "state", nats_url=url,
+            dsn="postgresql://unused@127.0.0.1:1/x", model="none", models_dir=None,
+        )  # fmt: skip
+        path.write_text(path.read_text().replace("reconnect_wait = 0.2", "reconnect_wait = 0.2\npublish_timeout = 1.0"))
+        async with asyncio.timeout(60), Runtime.start("watcher", load_config(path, environ={})):
+            pass  # ready: provisioned
+        server.close()
+
+    asyncio.run(go())
+    assert connections >= 2

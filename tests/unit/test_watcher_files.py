@@ -200,6 +200,7 @@ _WHOLE: dict[str, dict[str, bytes]] = {}
 def test_the_reasons_name_the_missing_part(tmp_path):
     files = _whole_files(tmp_path)
     assert _cut(files[".jpg"][:300]) == "JPEG cut inside its headers"
+    assert _cut(b"\xff\xd8\xff\xd9") is None  # its start and its end: whole (and nothing to decode)
     assert _cut(files[".jpg"][: len(files[".jpg"]) - 2]) == "JPEG without its end marker (EOI)"
     assert _cut(files[".png"][:500]) == "PNG without its IEND chunk"
     assert "its header says" in _cut(files[".bmp"][:500])
