@@ -134,6 +134,8 @@ class Analyzer:
     async def snapshot(self, ev: EventClosed) -> snapshot.Made:
         """The revision's snapshot, or why there is none: never a reason not to publish the analysis."""
         cam = self.cfg.cameras.get(ev.camera)
+        if not ev.best_path:  # nothing to draw (no thread, no warning: an event of clips none could read)
+            return snapshot.Made(None, None, "the event names no best frame")
         try:
             made = await asyncio.to_thread(
                 snapshot.make, self.config.media_root, self.snapshots, ev, cam.zones if cam else []
