@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from proto.messages import valid_camera
-from services.watcher.files import file_id, sniff_kind
+from services.watcher.files import file_id, incomplete, sniff_kind
 
 CHUNK = 64 * 1024
 
@@ -68,6 +68,11 @@ def _fsync_folder(folder: Path) -> None:
         os.close(dfd)
 
 
+def _cut(path: Path, head: bytes, size: int) -> str | None:
+    with open(path, "rb", buffering=0) as f:
+        return incomplete(f, head, size)
+
+
 async def receive(
     content, folder: Path, camera_id: str, max_bytes: int, length: int | None, accepted: set[str]
 ) -> dict:
@@ -106,6 +111,11 @@ async def receive(
             if ext not in accepted:
                 raise Refused(415, "not_accepted", f"{ext} files are not watched here (watcher.*_extensions)")
             f.flush()
+            # the whole body arrived, so a file cut short is the sender's: said now (the watcher would
+            # hold it for a resume that HTTP cannot make, then reject it)
+            cut = await asyncio.to_thread(_cut, tmp, head, size)
+            if cut is not None:
+                raise Refused(422, "incomplete", f"not a whole file: {cut}")
             await asyncio.to_thread(os.fsync, f.fileno())  # on the disk before it is answered for
         name = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}{ext}"
         os.rename(tmp, folder / name)

@@ -89,7 +89,12 @@ def test_broken_clip_is_dead_lettered(make_stack, media, database, nats_server):
     stack = make_stack(model="none")
     stack.start("watcher", "detector", "recorder", "aggregator")
     stack.wait_ready("watcher", "detector", "recorder", "aggregator")
-    drop(media / "backyard" / "broken.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 5000)
+    # whole by its boxes (ftyp, then a moov of zeros), so past the watcher's check; nothing a demuxer can play
+    moov = b"\x00" * 5000
+    drop(
+        media / "backyard" / "broken.mp4",
+        b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 12 + (len(moov) + 8).to_bytes(4, "big") + b"moov" + moov,
+    )
     from tests.support import stream_messages
 
     letters = wait_until(lambda: stream_messages(nats_server.url, "DLQ"), what="dead letter")

@@ -127,6 +127,9 @@ async def test_uploads_events_review_audit_and_dead_letters(web_stack, database,
     assert (status, answer["error"]) == (415, "not_media")
     status, answer = await upload(url, b"\xff\xd8\xff" + b"\0" * 2_100_000)
     assert (status, answer["error"]) == (413, "too_large")
+    cut = photo_bytes("astronaut", scale=0.3)
+    status, answer = await upload(url, cut[: len(cut) // 2])  # a camera's encoder stopped half-way
+    assert (status, answer["error"]) == (422, "incomplete") and "JPEG without its end marker" in answer["detail"]
     assert sorted(p.name for p in (media / "front_door").iterdir()) == []  # nothing refused was kept, no temp file
 
     status, answer = await upload(url, photo_bytes("astronaut", scale=0.3))
