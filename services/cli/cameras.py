@@ -66,14 +66,20 @@ def _write_token(name: str) -> str:
     return token
 
 
+def _account(name: str) -> str:
+    """The system user of a camera's FTP account (uninstall.sh removes every `vigil-cam-*`)."""
+    return f"vigil-cam-{name}"
+
+
 def ftp_user(name: str) -> str:
-    """The camera's FTP account: lower case only (a portable user name), at most 32 characters."""
+    """The camera's FTP account, for a new one: lower case only (a portable user name), at most 32
+    characters."""
     if not re.fullmatch(r"[a-z0-9_-]{1,22}", name):
         raise ValueError(
             f"an FTP account needs a camera name of lower-case letters, digits, '-' and '_', at most 22"
             f" (the account is vigil-cam-NAME): {name!r}"
         )
-    return f"vigil-cam-{name}"
+    return _account(name)
 
 
 def _this_address() -> str:
@@ -130,16 +136,21 @@ def _ftp_users(change) -> None:
         write_secret(FTP_USERS, "\n".join(sorted(change(users))))
 
 
+def _open_folder(parent_fd: int, name: str) -> int:
+    """Folder `name` in `parent_fd`, never through a symlink."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file
+        raise ValueError(f"{name} is not a folder ({exc.strerror}): refused") from None
+
+
 def _own_folder(parent_fd: int, name: str, mode: int, uid: int, gid: int) -> int:
     """Make (or take) folder `name` in `parent_fd` and set its owner, mode and ACL through its own fd,
     never through a path: the media root is writable by group vigil, and root must not be led by a
     symlink swapped in meanwhile to chown or chmod something else. The fd is the caller's to close."""
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, mode, dir_fd=parent_fd)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
-    except OSError as exc:  # ELOOP: a symlink; ENOTDIR: a file
-        raise ValueError(f"{name} is not a folder ({exc.strerror}): refused") from None
+    fd = _open_folder(parent_fd, name)
     try:
         try:
             os.fchown(fd, uid, gid)
@@ -178,7 +189,7 @@ def add_ftp(folder_fd: int, folder: Path, name: str, gid: int, server: dict) -> 
 def remove_ftp(name: str, folder: Path | None) -> bool:
     """The account goes (its sessions first); a kept upload folder is given to root, so the freed uid,
     which a later system user may get, owns nothing of the camera's."""
-    user = f"vigil-cam-{name}"
+    user = _account(name)
     try:
         uid = pwd.getpwnam(user).pw_uid
     except KeyError:
@@ -217,7 +228,7 @@ def add(config: Config, name: str, http: bool, url: str | None, ftp: bool = Fals
             fd = _own_folder(root_fd, name, 0o2775, -1, gid)
             acls = "group vigil rwX, default for new files"
         except PermissionError:  # not root, not the owner: the folder as it is
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+            fd = _open_folder(root_fd, name)
             acls = "unchanged (not root)"
         except OSError as exc:
             if ftp:
@@ -225,7 +236,7 @@ def add(config: Config, name: str, http: bool, url: str | None, ftp: bool = Fals
                     f"no ACLs on {config.media_root}'s filesystem ({exc.strerror}): vsftpd's camera files"
                     " would not be readable by vigil; put the media root on ext4, xfs or btrfs"
                 ) from None
-            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+            fd = _open_folder(root_fd, name)
             acls = f"none ({exc.strerror}): uploads must be written group-readable"
         try:
             out: dict = {"camera": name, "folder": str(folder), "acl": acls}
@@ -243,7 +254,7 @@ def add(config: Config, name: str, http: bool, url: str | None, ftp: bool = Fals
 
 def _has_ftp(name: str) -> bool:
     try:
-        pwd.getpwnam(f"vigil-cam-{name}")
+        pwd.getpwnam(_account(name))
         return True
     except KeyError:
         return False
@@ -256,7 +267,8 @@ def rotate(config: Config, name: str, url: str | None) -> dict:
     if _has_ftp(name):
         if os.geteuid() != 0:
             raise PermissionError("a new FTP password needs root (sudo vigil camera rotate NAME)")
-        out["ftp"] = {**ftp_server(), "user": f"vigil-cam-{name}", "password": _ftp_password(f"vigil-cam-{name}", name)}
+        user = _account(name)
+        out["ftp"] = {**ftp_server(), "user": user, "password": _ftp_password(user, name)}
     if (credential_folder() / TOKEN_FOLDER / name).is_file():
         out["token"] = _write_token(name)
         out["upload_url"] = upload_url(config, name, url)
@@ -295,7 +307,7 @@ def listing(config: Config) -> list[dict]:
                 "camera": entry.name,
                 "files": files,
                 "http_token": bool(tokens and (tokens / entry.name).is_file()),
-                "ftp_account": f"vigil-cam-{entry.name}" if _has_ftp(entry.name) else None,
+                "ftp_account": _account(entry.name) if _has_ftp(entry.name) else None,
             })  # fmt: skip
     return out
 

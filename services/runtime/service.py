@@ -155,6 +155,10 @@ class Runtime:
         self.log.warning("NATS requests keep timing out on this connection: connecting anew")
         with contextlib.suppress(Exception):
             await self.nc.close()
+        await self._connect()
+
+    async def _connect(self) -> None:
+        """The bus handles (a stop while NATS is unreachable ends the start: nothing to drain)."""
         nc = await jetstream.connect(self)
         if nc is None:
             raise StoppedBeforeReady
@@ -171,10 +175,7 @@ class Runtime:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, rt.request_stop, sig)
         try:
-            nc = await jetstream.connect(rt)
-            if nc is None:
-                raise StoppedBeforeReady
-            rt.nc, rt.js = nc, nc.jetstream(timeout=config.nats.publish_timeout)
+            await rt._connect()
             await rt._until_provisioned()
             async with asyncio.TaskGroup() as tg:
                 watchdog = tg.create_task(rt._watchdog_loop())
