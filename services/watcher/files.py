@@ -98,7 +98,7 @@ def incomplete(f, head: bytes, size: int) -> str | None:
 def _jpeg_cut(at, size: int) -> str | None:
     """Walk the marker segments from SOI to the first SOS (an EXIF thumbnail, with its own EOI, lives in
     APP1 before it), then look for EOI in what follows: entropy-coded data never holds FF D9 (a data FF
-    is followed by 00, or by D0-D7 for a restart marker), so the first one is the image's end."""
+    is followed by 00, or by D0-D7 for a restart marker), so one there is the image's end."""
     offset = 2
     for _ in range(MAX_WALK):
         marker = at(offset, 4)
@@ -121,14 +121,15 @@ def _jpeg_cut(at, size: int) -> str | None:
             break
     else:
         return None
-    keep = b""
-    while offset < size:
-        block = at(offset, 1 << 20)
-        if not block:
-            break
-        if b"\xff\xd9" in keep + block:
+    # Searched from the end back to the scan: a whole file's EOI is in its last block, so this reads
+    # 64 KiB, not the whole file (which the hash then reads again). Any FF D9 after the scan's start
+    # will do: a whole file has its EOI there, a file cut short has none (trailing bytes may hold more).
+    end = size
+    while end > offset:
+        start = max(offset, end - (1 << 16))
+        if b"\xff\xd9" in at(start, end - start + 1):  # one byte past the block: a marker across the edge
             return None
-        keep, offset = block[-1:], offset + len(block)
+        end = start
     return "JPEG without its end marker (EOI)"
 
 
